@@ -1,0 +1,211 @@
+"""Tiny, offline Stable-Diffusion-shaped models for tests, docs, benchmarks and the CPU quickstart.
+
+Nothing here touches the network: every component (UNet, VAE, CLIP text encoder, a character-level CLIP
+tokenizer and a DDIM scheduler) is built in code from a fixed seed and saved as an ordinary diffusers
+pipeline directory. Everything downstream loads that directory through the same
+``from_pretrained(..., local_files_only=True)`` path that real models take, so the loading code is tested
+for real.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the recipe below changes, so cached copies are rebuilt instead of silently reused.
+TINY_PIPELINE_VERSION = 1
+
+#: Where :func:`ensure_tiny_pipeline` caches the quickstart model unless told otherwise.
+DEFAULT_CACHE_DIR = Path(os.environ.get("RLR_CACHE", Path.home() / ".cache" / "rlr_lightning"))
+
+_MARKER = "rlr_tiny_pipeline.json"
+
+
+def tiny_clip_tokenizer(model_max_length: int = 16):
+    """A character-level CLIP tokenizer built in memory (514 tokens, no merges, no download).
+
+    Token ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (also the padding id, as in CLIP), then the 256
+    byte characters and the same characters with the end-of-word marker ``</w>``.
+    """
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        model_max_length=model_max_length,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def build_tiny_components(seed: int = 0, sample_size: int = 8) -> dict:
+    """Build the tiny components (about 1.3 M parameters in all) with deterministic random weights.
+
+    Args:
+        seed: Seed of the weight initialisation; the same seed gives bit-identical weights.
+        sample_size: Latent height and width. The VAE doubles it, so 8 gives 16 x 16 images.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=2 * sample_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=514,
+            max_position_embeddings=77,
+        )
+    )
+    # The scheduler settings of Stable Diffusion 1.x.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it as a normal diffusers pipeline directory at ``path``."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(
+        **build_tiny_components(seed=seed),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / _MARKER).write_text(json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}))
+    return path
+
+
+def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Return the directory of the tiny pipeline, building it there first if it is missing or stale.
+
+    This is what the CPU quickstart uses, so a fresh clone needs no download at all.
+
+    Args:
+        cache_dir: Parent directory of the cached model; defaults to ``$RLR_CACHE`` or
+            ``~/.cache/rlr_lightning``.
+        seed: Weight seed of the tiny model.
+    """
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    path = root / f"tiny-sd-v{TINY_PIPELINE_VERSION}-seed{seed}"
+    marker = path / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_PIPELINE_VERSION:
+        return path
+    logger.info("Building the tiny offline Stable Diffusion pipeline in %s (first use only)", path)
+    # Build into a temporary sibling and rename, so an interrupted build never leaves a half-written model
+    # that a later run would trust.
+    tmp = root / f".{path.name}.tmp-{os.getpid()}"
+    save_tiny_pipeline(tmp, seed=seed)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A denoiser far smaller than the tiny UNet, with the UNet's calling convention, for statistical tests.
+
+    Latents are ``(B, channels, size, size)``; the prediction mixes the flattened latent, a sinusoidal
+    timestep embedding and the mean prompt embedding through layers named like attention projections
+    (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), so peft LoRA attaches with the same target names.
+
+    Args:
+        channels: Latent channels.
+        size: Latent height and width.
+        context_dim: Width of the prompt embeddings.
+        hidden: Hidden width.
+    """
+
+    def __init__(self, channels: int = 2, size: int = 2, context_dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        dim = channels * size * size
+        self.config = SimpleNamespace(in_channels=channels, sample_size=size, cross_attention_dim=context_dim)
+        self.to_q = torch.nn.Linear(dim, hidden)
+        self.to_k = torch.nn.Linear(16, hidden)
+        self.to_v = torch.nn.Linear(context_dim, hidden)
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(hidden, dim)])
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
+        B = sample.shape[0]
+        t = timestep.to(sample.dtype).reshape(-1, 1).expand(B, 1)
+        freqs = torch.exp(-torch.arange(8, device=sample.device, dtype=sample.dtype) * (9.0 / 8)).unsqueeze(0)
+        t_emb = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], dim=1)
+        h = torch.tanh(self.to_q(sample.flatten(1)) + self.to_k(t_emb) + self.to_v(encoder_hidden_states.mean(1)))
+        out = self.to_out[0](h).reshape(sample.shape)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+def toy_denoiser_with_lora(seed: int = 0, rank: int = 2, lora_scale: float = 0.3, **kwargs) -> ToyDenoiser:
+    """A frozen :class:`ToyDenoiser` with peft LoRA adapters moved off their initialisation (B = 0 there)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    model = ToyDenoiser(**kwargs)
+    model.requires_grad_(False)
+    model = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+                p.add_(torch.randn(p.shape, generator=gen) * lora_scale)
+    return model.eval()

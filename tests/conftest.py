@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny offline models, and a guard that no test reaches the network."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub, which reads these once at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Fail loudly if a test tries to reach anything but this machine (DDP tests use loopback)."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if self.family != socket.AF_UNIX and not str(host).startswith(_LOOPBACK):
+            raise RuntimeError(f"test tried to reach the network: {address!r}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny Stable-Diffusion-shaped pipeline saved as a normal diffusers directory."""
+    from rlr_lightning.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture
+def tiny_scheduler(tiny_pipeline_dir):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler", local_files_only=True)
+
+
+def perturb_lora_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every LoRA weight away from its initialisation (where LoRA B is zero and proves nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+@pytest.fixture
+def tiny_unet(tiny_pipeline_dir):
+    """The tiny UNet, frozen, with a rank-4 LoRA adapter whose weights are moved off their initialisation."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet", local_files_only=True)
+    unet.requires_grad_(False).eval()
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    perturb_lora_(unet)
+    return unet
