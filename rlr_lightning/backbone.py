@@ -366,11 +366,18 @@ class DiffusionBackbone(nn.Module):
         uncond = self._encode([""]).expand_as(cond).contiguous() if negative else None
         return PromptEmbeds(cond=cond, uncond=uncond)
 
-    def make_sampler(self, num_steps: int, eta: float, guidance_scale: float = 1.0) -> DDIMSampler:
+    def make_sampler(
+        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None
+    ) -> DDIMSampler:
         """A :class:`DDIMSampler` over this backbone's UNet and scheduler."""
         return DDIMSampler(
-            self.unet, self.scheduler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+            self.unet,
+            self.scheduler,
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
             model_dtype=self.dtype,
+            timestep_spacing=timestep_spacing,
         )
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -88,12 +88,15 @@ class DDIMSchedule:
     clip_sample_range: float | None = None
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_steps: int, eta: float) -> DDIMSchedule:
+    def from_scheduler(
+        cls, scheduler, num_steps: int, eta: float, timestep_spacing: str | None = None
+    ) -> DDIMSchedule:
         """Build the schedule of a diffusers scheduler's configuration, interpreted as DDIM.
 
         Any scheduler config of the Stable Diffusion family works (their repositories ship PNDM); the DDIM
         timesteps, their spacing and ``steps_offset`` are taken from ``DDIMScheduler`` itself, so they agree
-        with ``DDIMScheduler.step`` by construction.
+        with ``DDIMScheduler.step`` by construction. ``timestep_spacing`` (``leading``, ``trailing``,
+        ``linspace``) overrides the config's.
         """
         from diffusers import DDIMScheduler
 
@@ -101,7 +104,10 @@ class DDIMSchedule:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta!r}")
-        ddim = DDIMScheduler.from_config(scheduler.config)
+        overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        if timestep_spacing not in (None, "leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+        ddim = DDIMScheduler.from_config(scheduler.config, **overrides)
         if num_steps > ddim.config.num_train_timesteps:
             raise ValueError(
                 f"num_steps={num_steps} exceeds the scheduler's num_train_timesteps="
@@ -364,6 +370,8 @@ class DDIMSampler:
             call), above 1 runs the unconditional and conditional branches in one batched call.
         model_dtype: Dtype the UNet's inputs are cast to (its frozen weights' dtype); defaults to the dtype
             of its first parameter.
+        timestep_spacing: Override of the scheduler's timestep spacing (``leading``, ``trailing``,
+            ``linspace``).
     """
 
     def __init__(
@@ -374,13 +382,14 @@ class DDIMSampler:
         eta: float,
         guidance_scale: float = 1.0,
         model_dtype: torch.dtype | None = None,
+        timestep_spacing: str | None = None,
     ) -> None:
         if not guidance_scale >= 1:
             raise ValueError(
                 f"guidance_scale must be >= 1 (1 turns classifier-free guidance off), got {guidance_scale!r}"
             )
         self.unet = unet
-        self.schedule = DDIMSchedule.from_scheduler(scheduler, num_steps, eta)
+        self.schedule = DDIMSchedule.from_scheduler(scheduler, num_steps, eta, timestep_spacing)
         self.guidance_scale = float(guidance_scale)
         self.model_dtype = model_dtype or next(unet.parameters()).dtype
         self._schedules: dict[torch.device, DDIMSchedule] = {}

@@ -1,0 +1,26 @@
+"""Gradient estimators: RLR and the baselines it is compared with, each a plan plus surrogate terms."""
+
+from rlr_lightning.estimators.backprop import FullBackprop, TruncatedBackprop
+from rlr_lightning.estimators.base import (
+    GradientEstimator,
+    Rollout,
+    SurrogateTerm,
+    compute_advantages,
+    derive_seed,
+    rollout,
+)
+from rlr_lightning.estimators.rlr import RLR
+from rlr_lightning.estimators.score import ScoreFunction
+
+__all__ = [
+    "RLR",
+    "FullBackprop",
+    "GradientEstimator",
+    "Rollout",
+    "ScoreFunction",
+    "SurrogateTerm",
+    "TruncatedBackprop",
+    "compute_advantages",
+    "derive_seed",
+    "rollout",
+]

@@ -1,0 +1,254 @@
+"""The Recursive Likelihood Ratio estimator (``method.md`` sections 2-4)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm, perturbations_for
+from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
+
+logger = logging.getLogger(__name__)
+
+
+class RLR(GradientEstimator):
+    """RLR: first order on the last step, a half-order block of ``h`` steps, zeroth order elsewhere.
+
+    For one sample with block ``B = {a, .., a+h-1}`` (``0 <= a <= T-1-h``) and ``C = {0, .., T-2} \\ B``::
+
+        G = c_fo * grad r                          (backprop through step T-1, the decoder and the reward)
+          + c_ho * grad A * log p(sg(s_{a+h}) | s_{a+h-1})   (pathwise through the block from sg(s_a))
+          + c_zo * sum_{k in C} ZO_k
+
+    Every block-start law below is independent of the current sample, so ``G`` is unbiased for each of them.
+
+    Args:
+        h: Block length (half-order sub-chain). Memory grows linearly with it; the paper recommends 2.
+        block_law: How the block start ``a`` is drawn each iteration, identically on all ranks:
+            ``uniform`` on ``[0, T-1-h]``; ``range``: uniform on ``block_range`` (focus a scale, e.g. the
+            late steps of DCoT's fine prompt); ``grad_norm``: softmax over running estimates of the HO
+            gradient norm per start, from earlier iterations only (the paper's preferred law).
+        block_range: Inclusive ``[lo, hi]`` for ``block_law="range"``.
+        grad_norm_temperature: Softmax temperature of ``grad_norm``, relative to the mean running norm.
+        grad_norm_decay: EMA decay of the running per-start gradient norms.
+        zo_mode: Zeroth-order share of the steps in ``C``: ``score`` (per-step latent likelihood ratios,
+            batched re-scoring; measured far less noisy than ``parameter`` on a tiny UNet), ``parameter``
+            (the paper's parameter-noise estimate ``A u_k / s^2``) or ``none`` (drop it: biased, the
+            reference code's behaviour and the paper's "w/o ZO" ablation).
+        zo_subsample: ``score`` mode: re-score only K random steps of ``C``, scaled by ``|C| / K`` (unbiased).
+        zo_scale: ``parameter`` mode: standard deviation ``s`` of the weight perturbations.
+        zo_antithetic: ``parameter`` mode: run each prompt twice with common random numbers, at
+            ``theta + u_k`` and ``theta - u_k``, and use the two-point estimate
+            ``(mean r(+) - mean r(-)) / 2 * u_k / s^2``. Without it the ZO term uses an EMA baseline of past
+            rewards (a batch-mean baseline would cancel it exactly).
+        zo_ema_decay: ``parameter`` mode without antithetic pairs: decay of the reward EMA baseline.
+        perturb_backprop_steps: ``parameter`` mode: also run the FO and HO steps at ``theta + u_k`` (gradient
+            taken at the perturbed point), which makes ``G`` exactly unbiased for the smoothed objective.
+            ``False`` is the O(s) approximation of leaving them unperturbed.
+        c_fo: Weight of the first-order term (the paper: 1; its reference code: 0.05).
+        c_ho: Weight of the half-order term (the paper: 1; its reference code: 0.001).
+        c_zo: Weight of the zeroth-order term (the paper: 1; its reference code: 0.001).
+        baseline: Baseline of the likelihood-ratio advantages (``leave_one_out`` over the global batch, or
+            ``none``).
+        normalize_advantages: Divide advantages by the global batch's reward standard deviation.
+        score_chunk_steps: Steps per batched re-scoring call in ``score`` mode.
+    """
+
+    def __init__(
+        self,
+        h: int = 2,
+        block_law: Literal["uniform", "range", "grad_norm"] = "uniform",
+        block_range: tuple[int, int] | None = None,
+        grad_norm_temperature: float = 1.0,
+        grad_norm_decay: float = 0.9,
+        zo_mode: Literal["score", "parameter", "none"] = "score",
+        zo_subsample: int | None = None,
+        zo_scale: float = 1e-3,
+        zo_antithetic: bool = True,
+        zo_ema_decay: float = 0.9,
+        perturb_backprop_steps: bool = True,
+        c_fo: float = 1.0,
+        c_ho: float = 1.0,
+        c_zo: float = 1.0,
+        baseline: str = "leave_one_out",
+        normalize_advantages: bool = False,
+        score_chunk_steps: int = 4,
+    ) -> None:
+        super().__init__(baseline, normalize_advantages, score_chunk_steps)
+        if h < 1:
+            raise ValueError(f"block length h must be >= 1, got {h}")
+        if block_law not in ("uniform", "range", "grad_norm"):
+            raise ValueError(f"unknown block_law {block_law!r}; choose uniform, range or grad_norm")
+        if block_law == "range":
+            if block_range is None or len(block_range) != 2 or block_range[0] > block_range[1]:
+                raise ValueError(f"block_law='range' needs block_range=[lo, hi] with lo <= hi, got {block_range}")
+        if zo_mode not in ("score", "parameter", "none"):
+            raise ValueError(f"unknown zo_mode {zo_mode!r}; choose score, parameter or none")
+        if zo_subsample is not None and zo_subsample < 1:
+            raise ValueError(f"zo_subsample must be >= 1 (or None for all steps), got {zo_subsample}")
+        if zo_mode == "parameter" and not zo_scale > 0:
+            raise ValueError(f"zo_scale must be > 0 in parameter mode, got {zo_scale}")
+        if not grad_norm_temperature > 0 or not 0 <= grad_norm_decay < 1 or not 0 <= zo_ema_decay < 1:
+            raise ValueError("grad_norm_temperature must be > 0 and the decays in [0, 1)")
+        self.h = h
+        self.block_law = block_law
+        self.block_range = None if block_range is None else (int(block_range[0]), int(block_range[1]))
+        self.grad_norm_temperature = grad_norm_temperature
+        self.grad_norm_decay = grad_norm_decay
+        self.zo_mode = zo_mode
+        self.zo_subsample = zo_subsample
+        self.zo_scale = zo_scale
+        self.antithetic = zo_mode == "parameter" and zo_antithetic
+        self.zo_ema_decay = zo_ema_decay
+        self.perturb_backprop_steps = perturb_backprop_steps
+        self.c_fo, self.c_ho, self.c_zo = c_fo, c_ho, c_zo
+        self.fo_by_likelihood_ratio = False
+        self.reward_ema: float | None = None
+        self.block_norms: list[float | None] = []
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def uses_likelihood_ratios(self, num_steps: int) -> bool:
+        return True  # the HO term is a likelihood ratio
+
+    def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
+        T, h = num_steps, self.h
+        if h > T - 1:
+            raise ValueError(
+                f"block length h={h} must be <= T-1={T - 1}: the block may not contain the last (FO) step"
+            )
+        if self.block_range is not None and self.block_law == "range":
+            lo, hi = self.block_range
+            if lo < 0 or hi > T - 1 - h:
+                raise ValueError(
+                    f"block_range [{lo}, {hi}] is outside the valid block starts [0, {T - 1 - h}] for T={T}, h={h}"
+                )
+        n_zo = T - 1 - h
+        if self.zo_mode == "score" and self.zo_subsample is not None and self.zo_subsample > n_zo:
+            raise ValueError(f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-1-h)")
+        self._check_eta(num_steps, eta)
+        self.fo_by_likelihood_ratio = not reward_differentiable
+        if self.fo_by_likelihood_ratio:
+            logger.info(
+                "The reward is not differentiable: RLR replaces the first-order term on the last step by that "
+                "step's likelihood ratio."
+            )
+        if len(self.block_norms) != T - h:
+            self.block_norms = [None] * (T - h)
+
+    @property
+    def requires_reward_grad(self) -> bool:  # type: ignore[override]
+        return not self.fo_by_likelihood_ratio
+
+    # -- plan ------------------------------------------------------------------------------------------
+
+    def zo_steps(self, num_steps: int, block_start: int) -> list[int]:
+        """``C = {0, .., T-2}`` minus the block: the steps whose share the ZO term estimates."""
+        return [k for k in range(num_steps - 1) if not block_start <= k < block_start + self.h]
+
+    def block_start_probs(self, num_steps: int) -> Tensor:
+        """The law of the block start ``a`` over ``0 .. T-1-h`` for the next iteration."""
+        n = num_steps - self.h
+        probs = torch.zeros(n, dtype=torch.float64)
+        if self.block_law == "range":
+            lo, hi = self.block_range
+            probs[lo : hi + 1] = 1.0
+        elif self.block_law == "grad_norm" and any(v is not None for v in self.block_norms):
+            seen = [v for v in self.block_norms if v is not None]
+            # Unseen starts get the largest running norm, so every start keeps being explored.
+            norms = torch.tensor([max(seen) if v is None else v for v in self.block_norms], dtype=torch.float64)
+            scale = norms.mean().clamp(min=1e-12) * self.grad_norm_temperature
+            probs = torch.softmax(norms / scale, dim=0)
+        else:
+            probs[:] = 1.0
+        return probs / probs.sum()
+
+    def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
+        T, h = num_steps, self.h
+        a = int(torch.multinomial(self.block_start_probs(T), 1, generator=step_generator))
+        zo_steps = self.zo_steps(T, a)
+        info = {"block_start": a}
+        if self.zo_mode == "score" and self.zo_subsample is not None:
+            pick = torch.randperm(len(zo_steps), generator=step_generator)[: self.zo_subsample]
+            info["zo_steps"] = sorted(zo_steps[i] for i in pick.tolist())
+        perturbations = {}
+        if self.zo_mode == "parameter":
+            perturbed = list(range(T)) if self.perturb_backprop_steps else zo_steps
+            perturbations = perturbations_for(perturbed, rank_seed, self.zo_scale, self.antithetic)
+        return Plan(T, windows=((a, a + h), (T - 1, T)), perturbations=perturbations, info=info)
+
+    # -- surrogate terms ---------------------------------------------------------------------------------
+
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+        T = rollout.plan.num_steps
+        a = rollout.plan.info["block_start"]
+        A = rollout.advantages
+        log_p = rollout.trajectory.window_log_probs
+        if self.fo_by_likelihood_ratio:
+            fo = SurrogateTerm("fo", lambda: -self.c_fo * (A * log_p[T - 1]).mean())
+        else:
+            fo = SurrogateTerm("fo", lambda: -self.c_fo * rollout.rewards.mean())
+        terms = [SurrogateTerm("ho", lambda: -self.c_ho * (A * log_p[a + self.h - 1]).mean())]
+        zo_steps = self.zo_steps(T, a)
+        if self.zo_mode == "score" and zo_steps:
+            chosen = rollout.plan.info.get("zo_steps", zo_steps)
+            weight = self.c_zo * len(zo_steps) / len(chosen)
+            terms += self.score_terms(rollout, sampler, embeds, chosen, weight, "zo")
+        elif self.zo_mode == "parameter" and zo_steps:
+            zo = self._parameter_zo(rollout, sampler, zo_steps)
+            if zo is not None:
+                terms.append(zo)
+        # The FO term goes last: its backward reaches every LoRA weight, so under DDP it is the one that
+        # synchronises.
+        return terms + [fo]
+
+    def _parameter_zo(self, rollout: Rollout, sampler: DDIMSampler, zo_steps: list[int]) -> SurrogateTerm | None:
+        r = rollout.rewards.detach().float()
+        if self.antithetic:
+            half = r.numel() // 2
+            coeff = float(r[:half].mean() - r[half:].mean()) / 2
+        elif self.reward_ema is None:
+            # No baseline from earlier iterations yet; one from this batch would cancel the term exactly.
+            logger.info("RLR parameter ZO: skipping the zeroth-order term until the reward baseline has history")
+            rollout.info["zo_skipped"] = 1.0
+            return None
+        else:
+            coeff = float((r - self.reward_ema).mean())
+        coeff /= self.zo_scale**2
+        perturbations = rollout.plan.perturbations
+
+        def loss() -> Tensor:
+            params = sampler.trainable_parameters()
+            direction = {n: torch.zeros_like(p) for n, p in params.items()}
+            for k in zo_steps:
+                for n, u in perturbations[k].noise(params).items():
+                    direction[n] += u
+            # <theta, sg(sum_k coeff * u_k)>: its gradient is the ZO estimate, whatever reduces it later.
+            return -self.c_zo * coeff * sum((p * direction[n]).sum() for n, p in params.items())
+
+        return SurrogateTerm("zo", loss)
+
+    # -- running statistics ------------------------------------------------------------------------------
+
+    def observe(self, rollout: Rollout, grad_norms: dict[str, float]) -> None:
+        mean_reward = float(rollout.all_rewards.mean())
+        if self.reward_ema is None:
+            self.reward_ema = mean_reward
+        else:
+            self.reward_ema = self.zo_ema_decay * self.reward_ema + (1 - self.zo_ema_decay) * mean_reward
+        norm = grad_norms.get("ho")
+        a = rollout.plan.info["block_start"]
+        if norm is not None and math.isfinite(norm) and a < len(self.block_norms):
+            old = self.block_norms[a]
+            self.block_norms[a] = norm if old is None else self.grad_norm_decay * old + (1 - self.grad_norm_decay) * norm
+
+    def state_dict(self) -> dict:
+        return {"reward_ema": self.reward_ema, "block_norms": list(self.block_norms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward_ema = state.get("reward_ema")
+        self.block_norms = list(state.get("block_norms", self.block_norms))

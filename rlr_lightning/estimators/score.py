@@ -1,0 +1,57 @@
+"""The score-function estimator (REINFORCE; DDPO without clipping)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm
+from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
+
+
+class ScoreFunction(GradientEstimator):
+    """``A * grad log p(s_{k+1} | s_k)`` on every step (or a random subset): no reward gradient needed.
+
+    Sampling keeps no graph; the stored transitions are re-scored afterwards in batched chunks, one
+    backward per chunk, so memory is that of ``score_chunk_steps`` UNet calls.
+
+    Args:
+        subsample: Re-score only K random steps per iteration, scaled by ``T / K`` (unbiased; DDPO's
+            timestep subsampling). ``None`` uses all ``T`` steps.
+        baseline: ``leave_one_out`` over the global batch, or ``none``.
+        normalize_advantages: Divide advantages by the global batch's reward standard deviation (DDPO does).
+        score_chunk_steps: Steps per batched re-scoring call.
+    """
+
+    requires_reward_grad = False
+
+    def __init__(
+        self,
+        subsample: int | None = None,
+        baseline: str = "leave_one_out",
+        normalize_advantages: bool = False,
+        score_chunk_steps: int = 4,
+    ) -> None:
+        super().__init__(baseline, normalize_advantages, score_chunk_steps)
+        if subsample is not None and subsample < 1:
+            raise ValueError(f"subsample must be >= 1 (or None for all steps), got {subsample}")
+        self.subsample = subsample
+
+    def uses_likelihood_ratios(self, num_steps: int) -> bool:
+        return True
+
+    def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
+        if self.subsample is not None and self.subsample > num_steps:
+            raise ValueError(f"subsample K={self.subsample} exceeds the number of steps T={num_steps}")
+        super().setup(num_steps, eta, reward_differentiable)
+
+    def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
+        info = {}
+        if self.subsample is not None:
+            pick = torch.randperm(num_steps, generator=step_generator)[: self.subsample]
+            info["steps"] = sorted(pick.tolist())
+        return Plan(num_steps, info=info)
+
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+        T = rollout.plan.num_steps
+        steps = rollout.plan.info.get("steps", list(range(T)))
+        return self.score_terms(rollout, sampler, embeds, steps, T / len(steps), "zo")

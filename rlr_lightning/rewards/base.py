@@ -1,0 +1,44 @@
+"""The reward interface: images in [0, 1] and their prompts in, float32 rewards of shape (B,) out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class RewardModel(nn.Module, ABC):
+    """Base class of rewards. Frozen and in eval mode; a submodule of the LightningModule, so it moves with it.
+
+    Subclasses implement :meth:`score` and set :attr:`differentiable` to ``False`` when the reward has no
+    useful gradient (estimators that backpropagate through the reward then refuse it, and RLR scores its
+    last step by a likelihood ratio instead).
+    """
+
+    #: Whether gradients flow from the reward to the images.
+    differentiable: bool = True
+
+    @abstractmethod
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Rewards of ``images`` ``(B, 3, H, W)`` in [0, 1] for their ``prompts``; shape ``(B,)``."""
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"rewards take images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
+            rewards = self.score(images, prompts)
+        if not self.differentiable:
+            rewards = rewards.detach()
+        return rewards.float().reshape(images.shape[0])
+
+    def freeze(self) -> RewardModel:
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> RewardModel:
+        # Rewards are fixed functions: never switch them to training mode (dropout, batch-norm statistics).
+        return super().train(False)

@@ -1,0 +1,129 @@
+"""RLRModule under a real Lightning Trainer on the tiny model: updates, skips, checkpoints, resume."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from rlr_lightning.data import PromptDataModule
+from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop
+from rlr_lightning.module import RLRModule
+from rlr_lightning.rewards import QuantizedBrightness, RewardModel, TargetColor
+
+
+class NaNReward(RewardModel):
+    def score(self, images, prompts):
+        return torch.full((images.shape[0],), float("nan")) + 0 * images.mean()
+
+
+class InfiniteGradientReward(RewardModel):
+    """Finite value (0), infinite gradient: sqrt at 0."""
+
+    def score(self, images, prompts):
+        return (images - images.detach()).abs().add(0).sqrt().mean(dim=(1, 2, 3))
+
+
+def make_module(tiny_pipeline_dir, **kwargs) -> RLRModule:
+    defaults = dict(pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=4, eta=1.0,
+                    estimator=RLR(h=1), reward=TargetColor(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    defaults.update(kwargs)
+    return RLRModule(**defaults)
+
+
+def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def data(batch_size: int = 2) -> PromptDataModule:
+    return PromptDataModule(prompt_set="animals", batch_size=batch_size)
+
+
+def snapshot(module: RLRModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
+
+
+def test_one_step_changes_only_lora_weights(tiny_pipeline_dir, tmp_path):
+    module = make_module(tiny_pipeline_dir, export_dir=str(tmp_path / "lora"))
+    module.configure_model()
+    before = snapshot(module)
+    make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data())
+    after = snapshot(module)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    frozen = [k for k in before if "lora_" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert module.trainer.global_step == 1
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("reward", [NaNReward(), InfiniteGradientReward()], ids=["nan-reward", "inf-gradient"])
+def test_non_finite_reward_or_gradient_skips_the_update(tiny_pipeline_dir, tmp_path, reward):
+    module = make_module(tiny_pipeline_dir, reward=reward, gradient_clip_val=None)
+    module.configure_model()
+    before = snapshot(module)
+    # max_epochs bounds the run: skipped updates never advance global_step.
+    trainer = make_trainer(tmp_path, max_steps=2, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, datamodule=data())
+    after = snapshot(module)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module.skipped_updates == 2 and trainer.global_step == 0
+    assert not module.optimizers().optimizer.state  # the optimizer never stepped
+
+
+def test_lora_only_checkpoint_and_resume_continue_step_and_optimizer_state(tiny_pipeline_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = tmp_path / "ckpt"
+    first = make_module(tiny_pipeline_dir)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, save_last=True)
+    make_trainer(tmp_path, 2, enable_checkpointing=True, callbacks=[checkpoint]).fit(first, datamodule=data())
+    saved = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])
+    assert "rlr_estimator" in saved
+
+    resumed = make_module(tiny_pipeline_dir)
+    trainer = make_trainer(tmp_path, 4, enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True)])
+    trainer.fit(resumed, datamodule=data(), ckpt_path=ckpt_dir / "last.ckpt")
+    assert trainer.global_step == 4
+    state = resumed.optimizers().optimizer.state
+    assert {int(s["step"]) for s in state.values()} == {4}  # Adam's own step count went on from 2
+
+    # The estimator's running statistics (reward EMA, per-start gradient norms) travel with the checkpoint.
+    assert saved["rlr_estimator"]["reward_ema"] is not None
+    fresh = make_module(tiny_pipeline_dir)
+    fresh.on_load_checkpoint(saved)
+    assert fresh.estimator.state_dict() == saved["rlr_estimator"]
+
+
+def test_non_differentiable_reward_rlr_uses_last_step_likelihood_ratio(tiny_pipeline_dir, tmp_path):
+    module = make_module(tiny_pipeline_dir, reward=QuantizedBrightness(levels=1000))
+    assert module.estimator.fo_by_likelihood_ratio and not module.estimator.requires_reward_grad
+    module.configure_model()
+    before = snapshot(module)
+    make_trainer(tmp_path, 1).fit(module, datamodule=data(4))
+    after = snapshot(module)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_" in k)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(estimator=RLR(h=4), num_steps=4), "h=4 must be <= T-1=3"),
+        (dict(estimator=RLR(h=1), eta=0.0), "eta must be > 0"),
+        (dict(estimator=ScoreFunction(), eta=0.0), "eta must be > 0"),
+        (dict(estimator=RLR(h=1, block_law="range", block_range=(0, 5))), r"block_range \[0, 5\] is outside"),
+        (dict(estimator=TruncatedBackprop(k=5)), "K=5 exceeds the number of steps T=4"),
+        (dict(estimator=FullBackprop(), reward=QuantizedBrightness()), "not differentiable"),
+        (dict(num_steps=0), "num_steps must be >= 1"),
+        (dict(guidance_scale=0.5), "guidance_scale must be >= 1"),
+    ],
+)
+def test_impossible_settings_fail_at_construction(tiny_pipeline_dir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_module(tiny_pipeline_dir, **kwargs)
