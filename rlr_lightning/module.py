@@ -19,12 +19,15 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import CatMetric, MeanMetric
 
 from rlr_lightning.backbone import DiffusionBackbone, LoraSettings
+from rlr_lightning.data import DCOT_SCALES, PromptBatch
 from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, rollout
+from rlr_lightning.evaluation import image_features, mean_pairwise_distance
 from rlr_lightning.rewards import RewardModel, TargetColor
-from rlr_lightning.sampling import DDIMSampler
+from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan, ScaledPromptEmbeds
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class RLRModule(L.LightningModule):
         guidance_scale: Classifier-free guidance weight; 1 turns guidance off.
         timestep_spacing: Override the scheduler's DDIM timestep spacing (``leading``, ``trailing``,
             ``linspace``); ``None`` keeps the model's own.
+        dcot_split: For prompts with DCoT rewrites: the fractions of ``T`` where the mid and the fine scales
+            begin (the coarse rewrite conditions the steps before the first, in sampling order).
         lora: LoRA rank, alpha and target modules on the UNet.
         weight_dtype: Dtype of the frozen backbone weights (``bfloat16`` on GPUs; LoRA stays float32).
         gradient_accumulation_steps: Micro-batches per optimizer step.
@@ -62,6 +67,8 @@ class RLRModule(L.LightningModule):
         log_term_grad_norms: Log the gradient norm of each estimator term (FO / HO / ZO) separately; costs
             one copy of the LoRA gradients per term.
         export_dir: Where the LoRA weights are exported at the end of fit; defaults to ``<log dir>/lora``.
+        metrics: Extra reward models reported on the validation prompts (e.g. train on aesthetic, also
+            report HPSv2); they are never trained on.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class RLRModule(L.LightningModule):
         eta: float = 1.0,
         guidance_scale: float = 1.0,
         timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None,
+        dcot_split: tuple[float, float] = (1 / 3, 2 / 3),
         lora: LoraSettings = LoraSettings(),
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_accumulation_steps: int = 1,
@@ -82,9 +90,10 @@ class RLRModule(L.LightningModule):
         seed: int = 0,
         log_term_grad_norms: bool = True,
         export_dir: str | None = None,
+        metrics: list[RewardModel] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["estimator", "reward", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["estimator", "reward", "optimizer", "lr_scheduler", "metrics"])
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if eta < 0:
@@ -93,6 +102,8 @@ class RLRModule(L.LightningModule):
             raise ValueError(f"guidance_scale must be >= 1 (1 turns guidance off), got {guidance_scale}")
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+        if not 0 <= dcot_split[0] <= dcot_split[1] <= 1:
+            raise ValueError(f"dcot_split must be two fractions 0 <= mid <= fine <= 1, got {dcot_split}")
         if weight_dtype not in _DTYPES:
             raise ValueError(f"weight_dtype must be one of {sorted(_DTYPES)}, got {weight_dtype!r}")
         self.automatic_optimization = False
@@ -108,6 +119,7 @@ class RLRModule(L.LightningModule):
         self.eta = eta
         self.guidance_scale = guidance_scale
         self.timestep_spacing = timestep_spacing
+        self.dcot_split = (float(dcot_split[0]), float(dcot_split[1]))
         self.lora_settings = lora
         self.weight_dtype = _DTYPES[weight_dtype]
         self.gradient_accumulation_steps = gradient_accumulation_steps
@@ -117,6 +129,12 @@ class RLRModule(L.LightningModule):
         self.seed = seed
         self.log_term_grad_norms = log_term_grad_norms
         self.export_dir = export_dir
+        self.metrics = nn.ModuleList([m.freeze() for m in metrics or []])
+        self.metric_names = [type(m).__name__ for m in self.metrics]
+        # Validation aggregates, synchronised across ranks by torchmetrics.
+        self.val_rewards = CatMetric()
+        self.val_metric_values = nn.ModuleList([CatMetric() for _ in self.metrics])
+        self.val_diversity = MeanMetric()
         self.backbone: DiffusionBackbone | None = None
         self.sampler: DDIMSampler | None = None
         self.skipped_updates = 0
@@ -133,7 +151,11 @@ class RLRModule(L.LightningModule):
 
             source = ensure_tiny_pipeline()
         backbone = DiffusionBackbone.from_pretrained(source, dtype=self.weight_dtype)
-        backbone.add_lora(self.lora_settings)
+        # LoRA A is initialised randomly: seed it from the run's seed, not from whatever state the global
+        # RNG is in, so every rank and every rerun starts from the same adapter.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            backbone.add_lora(self.lora_settings)
         self.backbone = backbone.to(self.device)
         self.sampler = self.backbone.make_sampler(
             self.num_steps, self.eta, self.guidance_scale, self.timestep_spacing
@@ -152,6 +174,24 @@ class RLRModule(L.LightningModule):
 
     # -- one step ----------------------------------------------------------------------------------------
 
+    def dcot_ranges(self) -> list[tuple[int, int]]:
+        """Step ranges ``[start, stop)`` of the coarse, mid and fine scales (some may be empty)."""
+        T = self.num_steps
+        mid, fine = (round(f * T) for f in self.dcot_split)
+        return [(0, mid), (mid, fine), (fine, T)]
+
+    def conditioning(self, batch: PromptBatch) -> Conditioning:
+        """Prompt embeddings of a batch: one per step range when its prompts carry DCoT rewrites."""
+        negative = self.sampler.uses_guidance
+        if not batch.has_dcot:
+            return self.backbone.encode_prompts(batch.prompts, negative=negative)
+        scales = tuple(
+            (start, stop, self.backbone.encode_prompts(batch.scale_prompts(name), negative=negative))
+            for (start, stop), name in zip(self.dcot_ranges(), DCOT_SCALES)
+            if stop > start
+        )
+        return ScaledPromptEmbeds(scales)
+
     def _reward_fn(self, latents: Tensor, prompts) -> Tensor:
         return self.reward(self.backbone.decode(latents), prompts)
 
@@ -169,12 +209,12 @@ class RLRModule(L.LightningModule):
             [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in self.lora_parameters()]
         )
 
-    def training_step(self, batch: list[str], batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         started = time.perf_counter()
         optimizer = self.optimizers()
         micro = batch_idx % self.gradient_accumulation_steps
         last_micro = micro == self.gradient_accumulation_steps - 1
-        embeds = self.backbone.encode_prompts(batch, negative=self.sampler.uses_guidance)
+        embeds = self.conditioning(batch)
         # The block start (and everything else that shapes the graph) is drawn from a seed shared by all
         # ranks; noises and perturbations from one that differs per rank. Both derive from checkpointed
         # counters (not batch_idx), so a resumed run draws what the uninterrupted run would have drawn, and
@@ -182,7 +222,8 @@ class RLRModule(L.LightningModule):
         step_seed = derive_seed(self.seed, self.global_step, micro, self.skipped_updates)
         rank_seed = derive_seed(self.seed, self.global_step, micro, self.skipped_updates, self.global_rank, 1)
         result = rollout(
-            self.estimator, self.sampler, embeds, batch, self._reward_fn, step_seed, rank_seed, gather=self._gather
+            self.estimator, self.sampler, embeds, batch.prompts, self._reward_fn, step_seed, rank_seed,
+            gather=self._gather,
         )
         rewards = result.all_rewards
         if not bool(torch.isfinite(rewards).all()):
@@ -252,6 +293,41 @@ class RLRModule(L.LightningModule):
         images = len(result.prompts) * self.trainer.world_size  # antithetic pairs sample each prompt twice
         self.log("train/images_per_sec", images / max(elapsed, 1e-9), prog_bar=True)
 
+    # -- sampling and evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, generator: torch.Generator) -> Tensor:
+        """Images in [0, 1] for a batch of prompts, without gradient (evaluation and sample logging)."""
+        embeds = self.conditioning(batch)
+        final = self.sampler.run(Plan(self.num_steps), embeds, generator=generator).final
+        return self.backbone.decode(final)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        # Fixed seeds per validation batch: every evaluation sees the same noise, so curves are comparable.
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 0x5EED, batch_idx, self.global_rank))
+        images = self.generate(batch, generator)
+        with torch.no_grad():
+            self.val_rewards.update(self.reward(images, batch.prompts))
+            for metric, values in zip(self.metrics, self.val_metric_values):
+                values.update(metric(images, batch.prompts))
+            if len(batch) > 1:
+                self.val_diversity.update(mean_pairwise_distance(image_features(images, self.reward)))
+
+    def on_validation_epoch_end(self) -> None:
+        rewards = self.val_rewards.compute().float().reshape(-1)
+        stats = {"val/reward_mean": rewards.mean(), "val/reward_std": rewards.std() if rewards.numel() > 1 else 0.0}
+        for name, values in zip(self.metric_names, self.val_metric_values):
+            v = values.compute().float().reshape(-1)
+            stats[f"val/{name}_mean"] = v.mean()
+            stats[f"val/{name}_std"] = v.std() if v.numel() > 1 else 0.0
+            values.reset()
+        if self.val_diversity.update_called:
+            stats["val/diversity"] = self.val_diversity.compute()
+        self.val_diversity.reset()
+        self.val_rewards.reset()
+        # Already aggregated over all ranks: every rank logs the same values.
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats.items()}, prog_bar=False)
+
     # -- checkpoints and export ----------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -266,9 +342,10 @@ class RLRModule(L.LightningModule):
         self.skipped_updates = checkpoint.get("rlr_skipped_updates", 0)
 
     def on_fit_end(self) -> None:
+        # trainer.log_dir broadcasts from rank zero: every rank must ask for it, before the rank check.
+        directory = Path(self.export_dir) if self.export_dir else Path(self.trainer.log_dir or ".") / "lora"
         if not self.trainer.is_global_zero or self.backbone is None:
             return
-        directory = Path(self.export_dir) if self.export_dir else Path(self.trainer.log_dir or ".") / "lora"
         self.exported_lora = self.backbone.export_lora(directory)
         rank_zero_info(f"LoRA weights exported to {self.exported_lora} (diffusers format: pipe.load_lora_weights)")
 

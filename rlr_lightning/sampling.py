@@ -60,6 +60,73 @@ class PromptEmbeds:
     def select(self, index: Tensor | slice) -> PromptEmbeds:
         return PromptEmbeds(self.cond[index], None if self.uncond is None else self.uncond[index])
 
+    @property
+    def device(self) -> torch.device:
+        return self.cond.device
+
+    def at(self, step: int) -> PromptEmbeds:
+        """The conditioning of step ``step``: the same at every step."""
+        return self
+
+    def for_steps(self, steps: Sequence[int]) -> PromptEmbeds:
+        """Rows for stacked transitions of ``steps`` (step-major), see :meth:`Trajectory.transitions`."""
+        return self.repeat(len(steps))
+
+
+@dataclass
+class ScaledPromptEmbeds:
+    """Diffusive chain-of-thought conditioning: each step range is conditioned on its own prompt rewrite.
+
+    Sampling goes coarse to fine, so a prompt may come with a layout (coarse), a geometry (mid) and a detail
+    (fine) rewrite, each conditioning a contiguous range of steps in sampling order (``method.md`` §6).
+
+    Attributes:
+        scales: ``(start, stop, embeds)`` for half-open step ranges that tile ``[0, T)`` in order.
+    """
+
+    scales: tuple[tuple[int, int, PromptEmbeds], ...]
+
+    def __post_init__(self) -> None:
+        if not self.scales:
+            raise ValueError("ScaledPromptEmbeds needs at least one scale")
+        expected = 0
+        for start, stop, embeds in self.scales:
+            if start != expected or stop <= start:
+                raise ValueError(f"scale step ranges must tile [0, T) in order, got {[s[:2] for s in self.scales]}")
+            if embeds.batch_size != self.scales[0][2].batch_size:
+                raise ValueError("every scale must embed the same number of prompts")
+            expected = stop
+
+    @property
+    def num_steps(self) -> int:
+        return self.scales[-1][1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.scales[0][2].batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales[0][2].device
+
+    def at(self, step: int) -> PromptEmbeds:
+        for start, stop, embeds in self.scales:
+            if start <= step < stop:
+                return embeds
+        raise IndexError(f"step {step} is outside the scales' steps [0, {self.num_steps})")
+
+    def repeat(self, n: int) -> ScaledPromptEmbeds:
+        return ScaledPromptEmbeds(tuple((a, b, e.repeat(n)) for a, b, e in self.scales))
+
+    def for_steps(self, steps: Sequence[int]) -> PromptEmbeds:
+        parts = [self.at(k) for k in steps]
+        uncond = None if parts[0].uncond is None else torch.cat([p.uncond for p in parts])
+        return PromptEmbeds(torch.cat([p.cond for p in parts]), uncond)
+
+
+#: What a trajectory is conditioned on: one embedding for all steps, or one per DCoT scale.
+Conditioning = PromptEmbeds | ScaledPromptEmbeds
+
 
 # --------------------------------------------------------------------------------------------------------
 # The DDIM schedule and one step
@@ -342,7 +409,7 @@ class Trajectory:
         """Stack stored transitions of ``steps`` for :meth:`DDIMSampler.log_probs`.
 
         Returns ``(step_index, latents, next_latents)`` with ``len(steps) * B`` rows ordered step-major, so
-        they pair with ``embeds.repeat(len(steps))``.
+        they pair with ``embeds.for_steps(steps)``.
         """
         B = self.batch_size
         device = self.final.device
@@ -524,8 +591,8 @@ class DDIMSampler:
         """Re-score many stored transitions ``(k, s_k, s_{k+1})`` in one UNet call (per-sample timesteps).
 
         Returns ``log p_theta(s_{k+1} | s_k)``, ``(N,)`` float32, differentiable in the trainable weights when
-        called with gradient enabled. Use :meth:`Trajectory.transitions` and ``embeds.repeat`` to build the
-        inputs.
+        called with gradient enabled. Use :meth:`Trajectory.transitions` and ``embeds.for_steps`` to build
+        the inputs.
         """
         if next_latents.shape != latents.shape:
             raise ValueError(
@@ -559,14 +626,14 @@ class DDIMSampler:
         return x0.to(device), noises.to(device)
 
     @torch.no_grad()
-    def sample(self, embeds: PromptEmbeds, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, embeds: Conditioning, generator: torch.Generator | None = None) -> Tensor:
         """Plain sampling without gradient: returns ``s_T``."""
         return self.run(Plan(self.num_steps), embeds, generator=generator).final
 
     def run(
         self,
         plan: Plan,
-        embeds: PromptEmbeds,
+        embeds: Conditioning,
         generator: torch.Generator | None = None,
         initial_latents: Tensor | None = None,
         noises: Tensor | None = None,
@@ -578,7 +645,7 @@ class DDIMSampler:
 
         Args:
             plan: Windows and perturbations; ``plan.num_steps`` must equal this sampler's ``T``.
-            embeds: Prompt embeddings of the batch.
+            embeds: Prompt embeddings of the batch, or per-step DCoT embeddings.
             generator: Source of ``s_0`` and the noises when they are not given.
             initial_latents: ``s_0``, ``(B, C, H, W)``, to replay a trajectory.
             noises: ``eps``, ``(T, B, C, H, W)``, to replay a trajectory.
@@ -587,7 +654,9 @@ class DDIMSampler:
         if plan.num_steps != T:
             raise ValueError(f"plan is for {plan.num_steps} steps but the sampler runs {T}")
         B = embeds.batch_size
-        device = embeds.cond.device
+        device = embeds.device
+        if isinstance(embeds, ScaledPromptEmbeds) and embeds.num_steps != T:
+            raise ValueError(f"DCoT scales cover {embeds.num_steps} steps but the sampler runs {T}")
         if initial_latents is None or noises is None:
             drawn_x0, drawn_noises = self.initial_noise(B, generator, device)
             initial_latents = drawn_x0 if initial_latents is None else initial_latents
@@ -607,7 +676,7 @@ class DDIMSampler:
             if plan.starts_window(k):
                 x = x.detach()
             with torch.set_grad_enabled(grad):
-                out = self.step(k, x, embeds, noise=noises[k], perturbation=plan.perturbations.get(k))
+                out = self.step(k, x, embeds.at(k), noise=noises[k], perturbation=plan.perturbations.get(k))
             if grad:
                 window_means[k] = out.mean
                 window_log_probs[k] = out.log_prob

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm, perturbations_for
-from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
+from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
 
 
 class FullBackprop(GradientEstimator):
@@ -34,7 +34,7 @@ class FullBackprop(GradientEstimator):
             perturbations = perturbations_for(range(num_steps), rank_seed, self.perturbation_scale, self.antithetic)
         return Plan(num_steps, windows=((0, num_steps),), perturbations=perturbations)
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
         return [SurrogateTerm("fo", lambda: -rollout.rewards.mean())]
 
 
@@ -64,5 +64,5 @@ class TruncatedBackprop(GradientEstimator):
         k = int(torch.randint(lo, hi + 1, (1,), generator=step_generator)) if hi > lo else lo
         return Plan(num_steps, windows=((num_steps - k, num_steps),), info={"truncation": k})
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
         return [SurrogateTerm("fo", lambda: -rollout.rewards.mean())]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rlr_lightning.sampling import DDIMSampler, Perturbation, Plan, PromptEmbeds, Trajectory
+from rlr_lightning.sampling import Conditioning, DDIMSampler, Perturbation, Plan, Trajectory
 
 #: ``reward_fn(final_latents, prompts) -> (B,)`` rewards; differentiable in the latents when FO needs it.
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
@@ -158,7 +158,7 @@ class GradientEstimator(ABC):
         """
 
     @abstractmethod
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
         """The surrogate terms of a sampled and scored rollout."""
 
     def observe(self, rollout: Rollout, grad_norms: dict[str, float]) -> None:
@@ -183,7 +183,7 @@ class GradientEstimator(ABC):
         self,
         rollout: Rollout,
         sampler: DDIMSampler,
-        embeds: PromptEmbeds,
+        embeds: Conditioning,
         steps: Sequence[int],
         weight: float,
         name: str,
@@ -197,7 +197,7 @@ class GradientEstimator(ABC):
         def make(chunk: list[int]) -> Callable[[], Tensor]:
             def loss() -> Tensor:
                 index, x, x_next = rollout.trajectory.transitions(chunk)
-                log_p = sampler.log_probs(index, x, x_next, embeds.repeat(len(chunk)))
+                log_p = sampler.log_probs(index, x, x_next, embeds.for_steps(chunk))
                 return -weight * (rollout.advantages.repeat(len(chunk)) * log_p).sum() / B
 
             return loss
@@ -212,7 +212,7 @@ def _identity(x: Tensor) -> Tensor:
 def rollout(
     estimator: GradientEstimator,
     sampler: DDIMSampler,
-    embeds: PromptEmbeds,
+    embeds: Conditioning,
     prompts: Sequence[str],
     reward_fn: RewardFn,
     step_seed: int,
@@ -235,7 +235,7 @@ def rollout(
     step_generator = torch.Generator().manual_seed(step_seed)
     plan = estimator.plan(T, step_generator, rank_seed)
     B = embeds.batch_size
-    device = embeds.cond.device
+    device = embeds.device
     x0, noises = sampler.initial_noise(B, torch.Generator().manual_seed(rank_seed), device)
     prompts = list(prompts)
     if estimator.antithetic:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm, perturbations_for
-from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
+from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class RLR(GradientEstimator):
 
     # -- surrogate terms ---------------------------------------------------------------------------------
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps
         a = rollout.plan.info["block_start"]
         A = rollout.advantages

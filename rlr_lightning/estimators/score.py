@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm
-from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
+from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
 
 
 class ScoreFunction(GradientEstimator):
@@ -51,7 +51,7 @@ class ScoreFunction(GradientEstimator):
             info["steps"] = sorted(pick.tolist())
         return Plan(num_steps, info=info)
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: PromptEmbeds) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps
         steps = rollout.plan.info.get("steps", list(range(T)))
         return self.score_terms(rollout, sampler, embeds, steps, T / len(steps), "zo")

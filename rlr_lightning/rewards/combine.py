@@ -1,0 +1,38 @@
+"""Combining rewards."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rlr_lightning.rewards.base import RewardModel
+
+
+class WeightedSum(RewardModel):
+    """A weighted sum of rewards, e.g. aesthetic plus a little CLIP score to keep the prompt.
+
+    Differentiable only if every part is; a non-differentiable part makes the whole sum non-differentiable
+    (estimators then use no reward gradient at all, rather than the gradient of some parts only).
+
+    Args:
+        rewards: The rewards to add (each a ``RewardModel``; in YAML, a list of class_path/init_args).
+        weights: Weight of each reward, in the same order. None: all 1.
+    """
+
+    def __init__(self, rewards: list[RewardModel], weights: list[float] | None = None) -> None:
+        super().__init__()
+        if not rewards:
+            raise ValueError("WeightedSum needs at least one reward")
+        weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(rewards):
+            raise ValueError(f"{len(rewards)} rewards but {len(weights)} weights")
+        self.rewards = nn.ModuleList(rewards)
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        self.differentiable = all(reward.differentiable for reward in rewards)
+        self.freeze()
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        parts = torch.stack([reward(images, prompts) for reward in self.rewards], dim=1)
+        return parts @ self.weights.to(parts.dtype)
