@@ -89,7 +89,8 @@ def _configure_logging() -> None:
         package.setLevel(logging.INFO)
 
 
-def _lightning_cli(argv: list[str] | None) -> None:
+def build_cli(argv: list[str] | None, run: bool = True):
+    """The ``rlr fit`` LightningCLI (``run=False`` parses and instantiates without fitting: for tests)."""
     from lightning.pytorch.cli import LightningCLI
 
     from rlr_lightning.data import PromptDataModule
@@ -100,14 +101,19 @@ def _lightning_cli(argv: list[str] | None) -> None:
         def subcommands() -> dict:
             return {"fit": LightningCLI.subcommands()["fit"]}
 
-    RLRCLI(
+    return RLRCLI(
         RLRModule,
         PromptDataModule,
         args=argv,
+        run=run,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "rlr"},
+        parser_kwargs={"prog": "rlr"} if run else {},
     )
+
+
+def _lightning_cli(argv: list[str] | None) -> None:
+    build_cli(argv)
 
 
 def main(args: list[str] | None = None) -> None:
