@@ -282,10 +282,12 @@ class RLRModule(L.LightningModule):
             {"train/reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
              "train/reward_min": r.min(), "train/reward_max": r.max()}
         )
+        # Per-term statistics are rank-local before the gradient all-reduce: log their mean over ranks. Every
+        # rank logs the same keys here (the plan, hence the terms, is shared), so the reductions line up.
         for name, value in term_losses.items():
-            self.log(f"train/loss_{name}", value)
+            self.log(f"train/loss_{name}", value, sync_dist=True)
         for name, value in term_norms.items():
-            self.log(f"train/grad_norm_{name}", value)
+            self.log(f"train/grad_norm_{name}", value, sync_dist=True)
         for name, value in result.plan.info.items():
             if isinstance(value, (int, float)):
                 self.log(f"train/{name}", float(value))

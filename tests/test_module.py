@@ -162,3 +162,14 @@ def test_gradient_accumulation_and_lr_scheduler_step_per_optimizer_step(tiny_pip
     assert trainer.global_step == 2
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4  # two micro-batches per step
     assert module.optimizers().optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+
+
+def test_progress_bar_shows_reward_and_throughput_and_logs_every_term(tiny_pipeline_dir, tmp_path):
+    module = make_module(tiny_pipeline_dir)
+    trainer = make_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data())
+    assert {"train/reward", "train/images_per_sec"} <= set(trainer.progress_bar_metrics)
+    logged = set(trainer.callback_metrics)
+    for name in ("fo", "ho", "zo"):
+        assert {f"train/loss_{name}", f"train/grad_norm_{name}"} <= logged
+    assert {"train/reward_std", "train/reward_min", "train/reward_max", "train/block_start", "train/grad_norm"} <= logged
