@@ -155,3 +155,66 @@ class GradientDiagnosticsCallback(L.Callback):
         metrics = {f"diag/{k}": float(v) for k, v in vars(result).items() if k != "num_samples"}
         for run_logger in trainer.loggers:
             run_logger.log_metrics(metrics, step=step)
+
+
+class _Held:
+    """A tensor held for backward; counts its storage while autograd keeps it."""
+
+    __slots__ = ("tensor", "meter", "key")
+
+    def __init__(self, tensor: Tensor, meter: AutogradMemoryMeter) -> None:
+        self.tensor = tensor
+        self.meter = meter
+        self.key = meter._hold(tensor)
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class AutogradMemoryMeter:
+    """Bytes that autograd holds for backward (activation memory), live and peak, on any device.
+
+    Counts each saved storage once, while any saved tensor keeps it, and ignores the storages of
+    ``exclude`` (the model's parameters, which exist anyway). On a GPU, ``torch.cuda.max_memory_allocated``
+    measures everything; this measures the part an estimator's plan controls, identically on CPU and GPU.
+
+    Args:
+        exclude: Tensors whose storages are not activations (typically ``module.parameters()``).
+    """
+
+    def __init__(self, exclude=()) -> None:
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._counts: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+        self._hooks = None
+
+    def _hold(self, tensor: Tensor) -> int | None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._excluded or key == 0:
+            return None
+        if key not in self._counts:
+            self._counts[key] = 0
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._counts[key] += 1
+        return key
+
+    def _release(self, key: int | None) -> None:
+        if key is None or key not in self._counts:
+            return
+        self._counts[key] -= 1
+        if self._counts[key] == 0:
+            del self._counts[key]
+            self.live -= self._sizes.pop(key)
+
+    def __enter__(self) -> AutogradMemoryMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda held: held.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
