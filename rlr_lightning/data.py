@@ -325,11 +325,19 @@ class PromptDataModule(L.LightningDataModule):
     def prompts(self) -> list[str]:
         return [r.prompt for r in self.records]
 
+    def train_epoch_size(self) -> int:
+        """Prompts per epoch: at least one full batch on every rank (the set is cycled when it is smaller),
+        since the distributed sampler splits an epoch between ranks and incomplete batches are dropped."""
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        return max(self.epoch_size, self.batch_size * world)
+
     def train_dataloader(self) -> DataLoader:
+        size = self.train_epoch_size()
         return ResumableDataLoader(
-            PromptDataset(self.records, self.epoch_size),
+            PromptDataset(self.records, size),
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(self.epoch_size, self.seed),
+            sampler=EpochShuffleSampler(size, self.seed),
             drop_last=True,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,

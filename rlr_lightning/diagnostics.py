@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from rlr_lightning.data import PromptBatch
 from rlr_lightning.estimators import FullBackprop, GradientEstimator, derive_seed, rollout
 
 
@@ -42,14 +41,14 @@ def gradient_samples(
     estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
     params = list(module.backbone.lora_parameters().values())
     saved = [p.grad for p in params]
-    batch = PromptBatch(list(prompts), [None] * len(prompts), [{} for _ in prompts])
+    prompts = list(prompts)
     rows = []
     try:
-        embeds = module.conditioning(batch)
+        embeds = module.conditioning_for(prompts)
         for i in range(num_samples):
             for p in params:
                 p.grad = None
-            result = rollout(estimator, module.sampler, embeds, batch.prompts, module._reward_fn,
+            result = rollout(estimator, module.sampler, embeds, prompts, module._reward_fn,
                              step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1))
             for term in result.terms:
                 term.loss().backward()

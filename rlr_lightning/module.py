@@ -192,6 +192,10 @@ class RLRModule(L.LightningModule):
         )
         return ScaledPromptEmbeds(scales)
 
+    def conditioning_for(self, prompts: list[str]) -> Conditioning:
+        """Prompt embeddings of plain prompts (no DCoT rewrites)."""
+        return self.conditioning(PromptBatch(list(prompts), [None] * len(prompts), [{} for _ in prompts]))
+
     def _reward_fn(self, latents: Tensor, prompts) -> Tensor:
         return self.reward(self.backbone.decode(latents), prompts)
 

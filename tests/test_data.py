@@ -115,3 +115,17 @@ def test_dcot_rescoring_uses_each_steps_own_scale(tiny_pipeline_dir):
         index, x, x_next = trajectory.transitions(steps)
         rescored = module.sampler.log_probs(index, x, x_next, embeds.for_steps(steps))
     torch.testing.assert_close(rescored, trajectory.log_probs[steps].reshape(-1), rtol=1e-5, atol=1e-3)
+
+
+def test_an_epoch_holds_a_full_batch_for_every_rank():
+    """42 prompts, batch 32, 2 ranks: a plain epoch would give each rank 21 prompts and no batch at all."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    dm = PromptDataModule(prompt_set="animals", batch_size=32)
+    dm.trainer = SimpleNamespace(world_size=2)
+    loader = dm.train_dataloader()
+    for rank in (0, 1):
+        per_rank = DistributedSampler(loader.dataset, num_replicas=2, rank=rank)
+        assert len(per_rank) // 32 >= 1
