@@ -121,6 +121,8 @@ def load_open_clip(
             f"{pretrained_option}={pretrained!r} is neither a file nor a pretrained tag of open_clip model "
             f"{name!r} (tags: {tags})"
         )
+    # Building and loading a ViT-H takes a while on first use: say so before, not only after.
+    logger.info("Loading open_clip %s from %s", name, checkpoint or model)
     try:
         clip = open_clip.create_model(
             name, pretrained=checkpoint, force_quick_gelu=bool(quick_gelu), require_pretrained=True, **kwargs
@@ -135,7 +137,6 @@ def load_open_clip(
         ) from err
     clip.requires_grad_(False).eval()
     tokenizer = open_clip.get_tokenizer(name)
-    logger.info("Loaded open_clip %s from %s", name, checkpoint or model)
     return clip, tokenizer
 
 

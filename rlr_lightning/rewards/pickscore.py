@@ -73,6 +73,7 @@ class PickScoreReward(RewardModel):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor
 
+        logger.info("Loading PickScore model %s with processor %s", model_name_or_path, processor_name_or_path)
         # The small processor first, so a missing model directory fails before any weights are read.
         clip_processor = _from_pretrained(
             CLIPProcessor, processor_name_or_path, "processor_name_or_path", cache_dir,
@@ -85,7 +86,6 @@ class PickScoreReward(RewardModel):
         self.preprocess = CLIPPreprocess.from_image_processor(clip_processor.image_processor)
         self.max_length = min(77, int(self.clip.config.text_config.max_position_embeddings))
         self.freeze()
-        logger.info("Loaded PickScore model %s with processor %s", model_name_or_path, processor_name_or_path)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         dtype = next(self.clip.parameters()).dtype
