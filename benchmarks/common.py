@@ -46,7 +46,7 @@ def synchronize() -> None:
 
 def estimator_step(module: RLRModule, embeds, prompts, draw: int) -> None:
     """One gradient estimate: rollout plus every term's backward (no optimizer step)."""
-    result = rollout(module.estimator, module.sampler, embeds, prompts, module._reward_fn,
+    result = rollout(module.estimator, module.sampler, embeds, prompts, module.latent_reward,
                      derive_seed(0, draw, 0), derive_seed(0, draw, 1))
     for term in result.terms:
         term.loss().backward()

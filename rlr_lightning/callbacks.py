@@ -68,7 +68,7 @@ class SampleImageLogger(L.Callback):
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         prompts = self._prompts(trainer)
-        batch = PromptBatch(list(prompts), [None] * len(prompts), [{} for _ in prompts])
+        batch = PromptBatch.from_prompts(prompts)
         images = pl_module.generate(batch, torch.Generator().manual_seed(self.seed)).cpu()
         rewards = pl_module.reward(images.to(pl_module.device), prompts).float().cpu().tolist()
         rows = [[step, p, r] for p, r in zip(prompts, rewards)]

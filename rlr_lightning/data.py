@@ -61,6 +61,12 @@ class PromptBatch:
     dcot: list[tuple[str, str, str] | None]
     metadata: list[dict]
 
+    @classmethod
+    def from_prompts(cls, prompts) -> PromptBatch:
+        """A batch of plain prompts: no DCoT rewrites, no metadata."""
+        prompts = list(prompts)
+        return cls(prompts, [None] * len(prompts), [{} for _ in prompts])
+
     def __len__(self) -> int:
         return len(self.prompts)
 

@@ -48,7 +48,7 @@ def gradient_samples(
         for i in range(num_samples):
             for p in params:
                 p.grad = None
-            result = rollout(estimator, module.sampler, embeds, prompts, module._reward_fn,
+            result = rollout(estimator, module.sampler, embeds, prompts, module.latent_reward,
                              step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1))
             for term in result.terms:
                 term.loss().backward()

@@ -194,9 +194,10 @@ class RLRModule(L.LightningModule):
 
     def conditioning_for(self, prompts: list[str]) -> Conditioning:
         """Prompt embeddings of plain prompts (no DCoT rewrites)."""
-        return self.conditioning(PromptBatch(list(prompts), [None] * len(prompts), [{} for _ in prompts]))
+        return self.conditioning(PromptBatch.from_prompts(prompts))
 
-    def _reward_fn(self, latents: Tensor, prompts) -> Tensor:
+    def latent_reward(self, latents: Tensor, prompts) -> Tensor:
+        """Rewards of final latents: decode, then score (the ``reward_fn`` estimators take)."""
         return self.reward(self.backbone.decode(latents), prompts)
 
     def _gather(self, x: Tensor) -> Tensor:
@@ -226,7 +227,7 @@ class RLRModule(L.LightningModule):
         step_seed = derive_seed(self.seed, self.global_step, micro, self.skipped_updates)
         rank_seed = derive_seed(self.seed, self.global_step, micro, self.skipped_updates, self.global_rank, 1)
         result = rollout(
-            self.estimator, self.sampler, embeds, batch.prompts, self._reward_fn, step_seed, rank_seed,
+            self.estimator, self.sampler, embeds, batch.prompts, self.latent_reward, step_seed, rank_seed,
             gather=self._gather,
         )
         rewards = result.all_rewards

@@ -84,7 +84,7 @@ def rlr_step_peak_bytes(tiny_pipeline_dir, num_steps: int, h: int, zo_mode: str 
     module.configure_model()
     embeds = module.backbone.encode_prompts(PROMPTS, negative=False)
     with AutogradMemoryMeter(exclude=module.parameters()) as meter:
-        result = rollout(module.estimator, module.sampler, embeds, PROMPTS, module._reward_fn, 1, 2)
+        result = rollout(module.estimator, module.sampler, embeds, PROMPTS, module.latent_reward, 1, 2)
         for term in result.terms:
             term.loss().backward()
         del result, term
