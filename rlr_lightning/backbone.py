@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,128 @@ def _load_components(
     )
 
 
+@dataclass(frozen=True)
+class _LoraFile:
+    """The UNet part of a LoRA weights file, in peft's layout (``<layer>.lora_A.weight``).
+
+    Attributes:
+        path: The file (or the directory holding it), for messages.
+        weights: The UNet's LoRA weights without the ``unet.`` prefix.
+        config: The peft adapter config stored in the file's metadata (empty when it has none).
+        network_alphas: Per-layer alphas of Kohya-style files, as diffusers reports them.
+    """
+
+    path: Path
+    weights: dict[str, Tensor]
+    config: dict
+    network_alphas: dict[str, float]
+
+    @property
+    def layers(self) -> list[str]:
+        """The adapted UNet layers, by module path."""
+        return sorted({k.rsplit(".lora_", 1)[0] for k in self.weights})
+
+    def recorded_alpha(self) -> float | None:
+        """The ``lora_alpha`` the file records, or ``None`` when it does not say."""
+        if "lora_alpha" in self.config:
+            return float(self.config["lora_alpha"])
+        alphas = set(self.network_alphas.values())
+        if len(alphas) > 1:
+            raise ValueError(
+                f"{self.path} has per-layer alphas {sorted(alphas)[:5]}; LoraSettings holds one alpha for all layers"
+            )
+        return float(alphas.pop()) if alphas else None
+
+    def settings(self, alpha: float | None = None) -> LoraSettings:
+        """Rank, alpha and targets from the metadata, else rank from the shapes and targets from the keys."""
+        config = self.config
+        if "r" in config:
+            if config.get("rank_pattern") or config.get("alpha_pattern"):
+                raise ValueError(
+                    f"{self.path} gives some layers their own rank or alpha (rank_pattern / alpha_pattern); "
+                    "LoraSettings holds one rank and one alpha for all layers"
+                )
+            rank = int(config["r"])
+            targets = config.get("target_modules")
+            # peft also accepts one regular expression; the layer names say the same thing explicitly.
+            targets = tuple(targets) if isinstance(targets, (list, tuple)) and targets else tuple(self.layers)
+        else:
+            ranks = {v.shape[0] for k, v in self.weights.items() if ".lora_A." in k}
+            if len(ranks) != 1:
+                raise ValueError(
+                    f"{self.path} has no adapter config in its metadata and its layers have ranks "
+                    f"{sorted(ranks)}; LoraSettings needs one rank for all layers"
+                )
+            rank = ranks.pop()
+            targets = tuple(self.layers)
+        recorded = self.recorded_alpha()
+        if recorded is not None and alpha is not None and float(alpha) != recorded:
+            raise ValueError(
+                f"{self.path} records LoRA alpha {recorded:g}, but alpha {alpha:g} was given; leave it out to use "
+                "the file's"
+            )
+        # Without a recorded alpha, diffusers' own loader also falls back to alpha = rank (scale 1).
+        alpha = recorded if recorded is not None else (float(alpha) if alpha is not None else float(rank))
+        return LoraSettings(rank=rank, alpha=alpha, target_modules=targets)
+
+
+def _read_lora_file(path: str | os.PathLike) -> _LoraFile:
+    """Read a diffusers LoRA file through diffusers' own reader (which also converts Kohya files)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA weights not found: {path}")
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"LoRA weights not found: {path} holds no .safetensors file (export_lora writes {LORA_WEIGHT_NAME})"
+        )
+    if path.is_file():
+        kwargs = {"weight_name": path.name}
+    else:  # our export's name first; otherwise diffusers picks the directory's one .safetensors file
+        kwargs = {"weight_name": LORA_WEIGHT_NAME} if (path / LORA_WEIGHT_NAME).is_file() else {}
+    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(path.parent if path.is_file() else path), return_lora_metadata=True, **kwargs
+    )
+
+    def unet_part(entries: dict | None) -> dict:
+        return {k.removeprefix("unet."): v for k, v in (entries or {}).items() if k.startswith("unet.")}
+
+    weights = unet_part(state_dict)
+    if not weights:
+        raise ValueError(f"{path} holds no UNet LoRA weights (no key starts with 'unet.')")
+    # Older exporters and other trainers name some layers' weights lora.down / lora.up.
+    weights = convert_unet_state_dict_to_peft(weights)
+    return _LoraFile(path, weights, unet_part(metadata), unet_part(network_alphas))
+
+
+def read_lora_settings(path: str | os.PathLike, alpha: float | None = None) -> LoraSettings:
+    """The :class:`LoraSettings` of a LoRA weights file, for :meth:`DiffusionBackbone.add_lora`.
+
+    Files written by :meth:`DiffusionBackbone.export_lora` (and diffusers' training scripts) record rank,
+    alpha and target modules in their metadata. For files without that metadata, the rank comes from the
+    weights' shapes, the targets are the layers named in the file, and the alpha is ``alpha`` (default: the
+    rank, i.e. scale 1, diffusers' own fallback) unless the file holds Kohya-style alphas.
+
+    Args:
+        path: The directory holding the ``.safetensors`` file, or the file itself.
+        alpha: ``lora_alpha`` of a file that does not record it; must agree with the file where it does.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValueError: The file holds no UNet LoRA weights, or settings that :class:`LoraSettings` cannot hold.
+    """
+    return _read_lora_file(path).settings(alpha)
+
+
+def _adapter_key(key: str) -> str:
+    """``<layer>.lora_A.weight`` -> ``<layer>.lora_A.default.weight``: where peft keeps the adapter's weight."""
+    head, _, tail = key.rpartition(".lora_")
+    name, _, rest = tail.partition(".")
+    return f"{head}.lora_{name}.{ADAPTER_NAME}" + (f".{rest}" if rest else "")
+
+
 class DiffusionBackbone(nn.Module):
     """A frozen Stable Diffusion 1.x / 2.x backbone with optional LoRA adapters on the UNet.
 
@@ -168,6 +291,7 @@ class DiffusionBackbone(nn.Module):
         self.scheduler = scheduler
         self.dtype = dtype
         self.lora_settings: LoraSettings | None = None
+        self._warned_truncation = False
         self.freeze()
 
     @classmethod
@@ -265,19 +389,24 @@ class DiffusionBackbone(nn.Module):
     # -- export and import ------------------------------------------------------------------------------
 
     def lora_state_dict(self) -> dict[str, Tensor]:
-        """LoRA weights in the diffusers layout (``...lora.down.weight``), without the ``unet.`` prefix."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """LoRA weights in peft's layout (``<layer>.lora_A.weight``), without the ``unet.`` prefix.
+
+        diffusers' ``load_lora_weights`` reads this layout for every layer type. Its older ``lora.down`` /
+        ``lora.up`` names exist for a few layer types only, and diffusers picks the layout from the first key,
+        so a file mixing the two (attention and conv layers) loses one of them.
+        """
         from peft.utils import get_peft_model_state_dict
 
         self._require_lora()
         peft_sd = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
-        return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_sd).items()}
+        return {k: v.detach().cpu().contiguous() for k, v in peft_sd.items()}
 
     def export_lora(self, directory: str | os.PathLike) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` that ``StableDiffusionPipeline.load_lora_weights`` reads.
 
         The adapter config (rank, alpha, targets) travels in the file's metadata, so diffusers applies the
-        same ``alpha / rank`` scale the weights were trained with.
+        same ``alpha / rank`` scale the weights were trained with, and :meth:`load_lora` (``rlr sample
+        --lora``) rebuilds the same adapter.
         """
         from diffusers import StableDiffusionPipeline
 
@@ -296,44 +425,83 @@ class DiffusionBackbone(nn.Module):
         logger.info("Exported LoRA weights to %s", path)
         return path
 
-    def load_lora(self, path: str | os.PathLike) -> None:
-        """Load LoRA weights exported by :meth:`export_lora` (or any diffusers SD LoRA of the same shape).
+    def load_lora(self, path: str | os.PathLike, alpha: float | None = None) -> LoraSettings:
+        """Load LoRA weights written by :meth:`export_lora`, or any diffusers Stable Diffusion UNet LoRA.
+
+        A UNet without an adapter gets one with the file's settings (:func:`read_lora_settings`); a UNet that
+        has one keeps it, and the file must match its rank and alpha and cover exactly its adapted layers.
+        Nothing changes when the file does not fit.
 
         Args:
             path: The directory holding ``pytorch_lora_weights.safetensors``, or the file itself.
+            alpha: ``lora_alpha`` of a file that does not record it (third-party LoRAs without adapter
+                metadata); defaults to the file's rank. Must agree with the file where it records one.
+
+        Returns:
+            The settings of the loaded adapter.
+
+        Raises:
+            FileNotFoundError: There is no such file.
+            ValueError: The file does not fit this UNet; the message names the file and what differs (layers,
+                shapes, rank or alpha).
         """
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_unet_state_dict_to_peft
+        lora = _read_lora_file(path)
+        settings = lora.settings(alpha)
+        added = self.lora_settings is None
+        if not added:
+            ours = self.lora_settings
+            file_alpha = lora.recorded_alpha() if alpha is None else float(alpha)
+            if settings.rank != ours.rank or (file_alpha is not None and file_alpha != float(ours.alpha)):
+                raise ValueError(
+                    f"{lora.path} was trained with LoRA rank {settings.rank}, alpha {settings.alpha:g}; this "
+                    f"backbone has rank {ours.rank}, alpha {ours.alpha:g}"
+                )
+        try:
+            if added:
+                try:
+                    self.add_lora(settings)
+                except ValueError as err:  # peft: none of the file's target modules exists in this UNet
+                    raise ValueError(f"{lora.path} does not fit this UNet: {err}") from None
+            self._set_lora_weights(lora)
+        except ValueError:
+            if added:  # leave the UNet as it was, without adapter layers or adapter config
+                self.unet.unload_lora()
+                self.lora_settings = None
+            raise
+        logger.info(
+            "Loaded LoRA weights from %s: rank %d, alpha %g, %d adapted layers",
+            lora.path, self.lora_settings.rank, self.lora_settings.alpha, len(lora.layers),
+        )
+        return self.lora_settings
+
+    def _set_lora_weights(self, lora: _LoraFile) -> None:
+        """Copy the file's weights into the adapter after checking that they cover it exactly."""
         from peft.utils import set_peft_model_state_dict
 
-        self._require_lora()
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"LoRA weights not found: {path}")
-        kwargs = {"weight_name": path.name} if path.is_file() else {}
-        state_dict, _, metadata = StableDiffusionPipeline.lora_state_dict(
-            str(path.parent if path.is_file() else path), return_lora_metadata=True, **kwargs
-        )
-        unet_sd = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-        if not unet_sd:
-            raise ValueError(f"{path} holds no UNet LoRA weights")
-        if metadata:
-            metadata = {k.removeprefix("unet."): v for k, v in metadata.items()}
-            saved = (metadata.get("r"), metadata.get("lora_alpha"))
-            ours = (self.lora_settings.rank, self.lora_settings.alpha)
-            if saved[0] is not None and (saved[0] != ours[0] or float(saved[1]) != float(ours[1])):
-                raise ValueError(
-                    f"{path} was trained with LoRA rank {saved[0]}, alpha {saved[1]}; this backbone has rank "
-                    f"{ours[0]}, alpha {ours[1]}"
-                )
-        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(unet_sd), ADAPTER_NAME)
-        unexpected = getattr(result, "unexpected_keys", [])
+        ours = {k: v.shape for k, v in self.unet.state_dict().items() if ".lora_" in k}
+        theirs = {_adapter_key(k): v for k, v in lora.weights.items()}
+        unexpected = sorted(k for k in theirs if k not in ours)
         if unexpected:
-            raise ValueError(f"{path} has LoRA weights for layers this UNet lacks: {unexpected[:5]}")
-        ours = {k for k in self.unet.state_dict() if "lora_" in k}
-        missing = [k for k in getattr(result, "missing_keys", []) if k in ours]
+            raise ValueError(
+                f"{lora.path} has LoRA weights for {len(unexpected)} layers that this UNet's adapter lacks, e.g. "
+                f"{unexpected[:3]}; it was trained on another model or with other target modules"
+            )
+        missing = sorted(k for k in ours if k not in theirs)
         if missing:
-            raise ValueError(f"{path} lacks LoRA weights for {len(missing)} adapted layers, e.g. {missing[:3]}")
+            raise ValueError(f"{lora.path} lacks LoRA weights for {len(missing)} adapted layers, e.g. {missing[:3]}")
+        wrong = [(k, tuple(v.shape), tuple(ours[k])) for k, v in theirs.items() if v.shape != ours[k]]
+        if wrong:
+            key, file_shape, unet_shape = wrong[0]
+            raise ValueError(
+                f"{lora.path} does not fit this UNet: {len(wrong)} of its {len(theirs)} LoRA weights have other "
+                f"shapes, e.g. {key.replace(f'.{ADAPTER_NAME}', '')} is {file_shape} in the file but {unet_shape} "
+                "in this UNet; it was trained on another model"
+            )
+        result = set_peft_model_state_dict(self.unet, lora.weights, ADAPTER_NAME)
+        # The checks above mirror peft's key mapping; peft's own report is the final word.
+        leftover = getattr(result, "unexpected_keys", [])
+        if leftover:
+            raise ValueError(f"{lora.path} has LoRA weights for layers this UNet lacks: {leftover[:5]}")
 
     def _require_lora(self) -> None:
         if self.lora_settings is None:
@@ -345,8 +513,26 @@ class DiffusionBackbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        """Warn once per backbone that prompts longer than the tokenizer's limit are cut."""
+        if self._warned_truncation:
+            return
+        limit = self.tokenizer.model_max_length
+        # verbose=False: the tokenizer's own warning would not say which prompt is too long.
+        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False).input_ids]
+        too_long = [(prompt, n) for prompt, n in zip(prompts, lengths) if n > limit]
+        if too_long:
+            prompt, n = too_long[0]
+            logger.warning(
+                "The text encoder reads at most %d tokens per prompt; longer prompts are cut, e.g. %r (%d tokens). "
+                "Shorten them if their ends matter (this is said only once).",
+                limit, textwrap.shorten(prompt, width=60, placeholder=" ..."), n,
+            )
+            self._warned_truncation = True
+
     @torch.no_grad()
     def _encode(self, prompts: Sequence[str]) -> Tensor:
+        self._warn_if_truncated(list(prompts))
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",

@@ -9,19 +9,26 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import save_image
+from PIL import Image
+from torchvision.utils import make_grid
 
 from rlr_lightning.data import PROMPT_SETS, PromptBatch
 
 logger = logging.getLogger(__name__)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], ``(B, 3, H, W)``, as rounded 0-255 ``uint8`` on the CPU (the same pixels in every sink)."""
+    return images.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
 class SampleImageLogger(L.Callback):
     """Render a fixed set of prompts with fixed seeds every N optimizer steps, on rank zero only.
 
-    Logs an image grid and a (step, prompt, reward) table: to Weights & Biases with ``WandbLogger``, as
-    images with ``TensorBoardLogger``, and as PNG grids plus a CSV table under ``<log dir>/samples`` with any
-    other logger (or none). It uses no collective, so other ranks never wait on it.
+    Logs the images and a (step, prompt, reward) table: to Weights & Biases with ``WandbLogger`` (images
+    captioned with prompt and reward, plus a table), as an image grid and text with ``TensorBoardLogger``,
+    and as PNG grids plus a CSV table under ``<log dir>/samples`` with any other logger (or none). Every sink
+    gets the same 8-bit pixels. It uses no collective, so other ranks never wait on it.
 
     Args:
         prompts: Prompts to render; defaults to the first ``num_prompts`` validation prompts of the
@@ -69,27 +76,33 @@ class SampleImageLogger(L.Callback):
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         prompts = self._prompts(trainer)
         batch = PromptBatch.from_prompts(prompts)
-        images = pl_module.generate(batch, torch.Generator().manual_seed(self.seed)).cpu()
-        rewards = pl_module.reward(images.to(pl_module.device), prompts).float().cpu().tolist()
+        images = pl_module.generate(batch, torch.Generator().manual_seed(self.seed))
+        rewards = pl_module.reward(images, prompts).float().cpu().tolist()
+        pixels = to_uint8(images)
         rows = [[step, p, r] for p, r in zip(prompts, rewards)]
         for run_logger in trainer.loggers or [None]:
             if isinstance(run_logger, WandbLogger):
                 captions = [f"{p} (reward {r:.3f})" for p, r in zip(prompts, rewards)]
-                run_logger.log_image(key="samples", images=list(images), step=step, caption=captions)
+                # PIL images, not tensors: wandb.Image casts float tensors to uint8 without scaling, so
+                # images in [0, 1] would arrive as 0s and 1s (black).
+                pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
+                run_logger.log_image(key="samples", images=pil_images, step=step, caption=captions)
                 run_logger.log_table(key="samples_table", columns=["step", "prompt", "reward"], data=rows, step=step)
             elif isinstance(run_logger, TensorBoardLogger):
-                run_logger.experiment.add_images("samples", images, step)
+                # uint8 NCHW is taken as 0-255 as is, so TensorBoard shows the same pixels as the other sinks.
+                run_logger.experiment.add_images("samples", pixels, step)
                 text = "\n".join(f"{p}: {r:.4f}" for p, r in zip(prompts, rewards))
                 run_logger.experiment.add_text("samples_rewards", text, step)
             else:
-                self._write_files(trainer, run_logger, images, rows, step)
+                self._write_files(trainer, run_logger, pixels, rows, step)
 
-    def _write_files(self, trainer, run_logger, images: torch.Tensor, rows: list, step: int) -> None:
+    def _write_files(self, trainer, run_logger, pixels: torch.Tensor, rows: list, step: int) -> None:
         root = Path((run_logger.log_dir if run_logger is not None else None) or trainer.default_root_dir)
         directory = root / "samples"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"step_{step:06d}.png"
-        save_image(images, path, nrow=min(len(rows), 4))
+        grid = make_grid(pixels, nrow=min(len(rows), 4))
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
         table = directory / "samples.csv"
         new = not table.exists()
         with table.open("a", newline="") as f:

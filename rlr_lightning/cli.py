@@ -1,10 +1,11 @@
 """The ``rlr`` command.
 
-``rlr fit`` is a ``LightningCLI`` over :class:`~rlr_lightning.module.RLRModule` and
-:class:`~rlr_lightning.data.PromptDataModule` (fit only; optimizers are injected into the module because
-LoRA weights exist only after ``configure_model``). ``rlr sample`` draws images from a backbone (optionally with trained LoRA weights) with the project's own
-DDIM sampler and reports each step's sigma and transition log-probability. Without ``--model`` it uses the
-tiny offline model, built into the cache on first use, so it runs anywhere in seconds.
+``rlr fit`` and ``rlr validate`` are a ``LightningCLI`` over :class:`~rlr_lightning.module.RLRModule` and
+:class:`~rlr_lightning.data.PromptDataModule` (see :mod:`rlr_lightning.lightning_cli`; optimizers are injected
+into the module because LoRA weights exist only after ``configure_model``). ``rlr sample`` draws images from
+a backbone (optionally with trained LoRA weights) with the project's own DDIM sampler and reports each step's
+sigma and transition log-probability. Without ``--model`` it uses the tiny offline model, built into the
+cache on first use, so it runs anywhere in seconds.
 """
 
 from __future__ import annotations
@@ -28,12 +29,31 @@ def _sample_parser() -> argparse.ArgumentParser:
         description="Sample images with the DDIM sampler and report per-step log-probabilities.",
     )
     p.add_argument("--model", default=None, help="hub id or diffusers pipeline directory (default: tiny offline model)")
-    p.add_argument("--lora", default=None, help="LoRA weights exported by training (directory or .safetensors)")
-    p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA weights given with --lora")
-    p.add_argument("--lora-alpha", type=float, default=4.0, help="alpha of the LoRA weights given with --lora")
+    p.add_argument(
+        "--lora",
+        default=None,
+        help="LoRA weights exported by training (directory or .safetensors), or another diffusers SD LoRA; "
+        "rank, alpha and adapted layers are read from the file",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="alpha of a --lora file that does not record it (third-party files without adapter metadata; "
+        "default: its rank, i.e. scale 1); files written by rlr record it",
+    )
+    # Deprecated: the rank is read from the file. Still accepted (and ignored) so old command lines run.
+    p.add_argument("--lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--steps", type=int, default=20, help="number of DDIM steps T")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0 for log-probabilities)")
+    p.add_argument(
+        "--timestep-spacing",
+        choices=("leading", "trailing", "linspace"),
+        default=None,
+        help="DDIM timestep spacing (default: the model's scheduler config); use the one the LoRA was trained "
+        "with (model.timestep_spacing, e.g. trailing in configs/quickstart.yaml)",
+    )
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial latents and step noises")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the frozen weights")
@@ -46,17 +66,25 @@ def sample(argv: list[str]) -> Path:
     """Run ``rlr sample``; returns the path of the written image grid."""
     from torchvision.utils import save_image
 
-    from rlr_lightning.backbone import DiffusionBackbone, LoraSettings
+    from rlr_lightning.backbone import DiffusionBackbone
     from rlr_lightning.sampling import Plan
     from rlr_lightning.testing import ensure_tiny_pipeline
 
-    args = _sample_parser().parse_args(argv)
+    parser = _sample_parser()
+    args = parser.parse_args(argv)
+    if args.lora is None and (args.lora_alpha is not None or args.lora_rank is not None):
+        parser.error("--lora-alpha and --lora-rank apply to LoRA weights; pass them with --lora")
+    if args.lora_rank is not None:
+        logger.warning("--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option")
     model = args.model if args.model is not None else ensure_tiny_pipeline()
     backbone = DiffusionBackbone.from_pretrained(model, dtype=_DTYPES[args.dtype]).to(args.device)
     if args.lora:
-        backbone.add_lora(LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha))
-        backbone.load_lora(args.lora)
-    sampler = backbone.make_sampler(args.steps, args.eta, args.guidance)
+        try:
+            backbone.load_lora(args.lora, alpha=args.lora_alpha)
+        except (OSError, ValueError) as err:
+            # The message names the file and what does not fit; a traceback would only bury it.
+            raise SystemExit(f"rlr sample: cannot apply --lora: {err}") from None
+    sampler = backbone.make_sampler(args.steps, args.eta, args.guidance, args.timestep_spacing)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     embeds = backbone.encode_prompts(prompts, negative=sampler.uses_guidance)
     generator = torch.Generator().manual_seed(args.seed)
@@ -75,8 +103,17 @@ def sample(argv: list[str]) -> Path:
 
 COMMANDS = {
     "fit": "fine-tune LoRA weights toward a reward (LightningCLI: rlr fit --config configs/quickstart.yaml)",
+    "validate": "score a checkpoint on held-out prompts (rlr validate --config ... --ckpt_path .../last.ckpt)",
     "sample": "sample images and per-step log-probabilities",
 }
+
+
+def _usage() -> str:
+    listing = "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items())
+    return (
+        f"usage: rlr COMMAND [options]\n\ncommands:\n{listing}\n\n"
+        "rlr COMMAND --help lists a command's options; rlr --version prints the version."
+    )
 
 
 def _configure_logging() -> None:
@@ -90,42 +127,64 @@ def _configure_logging() -> None:
 
 
 def build_cli(argv: list[str] | None, run: bool = True):
-    """The ``rlr fit`` LightningCLI (``run=False`` parses and instantiates without fitting: for tests)."""
-    from lightning.pytorch.cli import LightningCLI
+    """The ``rlr fit`` / ``rlr validate`` LightningCLI (``run=False`` parses and instantiates only: for tests)."""
+    from rlr_lightning.lightning_cli import build
 
-    from rlr_lightning.data import PromptDataModule
-    from rlr_lightning.module import RLRModule
-
-    class RLRCLI(LightningCLI):
-        @staticmethod
-        def subcommands() -> dict:
-            return {"fit": LightningCLI.subcommands()["fit"]}
-
-    return RLRCLI(
-        RLRModule,
-        PromptDataModule,
-        args=argv,
-        run=run,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "rlr"} if run else {},
-    )
+    return build(argv, run=run)
 
 
 def _lightning_cli(argv: list[str] | None) -> None:
-    build_cli(argv)
+    """Run ``rlr fit`` / ``rlr validate``: errors as a message, not a traceback (``RLR_DEBUG=1`` shows it).
+
+    Exit status 2 for a command line that cannot run (bad option, impossible setting, unreadable checkpoint),
+    1 for a run that failed, 128 + signal for a run stopped by SIGTERM / Ctrl+C (after saving a checkpoint).
+    """
+    import traceback
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from rlr_lightning.lightning_cli import DEBUG_ENV, RunFailed, debug_enabled
+    from rlr_lightning.module import TrainingStalledError
+
+    # Errors a user fixes from the message alone; anything else during a run is a bug: keep its traceback.
+    user_errors = (ValueError, OSError, ImportError, MisconfigurationException, TrainingStalledError)
+    prog = "rlr " + (argv[0] if argv else sys.argv[1])
+    try:
+        build_cli(argv)
+    except Exception as err:
+        if debug_enabled():
+            raise
+        run_failed = isinstance(err, RunFailed)
+        cause = err.__cause__ if run_failed and err.__cause__ is not None else err
+        if run_failed and not isinstance(cause, user_errors):
+            traceback.print_exception(cause)
+            sys.exit(1)
+        sys.stderr.write(f"{prog}: error: {cause}\n(set {DEBUG_ENV}=1 for the full traceback)\n")
+        sys.exit(1 if run_failed else 2)
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rlr`` console script (returns ``None`` so the script exits with status 0)."""
     argv = sys.argv[1:] if args is None else list(args)
     _configure_logging()
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    if argv and argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"rlr {version('rlr_lightning')}")
+        return
     if not argv or argv[0] not in COMMANDS:
-        listing = "\n".join(f"  {name:8s} {what}" for name, what in COMMANDS.items())
-        sys.exit(f"usage: rlr COMMAND [options]\n\ncommands:\n{listing}")
-    if argv[0] == "sample":
-        out = sample(argv[1:])
-        print(f"wrote {len(out.read_bytes())} bytes of samples to {out}")
-    else:
-        # LightningCLI reads sys.argv itself when run as the console script (its DDP launcher re-runs it).
-        _lightning_cli(None if args is None else argv)
+        sys.exit(_usage())
+    try:
+        if argv[0] == "sample":
+            out = sample(argv[1:])
+            print(f"wrote {len(out.read_bytes())} bytes of samples to {out}")
+        else:
+            # LightningCLI reads sys.argv itself when run as the console script (its DDP launcher re-runs it).
+            _lightning_cli(None if args is None else argv)
+    except KeyboardInterrupt:
+        # Ctrl+C outside a training loop (during training the run stops after its step, with a checkpoint).
+        sys.stderr.write("rlr: interrupted\n")
+        sys.exit(130)

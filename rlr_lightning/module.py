@@ -9,8 +9,12 @@ gradient synchronisation, so each rank makes exactly one synchronised backward p
 from __future__ import annotations
 
 import contextlib
+import datetime
+import itertools
+import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -22,18 +26,58 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
+from rlr_lightning import rewards as reward_models
 from rlr_lightning.backbone import DiffusionBackbone, LoraSettings
 from rlr_lightning.data import DCOT_SCALES, PromptBatch
 from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, rollout
 from rlr_lightning.evaluation import image_features, mean_pairwise_distance
 from rlr_lightning.rewards import RewardModel, TargetColor
 from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan, ScaledPromptEmbeds
+from rlr_lightning.testing import _MARKER as TINY_PIPELINE_MARKER
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The model name that builds the tiny offline pipeline into the cache instead of loading one.
 TINY_MODEL = "tiny"
+#: Written next to an exported ``pytorch_lora_weights.safetensors``: which run wrote it (see ``export_dir``).
+EXPORT_RECORD = "rlr_export.json"
+
+
+class TrainingStalledError(RuntimeError):
+    """Too many consecutive updates were skipped (non-finite rewards or gradients): the run cannot progress."""
+
+
+class ExportConflictError(FileExistsError):
+    """The requested ``export_dir`` already holds LoRA weights exported by another run."""
+
+
+def is_tiny_model(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is the tiny offline model: ``tiny``, or a directory ``rlr_lightning.testing`` built."""
+    return name_or_path == TINY_MODEL or (Path(name_or_path) / TINY_PIPELINE_MARKER).is_file()
+
+
+def reward_class_names() -> list[str]:
+    """The reward models ``rlr_lightning.rewards`` offers (class names for ``model.reward``)."""
+    return sorted(
+        name for name in reward_models.__all__
+        if isinstance(cls := getattr(reward_models, name), type) and issubclass(cls, RewardModel)
+        and cls is not RewardModel
+    )
+
+
+def export_owner(directory: Path) -> str | None:
+    """The run id that exported the LoRA weights in ``directory``; ``None`` if it holds no export.
+
+    An export without a readable record (written by hand or by an older version) belongs to an unknown run.
+    """
+    record = directory / EXPORT_RECORD
+    if record.is_file():
+        try:
+            return str(json.loads(record.read_text())["run_id"])
+        except (ValueError, KeyError, TypeError):
+            return "unknown"
+    return "unknown" if (directory / "pytorch_lora_weights.safetensors").exists() else None
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -49,7 +93,8 @@ class RLRModule(L.LightningModule):
             builds the tiny offline model into ``~/.cache/rlr_lightning`` (the CPU quickstart).
         estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop`` or
             ``ScoreFunction`` from ``rlr_lightning.estimators``.
-        reward: The reward model; defaults to the toy ``TargetColor``.
+        reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required for
+            every model except the tiny offline one, where it defaults to the toy ``TargetColor``.
         num_steps: DDIM sampling steps ``T``.
         eta: DDIM eta; > 0 wherever likelihood ratios are used.
         guidance_scale: Classifier-free guidance weight; 1 turns guidance off.
@@ -66,7 +111,13 @@ class RLRModule(L.LightningModule):
         seed: Seed of block starts, noises and perturbations (combined with the step and the rank).
         log_term_grad_norms: Log the gradient norm of each estimator term (FO / HO / ZO) separately; costs
             one copy of the LoRA gradients per term.
-        export_dir: Where the LoRA weights are exported at the end of fit; defaults to ``<log dir>/lora``.
+        export_dir: Where the LoRA weights are exported at the end of fit; defaults to ``<log dir>/lora``
+            (with the logger off, ``<default_root_dir>/lora``, or ``lora_1``, ``lora_2``, ... if that holds
+            another run's export). An export is never overwritten by another run: each carries a record of
+            the run that wrote it (``rlr_export.json``), a run resumed from its checkpoint replaces its own,
+            and an ``export_dir`` that holds another run's export is refused before training starts.
+        max_consecutive_skips: Stop with an error after this many updates in a row were skipped for a
+            non-finite reward or gradient (a broken reward or a diverged model never recovers by itself).
         metrics: Extra reward models reported on the validation prompts (e.g. train on aesthetic, also
             report HPSv2); they are never trained on.
     """
@@ -90,6 +141,7 @@ class RLRModule(L.LightningModule):
         seed: int = 0,
         log_term_grad_norms: bool = True,
         export_dir: str | None = None,
+        max_consecutive_skips: int = 20,
         metrics: list[RewardModel] | None = None,
     ) -> None:
         super().__init__()
@@ -106,6 +158,16 @@ class RLRModule(L.LightningModule):
             raise ValueError(f"dcot_split must be two fractions 0 <= mid <= fine <= 1, got {dcot_split}")
         if weight_dtype not in _DTYPES:
             raise ValueError(f"weight_dtype must be one of {sorted(_DTYPES)}, got {weight_dtype!r}")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        if reward is None and not is_tiny_model(pretrained_model_name_or_path):
+            # The toy default only makes sense for the tiny model: a real model would silently learn to paint
+            # one colour.
+            raise ValueError(
+                f"model.reward is required for {pretrained_model_name_or_path!r}: choose one of "
+                f"rlr_lightning.rewards ({', '.join(reward_class_names())}), e.g. "
+                "--model.reward rlr_lightning.rewards.AestheticReward"
+            )
         self.automatic_optimization = False
         # Checkpoints hold only LoRA weights; the frozen backbone is reloaded from its source.
         self.strict_loading = False
@@ -129,6 +191,7 @@ class RLRModule(L.LightningModule):
         self.seed = seed
         self.log_term_grad_norms = log_term_grad_norms
         self.export_dir = export_dir
+        self.max_consecutive_skips = max_consecutive_skips
         self.metrics = nn.ModuleList([m.freeze() for m in metrics or []])
         self.metric_names = [type(m).__name__ for m in self.metrics]
         # Validation aggregates, synchronised across ranks by torchmetrics.
@@ -138,6 +201,12 @@ class RLRModule(L.LightningModule):
         self.backbone: DiffusionBackbone | None = None
         self.sampler: DDIMSampler | None = None
         self.skipped_updates = 0
+        self.consecutive_skips = 0
+        #: Why an earlier micro-batch of the current optimizer step was dropped (``None``: none was).
+        self._window_skip_cause: str | None = None
+        # Identifies this run's LoRA export (checkpointed, so a resumed run recognises its own export).
+        self.run_id = uuid.uuid4().hex
+        self.export_target: Path | None = None
         self.exported_lora: Path | None = None
 
     # -- model ---------------------------------------------------------------------------------------------
@@ -160,8 +229,14 @@ class RLRModule(L.LightningModule):
         self.sampler = self.backbone.make_sampler(
             self.num_steps, self.eta, self.guidance_scale, self.timestep_spacing
         )
-        n = sum(p.numel() for p in self.backbone.lora_parameters().values())
-        rank_zero_info(f"Backbone {self.pretrained_model_name_or_path} ready: {n:,} trainable LoRA weights")
+        # The model summary of the rlr command: what trains and what is frozen (Lightning's table lists
+        # every submodule, FLOPs it cannot measure and train/eval modes that are intended).
+        trainable = sum(p.numel() for p in self.backbone.lora_parameters().values())
+        frozen = sum(p.numel() for p in self.backbone.parameters()) - trainable
+        rank_zero_info(
+            f"Backbone {self.pretrained_model_name_or_path} ready: {trainable:,} trainable LoRA weights, "
+            f"{frozen:,} frozen"
+        )
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -219,6 +294,14 @@ class RLRModule(L.LightningModule):
         optimizer = self.optimizers()
         micro = batch_idx % self.gradient_accumulation_steps
         last_micro = micro == self.gradient_accumulation_steps - 1
+        if micro == 0:
+            self._window_skip_cause = None
+        if self._window_skip_cause is not None:
+            # An earlier micro-batch of this optimizer step was dropped: stepping on the others' partial sum
+            # would be a biased update. The flag comes from gathered rewards, so every rank agrees here.
+            if last_micro:
+                self._skip(optimizer, self._window_skip_cause, reward_at_fault=True)
+            return
         embeds = self.conditioning(batch)
         # The block start (and everything else that shapes the graph) is drawn from a seed shared by all
         # ranks; noises and perturbations from one that differs per rank. Both derive from checkpointed
@@ -232,8 +315,19 @@ class RLRModule(L.LightningModule):
         )
         rewards = result.all_rewards
         if not bool(torch.isfinite(rewards).all()):
+            # Log this step's metrics as NaN: a logger or progress bar would otherwise repeat the last
+            # finite values, as if training went on normally.
+            nan = {term.name: float("nan") for term in result.terms}
+            self._log_step(result, nan, nan if self.log_term_grad_norms else {}, started)
+            self.log("train/grad_norm", float("nan"))
             # Every rank sees the same gathered rewards, so every rank skips together.
-            self._skip(optimizer, f"non-finite reward ({int((~torch.isfinite(rewards)).sum())} of {rewards.numel()})")
+            bad = int((~torch.isfinite(rewards)).sum())
+            cause = f"non-finite reward ({bad} of {rewards.numel()})"
+            if last_micro:
+                self._skip(optimizer, cause, reward_at_fault=True)
+            else:  # the whole optimizer step is dropped, once, at its last micro-batch
+                optimizer.zero_grad(set_to_none=True)
+                self._window_skip_cause = cause
             return
 
         term_norms: dict[str, float] = {}
@@ -252,25 +346,48 @@ class RLRModule(L.LightningModule):
         if not last_micro:
             return
         grads = self._lora_grad()
+        self.log("train/grad_norm", grads.norm(), prog_bar=False)
         if not bool(torch.isfinite(grads).all()):
-            self._skip(optimizer, "non-finite gradient")
+            self._skip(optimizer, "non-finite gradient", reward_at_fault=False)
             return
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        self.log("train/grad_norm", grads.norm(), prog_bar=False)
         optimizer.step()
+        self.consecutive_skips = 0
+        self.log("train/skipped_updates", float(self.skipped_updates))
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         self.estimator.observe(result, self._mean_over_ranks(term_norms))
 
-    def _skip(self, optimizer, why: str) -> None:
-        """Drop this update entirely: gradients cleared, weights and optimizer state untouched."""
+    def _skip(self, optimizer, why: str, reward_at_fault: bool) -> None:
+        """Drop this update entirely: gradients cleared, weights and optimizer state untouched.
+
+        ``max_steps`` counts real updates only, so a run whose every update is skipped would never end: after
+        ``max_consecutive_skips`` in a row it stops with :class:`TrainingStalledError`.
+        """
         optimizer.zero_grad(set_to_none=True)
         self.skipped_updates += 1
-        logger.warning("Skipping update at step %d: %s", self.global_step, why)
-        self.log("train/skipped_updates", float(self.skipped_updates), prog_bar=True)
+        self.consecutive_skips += 1
+        self.log("train/skipped_updates", float(self.skipped_updates))
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            if reward_at_fault:
+                advice = ("check the reward model (model.reward): it returns NaN or inf for these images; if it "
+                          "did so only after training started, the model diverged: lower the learning rate")
+            else:
+                advice = ("lower the learning rate (model.optimizer, e.g. --model.optimizer.init_args.lr) or set "
+                          "model.gradient_clip_val; check that the reward has a finite gradient")
+            raise TrainingStalledError(
+                f"Stopped at step {self.global_step}: the last {self.consecutive_skips} updates were all skipped "
+                f"(last cause: {why}); {advice}. The LoRA weights are those of the last real update. "
+                f"model.max_consecutive_skips={self.max_consecutive_skips} sets how many skips in a row are "
+                "tolerated."
+            )
+        logger.warning(
+            "Skipping update at step %d: %s (%d in a row; the run stops at %d)",
+            self.global_step, why, self.consecutive_skips, self.max_consecutive_skips,
+        )
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         # Running statistics that shape later plans (the grad-norm block law) must agree on every rank.
@@ -293,7 +410,7 @@ class RLRModule(L.LightningModule):
             self.log(f"train/loss_{name}", value, sync_dist=True)
         for name, value in term_norms.items():
             self.log(f"train/grad_norm_{name}", value, sync_dist=True)
-        for name, value in result.plan.info.items():
+        for name, value in {**result.plan.info, **result.info}.items():
             if isinstance(value, (int, float)):
                 self.log(f"train/{name}", float(value))
         elapsed = time.perf_counter() - started
@@ -343,16 +460,84 @@ class RLRModule(L.LightningModule):
             del state[key]
         checkpoint["rlr_estimator"] = self.estimator.state_dict()
         checkpoint["rlr_skipped_updates"] = self.skipped_updates
+        checkpoint["rlr_consecutive_skips"] = self.consecutive_skips
+        checkpoint["rlr_run_id"] = self.run_id
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.estimator.load_state_dict(checkpoint.get("rlr_estimator", {}))
         self.skipped_updates = checkpoint.get("rlr_skipped_updates", 0)
+        self.consecutive_skips = checkpoint.get("rlr_consecutive_skips", 0)
+        self.run_id = checkpoint.get("rlr_run_id", self.run_id)
+
+    def _export_base(self, log_dir: str | None) -> Path:
+        return Path(self.export_dir) if self.export_dir else Path(log_dir or self.trainer.default_root_dir) / "lora"
+
+    def _export_directory(self, log_dir: str | None, explicit_conflict: str) -> Path:
+        """Where this run's LoRA export goes: see ``export_dir``. Runs on rank zero only (no collectives).
+
+        Args:
+            log_dir: The trainer's log directory.
+            explicit_conflict: What to do when ``export_dir`` holds another run's export: ``raise`` (before
+                training, when nothing is lost yet) or ``fallback`` to a fresh sibling (after training).
+        """
+        base = self._export_base(log_dir)
+        if self.export_dir:
+            if explicit_conflict == "raise" and export_owner(base) not in (None, self.run_id):
+                raise ExportConflictError(
+                    f"model.export_dir {base} already holds LoRA weights exported by another run "
+                    f"(see {base / EXPORT_RECORD}); choose another --model.export_dir, or delete or move that "
+                    "export, then start again"
+                )
+        name = base.absolute().name  # "." has no name of its own
+        candidates = itertools.chain([base], (base.parent / f"{name}_{n}" for n in itertools.count(1)))
+        return next(c for c in candidates if export_owner(c) in (None, self.run_id))
+
+    def on_fit_start(self) -> None:
+        # Say at once where everything goes (trainer.log_dir broadcasts from rank zero: every rank asks).
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        where = [f"Run directory {run_dir}"]
+        checkpoint_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if checkpoint_dir and not Path(checkpoint_dir).resolve().is_relative_to(run_dir.resolve()):
+            where.append(f"checkpoints in {checkpoint_dir}")
+        if self.export_dir and not Path(self.export_dir).resolve().is_relative_to(run_dir.resolve()):
+            where.append(f"LoRA export to {self.export_dir}")
+        rank_zero_info("; ".join(where))
+
+    def on_train_start(self) -> None:
+        # Decided after the checkpoint is restored (a resumed run recognises its own export by the run id),
+        # before training, so a conflict costs nothing. Rank zero decides; every rank gets the answer.
+        log_dir = self.trainer.log_dir
+        target, error = None, None
+        if self.trainer.is_global_zero:
+            try:
+                target = self._export_directory(log_dir, explicit_conflict="raise")
+            except ExportConflictError as conflict:
+                error = str(conflict)
+            if target is not None and target != self._export_base(log_dir):
+                logger.info("%s holds another run's LoRA export: this run will export to %s",
+                            self._export_base(log_dir), target)
+        target, error = self.trainer.strategy.broadcast((target, error))
+        if error is not None:
+            raise ExportConflictError(error)
+        self.export_target = target
 
     def on_fit_end(self) -> None:
         # trainer.log_dir broadcasts from rank zero: every rank must ask for it, before the rank check.
-        directory = Path(self.export_dir) if self.export_dir else Path(self.trainer.log_dir or ".") / "lora"
+        log_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or self.backbone is None:
             return
+        # Decided at the start of training; checked again, since another run may have exported there since.
+        planned = self.export_target
+        directory = self._export_directory(log_dir, explicit_conflict="fallback")
+        if planned is not None and directory != planned:
+            logger.warning("%s now holds another run's LoRA export: exporting to %s instead", planned, directory)
+        # The backbone logs where the file went (once).
         self.exported_lora = self.backbone.export_lora(directory)
-        rank_zero_info(f"LoRA weights exported to {self.exported_lora} (diffusers format: pipe.load_lora_weights)")
+        record = {
+            "run_id": self.run_id,
+            "global_step": self.global_step,
+            "pretrained_model_name_or_path": self.pretrained_model_name_or_path,
+            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (directory / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from rlr_lightning.backbone import (
     DiffusionBackbone,
     LoraSettings,
     ModelNotAvailableError,
+    read_lora_settings,
     resolve_pretrained,
 )
 from tests.conftest import perturb_lora_
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+#: The default attention-only targets, and the quickstart's, which add conv and linear non-attention layers.
+TARGET_SETS = {
+    "attention": LoraSettings().target_modules,
+    "quickstart": tuple(yaml.safe_load(QUICKSTART.read_text())["model"]["lora"]["target_modules"]),
+}
 
 
 @pytest.fixture
@@ -27,6 +42,49 @@ def unet_out(bb: DiffusionBackbone, seed: int = 0) -> torch.Tensor:
     context = bb.encode_prompts(["a cat", "a dog"], negative=False).cond
     with torch.no_grad():
         return bb.unet(x, torch.tensor([901, 21]), encoder_hidden_states=context).sample
+
+
+def trained_backbone(tiny_pipeline_dir, settings: LoraSettings, seed: int = 5) -> DiffusionBackbone:
+    """A backbone whose LoRA weights are moved off their initialisation (where B = 0 proves nothing)."""
+    bb = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bb.add_lora(settings)
+    perturb_lora_(bb.unet, seed=seed)
+    return bb
+
+
+def lora_layers(unet, adapter: str | None = None) -> set[str]:
+    """The UNet layers that carry a LoRA adapter (the one named ``adapter``, or any)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {
+        name
+        for name, m in unet.named_modules()
+        if isinstance(m, BaseTunerLayer) and (adapter in m.lora_A if adapter else len(m.lora_A) > 0)
+    }
+
+
+@contextmanager
+def library_warnings():
+    """Collect what diffusers, peft and transformers warn about: Python warnings and WARNING log records."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    # diffusers' and transformers' loggers do not propagate to the root logger, so caplog misses them.
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    for lib_logger in loggers:
+        lib_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        for lib_logger in loggers:
+            lib_logger.removeHandler(handler)
 
 
 def test_loaded_backbone_is_frozen_eval_with_fp32_lora_only(tiny_pipeline_dir):
@@ -112,22 +170,119 @@ def test_lora_export_import_round_trip_is_exact(backbone, tiny_pipeline_dir, tmp
         other.load_lora(path)
 
 
-def test_exported_lora_loads_in_a_plain_diffusers_pipeline(backbone, tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("targets", TARGET_SETS.values(), ids=TARGET_SETS.keys())
+def test_exported_lora_loads_completely_in_a_plain_diffusers_pipeline(targets, tiny_pipeline_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    perturb_lora_(backbone.unet, seed=4)
-    backbone.export_lora(tmp_path)
+    # alpha != rank: diffusers must apply the same alpha / rank scale, read from the file's metadata.
+    ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=4, alpha=8.0, target_modules=targets))
+    adapted = lora_layers(ours.unet)
+    assert all(any(n == t or n.endswith(f".{t}") for n in adapted) for t in targets)  # every target type adapted
+    ours.export_lora(tmp_path)
+
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True, safety_checker=None)
     before = unet_out(DiffusionBackbone(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
-    pipe.load_lora_weights(tmp_path, adapter_name="rlr")
-    # alpha != rank: diffusers must apply the same alpha / rank scale, read from the file's metadata.
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 4, 8, 8, generator=gen)
-        context = backbone.encode_prompts(["a cat", "a dog"], negative=False).cond
-        theirs = pipe.unet(x, torch.tensor([901, 21]), encoder_hidden_states=context).sample
-    torch.testing.assert_close(theirs, unet_out(backbone), rtol=0, atol=1e-6)
-    assert not torch.allclose(theirs, before)
+    with library_warnings() as messages:
+        pipe.load_lora_weights(tmp_path, adapter_name="rlr")
+    # diffusers says the file has no text-encoder LoRA (as for any UNet-only LoRA); nothing else may be said,
+    # in particular nothing about unexpected, missing or dropped keys.
+    assert [m for m in messages if "No LoRA keys associated to CLIPTextModel" not in m] == []
+    assert lora_layers(pipe.unet, adapter="rlr") == adapted  # no adapter dropped, none added
+    theirs = unet_out(DiffusionBackbone(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
+    torch.testing.assert_close(theirs, unet_out(ours), rtol=0, atol=1e-5)
+    assert not torch.allclose(theirs, before, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("targets", TARGET_SETS.values(), ids=TARGET_SETS.keys())
+def test_load_lora_rebuilds_the_adapter_from_the_file(targets, tiny_pipeline_dir, tmp_path):
+    settings = LoraSettings(rank=2, alpha=3.0, target_modules=targets)
+    ours = trained_backbone(tiny_pipeline_dir, settings)
+    path = ours.export_lora(tmp_path)
+    read = read_lora_settings(path)
+    assert (read.rank, read.alpha, set(read.target_modules)) == (2, 3.0, set(targets))
+
+    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    loaded = bare.load_lora(tmp_path)
+    assert loaded is bare.lora_settings and (loaded.rank, loaded.alpha) == (2, 3.0)
+    assert lora_layers(bare.unet) == lora_layers(ours.unet)
+    assert set(bare.lora_parameters()) == set(ours.lora_parameters())
+    assert torch.equal(unet_out(bare), unet_out(ours))
+
+
+def test_third_party_lora_without_metadata_takes_rank_from_shapes_and_alpha_from_the_caller(
+    tiny_pipeline_dir, tmp_path
+):
+    """What diffusers' LoRA training script writes: ``lora.down`` / ``lora.up`` names, no adapter config."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=2, alpha=2.0))
+    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(ours.unet))
+    assert any(".lora.down." in k for k in weights)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=weights, safe_serialization=True)
+
+    settings = read_lora_settings(tmp_path)
+    assert (settings.rank, settings.alpha) == (2, 2.0)  # alpha defaults to the rank: scale 1, as in diffusers
+    assert set(settings.target_modules) == lora_layers(ours.unet)
+    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bare.load_lora(tmp_path)
+    assert torch.equal(unet_out(bare), unet_out(ours))
+
+    # A caller who knows the file's alpha gives it; the scale alpha / rank changes the output.
+    scaled = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    assert scaled.load_lora(tmp_path, alpha=4.0).alpha == 4.0
+    assert not torch.allclose(unet_out(scaled), unet_out(ours))
+
+
+def export_lora_of_another_model(tiny_pipeline_dir, directory) -> Path:
+    """A LoRA trained on another model: a UNet whose cross-attention reads 16-wide text features, not 32."""
+    from diffusers import UNet2DConditionModel
+
+    bb = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    other = UNet2DConditionModel.from_config({**bb.unet.config, "cross_attention_dim": 16})
+    other = DiffusionBackbone(other, bb.vae, bb.text_encoder, bb.tokenizer, bb.scheduler)
+    other.add_lora(LoraSettings())
+    return other.export_lora(directory)
+
+
+def test_a_lora_of_another_model_is_refused_naming_the_file_and_the_shapes(tiny_pipeline_dir, tmp_path):
+    path = export_lora_of_another_model(tiny_pipeline_dir, tmp_path / "other")
+    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    with pytest.raises(ValueError) as info:
+        bare.load_lora(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert re.search(r"attn2\.to_[kv]\.lora_A\.weight is \(4, 16\) in the file but \(4, 32\) in this UNet", message)
+    # Nothing changed: no adapter layers are left behind, and a fitting file still loads.
+    assert not bare.has_lora and not lora_layers(bare.unet)
+    ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=2, alpha=3.0))
+    bare.load_lora(ours.export_lora(tmp_path / "ours"))
+    assert torch.equal(unet_out(bare), unet_out(ours))
+
+
+def test_a_given_alpha_must_agree_with_the_one_the_file_records(tiny_pipeline_dir, tmp_path):
+    path = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=2, alpha=3.0)).export_lora(tmp_path)
+    assert read_lora_settings(path, alpha=3.0).alpha == 3.0
+    with pytest.raises(ValueError, match="records LoRA alpha 3, but alpha 5 was given"):
+        read_lora_settings(path, alpha=5.0)
+
+
+def test_long_prompts_warn_once_naming_the_token_limit(backbone, caplog):
+    long_prompt = "a very long prompt about a cat " * 10
+    with caplog.at_level("WARNING", logger="rlr_lightning"):
+        backbone.encode_prompts(["a cat", "a dog"])
+        assert not caplog.records  # prompts that fit say nothing
+        embeds = backbone.encode_prompts(["a cat", long_prompt])
+        backbone.encode_prompts(["a very long prompt about a dog"])  # cut too, but said once is enough
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert caplog.records[0].levelname == "WARNING"
+    assert f"at most {backbone.tokenizer.model_max_length} tokens" in message
+    assert "'a very long prompt about a cat a very long" in message and len(message) < 250  # shortened
+    # The prompt really is cut: only its first tokens reach the text encoder.
+    cut = backbone.encode_prompts([long_prompt[:60]], negative=False).cond
+    torch.testing.assert_close(embeds.cond[1], cut[0])
 
 
 def test_load_lora_errors(backbone, tmp_path, tiny_pipeline_dir):

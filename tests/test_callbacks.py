@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
 from rlr_lightning.callbacks import SampleImageLogger
+from rlr_lightning.data import PromptBatch
 from tests.test_module import data, make_module, make_trainer
 
 
@@ -34,19 +38,69 @@ def test_sample_images_written_for_configured_prompts_with_csv_logger(tiny_pipel
     assert not np.array_equal(before, after)
 
 
-def test_sample_images_go_to_wandb_offline(tiny_pipeline_dir, tmp_path, monkeypatch):
-    logged = []
-    logger = WandbLogger(mode="disabled", save_dir=tmp_path)
-    monkeypatch.setattr(logger, "log_image", lambda **kw: logged.append(("image", kw)))
-    monkeypatch.setattr(logger, "log_table", lambda **kw: logged.append(("table", kw)))
-    callback = SampleImageLogger(prompts=["a cat", "a dog"], every_n_steps=10)
-    trainer = make_trainer(tmp_path, max_steps=1, logger=logger, callbacks=[callback])
+def expected_pixels(tiny_pipeline_dir, prompts: list[str], seed: int) -> list[np.ndarray]:
+    """What the untrained module generates for these prompts and seed, as 0-255 HWC arrays."""
+    module = make_module(tiny_pipeline_dir)
+    module.configure_model()
+    with torch.no_grad():
+        images = module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+    return [np.rint(image.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for image in images]
+
+
+def grid_tiles(grid: np.ndarray, count: int, size: int = 16, padding: int = 2) -> list[np.ndarray]:
+    """The images of a one-row ``make_grid`` PNG."""
+    return [grid[padding:padding + size, padding + i * (size + padding):][:, :size] for i in range(count)]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_generated_pixels_and_the_reward_table(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # conftest disables W&B; offline writes files, reaches no one
+    prompts, seed = ["a cat", "a dog"], 3
+    wandb_logger = WandbLogger(mode="offline", save_dir=tmp_path)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    callback = SampleImageLogger(prompts=prompts, every_n_steps=10, seed=seed)  # renders before training only
+    trainer = make_trainer(tmp_path, max_steps=1, logger=[wandb_logger, csv_logger], callbacks=[callback])
     trainer.fit(make_module(tiny_pipeline_dir), datamodule=data())
-    kinds = [k for k, _ in logged]
-    assert kinds == ["image", "table"]
-    image_call, table_call = logged[0][1], logged[1][1]
-    assert len(image_call["images"]) == 2 and image_call["step"] == 0 and "a cat" in image_call["caption"][0]
-    assert table_call["columns"] == ["step", "prompt", "reward"] and len(table_call["data"]) == 2
+    run_dir = Path(wandb_logger.experiment.dir).parent
+    wandb_logger.experiment.finish()
+
+    pngs = sorted((run_dir / "files" / "media" / "images").glob("samples_*.png"))
+    logged = [np.asarray(Image.open(p).convert("RGB")) for p in pngs]
+    expected = expected_pixels(tiny_pipeline_dir, prompts, seed)
+    assert len(logged) == len(prompts)
+    assert all(image.std() > 10 for image in logged), "W&B images are flat (black)"
+    # wandb names files by content hash, so match them as a set.
+    assert sorted(a.tobytes() for a in logged) == sorted(a.tobytes() for a in expected)
+    grid = np.asarray(Image.open(tmp_path / "csv" / "version_0" / "samples" / "step_000000.png"))
+    assert all(np.array_equal(tile, image) for tile, image in zip(grid_tiles(grid, len(prompts)), expected))
+
+    (table_file,) = (run_dir / "files" / "media" / "table").glob("samples_table_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["step", "prompt", "reward"]
+    assert [row[:2] for row in table["data"]] == [[0, p] for p in prompts]
+    assert all(np.isfinite(row[2]) for row in table["data"])
+
+
+@pytest.mark.slow
+def test_tensorboard_event_file_holds_the_generated_pixels(tiny_pipeline_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    prompts, seed = ["a cat", "a dog"], 3
+    tb_logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = SampleImageLogger(prompts=prompts, every_n_steps=10, seed=seed)
+    trainer = make_trainer(tmp_path, max_steps=1, logger=tb_logger, callbacks=[callback])
+    trainer.fit(make_module(tiny_pipeline_dir), datamodule=data())
+    tb_logger.experiment.flush()
+
+    events = EventAccumulator(tb_logger.log_dir, size_guidance={IMAGES: 0})
+    events.Reload()
+    (event,) = events.Images("samples")
+    grid = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    # TensorBoard tiles a batch side by side without padding.
+    expected = expected_pixels(tiny_pipeline_dir, prompts, seed)
+    assert event.step == 0 and np.array_equal(grid, np.concatenate(expected, axis=1))
 
 
 def test_sample_logger_validates_its_settings():

@@ -14,10 +14,12 @@ from rlr_lightning.cli import main
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
-def resolved(config: Path) -> dict:
+def resolved(*configs: Path) -> dict:
+    """The config ``rlr fit`` composes from these files, in order, as ``--print_config`` prints it."""
     out = io.StringIO()
+    args = [arg for config in configs for arg in ("--config", str(config))]
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(out.getvalue())
 
@@ -56,3 +58,16 @@ def test_every_config_key_is_commented():
             if not stripped or stripped.startswith("#") or stripped.endswith(":") or stripped.startswith("- class_path"):
                 continue
             assert "#" in line, f"{config.name}:{number} has no comment: {line!r}"
+
+
+@pytest.mark.parametrize("base", ["quickstart.yaml", "sd15_aesthetic_rlr.yaml"])
+def test_sample_images_overlay_adds_its_callback_and_keeps_the_base_checkpointing(base):
+    configs = CONFIGS[0].parent
+    base_callbacks = resolved(configs / base)["trainer"]["callbacks"]
+    cfg = resolved(configs / base, configs / "wandb.yaml", configs / "sample_images.yaml")
+    callbacks = cfg["trainer"]["callbacks"]
+    assert callbacks[: len(base_callbacks)] == base_callbacks  # the ModelCheckpoint and its settings survive
+    assert [c["class_path"] for c in callbacks] == [
+        "lightning.pytorch.callbacks.ModelCheckpoint", "rlr_lightning.callbacks.SampleImageLogger"]
+    assert callbacks[-1]["init_args"]["every_n_steps"] == 50
+    assert cfg["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"

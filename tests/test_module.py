@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from rlr_lightning.data import PromptDataModule
 from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop
-from rlr_lightning.module import RLRModule
+from rlr_lightning.module import EXPORT_RECORD, ExportConflictError, RLRModule, TrainingStalledError
 from rlr_lightning.rewards import QuantizedBrightness, RewardModel, TargetColor
 
 
@@ -104,7 +109,7 @@ def test_lora_only_checkpoint_and_resume_continue_step_and_optimizer_state(tiny_
                                                       first.backbone.lora_parameters().values()))
 
     # The estimator's running statistics (reward EMA, per-start gradient norms) travel with the checkpoint.
-    assert saved["rlr_estimator"]["reward_ema"] is not None
+    assert saved["rlr_estimator"]["reward_stats"]["mean"] is not None
     fresh = make_module(tiny_pipeline_dir)
     fresh.on_load_checkpoint(saved)
     assert fresh.estimator.state_dict() == saved["rlr_estimator"]
@@ -173,3 +178,107 @@ def test_progress_bar_shows_reward_and_throughput_and_logs_every_term(tiny_pipel
     for name in ("fo", "ho", "zo"):
         assert {f"train/loss_{name}", f"train/grad_norm_{name}"} <= logged
     assert {"train/reward_std", "train/reward_min", "train/reward_max", "train/block_start", "train/grad_norm"} <= logged
+
+
+class ScheduledNaNReward(RewardModel):
+    """Mean brightness, NaN on the calls marked ``n`` in ``pattern`` (one call per training step here)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern, self.calls = pattern, 0
+
+    def score(self, images, prompts):
+        bad = self.pattern[min(self.calls, len(self.pattern) - 1)] == "n"
+        self.calls += 1
+        rewards = images.mean(dim=(1, 2, 3))
+        return rewards + float("nan") if bad else rewards
+
+
+@pytest.mark.parametrize(
+    "reward, advice",
+    [(NaNReward(), "check the reward model"), (InfiniteGradientReward(), "lower the learning rate")],
+    ids=["nan-reward", "inf-gradient"],
+)
+def test_consecutive_skipped_updates_stop_the_run_with_the_cause(tiny_pipeline_dir, tmp_path, reward, advice):
+    module = make_module(tiny_pipeline_dir, reward=reward, gradient_clip_val=None, max_consecutive_skips=3)
+    # max_steps counts real updates only: without the cap this run would never end (max_epochs bounds it here).
+    trainer = make_trainer(tmp_path, max_steps=5, max_epochs=1, limit_train_batches=6)
+    with pytest.raises(TrainingStalledError, match=f"last 3 updates were all skipped .*{advice}"):
+        trainer.fit(module, datamodule=data())
+    assert module.skipped_updates == 3 and trainer.global_step == 0
+
+
+def test_skipped_steps_log_nan_and_a_real_update_resets_the_count(tiny_pipeline_dir, tmp_path):
+    # Two skips in all but never two in a row: a cap of 2 only holds if a real update resets the count.
+    module = make_module(tiny_pipeline_dir, reward=ScheduledNaNReward("ynyny"), max_consecutive_skips=2)
+    trainer = make_trainer(tmp_path, max_steps=3, max_epochs=1, limit_train_batches=6, log_every_n_steps=1,
+                           logger=CSVLogger(tmp_path, name="run"))
+    trainer.fit(module, datamodule=data())
+    assert trainer.global_step == 3 and module.skipped_updates == 2
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    train = [r for r in rows if r["train/reward"]]
+    assert len(train) == 5
+    for row, pattern in zip(train, "ynyny"):
+        for key in ("train/reward", "train/reward_std", "train/loss_fo", "train/grad_norm_ho", "train/grad_norm"):
+            assert (row[key] == "nan") == (pattern == "n"), (row["step"], key, row[key])
+    assert [float(r["train/skipped_updates"]) for r in train] == [0, 1, 1, 2, 2]
+    checkpoint: dict = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["rlr_skipped_updates"] == 2 and checkpoint["rlr_consecutive_skips"] == 0
+
+
+def test_a_dropped_micro_batch_drops_its_whole_optimizer_step(tiny_pipeline_dir, tmp_path):
+    """Stepping on the other micro-batches' partial sum would be a biased update: the step is skipped, once."""
+    # Accumulation 2, the reward NaN on every other call from the first: the first optimizer step loses its
+    # first micro-batch (the second, finite one must not step alone), the later ones their second.
+    module = make_module(tiny_pipeline_dir, reward=ScheduledNaNReward("ny" * 3), gradient_accumulation_steps=2)
+    module.configure_model()
+    before = snapshot(module)
+    trainer = make_trainer(tmp_path, max_steps=3, max_epochs=1, limit_train_batches=6)
+    trainer.fit(module, datamodule=data())
+    assert trainer.global_step == 0 and module.skipped_updates == 3
+    assert all(torch.equal(before[k], v) for k, v in snapshot(module).items())
+    assert not module.optimizers().optimizer.state
+
+
+def test_a_real_model_needs_a_reward_the_tiny_one_defaults_to_a_toy(tiny_pipeline_dir, tmp_path):
+    for model in ("stable-diffusion-v1-5/stable-diffusion-v1-5", str(tmp_path)):
+        with pytest.raises(ValueError, match=r"model\.reward is required .*AestheticReward.*PickScoreReward"):
+            RLRModule(pretrained_model_name_or_path=model)
+    assert isinstance(RLRModule(pretrained_model_name_or_path=str(tiny_pipeline_dir)).reward, TargetColor)
+
+
+def _exported(directory) -> tuple[bytes, dict]:
+    """The exported weights (bytes) and the record of the run that wrote them."""
+    weights = (directory / "pytorch_lora_weights.safetensors").read_bytes()
+    return weights, json.loads((directory / EXPORT_RECORD).read_text())
+
+
+def test_runs_with_the_logger_off_never_overwrite_each_others_export(tiny_pipeline_dir, tmp_path):
+    first, second = make_module(tiny_pipeline_dir, seed=1), make_module(tiny_pipeline_dir, seed=2)
+    make_trainer(tmp_path, 1).fit(first, datamodule=data())
+    before = _exported(tmp_path / "lora")
+    make_trainer(tmp_path, 1).fit(second, datamodule=data())
+    assert first.exported_lora.parent == tmp_path / "lora" and second.exported_lora.parent == tmp_path / "lora_1"
+    assert _exported(tmp_path / "lora") == before
+    assert _exported(tmp_path / "lora_1")[0] != before[0]
+
+
+def test_an_explicit_export_dir_is_refused_to_another_run_and_replaced_by_a_resumed_one(tiny_pipeline_dir, tmp_path):
+    export = tmp_path / "export"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = make_module(tiny_pipeline_dir, export_dir=str(export))
+    make_trainer(tmp_path, 1, enable_checkpointing=True, callbacks=[ckpt]).fit(first, datamodule=data())
+    weights, record = _exported(export)
+    assert record["global_step"] == 1
+
+    other = make_module(tiny_pipeline_dir, export_dir=str(export))
+    trainer = make_trainer(tmp_path, 1)
+    with pytest.raises(ExportConflictError, match=f"model.export_dir {export} already holds LoRA weights"):
+        trainer.fit(other, datamodule=data())
+    assert trainer.global_step == 0 and _exported(export) == (weights, record)  # refused before training
+
+    resumed = make_module(tiny_pipeline_dir, export_dir=str(export))
+    make_trainer(tmp_path, 2).fit(resumed, datamodule=data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    new_weights, new_record = _exported(export)
+    assert new_record["run_id"] == record["run_id"] and new_record["global_step"] == 2 and new_weights != weights

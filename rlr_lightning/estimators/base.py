@@ -75,28 +75,84 @@ class Rollout:
     info: dict[str, float] = field(default_factory=dict)
 
 
-def compute_advantages(
-    rewards: Tensor, all_rewards: Tensor, baseline: str = "leave_one_out", normalize_std: bool = False
-) -> Tensor:
-    """Advantages of the local samples against a baseline over the global batch.
+@dataclass
+class RewardStatistics:
+    """Running mean and standard deviation of the rewards of earlier iterations (exponential moving averages).
 
-    The leave-one-out mean excludes the sample itself, so the baseline is independent of that sample's
-    noise and the likelihood-ratio terms stay unbiased; dividing by the batch standard deviation rescales
-    the step, it does not bias its direction.
+    They come from completed iterations only, so they are independent of the current samples: a baseline or
+    a scale taken from them keeps every likelihood-ratio term unbiased (``method.md`` section 3).
+
+    Attributes:
+        decay: Weight of the old value in each update, in ``[0, 1)``.
+        mean: Running mean reward, ``None`` before the first update.
+        mean_square: Running mean of the squared rewards, ``None`` before the first update.
+    """
+
+    decay: float = 0.9
+    mean: float | None = None
+    mean_square: float | None = None
+
+    def update(self, rewards: Tensor) -> None:
+        """Fold in the (global, detached) rewards of a completed iteration."""
+        r = rewards.detach().double().reshape(-1)
+        mean, mean_square = float(r.mean()), float(r.pow(2).mean())
+        if self.mean is None:
+            self.mean, self.mean_square = mean, mean_square
+        else:
+            self.mean = self.decay * self.mean + (1 - self.decay) * mean
+            self.mean_square = self.decay * self.mean_square + (1 - self.decay) * mean_square
+
+    @property
+    def std(self) -> float | None:
+        if self.mean is None:
+            return None
+        return max(self.mean_square - self.mean**2, 0.0) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "mean_square": self.mean_square}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.mean_square = state.get("mean"), state.get("mean_square")
+
+
+def compute_advantages(
+    rewards: Tensor,
+    all_rewards: Tensor,
+    baseline: str = "leave_one_out",
+    antithetic_pairs: bool = False,
+    fallback: float | None = None,
+) -> Tensor:
+    """Advantages ``r - b`` of the local samples against a baseline independent of each sample.
+
+    The leave-one-out mean excludes every sample that shares the sample's noise: the sample itself and, with
+    ``antithetic_pairs``, its twin (the local batch is ``[theta + u half, theta - u half]`` on common random
+    numbers, so sample ``i``'s twin is ``i +/- B/2``). A twin's reward depends on the sample's own noise, so
+    keeping it in the baseline would bias the likelihood-ratio terms (it cancels them outright at one prompt
+    per rank). When the global batch holds no other independent sample, the baseline is ``fallback`` (a
+    running mean from earlier iterations), or 0 when there is none yet: both independent of the sample.
+
+    Args:
+        rewards: ``(B,)`` local rewards (``B`` even with ``antithetic_pairs``).
+        all_rewards: ``(N,)`` detached rewards of the global batch, the local ones included.
+        baseline: ``leave_one_out`` or ``none``.
+        antithetic_pairs: The local batch is two halves of twins on common random numbers.
+        fallback: Baseline to use when no independent sample is left out of the global batch.
     """
     r = rewards.detach().float()
-    if baseline == "leave_one_out":
-        n = all_rewards.numel()
-        if n < 2:
-            raise ValueError("a leave-one-out baseline needs a global batch of at least 2 samples")
-        advantages = r - (all_rewards.sum() - r) / (n - 1)
-    elif baseline == "none":
-        advantages = r
-    else:
+    if baseline == "none":
+        return r
+    if baseline != "leave_one_out":
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {_BASELINES}")
-    if normalize_std:
-        advantages = advantages / (all_rewards.float().std() + 1e-8)
-    return advantages
+    if antithetic_pairs:
+        if r.numel() % 2:
+            raise ValueError(f"antithetic pairs need an even local batch, got {r.numel()} rewards")
+        group_sum, group_size = r + r.roll(r.numel() // 2), 2
+    else:
+        group_sum, group_size = r, 1
+    others = all_rewards.numel() - group_size
+    if others < 1:
+        return r - (0.0 if fallback is None else fallback)
+    return r - (all_rewards.float().sum() - group_sum) / others
 
 
 class GradientEstimator(ABC):
@@ -104,9 +160,16 @@ class GradientEstimator(ABC):
 
     Args:
         baseline: Baseline of the likelihood-ratio advantages: ``leave_one_out`` (mean of the other samples
-            of the global batch, all ranks) or ``none``.
-        normalize_advantages: Divide advantages by the global batch's reward standard deviation.
+            of the global batch, all ranks, leaving out every sample that shares the sample's noise) or
+            ``none``. With no other independent sample in the global batch (one prompt per rank on one rank,
+            in antithetic pairs), it falls back to the running mean reward of earlier iterations.
+        normalize_advantages: Divide the whole estimate (every term alike) by the running standard deviation
+            of the rewards of earlier iterations. The scale is independent of the current samples, so the
+            estimate stays unbiased for ``grad J / std``: same direction, reward-scale-free step size. The first
+            iteration, with no history yet, is not scaled.
         score_chunk_steps: How many steps' transitions one batched re-scoring UNet call covers (memory).
+        reward_ema_decay: Decay of the running reward mean and standard deviation (baseline fallback,
+            ``normalize_advantages``, and the zeroth-order baseline of ``RLR``'s parameter mode).
     """
 
     #: Whether the estimator backpropagates through the reward model.
@@ -115,15 +178,22 @@ class GradientEstimator(ABC):
     antithetic: bool = False
 
     def __init__(
-        self, baseline: str = "leave_one_out", normalize_advantages: bool = False, score_chunk_steps: int = 4
+        self,
+        baseline: str = "leave_one_out",
+        normalize_advantages: bool = False,
+        score_chunk_steps: int = 4,
+        reward_ema_decay: float = 0.9,
     ) -> None:
         if baseline not in _BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose one of {_BASELINES}")
         if score_chunk_steps < 1:
             raise ValueError(f"score_chunk_steps must be >= 1, got {score_chunk_steps}")
+        if not 0 <= reward_ema_decay < 1:
+            raise ValueError(f"reward_ema_decay must be in [0, 1), got {reward_ema_decay}")
         self.baseline = baseline
         self.normalize_advantages = normalize_advantages
         self.score_chunk_steps = score_chunk_steps
+        self.reward_stats = RewardStatistics(reward_ema_decay)
 
     @property
     def name(self) -> str:
@@ -162,13 +232,25 @@ class GradientEstimator(ABC):
         """The surrogate terms of a sampled and scored rollout."""
 
     def observe(self, rollout: Rollout, grad_norms: dict[str, float]) -> None:
-        """Update running statistics after the backward passes (called only on a completed update)."""
+        """Update running statistics after the backward passes (called only on a completed update).
+
+        Subclasses that keep statistics of their own extend it and call ``super().observe``.
+        """
+        self.reward_stats.update(rollout.all_rewards)
 
     def state_dict(self) -> dict:
-        return {}
+        return {"reward_stats": self.reward_stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (resume)."""
+        self.reward_stats.load_state_dict(state.get("reward_stats", {}))
+
+    def term_scale(self) -> float:
+        """The factor every surrogate term of the next iteration is multiplied by (``normalize_advantages``)."""
+        std = self.reward_stats.std
+        if not self.normalize_advantages or std is None or not std > 0:
+            return 1.0
+        return 1.0 / std
 
     # -- shared pieces ---------------------------------------------------------------------------------
 
@@ -251,10 +333,23 @@ def rollout(
     if rewards.shape != (len(prompts),):
         raise ValueError(f"the reward returned shape {tuple(rewards.shape)}, expected ({len(prompts)},)")
     all_rewards = gather(rewards.detach()).reshape(-1)
-    advantages = compute_advantages(rewards, all_rewards, estimator.baseline, estimator.normalize_advantages)
+    advantages = compute_advantages(
+        rewards, all_rewards, estimator.baseline, estimator.antithetic, fallback=estimator.reward_stats.mean
+    )
     result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages)
-    result.terms = estimator.terms(result, sampler, embeds)
+    terms = estimator.terms(result, sampler, embeds)
+    scale = estimator.term_scale()
+    if scale != 1.0:
+        # Every term alike, by a scale from earlier iterations: the estimate keeps its direction in
+        # expectation (scaling only the likelihood-ratio terms would change what is estimated).
+        terms = [_scaled(term, scale) for term in terms]
+        result.info["term_scale"] = scale
+    result.terms = terms
     return result
+
+
+def _scaled(term: SurrogateTerm, scale: float) -> SurrogateTerm:
+    return SurrogateTerm(term.name, lambda: scale * term.loss())
 
 
 def perturbations_for(steps: Sequence[int], rank_seed: int, scale: float, antithetic: bool) -> dict[int, Perturbation]:

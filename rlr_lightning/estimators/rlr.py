@@ -43,9 +43,9 @@ class RLR(GradientEstimator):
         zo_scale: ``parameter`` mode: standard deviation ``s`` of the weight perturbations.
         zo_antithetic: ``parameter`` mode: run each prompt twice with common random numbers, at
             ``theta + u_k`` and ``theta - u_k``, and use the two-point estimate
-            ``(mean r(+) - mean r(-)) / 2 * u_k / s^2``. Without it the ZO term uses an EMA baseline of past
-            rewards (a batch-mean baseline would cancel it exactly).
-        zo_ema_decay: ``parameter`` mode without antithetic pairs: decay of the reward EMA baseline.
+            ``(mean r(+) - mean r(-)) / 2 * u_k / s^2``. Without it the ZO term uses the running mean reward
+            of earlier iterations as its baseline (a batch-mean baseline would cancel it exactly). The
+            likelihood-ratio baseline of a sample then leaves out its twin too (it shares the sample's noise).
         perturb_backprop_steps: ``parameter`` mode: also run the FO and HO steps at ``theta + u_k`` (gradient
             taken at the perturbed point), which makes ``G`` exactly unbiased for the smoothed objective.
             ``False`` is the O(s) approximation of leaving them unperturbed.
@@ -53,9 +53,12 @@ class RLR(GradientEstimator):
         c_ho: Weight of the half-order term (the paper: 1; its reference code: 0.001).
         c_zo: Weight of the zeroth-order term (the paper: 1; its reference code: 0.001).
         baseline: Baseline of the likelihood-ratio advantages (``leave_one_out`` over the global batch, or
-            ``none``).
-        normalize_advantages: Divide advantages by the global batch's reward standard deviation.
+            ``none``); see :class:`~rlr_lightning.estimators.GradientEstimator`.
+        normalize_advantages: Divide the whole estimate (FO, HO and ZO alike) by the running reward standard
+            deviation of earlier iterations: an unbiased estimate of ``grad J / std``.
         score_chunk_steps: Steps per batched re-scoring call in ``score`` mode.
+        reward_ema_decay: Decay of the running reward mean and standard deviation (the ZO baseline without
+            antithetic pairs, the baseline fallback, ``normalize_advantages``).
     """
 
     def __init__(
@@ -69,7 +72,6 @@ class RLR(GradientEstimator):
         zo_subsample: int | None = None,
         zo_scale: float = 1e-3,
         zo_antithetic: bool = True,
-        zo_ema_decay: float = 0.9,
         perturb_backprop_steps: bool = True,
         c_fo: float = 1.0,
         c_ho: float = 1.0,
@@ -77,8 +79,9 @@ class RLR(GradientEstimator):
         baseline: str = "leave_one_out",
         normalize_advantages: bool = False,
         score_chunk_steps: int = 4,
+        reward_ema_decay: float = 0.9,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps)
+        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay)
         if h < 1:
             raise ValueError(f"block length h must be >= 1, got {h}")
         if block_law not in ("uniform", "range", "grad_norm"):
@@ -92,8 +95,10 @@ class RLR(GradientEstimator):
             raise ValueError(f"zo_subsample must be >= 1 (or None for all steps), got {zo_subsample}")
         if zo_mode == "parameter" and not zo_scale > 0:
             raise ValueError(f"zo_scale must be > 0 in parameter mode, got {zo_scale}")
-        if not grad_norm_temperature > 0 or not 0 <= grad_norm_decay < 1 or not 0 <= zo_ema_decay < 1:
-            raise ValueError("grad_norm_temperature must be > 0 and the decays in [0, 1)")
+        if not grad_norm_temperature > 0:
+            raise ValueError(f"grad_norm_temperature must be > 0, got {grad_norm_temperature}")
+        if not 0 <= grad_norm_decay < 1:
+            raise ValueError(f"grad_norm_decay must be in [0, 1), got {grad_norm_decay}")
         self.h = h
         self.block_law = block_law
         self.block_range = None if block_range is None else (int(block_range[0]), int(block_range[1]))
@@ -103,11 +108,9 @@ class RLR(GradientEstimator):
         self.zo_subsample = zo_subsample
         self.zo_scale = zo_scale
         self.antithetic = zo_mode == "parameter" and zo_antithetic
-        self.zo_ema_decay = zo_ema_decay
         self.perturb_backprop_steps = perturb_backprop_steps
         self.c_fo, self.c_ho, self.c_zo = c_fo, c_ho, c_zo
         self.fo_by_likelihood_ratio = False
-        self.reward_ema: float | None = None
         self.block_norms: list[float | None] = []
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -211,13 +214,13 @@ class RLR(GradientEstimator):
         if self.antithetic:
             half = r.numel() // 2
             coeff = float(r[:half].mean() - r[half:].mean()) / 2
-        elif self.reward_ema is None:
+        elif self.reward_stats.mean is None:
             # No baseline from earlier iterations yet; one from this batch would cancel the term exactly.
             logger.info("RLR parameter ZO: skipping the zeroth-order term until the reward baseline has history")
             rollout.info["zo_skipped"] = 1.0
             return None
         else:
-            coeff = float((r - self.reward_ema).mean())
+            coeff = float((r - self.reward_stats.mean).mean())
         coeff /= self.zo_scale**2
         perturbations = rollout.plan.perturbations
 
@@ -235,11 +238,7 @@ class RLR(GradientEstimator):
     # -- running statistics ------------------------------------------------------------------------------
 
     def observe(self, rollout: Rollout, grad_norms: dict[str, float]) -> None:
-        mean_reward = float(rollout.all_rewards.mean())
-        if self.reward_ema is None:
-            self.reward_ema = mean_reward
-        else:
-            self.reward_ema = self.zo_ema_decay * self.reward_ema + (1 - self.zo_ema_decay) * mean_reward
+        super().observe(rollout, grad_norms)
         norm = grad_norms.get("ho")
         a = rollout.plan.info["block_start"]
         if norm is not None and math.isfinite(norm) and a < len(self.block_norms):
@@ -247,8 +246,8 @@ class RLR(GradientEstimator):
             self.block_norms[a] = norm if old is None else self.grad_norm_decay * old + (1 - self.grad_norm_decay) * norm
 
     def state_dict(self) -> dict:
-        return {"reward_ema": self.reward_ema, "block_norms": list(self.block_norms)}
+        return {**super().state_dict(), "block_norms": list(self.block_norms)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.reward_ema = state.get("reward_ema")
+        super().load_state_dict(state)
         self.block_norms = list(state.get("block_norms", self.block_norms))

@@ -18,8 +18,10 @@ class ScoreFunction(GradientEstimator):
         subsample: Re-score only K random steps per iteration, scaled by ``T / K`` (unbiased; DDPO's
             timestep subsampling). ``None`` uses all ``T`` steps.
         baseline: ``leave_one_out`` over the global batch, or ``none``.
-        normalize_advantages: Divide advantages by the global batch's reward standard deviation (DDPO does).
+        normalize_advantages: Divide the estimate by the running reward standard deviation of earlier
+            iterations (DDPO divides by the current batch's, which biases the estimate; this does not).
         score_chunk_steps: Steps per batched re-scoring call.
+        reward_ema_decay: Decay of the running reward mean and standard deviation.
     """
 
     requires_reward_grad = False
@@ -30,8 +32,9 @@ class ScoreFunction(GradientEstimator):
         baseline: str = "leave_one_out",
         normalize_advantages: bool = False,
         score_chunk_steps: int = 4,
+        reward_ema_decay: float = 0.9,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps)
+        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay)
         if subsample is not None and subsample < 1:
             raise ValueError(f"subsample must be >= 1 (or None for all steps), got {subsample}")
         self.subsample = subsample

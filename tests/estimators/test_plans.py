@@ -97,10 +97,44 @@ def test_leave_one_out_advantages_exclude_the_sample_itself():
     everyone = torch.tensor([1.0, 2.0, 3.0, 6.0])  # two ranks
     adv = compute_advantages(local, everyone)
     torch.testing.assert_close(adv, torch.tensor([1.0 - 11 / 3, 2.0 - 10 / 3]))
-    normed = compute_advantages(local, everyone, normalize_std=True)
-    torch.testing.assert_close(normed, adv / everyone.std())
-    with pytest.raises(ValueError, match="at least 2"):
-        compute_advantages(torch.tensor([1.0]), torch.tensor([1.0]))
+    # Nothing else in the global batch: the running mean of earlier iterations, or 0 before there is one.
+    torch.testing.assert_close(compute_advantages(torch.tensor([1.0]), torch.tensor([1.0]), fallback=0.25),
+                               torch.tensor([0.75]))
+    torch.testing.assert_close(compute_advantages(torch.tensor([1.0]), torch.tensor([1.0])), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("prompts_per_rank, ranks", [(1, 1), (1, 2), (2, 1), (2, 3)])
+def test_antithetic_advantages_leave_the_twin_out_of_the_baseline(prompts_per_rank, ranks):
+    """A twin shares the sample's noise, so its reward must not enter the sample's baseline (issue 9.1)."""
+    B = prompts_per_rank
+    gen = torch.Generator().manual_seed(0)
+    everyone = torch.randn(ranks, 2 * B, generator=gen)  # each rank: [theta + u half, theta - u half]
+    local = everyone[0].clone()
+    adv = compute_advantages(local, everyone.reshape(-1), antithetic_pairs=True, fallback=0.5)
+    for i in range(2 * B):
+        twin = (i + B) % (2 * B)
+        others = [everyone[0, j] for j in range(2 * B) if j not in (i, twin)] + list(everyone[1:].reshape(-1))
+        expected = local[i] - (torch.stack(others).mean() if others else torch.tensor(0.5))
+        torch.testing.assert_close(adv[i], expected)
+        # Moving the twin's reward leaves the advantage alone.
+        moved = everyone.clone()
+        moved[0, twin] += 10.0
+        again = compute_advantages(moved[0], moved.reshape(-1), antithetic_pairs=True, fallback=0.5)
+        torch.testing.assert_close(again[i], adv[i])
+
+
+def test_rlr_antithetic_half_order_term_survives_one_prompt_per_rank():
+    """With one prompt per rank the twin's reward was the whole baseline: A(+) = -A(-), and the half-order
+    term of the pair cancelled to zero on every draw (issue 9.1)."""
+    from tests.estimators.harness import ToyProblem
+
+    problem = ToyProblem(batch=1)
+    rlr = RLR(h=1, block_law="range", block_range=(0, 0), zo_mode="parameter", zo_scale=0.05)
+    rlr.setup(problem.num_steps, problem.eta)
+    problem.term_gradients(rlr, 0)  # one completed iteration: the running mean exists
+    ho = problem.term_gradients(rlr, 1)["ho"]
+    fo = problem.term_gradients(rlr, 2)["fo"]
+    assert ho.norm() > 1e-3 * fo.norm()
 
 
 @pytest.mark.parametrize(
@@ -123,3 +157,39 @@ def test_rlr_rejects_settings_impossible_for_the_chain():
         RLR(h=2, zo_subsample=8).setup(T, 1.0)
     with pytest.raises(ValueError, match="truncation K"):
         TruncatedBackprop(k=0)
+
+
+@pytest.mark.parametrize("zo_mode", ["score", "parameter"])
+def test_normalized_advantages_scale_every_term_alike_by_a_std_from_earlier_iterations(zo_mode):
+    """The whole estimate is divided by the running reward std, FO included (issue 9.2): on the same draw,
+    every term equals the unnormalised one over that std, and the current batch does not enter the scale."""
+    from tests.estimators.harness import ToyProblem
+
+    problem = ToyProblem(batch=4)
+    settings = dict(h=1, block_law="range", block_range=(1, 1), zo_mode=zo_mode, zo_scale=0.05)
+    plain, normalized = RLR(**settings), RLR(**settings, normalize_advantages=True)
+    for est in (plain, normalized):
+        est.setup(problem.num_steps, problem.eta)
+    # No history yet: nothing to scale by, so the first iteration is not scaled.
+    first_plain, first_normalized = problem.term_gradients(plain, 0), problem.term_gradients(normalized, 0)
+    for name in ("fo", "ho", "zo"):
+        torch.testing.assert_close(first_normalized[name], first_plain[name], rtol=1e-4, atol=1e-6)
+    for draw in range(1, 4):  # some history for the running statistics, identical for both
+        problem.term_gradients(plain, draw), problem.term_gradients(normalized, draw)
+    std = normalized.reward_stats.std
+    assert std is not None and std > 0 and std != pytest.approx(1.0)
+    g_plain, g_normalized = problem.term_gradients(plain, 10), problem.term_gradients(normalized, 10)
+    for name in ("fo", "ho", "zo", "total"):
+        expected = g_plain[name] / std  # float32 backward passes: compare at float32 precision
+        torch.testing.assert_close(g_normalized[name], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_running_reward_statistics_travel_with_the_estimator_state():
+    rlr = RLR()
+    rlr.reward_stats.update(torch.tensor([1.0, 3.0]))
+    rlr.reward_stats.update(torch.tensor([2.0]))
+    restored = RLR()
+    restored.load_state_dict(rlr.state_dict())
+    assert restored.reward_stats.mean == pytest.approx(0.9 * 2.0 + 0.1 * 2.0)
+    assert restored.reward_stats.std == pytest.approx(rlr.reward_stats.std)
+    assert rlr.reward_stats.std == pytest.approx((0.9 * 5.0 + 0.1 * 4.0 - 2.0**2) ** 0.5)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlr_lightning.estimators import RLR, FullBackprop, GradientEstimator, ScoreFunction, TruncatedBackprop, rollout
+from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop, rollout
 from rlr_lightning.sampling import DDIMSampler, PromptEmbeds
 from rlr_lightning.testing import toy_denoiser_with_lora
+from tests.estimators.harness import ToyProblem, toy_scheduler
 
 T = 6
 BATCH = 64
@@ -22,45 +23,15 @@ DRAWS = 400
 PROJECTIONS = 6
 
 
-def toy_scheduler():
-    from diffusers import DDIMScheduler
-
+@pytest.fixture(scope="module")
+def setup():
     # Stable Diffusion's betas with trailing timestep spacing: every step but the last keeps a sigma of
     # 0.37 or more, so likelihood-ratio terms are noisy enough to be realistic yet not so noisy that a
     # test of a few hundred draws could miss a biased term.
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
-
-
-class Setup:
-    def __init__(self):
-        self.model = toy_denoiser_with_lora(seed=0)
-        self.sampler = DDIMSampler(self.model, toy_scheduler(), num_steps=T, eta=1.0)
-        gen = torch.Generator().manual_seed(5)
-        self.embeds = PromptEmbeds(torch.randn(BATCH, 3, 8, generator=gen))
-        self.prompts = [f"p{i}" for i in range(BATCH)]
-        self.reward_weight = torch.randn(2, 2, 2, generator=gen)
-        self.params = self.sampler.trainable_parameters()
-        n = sum(p.numel() for p in self.params.values())
-        self.projection = torch.randn(n, PROJECTIONS, generator=gen, dtype=torch.float64)
-
-    def reward(self, latents, prompts):
-        return (torch.tanh(latents) * self.reward_weight).flatten(1).sum(1)
-
-    def gradient(self, estimator: GradientEstimator, draw: int) -> torch.Tensor:
-        for p in self.params.values():
-            p.grad = None
-        result = rollout(estimator, self.sampler, self.embeds, self.prompts, self.reward,
-                         step_seed=draw, rank_seed=10_000 + draw)
-        for term in result.terms:
-            term.loss().backward()
-        # Losses are negated objectives: minus their gradient estimates grad J.
-        return -torch.cat([p.grad.flatten() for p in self.params.values()]).double()
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return Setup()
+    problem = ToyProblem(num_steps=T, eta=1.0, timestep_spacing="trailing", batch=BATCH)
+    gen = torch.Generator().manual_seed(5)
+    problem.projection = torch.randn(problem.num_weights, PROJECTIONS, generator=gen, dtype=torch.float64)
+    return problem
 
 
 def projected_differences(setup, estimator, reference, draws=DRAWS):
