@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: the tiny problem, timing, memory, tables."""
+"""Shared pieces of the benchmark scripts: the tiny and SD 1.5-size problems, timing, memory, floors,
+tables."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from rlr_lightning.diagnostics import AutogradMemoryMeter
 from rlr_lightning.estimators import derive_seed, rollout
 from rlr_lightning.module import RLRModule
 from rlr_lightning.rewards import ColorBalance
+from rlr_lightning.sampling import Plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out", "time_emb_proj")
@@ -45,9 +48,10 @@ def synchronize() -> None:
 
 
 def estimator_step(module: RLRModule, embeds, prompts, draw: int) -> None:
-    """One gradient estimate: rollout plus every term's backward (no optimizer step)."""
+    """One gradient estimate: rollout plus every term's backward (no optimizer step), run as the module's
+    memory plan says (chunks, activation checkpointing)."""
     result = rollout(module.estimator, module.sampler, embeds, prompts, module.latent_reward,
-                     derive_seed(0, draw, 0), derive_seed(0, draw, 1))
+                     derive_seed(0, draw, 0), derive_seed(0, draw, 1), memory=module.memory_plan)
     for term in result.terms:
         term.loss().backward()
     for p in module.backbone.lora_parameters().values():
@@ -96,7 +100,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     """``columns``: (key, header, format)."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(format(row[k], f) if k in row else "" for k, _, f in columns) + " |")
+        cells = (format(row[k], f) if row.get(k) is not None else "" for k, _, f in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -105,3 +110,197 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+# -- Stable Diffusion 1.5 size, GPU runs ------------------------------------------------------------------
+
+
+def sd15_pipeline_dir(
+    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> str:
+    """A pipeline directory with Stable Diffusion 1.5's UNet and VAE architectures and random weights.
+
+    Args:
+        path: Where to save it (a diffusers pipeline directory).
+        dtype: Dtype of the saved weights (``bfloat16`` halves the bytes written and read back).
+        device: Where the random initialisation runs: on a GPU it takes a fraction of a second instead of
+            about 10 s of CPU time for the 860 M UNet weights.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from rlr_lightning.testing import tiny_clip_tokenizer
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD 1.x defaults
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                            num_hidden_layers=12, vocab_size=514, max_position_embeddings=77,
+                                            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_clip_tokenizer(77), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    verbosity = diffusers_logging.get_verbosity()
+    # Its note on casting with to() is for checkpoints with float32-only modules; these random ones have none.
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.to("cpu", dtype).save_pretrained(path)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return path
+
+
+def share_backbone(module: RLRModule, backbone) -> RLRModule:
+    """Give ``module`` an already loaded backbone (LoRA included) instead of loading its own.
+
+    Loading the SD 1.5-size model again for each of a few dozen configurations would cost minutes of GPU
+    time; the backbone's frozen weights and LoRA are the same for all of them. Builds the module's sampler
+    from its own settings, as ``configure_model`` does, and turns off any diffusers gradient checkpointing an
+    earlier module's memory plan left on the shared models.
+    """
+    for model in (backbone.unet, backbone.vae):
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.disable_gradient_checkpointing()
+    module.backbone = backbone
+    module.sampler = backbone.make_sampler(module.num_steps, module.eta, module.guidance_scale,
+                                           module.timestep_spacing)
+    return module.to(backbone.device)
+
+
+def clear_lora_grads(module: RLRModule) -> None:
+    for p in module.backbone.lora_parameters().values():
+        p.grad = None
+
+
+def free_memory() -> None:
+    """Drop garbage and cached CUDA blocks, so the next configuration's peak is its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA out-of-memory, including the forms cuBLAS / cuDNN report as plain ``RuntimeError``."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in ("out of memory", "ALLOC_FAILED"))
+
+
+def measure_once(fn: Callable[[], object], exclude=()) -> dict:
+    """One timed call of ``fn`` and the memory it took; an out-of-memory error is a result, not a crash.
+
+    On a GPU: ``time_s`` and ``peak_gib`` (``torch.cuda.max_memory_allocated`` after
+    ``reset_peak_memory_stats``: everything, weights included). On a CPU: ``time_s`` and ``activation_mb``
+    (the peak of what autograd holds for backward, ``AutogradMemoryMeter``; its hooks add to the time).
+    ``status`` is ``ok`` or ``OOM`` (then ``time_s`` is the time until the failure).
+
+    Args:
+        fn: The work to measure.
+        exclude: Tensors whose storages are not activations (the model's parameters), for the CPU meter.
+    """
+    free_memory()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out: dict = {"status": "ok"}
+    synchronize()
+    start = time.perf_counter()
+    try:
+        if cuda:
+            fn()
+        else:
+            with AutogradMemoryMeter(exclude=exclude) as meter:
+                fn()
+            out["activation_mb"] = meter.peak / 2**20
+        synchronize()
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        out.update(status="OOM", reason=str(error).splitlines()[0][:200])
+    out["time_s"] = time.perf_counter() - start
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # Outside the except block: the exception's frames (and the tensors they hold) are gone by now.
+    free_memory()
+    return out
+
+
+def floor_parts(module: RLRModule, prompts, h: int, repeats: int = 3, nograd_s: float | None = None) -> dict:
+    """The floor of an RLR step with block length ``h`` (``docs/benchmarks.md`` §2), in seconds, by part.
+
+    Floor = a no-grad sample of ``T`` steps + ``h + 1`` steps of forward and backward + decode and reward
+    forward and backward. Each part is timed after one warm-up call (median of ``repeats``).
+
+    Args:
+        module: A configured module (its sampler, backbone and reward).
+        prompts: The local batch.
+        h: The block length.
+        repeats: Timed calls per part.
+        nograd_s: An already measured no-grad sample time of this module and batch (skips re-measuring it).
+    """
+    sampler, backbone = module.sampler, module.backbone
+    embeds = module.conditioning_for(prompts)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+
+    def nograd_sample():
+        with torch.no_grad():
+            sampler.run(Plan(sampler.num_steps), embeds, generator=generator())
+
+    x0, noises = sampler.initial_noise(len(prompts), generator(), embeds.device)
+
+    def grad_steps():
+        x = x0
+        for k in range(h + 1):
+            x = sampler.step(k, x, embeds.at(k), noise=noises[k]).next_latents
+        x.sum().backward()
+        clear_lora_grads(module)
+
+    def decode_reward():
+        latents = x0.clone().requires_grad_(True)
+        module.reward(backbone.decode(latents), prompts).sum().backward()
+
+    parts = {
+        "nograd_sample_s": nograd_s if nograd_s is not None else timed(nograd_sample, repeats),
+        "grad_steps_s": timed(grad_steps, repeats),
+        "decode_reward_s": timed(decode_reward, repeats),
+    }
+    parts["floor_s"] = sum(parts.values())
+    return parts
+
+
+class ResultLog:
+    """Results written as they come: ``<name>.jsonl`` gets a line per row at once, ``<name>.json`` and
+    ``<name>.md`` are rewritten after every row, so a run cut short still leaves all it measured.
+
+    Args:
+        directory: Output directory (created).
+        name: File stem.
+        header: What the run was (machine, settings); saved in the JSON.
+        render: Markdown of the JSON payload.
+    """
+
+    def __init__(self, directory: str | Path, name: str, header: dict, render: Callable[[dict], str]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.directory / f"{name}.jsonl"
+        self.json = self.directory / f"{name}.json"
+        self.markdown = self.directory / f"{name}.md"
+        self.jsonl.write_text("")
+        self.payload = dict(header, rows=[])
+        self.render = render
+
+    def add(self, row: dict) -> None:
+        self.payload["rows"].append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.write()
+
+    def write(self, **extra) -> None:
+        self.payload.update(extra)
+        self.json.write_text(json.dumps(self.payload, indent=2))
+        self.markdown.write_text(self.render(self.payload))

@@ -15,58 +15,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine, markdown_table, measure_step, save, synchronize, timed, tiny_module
+from common import (
+    floor_parts, machine, markdown_table, measure_step, save, sd15_pipeline_dir, synchronize, tiny_module,
+)
 
 from rlr_lightning.estimators import RLR, FullBackprop, TruncatedBackprop
-from rlr_lightning.sampling import Plan
-
-
-def sd15_pipeline_dir(path: str) -> str:
-    """A pipeline directory with Stable Diffusion 1.5's UNet and VAE architectures and random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from rlr_lightning.testing import tiny_clip_tokenizer
-
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD 1.x defaults
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                        num_hidden_layers=12, vocab_size=514, max_position_embeddings=77,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_clip_tokenizer(77), unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
-    return path
 
 
 def floor_seconds(module, prompts, h: int) -> float:
-    sampler, backbone = module.sampler, module.backbone
-    embeds = module.conditioning_for(prompts)
-    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-
-    def nograd_sample():
-        with torch.no_grad():
-            sampler.run(Plan(sampler.num_steps), embeds, generator=generator())
-
-    x0, noises = sampler.initial_noise(len(prompts), generator(), embeds.device)
-
-    def grad_steps():
-        x = x0
-        for k in range(h + 1):
-            x = sampler.step(k, x, embeds, noise=noises[k]).next_latents
-        x.sum().backward()
-        for p in backbone.lora_parameters().values():
-            p.grad = None
-
-    def decode_reward():
-        latents = x0.clone().requires_grad_(True)
-        module.reward(backbone.decode(latents), prompts).sum().backward()
-
-    return sum(timed(fn, repeats=3) for fn in (nograd_sample, grad_steps, decode_reward))
+    return floor_parts(module, prompts, h)["floor_s"]
 
 
 def run(configs, prompts, pretrained, dtype, precision_note):

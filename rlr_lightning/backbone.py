@@ -566,6 +566,14 @@ class DiffusionBackbone(nn.Module):
             timestep_spacing=timestep_spacing,
         )
 
+    def set_decoder_checkpointing(self, enabled: bool) -> None:
+        """Recompute the VAE decoder's blocks in backward instead of keeping their activations (diffusers'
+        gradient checkpointing; the VAE has no LoRA, so recomputing at its frozen weights is exact)."""
+        if enabled:
+            self.vae.enable_gradient_checkpointing()
+        else:
+            self.vae.disable_gradient_checkpointing()
+
     def decode(self, latents: Tensor) -> Tensor:
         """Decode latents to images in [0, 1], ``(B, 3, H, W)`` float32; differentiable in the latents."""
         config = self.vae.config

@@ -49,7 +49,8 @@ def gradient_samples(
             for p in params:
                 p.grad = None
             result = rollout(estimator, module.sampler, embeds, prompts, module.latent_reward,
-                             step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1))
+                             step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1),
+                             memory=module.memory_plan)
             for term in result.terms:
                 term.loss().backward()
             rows.append(-_lora_gradient(params).double())  # losses are negated objectives

@@ -31,6 +31,7 @@ from rlr_lightning.backbone import DiffusionBackbone, LoraSettings
 from rlr_lightning.data import DCOT_SCALES, PromptBatch
 from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, rollout
 from rlr_lightning.evaluation import image_features, mean_pairwise_distance
+from rlr_lightning.memory import MemoryPlan, PlannedMemory, measure_costs, plan_memory, resolve_budget
 from rlr_lightning.rewards import RewardModel, TargetColor
 from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan, ScaledPromptEmbeds
 from rlr_lightning.testing import _MARKER as TINY_PIPELINE_MARKER
@@ -118,6 +119,19 @@ class RLRModule(L.LightningModule):
             and an ``export_dir`` that holds another run's export is refused before training starts.
         max_consecutive_skips: Stop with an error after this many updates in a row were skipped for a
             non-finite reward or gradient (a broken reward or a diverged model never recovers by itself).
+        memory_budget_gb: Device memory one training step may use, in GiB, or ``auto`` for the device's free
+            memory. Before the first step the module measures what one denoiser call and the decode + reward
+            path cost on the real model, then picks ``chunk_samples``, ``activation_checkpointing`` and, for
+            ``RLR(h="auto")``, the block length, and logs the plan; a configuration that cannot fit fails at
+            once, saying what to lower. ``None``: no planning (the two options below, as given).
+        chunk_samples: At most this many samples (prompts) per graph-carrying model call group: likelihood-ratio
+            re-scoring calls and replays of the first- and half-order windows run chunk by chunk, each
+            chunk's backward before the next one's forward. Gradients are the same for every chunk size;
+            memory falls with it, speed too. ``None``: chosen by the planner, or no chunking without a budget.
+        activation_checkpointing: Recompute, in backward, the denoiser calls of multi-step gradient windows,
+            the VAE decoder's blocks and the reward model on the first-order path instead of keeping their
+            activations (about one extra forward of those). ``None``: chosen by the planner, or off without a
+            budget.
         metrics: Extra reward models reported on the validation prompts (e.g. train on aesthetic, also
             report HPSv2); they are never trained on.
     """
@@ -142,6 +156,9 @@ class RLRModule(L.LightningModule):
         log_term_grad_norms: bool = True,
         export_dir: str | None = None,
         max_consecutive_skips: int = 20,
+        memory_budget_gb: float | Literal["auto"] | None = None,
+        chunk_samples: int | None = None,
+        activation_checkpointing: bool | None = None,
         metrics: list[RewardModel] | None = None,
     ) -> None:
         super().__init__()
@@ -192,6 +209,22 @@ class RLRModule(L.LightningModule):
         self.log_term_grad_norms = log_term_grad_norms
         self.export_dir = export_dir
         self.max_consecutive_skips = max_consecutive_skips
+        if memory_budget_gb is not None and memory_budget_gb != "auto" and not float(memory_budget_gb) > 0:
+            raise ValueError(f"memory_budget_gb must be > 0 GiB or 'auto', got {memory_budget_gb!r}")
+        if chunk_samples is not None and chunk_samples < 1:
+            raise ValueError(f"chunk_samples must be >= 1 (or null to let the planner choose), got {chunk_samples}")
+        if getattr(self.estimator, "h", None) == "auto" and memory_budget_gb is None:
+            raise ValueError(
+                "RLR(h='auto') chooses the block length from the memory budget: set model.memory_budget_gb "
+                "(a number of GiB, or auto), or give h a number"
+            )
+        self.memory_budget_gb = memory_budget_gb
+        self.chunk_samples = chunk_samples
+        self.activation_checkpointing = activation_checkpointing
+        self.planned_memory: PlannedMemory | None = None
+        self._memory_planned = False
+        # Until the planner runs (first step): the user's choices, unchunked and without checkpointing otherwise.
+        self.memory_plan = MemoryPlan(chunk_samples, bool(activation_checkpointing))
         self.metrics = nn.ModuleList([m.freeze() for m in metrics or []])
         self.metric_names = [type(m).__name__ for m in self.metrics]
         # Validation aggregates, synchronised across ranks by torchmetrics.
@@ -237,6 +270,60 @@ class RLRModule(L.LightningModule):
             f"Backbone {self.pretrained_model_name_or_path} ready: {trainable:,} trainable LoRA weights, "
             f"{frozen:,} frozen"
         )
+
+    # -- memory ------------------------------------------------------------------------------------------
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Checkpointing of the first-order path's VAE decoder and reward model (the sampler's windows follow
+        ``memory_plan``)."""
+        self.backbone.set_decoder_checkpointing(enabled)
+        self.reward.set_activation_checkpointing(enabled)
+
+    def plan_memory(self, prompts: list[str]) -> PlannedMemory | None:
+        """Measure the real model's memory costs and choose the memory plan for ``memory_budget_gb``.
+
+        Runs once, before the first sampling (the first training step calls it; benchmarks may call it
+        first). Under data parallelism rank zero's plan is used everywhere, so every rank runs the same block
+        length. Raises :class:`~rlr_lightning.memory.MemoryBudgetError` when nothing fits.
+        """
+        self._memory_planned = True
+        if self.memory_budget_gb is None:
+            self.set_activation_checkpointing(self.memory_plan.activation_checkpointing)
+            return None
+        budget = resolve_budget(self.memory_budget_gb, self.device)
+        sampler, T = self.sampler, self.num_steps
+        prompt = [prompts[0]]
+        step = T // 2  # a middle step: every step costs the same, and its sigma is > 0 wherever eta is
+
+        def step_fn(n: int, grad: bool, checkpoint: bool) -> Tensor:
+            embeds = self.conditioning_for(prompt * n)
+            x, noise = sampler.initial_noise(n, torch.Generator().manual_seed(0), self.device)
+            with torch.set_grad_enabled(grad):
+                return sampler.step(step, x, embeds.at(step), noise=noise[step], checkpoint=checkpoint).next_latents
+
+        def reward_fn(latents: Tensor) -> Tensor:
+            return self.latent_reward(latents, prompt * latents.shape[0])
+
+        costs = measure_costs(step_fn, reward_fn, self.set_activation_checkpointing, [self.backbone, self.reward],
+                              self.device)
+        h = getattr(self.estimator, "h", None)
+        local_prompts = len(prompts)
+        planned = plan_memory(
+            costs, budget, lambda block: self.estimator.graph_shape(T, local_prompts, block), h=h,
+            chunk_samples=self.chunk_samples, activation_checkpointing=self.activation_checkpointing, num_steps=T,
+        )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            planned = self.trainer.strategy.broadcast(planned)
+        self.planned_memory = planned
+        self.memory_plan = planned.plan
+        if h == "auto":
+            self.estimator.h = planned.h
+            self.estimator.setup(T, self.eta, self.reward.differentiable)
+        self.set_activation_checkpointing(planned.plan.activation_checkpointing)
+        rank_zero_info(f"Measured {costs.describe()}")
+        description = planned.describe()
+        rank_zero_info(description[0].upper() + description[1:])
+        return planned
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -309,9 +396,11 @@ class RLRModule(L.LightningModule):
         # a skipped update is retried with fresh noise.
         step_seed = derive_seed(self.seed, self.global_step, micro, self.skipped_updates)
         rank_seed = derive_seed(self.seed, self.global_step, micro, self.skipped_updates, self.global_rank, 1)
+        if not self._memory_planned:
+            self.plan_memory(batch.prompts)
         result = rollout(
             self.estimator, self.sampler, embeds, batch.prompts, self.latent_reward, step_seed, rank_seed,
-            gather=self._gather,
+            gather=self._gather, memory=self.memory_plan,
         )
         rewards = result.all_rewards
         if not bool(torch.isfinite(rewards).all()):

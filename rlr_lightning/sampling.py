@@ -72,6 +72,10 @@ class PromptEmbeds:
         """Rows for stacked transitions of ``steps`` (step-major), see :meth:`Trajectory.transitions`."""
         return self.repeat(len(steps))
 
+    def rows(self, steps: Tensor, samples: Tensor) -> PromptEmbeds:
+        """The conditioning of arbitrary (step, sample) rows: sample ``samples[i]`` at step ``steps[i]``."""
+        return self.select(samples)
+
 
 @dataclass
 class ScaledPromptEmbeds:
@@ -122,6 +126,22 @@ class ScaledPromptEmbeds:
         parts = [self.at(k) for k in steps]
         uncond = None if parts[0].uncond is None else torch.cat([p.uncond for p in parts])
         return PromptEmbeds(torch.cat([p.cond for p in parts]), uncond)
+
+    def rows(self, steps: Tensor, samples: Tensor) -> PromptEmbeds:
+        """The conditioning of arbitrary (step, sample) rows: each row gets its step's scale."""
+        steps, samples = steps.cpu(), samples.cpu()
+        first = self.scales[0][2]
+        cond = first.cond.new_empty((len(samples), *first.cond.shape[1:]))
+        uncond = None if first.uncond is None else first.uncond.new_empty((len(samples), *first.uncond.shape[1:]))
+        for start, stop, embeds in self.scales:
+            mask = (steps >= start) & (steps < stop)
+            if bool(mask.any()):
+                where = mask.nonzero().squeeze(1).to(cond.device)
+                picked = samples[mask].to(cond.device)
+                cond[where] = embeds.cond[picked]
+                if uncond is not None:
+                    uncond[where] = embeds.uncond[picked]
+        return PromptEmbeds(cond, uncond)
 
 
 #: What a trajectory is conditioned on: one embedding for all steps, or one per DCoT scale.
@@ -418,6 +438,34 @@ class Trajectory:
         x_next = torch.cat([self.latents[k + 1] for k in steps])
         return index, x, x_next
 
+    def rows(self, steps: Tensor, samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stored transitions of arbitrary (step, sample) rows: ``(step_index, latents, next_latents)``.
+
+        ``steps`` and ``samples`` are CPU index tensors of equal length; pair the result with
+        ``embeds.rows(steps, samples)``.
+        """
+        device = self.final.device
+        stacked = torch.stack(self.latents)  # (T + 1, B, ...): views of stored tensors, one copy
+        steps_d, samples_d = steps.to(device), samples.to(device)
+        return steps_d, stacked[steps_d, samples_d], stacked[steps_d + 1, samples_d]
+
+
+@dataclass
+class WindowReplay:
+    """A gradient window re-run with gradient for some samples of a stored trajectory.
+
+    Attributes:
+        samples: Indices of the samples (into the trajectory's batch), CPU ``long``.
+        means: Step index to the graph-carrying mean ``m_k`` of those samples.
+        log_probs: Step index to the graph-carrying ``log p_theta(sg(s_{k+1}) | s_k)`` of those samples.
+        final: The latent after the window's last step, pathwise from the detached latent at its start.
+    """
+
+    samples: Tensor
+    means: dict[int, Tensor]
+    log_probs: dict[int, Tensor]
+    final: Tensor
+
 
 # --------------------------------------------------------------------------------------------------------
 # The sampler
@@ -480,15 +528,31 @@ class DDIMSampler:
 
     # -- model calls ------------------------------------------------------------------------------------
 
-    def _call_unet(self, x: Tensor, t: Tensor, context: Tensor, params: Mapping[str, Tensor] | None) -> Tensor:
-        args = (x.to(self.model_dtype), t)
-        kwargs = {"encoder_hidden_states": context.to(self.model_dtype), "return_dict": False}
-        if params is None:
-            return self.unet(*args, **kwargs)[0]
-        # A functional call evaluates the UNet at theta + u without touching the parameters: the leaves
-        # stay the unperturbed weights, so a gradient taken here is d f(theta + u) / d theta, and no saved
-        # tensor is ever invalidated by an in-place edit.
-        return functional_call(self.unet, dict(params), args, kwargs, strict=False)[0]
+    def _call_unet(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        params: Mapping[str, Tensor] | None,
+        checkpoint: bool = False,
+    ) -> Tensor:
+        def call(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+            args = (x.to(self.model_dtype), t)
+            kwargs = {"encoder_hidden_states": context.to(self.model_dtype), "return_dict": False}
+            if params is None:
+                return self.unet(*args, **kwargs)[0]
+            # A functional call evaluates the UNet at theta + u without touching the parameters: the leaves
+            # stay the unperturbed weights, so a gradient taken here is d f(theta + u) / d theta, and no saved
+            # tensor is ever invalidated by an in-place edit.
+            return functional_call(self.unet, dict(params), args, kwargs, strict=False)[0]
+
+        if checkpoint and torch.is_grad_enabled():
+            # The whole call is one checkpoint: only its inputs are kept, and backward recomputes it with the
+            # same (possibly perturbed) parameter tensors, which the closure holds. Checkpointing inside the
+            # UNet (diffusers' per-block option) would recompute outside the functional call, at the
+            # unperturbed weights, and silently give wrong gradients in parameter mode.
+            return torch.utils.checkpoint.checkpoint(call, x, t, context, use_reentrant=False)
+        return call(x, t, context)
 
     def model_output(
         self,
@@ -496,49 +560,73 @@ class DDIMSampler:
         step_index: Tensor,
         embeds: PromptEmbeds,
         perturbation: Perturbation | None = None,
+        minus: Tensor | None = None,
+        checkpoint: bool = False,
     ) -> Tensor:
-        """The (guided) model output for each sample at its own step, float32, in one UNet call."""
+        """The (guided) model output for each sample at its own step, float32, in one UNet call.
+
+        Args:
+            latents: ``(B, C, H, W)``.
+            step_index: ``(B,)`` step of each sample.
+            embeds: The samples' conditioning.
+            perturbation: Run at ``theta + u`` (``None``: at ``theta``).
+            minus: With an antithetic ``perturbation``, a ``(B,)`` CPU bool mask of the samples that run at
+                ``theta - u``; by default the second half of the batch (the twins, see :class:`Perturbation`).
+            checkpoint: Keep only the call's inputs for backward (activation checkpointing).
+        """
         B = latents.shape[0]
         if embeds.batch_size != B or step_index.shape != (B,):
             raise ValueError(
                 f"batch sizes differ: latents {B}, prompt embeddings {embeds.batch_size}, "
                 f"step indices {tuple(step_index.shape)}"
             )
-        if perturbation is not None and perturbation.antithetic:
+        if perturbation is None:
+            return self._model_output(latents, step_index, embeds, None, checkpoint)
+        params = self.trainable_parameters()
+        u = replace(perturbation, antithetic=False).noise(params)
+        if not perturbation.antithetic:
+            return self._model_output(latents, step_index, embeds, {n: p + u[n] for n, p in params.items()}, checkpoint)
+        if minus is None:
             if B % 2:
                 raise ValueError(f"antithetic perturbations need an even batch size, got {B}")
-            half = B // 2
-            plus = replace(perturbation, antithetic=False)
-            params = self.trainable_parameters()
-            u = plus.noise(params)
-            outs = [
-                self._model_output(
-                    latents[sl], step_index[sl], embeds.select(sl), {n: p + sign * u[n] for n, p in params.items()}
-                )
-                for sl, sign in ((slice(0, half), 1.0), (slice(half, B), -1.0))
-            ]
-            return torch.cat(outs)
-        params = None
-        if perturbation is not None:
-            params = self.trainable_parameters()
-            u = perturbation.noise(params)
-            params = {n: p + u[n] for n, p in params.items()}
-        return self._model_output(latents, step_index, embeds, params)
+            minus = torch.arange(B) >= B // 2
+        out: Tensor | None = None
+        parts = []
+        for mask, sign in ((~minus, 1.0), (minus, -1.0)):
+            rows = mask.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            rows_d = rows.to(latents.device)
+            signed = {n: p + sign * u[n] for n, p in params.items()}
+            parts.append((rows_d, self._model_output(
+                latents[rows_d], step_index[rows_d], embeds.select(rows_d), signed, checkpoint)))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = parts[0][1].new_empty((B, *parts[0][1].shape[1:]))
+        for rows_d, values in parts:
+            out = out.index_copy(0, rows_d, values)
+        return out
 
     def _model_output(
-        self, latents: Tensor, step_index: Tensor, embeds: PromptEmbeds, params: Mapping[str, Tensor] | None
+        self,
+        latents: Tensor,
+        step_index: Tensor,
+        embeds: PromptEmbeds,
+        params: Mapping[str, Tensor] | None,
+        checkpoint: bool = False,
     ) -> Tensor:
         t = self.schedule_on(latents.device).timesteps[step_index]
         dtype = _compute_dtype(latents)
         if not self.uses_guidance:
-            return self._call_unet(latents, t, embeds.cond, params).to(dtype)
+            return self._call_unet(latents, t, embeds.cond, params, checkpoint).to(dtype)
         if embeds.uncond is None:
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} needs unconditional embeddings; encode the prompts with "
                 "the empty negative prompt"
             )
         out = self._call_unet(
-            torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([embeds.uncond, embeds.cond]), params
+            torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([embeds.uncond, embeds.cond]), params,
+            checkpoint,
         ).to(dtype)
         uncond, cond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
@@ -553,18 +641,27 @@ class DDIMSampler:
         noise: Tensor | None = None,
         perturbation: Perturbation | None = None,
         prev_latents: Tensor | None = None,
+        minus: Tensor | None = None,
+        checkpoint: bool = False,
     ) -> StepOutput:
         """One DDIM transition ``s_k -> s_{k+1}`` for a batch (``k`` an int or per-sample indices).
 
         Give ``noise`` to sample (``s_{k+1} = m_k + sigma_k * noise``) or ``prev_latents`` to score a stored
-        ``s_{k+1}``; exactly one of them is needed unless sigma is 0.
+        ``s_{k+1}``; exactly one of them is needed unless sigma is 0. ``minus`` and ``checkpoint`` are passed to
+        :meth:`model_output`.
         """
         B = latents.shape[0]
         schedule = self.schedule_on(latents.device)
         if not isinstance(k, Tensor) or k.dim() == 0:  # one step for the whole batch (int-like)
+            # Decided on the CPU copy of the schedule: no device-to-host sync in the sampling loop.
+            sigma_k = float(self.schedule.sigma[int(k)])
+            any_stochastic = all_stochastic = sigma_k > 0
             k = torch.full((B,), int(k), device=latents.device, dtype=torch.long)
+        else:
+            cpu_sigma = self.schedule.sigma[k.cpu()]
+            any_stochastic, all_stochastic = bool((cpu_sigma > 0).any()), bool((cpu_sigma > 0).all())
         index = k
-        out = self.model_output(latents, index, embeds, perturbation)
+        out = self.model_output(latents, index, embeds, perturbation, minus=minus, checkpoint=checkpoint)
         mean = ddim_mean(schedule, index, latents, out)
         sigma = schedule.sigma[index]
         if prev_latents is not None:
@@ -573,11 +670,11 @@ class DDIMSampler:
             if noise.shape != latents.shape:
                 raise ValueError(f"noise shape {tuple(noise.shape)} != latents shape {tuple(latents.shape)}")
             next_latents = mean + _per_sample(schedule.sigma, index, mean) * noise.to(mean.dtype)
-        elif bool((sigma == 0).all()):
+        elif not any_stochastic:
             next_latents = mean
         else:
             raise ValueError("a stochastic step (sigma > 0) needs either noise or prev_latents")
-        log_prob = gaussian_log_prob(next_latents.detach(), mean, sigma) if bool((sigma > 0).all()) else None
+        log_prob = gaussian_log_prob(next_latents.detach(), mean, sigma) if all_stochastic else None
         return StepOutput(mean=mean, sigma=sigma, next_latents=next_latents, log_prob=log_prob)
 
     def log_probs(
@@ -591,17 +688,62 @@ class DDIMSampler:
         """Re-score many stored transitions ``(k, s_k, s_{k+1})`` in one UNet call (per-sample timesteps).
 
         Returns ``log p_theta(s_{k+1} | s_k)``, ``(N,)`` float32, differentiable in the trainable weights when
-        called with gradient enabled. Use :meth:`Trajectory.transitions` and ``embeds.for_steps`` to build
-        the inputs.
+        called with gradient enabled. Use :meth:`Trajectory.transitions` and ``embeds.for_steps`` (or
+        :meth:`Trajectory.rows` and ``embeds.rows``) to build the inputs.
         """
         if next_latents.shape != latents.shape:
             raise ValueError(
                 f"latents {tuple(latents.shape)} and next latents {tuple(next_latents.shape)} differ in shape"
             )
-        if bool((self.schedule_on(latents.device).sigma[step_index] == 0).any()):
+        if bool((self.schedule.sigma[step_index.cpu()] == 0).any()):
             raise ValueError("log-probabilities need sigma > 0 on every scored step; use eta > 0")
         out = self.step(step_index, latents, embeds, perturbation=perturbation, prev_latents=next_latents)
         return out.log_prob
+
+    def replay(
+        self,
+        trajectory: Trajectory,
+        start: int,
+        stop: int,
+        samples: Tensor,
+        embeds: Conditioning,
+        checkpoint: bool = False,
+    ) -> WindowReplay:
+        """Re-run steps ``start .. stop-1`` of a stored trajectory with gradient, for some of its samples.
+
+        The window starts from the detached stored latent ``s_start`` and is pathwise inside, with the stored
+        noises and the plan's perturbations (antithetic twins keep their sign), exactly as :meth:`run` computes
+        a window: running a window sample chunk by sample chunk gives the same gradients as running it for the
+        whole batch, with the memory of one chunk.
+
+        Args:
+            trajectory: A trajectory :meth:`run` sampled (its graph is not needed).
+            start: First step of the window.
+            stop: One past its last step.
+            samples: CPU ``long`` indices of the samples to replay.
+            embeds: The conditioning of the whole batch.
+            checkpoint: Keep only each denoiser call's inputs for backward (activation checkpointing).
+        """
+        plan = trajectory.plan
+        if not 0 <= start < stop <= plan.num_steps:
+            raise ValueError(f"window [{start}, {stop}) is empty or outside steps [0, {plan.num_steps})")
+        B = trajectory.batch_size
+        samples = torch.as_tensor(samples, dtype=torch.long).cpu()
+        minus = samples >= B // 2  # the antithetic twins, when a perturbation is antithetic
+        device = trajectory.final.device
+        rows = samples.to(device)
+        x = trajectory.latents[start][rows].detach()
+        means: dict[int, Tensor] = {}
+        log_probs: dict[int, Tensor] = {}
+        with torch.enable_grad():
+            for k in range(start, stop):
+                out = self.step(
+                    k, x, embeds.at(k).select(rows), noise=trajectory.noises[k][rows],
+                    perturbation=plan.perturbations.get(k), minus=minus, checkpoint=checkpoint,
+                )
+                means[k], log_probs[k] = out.mean, out.log_prob
+                x = out.next_latents
+        return WindowReplay(samples=samples, means=means, log_probs=log_probs, final=x)
 
     # -- trajectories -----------------------------------------------------------------------------------
 
@@ -637,6 +779,8 @@ class DDIMSampler:
         generator: torch.Generator | None = None,
         initial_latents: Tensor | None = None,
         noises: Tensor | None = None,
+        record_graph: bool = True,
+        checkpoint: bool = False,
     ) -> Trajectory:
         """Sample one trajectory per prompt, recording what ``plan`` asks for.
 
@@ -649,6 +793,10 @@ class DDIMSampler:
             generator: Source of ``s_0`` and the noises when they are not given.
             initial_latents: ``s_0``, ``(B, C, H, W)``, to replay a trajectory.
             noises: ``eps``, ``(T, B, C, H, W)``, to replay a trajectory.
+            record_graph: Run the windows with gradient. ``False`` samples every step without a graph (the
+                estimators then :meth:`replay` the windows chunk by chunk); the trajectory is the same.
+            checkpoint: Keep only the inputs of the windows' denoiser calls for backward (activation
+                checkpointing).
         """
         T = self.num_steps
         if plan.num_steps != T:
@@ -672,11 +820,13 @@ class DDIMSampler:
         window_means: dict[int, Tensor] = {}
         window_log_probs: dict[int, Tensor] = {}
         for k in range(T):
-            grad = plan.grad_at(k)
+            grad = record_graph and plan.grad_at(k)
             if plan.starts_window(k):
                 x = x.detach()
             with torch.set_grad_enabled(grad):
-                out = self.step(k, x, embeds.at(k), noise=noises[k], perturbation=plan.perturbations.get(k))
+                out = self.step(
+                    k, x, embeds.at(k), noise=noises[k], perturbation=plan.perturbations.get(k), checkpoint=checkpoint
+                )
             if grad:
                 window_means[k] = out.mean
                 window_log_probs[k] = out.log_prob

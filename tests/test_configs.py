@@ -71,3 +71,16 @@ def test_sample_images_overlay_adds_its_callback_and_keeps_the_base_checkpointin
         "lightning.pytorch.callbacks.ModelCheckpoint", "rlr_lightning.callbacks.SampleImageLogger"]
     assert callbacks[-1]["init_args"]["every_n_steps"] == 50
     assert cfg["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+
+
+@pytest.mark.parametrize("card, budget", [("24gb", 23), ("40gb", 39), ("80gb", "auto")])
+def test_gpu_recipes_compose_with_a_model_config_and_plan_memory(card, budget):
+    configs = CONFIGS[0].parent
+    recipe = configs / "gpu" / f"{card}.yaml"
+    cfg = resolved(configs / "sd15_aesthetic_rlr.yaml", recipe)
+    assert cfg["model"]["memory_budget_gb"] == budget and cfg["data"]["batch_size"] == 6
+    assert cfg["model"]["estimator"]["init_args"]["h"] == 2  # the paper's settings stay
+    for number, line in enumerate(recipe.read_text().splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
+            assert "#" in line, f"{recipe.name}:{number} has no comment: {line!r}"

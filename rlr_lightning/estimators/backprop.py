@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm, perturbations_for
+from rlr_lightning.memory import GraphShape
 from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
 
 
@@ -28,6 +29,9 @@ class FullBackprop(GradientEstimator):
         self.perturbation_scale = perturbation_scale
         self.antithetic = antithetic and perturbation_scale > 0
 
+    def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
+        return GraphShape(prompts * (2 if self.antithetic else 1), windows=(num_steps,), reward_window=0)
+
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         perturbations = {}
         if self.perturbation_scale > 0:
@@ -35,7 +39,7 @@ class FullBackprop(GradientEstimator):
         return Plan(num_steps, windows=((0, num_steps),), perturbations=perturbations)
 
     def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
-        return [SurrogateTerm("fo", lambda: -rollout.rewards.mean())]
+        return reward_window_terms(self, rollout, sampler, embeds)
 
 
 class TruncatedBackprop(GradientEstimator):
@@ -59,10 +63,22 @@ class TruncatedBackprop(GradientEstimator):
             raise ValueError(f"truncation K={self.k_range[1]} exceeds the number of steps T={num_steps}")
         super().setup(num_steps, eta, reward_differentiable)
 
+    def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
+        return GraphShape(prompts, windows=(self.k_range[1],), reward_window=0)
+
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         lo, hi = self.k_range
         k = int(torch.randint(lo, hi + 1, (1,), generator=step_generator)) if hi > lo else lo
         return Plan(num_steps, windows=((num_steps - k, num_steps),), info={"truncation": k})
 
     def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
-        return [SurrogateTerm("fo", lambda: -rollout.rewards.mean())]
+        return reward_window_terms(self, rollout, sampler, embeds)
+
+
+def reward_window_terms(
+    estimator: GradientEstimator, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning
+) -> list[SurrogateTerm]:
+    """``-mean r`` backpropagated through the plan's one window, which ends at the last step."""
+    (window,) = rollout.plan.windows
+    B = rollout.batch_size
+    return estimator.window_terms(rollout, sampler, embeds, window, "fo", lambda view: -view.rewards().sum() / B)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlr_lightning.memory import GraphShape, MemoryPlan
 from rlr_lightning.sampling import Conditioning, DDIMSampler, Perturbation, Plan, Trajectory
 
 #: ``reward_fn(final_latents, prompts) -> (B,)`` rewards; differentiable in the latents when FO needs it.
@@ -63,6 +64,8 @@ class Rollout:
         advantages: ``(B,)`` detached advantages ``r - b``.
         terms: The surrogate terms to backpropagate.
         info: Scalars worth logging (block start, truncation, ...).
+        reward_fn: The reward function, for first-order terms that replay their window chunk by chunk.
+        memory: How the terms run: chunk sizes and activation checkpointing.
     """
 
     plan: Plan
@@ -73,6 +76,39 @@ class Rollout:
     advantages: Tensor
     terms: list[SurrogateTerm] = field(default_factory=list)
     info: dict[str, float] = field(default_factory=dict)
+    reward_fn: RewardFn | None = None
+    memory: MemoryPlan = field(default_factory=MemoryPlan)
+
+    @property
+    def batch_size(self) -> int:
+        return self.trajectory.batch_size
+
+    @property
+    def chunked(self) -> bool:
+        """Whether windows are replayed chunk by chunk (else they kept their graph from sampling)."""
+        c = self.memory.chunk_samples
+        return c is not None and c < self.batch_size
+
+    def sample_chunks(self) -> list[Tensor]:
+        """CPU index tensors of the sample chunks the windows run in (one chunk of all when unchunked)."""
+        B = self.batch_size
+        c = self.memory.chunk_samples if self.chunked else B
+        return [torch.arange(i, min(i + c, B)) for i in range(0, B, c)]
+
+
+@dataclass
+class WindowView:
+    """One sample chunk of a gradient window, as a term's loss sees it.
+
+    Attributes:
+        samples: CPU indices of the chunk's samples in the (local) batch.
+        log_probs: Step index to the graph-carrying ``log p(sg(s_{k+1}) | s_k)`` of those samples.
+        rewards: Builds the chunk's rewards with a graph through the window (first-order path).
+    """
+
+    samples: Tensor
+    log_probs: dict[int, Tensor]
+    rewards: Callable[[], Tensor]
 
 
 @dataclass
@@ -216,6 +252,21 @@ class GradientEstimator(ABC):
     def uses_likelihood_ratios(self, num_steps: int) -> bool:
         return False
 
+    def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
+        """What one step keeps a graph of, for the memory planner (``rlr_lightning.memory``).
+
+        Only needed with the module's ``memory_budget_gb``; every estimator of this package implements it.
+
+        Args:
+            num_steps: ``T``.
+            prompts: Prompts of the local batch.
+            h: The block length to price, for estimators that have one (``RLR``); others ignore it.
+        """
+        raise NotImplementedError(
+            f"{self.name} does not describe its gradient windows (graph_shape), so the memory planner cannot "
+            "price it: implement graph_shape, or run without model.memory_budget_gb"
+        )
+
     @abstractmethod
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         """The plan of one iteration.
@@ -270,21 +321,69 @@ class GradientEstimator(ABC):
         weight: float,
         name: str,
     ) -> list[SurrogateTerm]:
-        """Likelihood-ratio terms ``weight * mean_b A_b * log p(s_{k+1} | s_k)`` for ``steps``, re-scored in
-        chunks of ``score_chunk_steps`` (one UNet call and one backward each)."""
-        steps = list(steps)
-        B = rollout.trajectory.batch_size
-        chunks = [steps[i : i + self.score_chunk_steps] for i in range(0, len(steps), self.score_chunk_steps)]
+        """Likelihood-ratio terms ``weight * mean_b A_b * log p(s_{k+1} | s_k)`` for ``steps``.
 
-        def make(chunk: list[int]) -> Callable[[], Tensor]:
+        The (step, sample) transitions are re-scored in batched calls of ``score_chunk_steps`` steps of the
+        whole batch, or of ``memory.rescore_samples`` (else ``memory.chunk_samples``) transitions when that is
+        smaller: one UNet call and one backward each, so the memory is that of one call.
+        """
+        B = rollout.batch_size
+        steps_t = torch.as_tensor(list(steps), dtype=torch.long).repeat_interleave(B)
+        samples_t = torch.arange(B).repeat(len(steps))
+        per_call = self.score_chunk_steps * B
+        if rollout.memory.rescore_cap() is not None:
+            per_call = min(per_call, rollout.memory.rescore_cap())
+
+        def make(rows: slice) -> Callable[[], Tensor]:
             def loss() -> Tensor:
-                index, x, x_next = rollout.trajectory.transitions(chunk)
-                log_p = sampler.log_probs(index, x, x_next, embeds.for_steps(chunk))
-                return -weight * (rollout.advantages.repeat(len(chunk)) * log_p).sum() / B
+                k, s = steps_t[rows], samples_t[rows]
+                index, x, x_next = rollout.trajectory.rows(k, s)
+                log_p = sampler.log_probs(index, x, x_next, embeds.rows(k, s))
+                return -weight * (rollout.advantages[s.to(log_p.device)] * log_p).sum() / B
 
             return loss
 
-        return [SurrogateTerm(name, make(chunk)) for chunk in chunks]
+        return [SurrogateTerm(name, make(slice(i, i + per_call))) for i in range(0, len(steps_t), per_call)]
+
+    def window_terms(
+        self,
+        rollout: Rollout,
+        sampler: DDIMSampler,
+        embeds: Conditioning,
+        window: tuple[int, int],
+        name: str,
+        loss: Callable[[WindowView], Tensor],
+    ) -> list[SurrogateTerm]:
+        """Terms of one gradient window: ``loss(view)`` for each sample chunk, summed over chunks.
+
+        Unchunked, the view is the window's graph from the sampling pass (and the rewards computed on it);
+        chunked, each term replays the window for its chunk (:meth:`DDIMSampler.replay`), so only one chunk's
+        graph exists at a time. ``loss`` must be a sum over the view's samples (divided by the batch size, not
+        the chunk's), so that the chunks add up to the whole batch's term.
+        """
+        start, stop = window
+        T = rollout.plan.num_steps
+        if not rollout.chunked:
+            trajectory = rollout.trajectory
+            view = WindowView(torch.arange(rollout.batch_size), trajectory.window_log_probs, lambda: rollout.rewards)
+            return [SurrogateTerm(name, lambda: loss(view))]
+
+        def make(samples: Tensor) -> Callable[[], Tensor]:
+            def chunk_loss() -> Tensor:
+                replay = sampler.replay(rollout.trajectory, start, stop, samples, embeds,
+                                        checkpoint=rollout.memory.activation_checkpointing)
+
+                def rewards() -> Tensor:
+                    if stop != T:
+                        raise RuntimeError(f"window [{start}, {stop}) does not end at the last step: no reward")
+                    prompts = [rollout.prompts[i] for i in samples.tolist()]
+                    return rollout.reward_fn(replay.final, prompts).float()
+
+                return loss(WindowView(samples, replay.log_probs, rewards))
+
+            return chunk_loss
+
+        return [SurrogateTerm(name, make(samples)) for samples in rollout.sample_chunks()]
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -300,6 +399,7 @@ def rollout(
     step_seed: int,
     rank_seed: int,
     gather: GatherFn = _identity,
+    memory: MemoryPlan | None = None,
 ) -> Rollout:
     """Plan, sample, score and build the surrogate terms of one iteration; no backward yet.
 
@@ -312,6 +412,7 @@ def rollout(
         step_seed: Identical on all ranks (derive it from the run seed and the global step).
         rank_seed: Different on every rank (derive it from the run seed, the global step and the rank).
         gather: All-gather of a detached tensor over ranks (identity on one process).
+        memory: Chunk sizes and activation checkpointing of the terms (default: unchunked, none).
     """
     T = sampler.num_steps
     step_generator = torch.Generator().manual_seed(step_seed)
@@ -327,16 +428,28 @@ def rollout(
         prompts = prompts * 2
         x0 = torch.cat([x0, x0])
         noises = torch.cat([noises, noises], dim=1)
-    trajectory = sampler.run(plan, embeds, initial_latents=x0, noises=noises)
-    with torch.set_grad_enabled(trajectory.final.requires_grad):
-        rewards = reward_fn(trajectory.final, prompts).float()
+    memory = memory if memory is not None else MemoryPlan()
+    chunk = memory.chunk_samples
+    chunked = chunk is not None and chunk < len(prompts)
+    # Chunked: the whole pass runs without a graph and the terms replay their windows chunk by chunk.
+    trajectory = sampler.run(plan, embeds, initial_latents=x0, noises=noises, record_graph=not chunked,
+                             checkpoint=memory.activation_checkpointing)
+    if trajectory.final.requires_grad:
+        rewards = reward_fn(trajectory.final, prompts).float()  # first order: keeps the graph to the window
+    else:
+        with torch.no_grad():
+            step = chunk if chunked else len(prompts)
+            rewards = torch.cat([
+                reward_fn(trajectory.final[i : i + step], prompts[i : i + step]).float().reshape(-1)
+                for i in range(0, len(prompts), step)
+            ])
     if rewards.shape != (len(prompts),):
         raise ValueError(f"the reward returned shape {tuple(rewards.shape)}, expected ({len(prompts)},)")
     all_rewards = gather(rewards.detach()).reshape(-1)
     advantages = compute_advantages(
         rewards, all_rewards, estimator.baseline, estimator.antithetic, fallback=estimator.reward_stats.mean
     )
-    result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages)
+    result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages, reward_fn=reward_fn, memory=memory)
     terms = estimator.terms(result, sampler, embeds)
     scale = estimator.term_scale()
     if scale != 1.0:

@@ -9,7 +9,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm, perturbations_for
+from rlr_lightning.estimators.base import (
+    GradientEstimator,
+    Rollout,
+    SurrogateTerm,
+    WindowView,
+    perturbations_for,
+)
+from rlr_lightning.memory import GraphShape
 from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
 
 logger = logging.getLogger(__name__)
@@ -28,6 +35,8 @@ class RLR(GradientEstimator):
 
     Args:
         h: Block length (half-order sub-chain). Memory grows linearly with it; the paper recommends 2.
+            ``auto``: the largest block the module's ``memory_budget_gb`` allows, up to 2 (the paper's Eq. 8
+            evaluated with costs measured on the real model; see ``rlr_lightning.memory``).
         block_law: How the block start ``a`` is drawn each iteration, identically on all ranks:
             ``uniform`` on ``[0, T-1-h]``; ``range``: uniform on ``block_range`` (focus a scale, e.g. the
             late steps of DCoT's fine prompt); ``grad_norm``: softmax over running estimates of the HO
@@ -63,7 +72,7 @@ class RLR(GradientEstimator):
 
     def __init__(
         self,
-        h: int = 2,
+        h: int | Literal["auto"] = 2,
         block_law: Literal["uniform", "range", "grad_norm"] = "uniform",
         block_range: tuple[int, int] | None = None,
         grad_norm_temperature: float = 1.0,
@@ -82,8 +91,8 @@ class RLR(GradientEstimator):
         reward_ema_decay: float = 0.9,
     ) -> None:
         super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay)
-        if h < 1:
-            raise ValueError(f"block length h must be >= 1, got {h}")
+        if h != "auto" and (not isinstance(h, int) or h < 1):
+            raise ValueError(f"block length h must be an integer >= 1 or 'auto', got {h!r}")
         if block_law not in ("uniform", "range", "grad_norm"):
             raise ValueError(f"unknown block_law {block_law!r}; choose uniform, range or grad_norm")
         if block_law == "range":
@@ -119,6 +128,10 @@ class RLR(GradientEstimator):
         return True  # the HO term is a likelihood ratio
 
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
+        self._check_eta(num_steps, eta)
+        self.fo_by_likelihood_ratio = not reward_differentiable
+        if self.h == "auto":
+            return  # checked again once the memory planner has chosen h
         T, h = num_steps, self.h
         if h > T - 1:
             raise ValueError(
@@ -133,8 +146,6 @@ class RLR(GradientEstimator):
         n_zo = T - 1 - h
         if self.zo_mode == "score" and self.zo_subsample is not None and self.zo_subsample > n_zo:
             raise ValueError(f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-1-h)")
-        self._check_eta(num_steps, eta)
-        self.fo_by_likelihood_ratio = not reward_differentiable
         if self.fo_by_likelihood_ratio:
             logger.info(
                 "The reward is not differentiable: RLR replaces the first-order term on the last step by that "
@@ -146,6 +157,22 @@ class RLR(GradientEstimator):
     @property
     def requires_reward_grad(self) -> bool:  # type: ignore[override]
         return not self.fo_by_likelihood_ratio
+
+    def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
+        h = self.h if h is None else h
+        if h == "auto":
+            raise ValueError("graph_shape needs a block length: pass h, or let the memory planner choose it")
+        samples = prompts * (2 if self.antithetic else 1)
+        rescoring = 0
+        if self.zo_mode == "score":
+            rescoring = self.zo_subsample if self.zo_subsample is not None else max(num_steps - 1 - h, 0)
+        return GraphShape(
+            samples,
+            windows=(h, 1),  # the block's backward runs first, then the last step's
+            reward_window=None if self.fo_by_likelihood_ratio else 1,
+            rescoring_steps=rescoring,
+            rescore_steps_per_call=self.score_chunk_steps,
+        )
 
     # -- plan ------------------------------------------------------------------------------------------
 
@@ -172,6 +199,8 @@ class RLR(GradientEstimator):
 
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         T, h = num_steps, self.h
+        if h == "auto":
+            raise ValueError("RLR(h='auto') needs the module's memory_budget_gb: the memory planner chooses h")
         a = int(torch.multinomial(self.block_start_probs(T), 1, generator=step_generator))
         zo_steps = self.zo_steps(T, a)
         info = {"block_start": a}
@@ -189,13 +218,23 @@ class RLR(GradientEstimator):
     def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps
         a = rollout.plan.info["block_start"]
+        B = rollout.batch_size
         A = rollout.advantages
-        log_p = rollout.trajectory.window_log_probs
-        if self.fo_by_likelihood_ratio:
-            fo = SurrogateTerm("fo", lambda: -self.c_fo * (A * log_p[T - 1]).mean())
-        else:
-            fo = SurrogateTerm("fo", lambda: -self.c_fo * rollout.rewards.mean())
-        terms = [SurrogateTerm("ho", lambda: -self.c_ho * (A * log_p[a + self.h - 1]).mean())]
+        last_of_block = a + self.h - 1
+
+        def ho(view: WindowView) -> Tensor:
+            return -self.c_ho * (A[view.samples.to(A.device)] * view.log_probs[last_of_block]).sum() / B
+
+        def fo(view: WindowView) -> Tensor:
+            if self.fo_by_likelihood_ratio:
+                return -self.c_fo * (A[view.samples.to(A.device)] * view.log_probs[T - 1]).sum() / B
+            return -self.c_fo * view.rewards().sum() / B
+
+        # Backward order: the block, then the last step, then the re-scoring chunks. Graphs kept from the
+        # sampling pass (unchunked) are freed as early as possible, and the last term (a re-scoring chunk, or
+        # the first-order term) reaches every LoRA weight, so under DDP it is the one that synchronises.
+        terms = self.window_terms(rollout, sampler, embeds, (a, a + self.h), "ho", ho)
+        terms += self.window_terms(rollout, sampler, embeds, (T - 1, T), "fo", fo)
         zo_steps = self.zo_steps(T, a)
         if self.zo_mode == "score" and zo_steps:
             chosen = rollout.plan.info.get("zo_steps", zo_steps)
@@ -205,9 +244,7 @@ class RLR(GradientEstimator):
             zo = self._parameter_zo(rollout, sampler, zo_steps)
             if zo is not None:
                 terms.append(zo)
-        # The FO term goes last: its backward reaches every LoRA weight, so under DDP it is the one that
-        # synchronises.
-        return terms + [fo]
+        return terms
 
     def _parameter_zo(self, rollout: Rollout, sampler: DDIMSampler, zo_steps: list[int]) -> SurrogateTerm | None:
         r = rollout.rewards.detach().float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm
+from rlr_lightning.memory import GraphShape
 from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
 
 
@@ -46,6 +47,10 @@ class ScoreFunction(GradientEstimator):
         if self.subsample is not None and self.subsample > num_steps:
             raise ValueError(f"subsample K={self.subsample} exceeds the number of steps T={num_steps}")
         super().setup(num_steps, eta, reward_differentiable)
+
+    def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
+        steps = self.subsample if self.subsample is not None else num_steps
+        return GraphShape(prompts, rescoring_steps=steps, rescore_steps_per_call=self.score_chunk_steps)
 
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         info = {}

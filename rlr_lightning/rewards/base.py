@@ -35,6 +35,13 @@ class RewardModel(nn.Module, ABC):
             rewards = rewards.detach()
         return rewards.float().reshape(images.shape[0])
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the reward model's blocks in backward instead of keeping their activations, where the
+        underlying model supports it (open_clip's ``set_grad_checkpointing``); a no-op for cheap rewards."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(enabled)
+
     def freeze(self) -> RewardModel:
         self.requires_grad_(False)
         return self.eval()

@@ -139,7 +139,7 @@ def test_rlr_antithetic_half_order_term_survives_one_prompt_per_rank():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(h=0), "h must be >= 1"), (dict(block_law="range"), "needs block_range"),
+    [(dict(h=0), "h must be an integer >= 1 or .auto."), (dict(block_law="range"), "needs block_range"),
      (dict(block_law="range", block_range=(5, 2)), "lo <= hi"), (dict(zo_mode="exact"), "unknown zo_mode"),
      (dict(zo_subsample=0), "zo_subsample must be >= 1"), (dict(zo_mode="parameter", zo_scale=0.0), "zo_scale")],
 )

@@ -1,0 +1,159 @@
+"""``benchmarks/gpu_cost.py``, the one-shot GPU benchmark, run as its user runs it: a subprocess, on CPU with
+``--tiny`` (the same code path on the tiny model), judged by its exit status, console and the files it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_cost.py"
+
+#: What the issue asks the run to measure, at the tiny run's batches: 1 and 2, the planned runs at 2.
+EXPECTED = {
+    *(
+        (name, b)
+        for b in (1, 2)
+        for name in (
+            "ours: no-grad sample",
+            "diffusers StableDiffusionPipeline",
+            "RLR h=2 zo=score",
+            "RLR h=1 zo=score",
+            "RLR h=1 zo=parameter",
+            "RLR h=2 zo=parameter",
+            "truncated K=1",
+            "truncated K=2",
+            "score function",
+            "full backprop",
+        )
+    ),
+    ("RLR h=4 zo=score", 2),
+    ("RLR h=4 zo=parameter", 2),
+    ("profile: 3 sampling steps, ours and diffusers", 2),
+}
+PLANNED = [
+    "chunk_samples=1 activation_checkpointing=True",
+    "chunk_samples=1 activation_checkpointing=False",
+    "memory_budget_gb=auto",
+    "memory_budget_gb=None",
+]
+
+
+def run_script(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    # A private model cache: the run builds the tiny model itself, as on a fresh machine.
+    env = dict(os.environ, RLR_CACHE=str(tmp_path / "cache"))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_every_configuration(tmp_path):
+    out = tmp_path / "results"
+    proc = run_script(tmp_path, "--tiny", "--out", str(out), "--deadline-s", "600")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    assert "Traceback" not in console
+
+    payload = json.loads((out / "gpu_cost_tiny.json").read_text())
+    rows = payload["rows"]
+    # The incremental log holds the same rows, one line each, in the order they were measured.
+    assert [json.loads(line) for line in (out / "gpu_cost_tiny.jsonl").read_text().splitlines()] == rows
+    # Every configuration exactly once, each with a time (nothing skipped or failed with a generous deadline).
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys))
+    unplanned = {(r["name"], r["batch"]) for r in rows if r["group"] != "planned"}
+    assert unplanned == EXPECTED
+    assert [r["memory"] for r in rows if r["group"] == "planned"] == PLANNED
+    assert all(r["batch"] == 2 for r in rows if r["group"] == "planned")
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_s"] > 0, r
+    # The most important results come first: the sampler comparison, then the planned runs.
+    groups = [r["group"] for r in rows]
+    assert groups[:5] == ["sampler"] * 5  # ours and diffusers at 2 batches, the profile
+    assert groups[5:9] == ["planned"] * 4
+
+    by_key = {r["key"]: r for r in rows}
+    # Steps report their activation memory; chunking one sample at a time holds less than the whole batch.
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert all(r["activation_mb"] > 0 for r in steps)
+    chunked = by_key["RLR h=2 zo=score chunk_samples=1 activation_checkpointing=False b2"]
+    whole = by_key["RLR h=2 zo=score memory_budget_gb=None b2"]
+    assert chunked["chunk_samples"] == 1 and whole["chunk_samples"] is None
+    assert chunked["activation_mb"] < whole["activation_mb"]
+    # The planner's choice is recorded for the budgeted run.
+    auto = by_key["RLR h=2 zo=score memory_budget_gb=auto b2"]
+    assert {"chunk_samples", "activation_checkpointing", "h", "plan_s"} <= auto.keys()
+    # Every RLR step has its floor and its ratio to it.
+    for r in steps:
+        if r["name"].startswith("RLR"):
+            assert r["floor_s"] > 0 and r["step_over_floor"] == pytest.approx(r["time_s"] / r["floor_s"]), r
+    # diffusers ran with our exported LoRA loaded, and the ratio ours / diffusers is there per batch.
+    for b in (1, 2):
+        ours, theirs = by_key[f"ours: no-grad sample b{b}"], by_key[f"diffusers StableDiffusionPipeline b{b}"]
+        assert theirs["adapters"]["unet"] and theirs["lora_weights"] > 0
+        assert theirs["ours_over_diffusers"] == pytest.approx(ours["time_s"] / theirs["time_s"])
+
+    # The markdown report renders a line per measurement with its time.
+    report = (out / "gpu_cost_tiny.md").read_text()
+    for section in (
+        "## Our no-grad sampler against diffusers",
+        "## Memory-planned RLR steps",
+        "## Estimators",
+    ):
+        assert section in report
+    for b in (1, 2):
+        ratio = by_key[f"diffusers StableDiffusionPipeline b{b}"]["ours_over_diffusers"]
+        assert f"| {b} | {by_key[f'ours: no-grad sample b{b}']['time_s']:.2f} |" in report
+        assert f"| {ratio:.2f} |" in report
+    for r in steps:
+        first = r["memory"] if r["group"] == "planned" else r["name"]
+        assert f"| {first} | {r['batch']} | ok | {r['time_s']:.2f} | {r['activation_mb']:.1f} |" in report, r
+    assert "Not measured" not in report
+
+    # The profiler summary: top ops of ours and of diffusers.
+    profile = (out / "gpu_profile_tiny.txt").read_text()
+    assert "== ours: DDIMSampler.run" in profile and "== diffusers StableDiffusionPipeline" in profile
+    assert profile.count("aten::") >= 20
+
+
+@pytest.mark.slow
+def test_deadline_skips_configurations_and_says_so(tmp_path):
+    out = tmp_path / "results"
+    proc = run_script(tmp_path, "--tiny", "--out", str(out), "--deadline-s", "0")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    rows = json.loads((out / "gpu_cost_tiny.json").read_text())["rows"]
+    assert {(r["name"], r["batch"]) for r in rows if r["group"] != "planned"} == EXPECTED
+    assert all(r["status"] == "skipped" and "--deadline-s 0" in r["reason"] for r in rows)
+    assert f"Skipped for the deadline ({len(rows)})" in console
+    report = (out / "gpu_cost_tiny.md").read_text()
+    assert "Not measured:" in report
+    assert all(f"* {r['key']}: skipped, deadline" in report for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tiny", "--budgets", "0"], "--budgets takes numbers of GiB > 0 or auto, got '0'"),
+        (["--tiny", "--batches", "1,two"], "--batches must be comma-separated integers, got '1,two'"),
+        pytest.param(
+            [], "no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    proc = run_script(tmp_path, *args, "--out", str(tmp_path / "results"))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists()
