@@ -292,6 +292,9 @@ class DiffusionBackbone(nn.Module):
         self.dtype = dtype
         self.lora_settings: LoraSettings | None = None
         self._warned_truncation = False
+        # Prompts already checked against the token limit: a training run re-encodes the same prompts every
+        # epoch, and tokenizing them a second time on every step would only repeat the answer.
+        self._checked_prompts: set[str] = set()
         self.freeze()
 
     @classmethod
@@ -515,12 +518,14 @@ class DiffusionBackbone(nn.Module):
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         """Warn once per backbone that prompts longer than the tokenizer's limit are cut."""
-        if self._warned_truncation:
+        unchecked = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._checked_prompts]
+        if self._warned_truncation or not unchecked:
             return
+        self._checked_prompts.update(unchecked)
         limit = self.tokenizer.model_max_length
         # verbose=False: the tokenizer's own warning would not say which prompt is too long.
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False).input_ids]
-        too_long = [(prompt, n) for prompt, n in zip(prompts, lengths) if n > limit]
+        lengths = [len(ids) for ids in self.tokenizer(unchecked, verbose=False).input_ids]
+        too_long = [(prompt, n) for prompt, n in zip(unchecked, lengths) if n > limit]
         if too_long:
             prompt, n = too_long[0]
             logger.warning(

@@ -52,6 +52,10 @@ class MemoryPlan:
         if self.rescore_samples is not None and self.rescore_samples < 1:
             raise ValueError(f"rescore_samples must be >= 1 (or None), got {self.rescore_samples}")
 
+    def chunks(self, samples: int) -> bool:
+        """Whether a batch of ``samples`` trajectory samples runs in chunks (else unchunked, as one)."""
+        return self.chunk_samples is not None and self.chunk_samples < samples
+
     def rescore_cap(self) -> int | None:
         """The most transitions one re-scoring call may hold under this plan (``None``: no cap)."""
         return self.rescore_samples if self.rescore_samples is not None else self.chunk_samples
@@ -262,7 +266,7 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
 
     phases: list[Phase] = []
     rw = shape.reward_window
-    if c is None or c >= n:
+    if not plan.chunks(n):
         kept = [_window_kept(costs, length, n, ck) for length in shape.windows]
 
         def windows_from(i: int) -> list[tuple[str, int]]:
@@ -507,7 +511,7 @@ def _widen_rescoring(costs: MemoryCosts, usable: int, shape: GraphShape, plan: M
     """Let re-scoring calls hold more transitions than a window chunk when the budget allows: each holds one
     denoiser call's graph, and fewer, larger calls run faster (small calls leave the GPU waiting on launches)."""
     c = plan.chunk_samples
-    if not shape.rescoring_steps or c is None or c >= shape.samples or costs.grad_step <= 0:
+    if not shape.rescoring_steps or not plan.chunks(shape.samples) or costs.grad_step <= 0:
         return plan
     cap = min(shape.rescore_steps_per_call, shape.rescoring_steps) * shape.samples
     fits = int((usable - costs.resident) // costs.grad_step)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -444,10 +445,14 @@ class Trajectory:
         ``steps`` and ``samples`` are CPU index tensors of equal length; pair the result with
         ``embeds.rows(steps, samples)``.
         """
-        device = self.final.device
-        stacked = torch.stack(self.latents)  # (T + 1, B, ...): views of stored tensors, one copy
-        steps_d, samples_d = steps.to(device), samples.to(device)
+        steps_d, samples_d = steps.to(self.final.device), samples.to(self.final.device)
+        stacked = self._stacked_latents
         return steps_d, stacked[steps_d, samples_d], stacked[steps_d + 1, samples_d]
+
+    @cached_property
+    def _stacked_latents(self) -> Tensor:
+        # (T + 1, B, ...), stacked once per trajectory: a step re-scores it in many calls.
+        return torch.stack(self.latents)
 
 
 @dataclass
@@ -590,7 +595,6 @@ class DDIMSampler:
             if B % 2:
                 raise ValueError(f"antithetic perturbations need an even batch size, got {B}")
             minus = torch.arange(B) >= B // 2
-        out: Tensor | None = None
         parts = []
         for mask, sign in ((~minus, 1.0), (minus, -1.0)):
             rows = mask.nonzero().squeeze(1)

@@ -38,9 +38,10 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_exits_143(tiny_pipeline_dir
         assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
 
     ckpt = out / "rlr" / "version_0" / "checkpoints" / "last.ckpt"  # where ModelCheckpoint(save_last) writes
-    assert f"resume with --ckpt_path {ckpt}" in log.read_text()
     step = torch.load(ckpt, weights_only=False)["global_step"]
-    assert 1 <= step < 100000
+    # The checkpoint holds the step the run stopped at, as the console told the user.
+    assert step >= 1 and f"Stopped by SIGTERM at step {step}. Checkpoint saved to {ckpt}" in log.read_text()
+    assert f"resume with --ckpt_path {ckpt}" in log.read_text()
 
     resumed = rlr("fit", *args, "--ckpt_path", str(ckpt), "--trainer.max_steps", str(step + 1), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -86,8 +86,7 @@ class Rollout:
     @property
     def chunked(self) -> bool:
         """Whether windows are replayed chunk by chunk (else they kept their graph from sampling)."""
-        c = self.memory.chunk_samples
-        return c is not None and c < self.batch_size
+        return self.memory.chunks(self.batch_size)
 
     def sample_chunks(self) -> list[Tensor]:
         """CPU index tensors of the sample chunks the windows run in (one chunk of all when unchunked)."""
@@ -262,7 +261,8 @@ class GradientEstimator(ABC):
             prompts: Prompts of the local batch.
             h: The block length to price, for estimators that have one (``RLR``); others ignore it.
         """
-        raise NotImplementedError(
+        # A configuration error for estimators written outside this package, not a missing piece of it.
+        raise ValueError(
             f"{self.name} does not describe its gradient windows (graph_shape), so the memory planner cannot "
             "price it: implement graph_shape, or run without model.memory_budget_gb"
         )
@@ -429,8 +429,7 @@ def rollout(
         x0 = torch.cat([x0, x0])
         noises = torch.cat([noises, noises], dim=1)
     memory = memory if memory is not None else MemoryPlan()
-    chunk = memory.chunk_samples
-    chunked = chunk is not None and chunk < len(prompts)
+    chunked = memory.chunks(len(prompts))
     # Chunked: the whole pass runs without a graph and the terms replay their windows chunk by chunk.
     trajectory = sampler.run(plan, embeds, initial_latents=x0, noises=noises, record_graph=not chunked,
                              checkpoint=memory.activation_checkpointing)
@@ -438,7 +437,7 @@ def rollout(
         rewards = reward_fn(trajectory.final, prompts).float()  # first order: keeps the graph to the window
     else:
         with torch.no_grad():
-            step = chunk if chunked else len(prompts)
+            step = memory.chunk_samples if chunked else len(prompts)
             rewards = torch.cat([
                 reward_fn(trajectory.final[i : i + step], prompts[i : i + step]).float().reshape(-1)
                 for i in range(0, len(prompts), step)
