@@ -31,7 +31,7 @@ def machine() -> str:
 
 def tiny_module(estimator, num_steps: int, pretrained: str = "tiny", **kwargs) -> RLRModule:
     """The quickstart problem: tiny model, trailing spacing, red-minus-blue reward, wide LoRA targets."""
-    from rlr_lightning.backbone import LoraSettings
+    from rlr_lightning.models import LoraSettings
 
     defaults = dict(pretrained_model_name_or_path=pretrained, estimator=estimator, reward=ColorBalance(),
                     num_steps=num_steps, eta=1.0, timestep_spacing="trailing",
@@ -130,7 +130,7 @@ def sd15_pipeline_dir(
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from rlr_lightning.testing import tiny_clip_tokenizer
+    from rlr_lightning.tiny import tiny_clip_tokenizer
 
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD 1.x defaults

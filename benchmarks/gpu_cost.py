@@ -74,7 +74,7 @@ from common import (  # noqa: E402
     synchronize,
 )
 
-from rlr_lightning.backbone import LoraSettings  # noqa: E402
+from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.estimators import (  # noqa: E402
     RLR,
     FullBackprop,
@@ -205,7 +205,7 @@ class Benchmark:
     def setup(self) -> dict:
         started = time.perf_counter()
         if self.args.tiny:
-            from rlr_lightning.testing import ensure_tiny_pipeline
+            from rlr_lightning.tiny import ensure_tiny_pipeline
 
             self.pipeline_dir = str(ensure_tiny_pipeline())
         else:
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_Elapsed())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    for noisy in ("lightning", "lightning.pytorch", "rlr_lightning.backbone"):
+    for noisy in ("lightning", "lightning.pytorch", "rlr_lightning.models"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A progress bar per model loaded would bury the results (the model is loaded once or twice).
     diffusers.utils.logging.disable_progress_bar()

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from rlr_lightning.hub import DTYPES
+
 logger = logging.getLogger("rlr_lightning")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROMPTS = ("a photo of a cat", "a watercolour of a fox", "a red bicycle", "a lighthouse at dusk")
 
 
@@ -56,7 +57,7 @@ def _sample_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial latents and step noises")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the frozen weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the frozen weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="where to write the image grid")
     return p
@@ -66,9 +67,9 @@ def sample(argv: list[str]) -> Path:
     """Run ``rlr sample``; returns the path of the written image grid."""
     from torchvision.utils import save_image
 
-    from rlr_lightning.backbone import DiffusionBackbone
+    from rlr_lightning.models import load_backbone
     from rlr_lightning.sampling import Plan
-    from rlr_lightning.testing import ensure_tiny_pipeline
+    from rlr_lightning.tiny import ensure_tiny_pipeline
 
     parser = _sample_parser()
     args = parser.parse_args(argv)
@@ -77,7 +78,7 @@ def sample(argv: list[str]) -> Path:
     if args.lora_rank is not None:
         logger.warning("--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option")
     model = args.model if args.model is not None else ensure_tiny_pipeline()
-    backbone = DiffusionBackbone.from_pretrained(model, dtype=_DTYPES[args.dtype]).to(args.device)
+    backbone = load_backbone(model, dtype=DTYPES[args.dtype]).to(args.device)
     if args.lora:
         try:
             backbone.load_lora(args.lora, alpha=args.lora_alpha)
@@ -94,7 +95,7 @@ def sample(argv: list[str]) -> Path:
     for k in range(sampler.num_steps):
         logger.info(
             "step %2d  t=%4d  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
-            k, int(sampler.schedule.timesteps[k]), float(trajectory.sigmas[k]), float(trajectory.log_probs[k].mean()),
+            k, int(sampler.kernel.timesteps[k]), float(trajectory.sigmas[k]), float(trajectory.log_probs[k].mean()),
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=min(len(prompts), 4))

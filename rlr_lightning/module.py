@@ -27,18 +27,29 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from rlr_lightning import rewards as reward_models
-from rlr_lightning.backbone import DiffusionBackbone, LoraSettings
 from rlr_lightning.data import DCOT_SCALES, PromptBatch
 from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, rollout
 from rlr_lightning.evaluation import image_features, mean_pairwise_distance
-from rlr_lightning.memory import MemoryPlan, PlannedMemory, measure_costs, plan_memory, resolve_budget
+from rlr_lightning.hub import DTYPES
+from rlr_lightning.memory import (
+    MemoryPlan,
+    PlannedMemory,
+    measure_costs,
+    plan_memory,
+    resolve_budget,
+)
+from rlr_lightning.models import DiffusionBackbone, LoraSettings, load_backbone
 from rlr_lightning.rewards import RewardModel, TargetColor
-from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan, ScaledPromptEmbeds
-from rlr_lightning.testing import _MARKER as TINY_PIPELINE_MARKER
+from rlr_lightning.sampling import (
+    Conditioning,
+    DiffusionSampler,
+    Plan,
+    ScaledPromptEmbeds,
+)
+from rlr_lightning.tiny import TINY_PIPELINE_MARKER
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The model name that builds the tiny offline pipeline into the cache instead of loading one.
 TINY_MODEL = "tiny"
 #: Written next to an exported ``pytorch_lora_weights.safetensors``: which run wrote it (see ``export_dir``).
@@ -54,7 +65,7 @@ class ExportConflictError(FileExistsError):
 
 
 def is_tiny_model(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` is the tiny offline model: ``tiny``, or a directory ``rlr_lightning.testing`` built."""
+    """Whether ``name_or_path`` is a tiny offline model: ``tiny``, or a directory ``rlr_lightning.tiny`` built."""
     return name_or_path == TINY_MODEL or (Path(name_or_path) / TINY_PIPELINE_MARKER).is_file()
 
 
@@ -173,8 +184,8 @@ class RLRModule(L.LightningModule):
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
         if not 0 <= dcot_split[0] <= dcot_split[1] <= 1:
             raise ValueError(f"dcot_split must be two fractions 0 <= mid <= fine <= 1, got {dcot_split}")
-        if weight_dtype not in _DTYPES:
-            raise ValueError(f"weight_dtype must be one of {sorted(_DTYPES)}, got {weight_dtype!r}")
+        if weight_dtype not in DTYPES:
+            raise ValueError(f"weight_dtype must be one of {sorted(DTYPES)}, got {weight_dtype!r}")
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         if reward is None and not is_tiny_model(pretrained_model_name_or_path):
@@ -200,7 +211,7 @@ class RLRModule(L.LightningModule):
         self.timestep_spacing = timestep_spacing
         self.dcot_split = (float(dcot_split[0]), float(dcot_split[1]))
         self.lora_settings = lora
-        self.weight_dtype = _DTYPES[weight_dtype]
+        self.weight_dtype = DTYPES[weight_dtype]
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.gradient_clip_val = gradient_clip_val
         self.optimizer_factory = optimizer
@@ -232,7 +243,7 @@ class RLRModule(L.LightningModule):
         self.val_metric_values = nn.ModuleList([CatMetric() for _ in self.metrics])
         self.val_diversity = MeanMetric()
         self.backbone: DiffusionBackbone | None = None
-        self.sampler: DDIMSampler | None = None
+        self.sampler: DiffusionSampler | None = None
         self.skipped_updates = 0
         self.consecutive_skips = 0
         #: Why an earlier micro-batch of the current optimizer step was dropped (``None``: none was).
@@ -249,10 +260,10 @@ class RLRModule(L.LightningModule):
             return
         source = self.pretrained_model_name_or_path
         if source == TINY_MODEL:
-            from rlr_lightning.testing import ensure_tiny_pipeline
+            from rlr_lightning.tiny import ensure_tiny_pipeline
 
             source = ensure_tiny_pipeline()
-        backbone = DiffusionBackbone.from_pretrained(source, dtype=self.weight_dtype)
+        backbone = load_backbone(source, dtype=self.weight_dtype)
         # LoRA A is initialised randomly: seed it from the run's seed, not from whatever state the global
         # RNG is in, so every rank and every rerun starts from the same adapter.
         with torch.random.fork_rng(devices=[]):

@@ -34,7 +34,7 @@ def _no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny Stable-Diffusion-shaped pipeline saved as a normal diffusers directory."""
-    from rlr_lightning.testing import save_tiny_pipeline
+    from rlr_lightning.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 

@@ -12,13 +12,8 @@ import pytest
 import torch
 import yaml
 
-from rlr_lightning.backbone import (
-    DiffusionBackbone,
-    LoraSettings,
-    ModelNotAvailableError,
-    read_lora_settings,
-    resolve_pretrained,
-)
+from rlr_lightning.hub import ModelNotAvailableError, resolve_pretrained
+from rlr_lightning.models import LoraSettings, StableDiffusionBackbone, load_backbone, read_lora_settings
 from tests.conftest import perturb_lora_
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -31,12 +26,19 @@ TARGET_SETS = {
 
 @pytest.fixture
 def backbone(tiny_pipeline_dir):
-    bb = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bb = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     bb.add_lora(LoraSettings(rank=4, alpha=8.0))
     return bb
 
 
-def unet_out(bb: DiffusionBackbone, seed: int = 0) -> torch.Tensor:
+def pipeline_backbone(pipe) -> StableDiffusionBackbone:
+    """Our backbone around a diffusers pipeline's own components."""
+    return StableDiffusionBackbone(
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler
+    )
+
+
+def unet_out(bb: StableDiffusionBackbone, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 8, 8, generator=gen)
     context = bb.encode_prompts(["a cat", "a dog"], negative=False).cond
@@ -44,9 +46,9 @@ def unet_out(bb: DiffusionBackbone, seed: int = 0) -> torch.Tensor:
         return bb.unet(x, torch.tensor([901, 21]), encoder_hidden_states=context).sample
 
 
-def trained_backbone(tiny_pipeline_dir, settings: LoraSettings, seed: int = 5) -> DiffusionBackbone:
+def trained_backbone(tiny_pipeline_dir, settings: LoraSettings, seed: int = 5) -> StableDiffusionBackbone:
     """A backbone whose LoRA weights are moved off their initialisation (where B = 0 proves nothing)."""
-    bb = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bb = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     bb.add_lora(settings)
     perturb_lora_(bb.unet, seed=seed)
     return bb
@@ -88,7 +90,7 @@ def library_warnings():
 
 
 def test_loaded_backbone_is_frozen_eval_with_fp32_lora_only(tiny_pipeline_dir):
-    bb = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, dtype=torch.bfloat16, local_files_only=True)
+    bb = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, dtype=torch.bfloat16, local_files_only=True)
     assert not any(p.requires_grad for p in bb.parameters())
     bb.add_lora(LoraSettings(rank=2, alpha=2.0, target_modules=("to_q", "to_v")))
     bb.train()  # Lightning calls this during fit: the backbone must stay in eval mode
@@ -150,13 +152,13 @@ def test_decode_gives_images_in_unit_range_and_is_differentiable(backbone):
 
 def test_lora_export_import_round_trip_is_exact(backbone, tiny_pipeline_dir, tmp_path):
     perturb_lora_(backbone.unet, seed=3)  # at initialisation LoRA B is 0 and a round trip proves nothing
-    base = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    base = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     assert not torch.allclose(unet_out(backbone), unet_out(base))
 
     path = backbone.export_lora(tmp_path / "lora")
     assert path.name == "pytorch_lora_weights.safetensors" and path.is_file()
 
-    fresh = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    fresh = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     fresh.add_lora(LoraSettings(rank=4, alpha=8.0))
     fresh.load_lora(path.parent)
     assert torch.equal(unet_out(fresh), unet_out(backbone))
@@ -164,7 +166,7 @@ def test_lora_export_import_round_trip_is_exact(backbone, tiny_pipeline_dir, tmp
         assert torch.equal(p, fresh.lora_parameters()[name]), name
 
     # Loading the file itself works too, and a mismatched adapter is refused with a clear message.
-    other = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    other = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     other.add_lora(LoraSettings(rank=4, alpha=4.0))
     with pytest.raises(ValueError, match="rank 4, alpha 8"):
         other.load_lora(path)
@@ -181,14 +183,14 @@ def test_exported_lora_loads_completely_in_a_plain_diffusers_pipeline(targets, t
     ours.export_lora(tmp_path)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True, safety_checker=None)
-    before = unet_out(DiffusionBackbone(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
+    before = unet_out(pipeline_backbone(pipe))
     with library_warnings() as messages:
         pipe.load_lora_weights(tmp_path, adapter_name="rlr")
     # diffusers says the file has no text-encoder LoRA (as for any UNet-only LoRA); nothing else may be said,
     # in particular nothing about unexpected, missing or dropped keys.
     assert [m for m in messages if "No LoRA keys associated to CLIPTextModel" not in m] == []
     assert lora_layers(pipe.unet, adapter="rlr") == adapted  # no adapter dropped, none added
-    theirs = unet_out(DiffusionBackbone(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
+    theirs = unet_out(pipeline_backbone(pipe))
     torch.testing.assert_close(theirs, unet_out(ours), rtol=0, atol=1e-5)
     assert not torch.allclose(theirs, before, rtol=0, atol=1e-3)
 
@@ -201,7 +203,7 @@ def test_load_lora_rebuilds_the_adapter_from_the_file(targets, tiny_pipeline_dir
     read = read_lora_settings(path)
     assert (read.rank, read.alpha, set(read.target_modules)) == (2, 3.0, set(targets))
 
-    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bare = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     loaded = bare.load_lora(tmp_path)
     assert loaded is bare.lora_settings and (loaded.rank, loaded.alpha) == (2, 3.0)
     assert lora_layers(bare.unet) == lora_layers(ours.unet)
@@ -225,12 +227,12 @@ def test_third_party_lora_without_metadata_takes_rank_from_shapes_and_alpha_from
     settings = read_lora_settings(tmp_path)
     assert (settings.rank, settings.alpha) == (2, 2.0)  # alpha defaults to the rank: scale 1, as in diffusers
     assert set(settings.target_modules) == lora_layers(ours.unet)
-    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bare = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     bare.load_lora(tmp_path)
     assert torch.equal(unet_out(bare), unet_out(ours))
 
     # A caller who knows the file's alpha gives it; the scale alpha / rank changes the output.
-    scaled = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    scaled = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     assert scaled.load_lora(tmp_path, alpha=4.0).alpha == 4.0
     assert not torch.allclose(unet_out(scaled), unet_out(ours))
 
@@ -239,23 +241,25 @@ def export_lora_of_another_model(tiny_pipeline_dir, directory) -> Path:
     """A LoRA trained on another model: a UNet whose cross-attention reads 16-wide text features, not 32."""
     from diffusers import UNet2DConditionModel
 
-    bb = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bb = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     other = UNet2DConditionModel.from_config({**bb.unet.config, "cross_attention_dim": 16})
-    other = DiffusionBackbone(other, bb.vae, bb.text_encoder, bb.tokenizer, bb.scheduler)
+    other = StableDiffusionBackbone(
+        unet=other, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, scheduler=bb.scheduler
+    )
     other.add_lora(LoraSettings())
     return other.export_lora(directory)
 
 
 def test_a_lora_of_another_model_is_refused_naming_the_file_and_the_shapes(tiny_pipeline_dir, tmp_path):
     path = export_lora_of_another_model(tiny_pipeline_dir, tmp_path / "other")
-    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bare = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     with pytest.raises(ValueError) as info:
         bare.load_lora(path)
     message = str(info.value)
     assert str(path) in message
     assert re.search(r"attn2\.to_[kv]\.lora_A\.weight is \(4, 16\) in the file but \(4, 32\) in this UNet", message)
     # Nothing changed: no adapter layers are left behind, and a fitting file still loads.
-    assert not bare.has_lora and not lora_layers(bare.unet)
+    assert bare.lora_settings is None and not lora_layers(bare.unet)
     ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=2, alpha=3.0))
     bare.load_lora(ours.export_lora(tmp_path / "ours"))
     assert torch.equal(unet_out(bare), unet_out(ours))
@@ -288,7 +292,7 @@ def test_long_prompts_warn_once_naming_the_token_limit(backbone, caplog):
 def test_load_lora_errors(backbone, tmp_path, tiny_pipeline_dir):
     with pytest.raises(FileNotFoundError, match="LoRA weights not found"):
         backbone.load_lora(tmp_path / "nope")
-    bare = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    bare = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
     with pytest.raises(RuntimeError, match="add_lora"):
         bare.export_lora(tmp_path)
 
@@ -296,7 +300,7 @@ def test_load_lora_errors(backbone, tmp_path, tiny_pipeline_dir):
 def test_missing_local_directory_names_it(tmp_path):
     missing = tmp_path / "models" / "sd15"
     with pytest.raises(FileNotFoundError, match="model directory .*sd15 does not exist"):
-        DiffusionBackbone.from_pretrained(missing)
+        StableDiffusionBackbone.from_pretrained(missing)
 
 
 def test_incomplete_local_directory_names_missing_components(tiny_pipeline_dir, tmp_path):
@@ -306,15 +310,19 @@ def test_incomplete_local_directory_names_missing_components(tiny_pipeline_dir, 
     shutil.copytree(tiny_pipeline_dir, partial)
     shutil.rmtree(partial / "vae")
     with pytest.raises(FileNotFoundError, match="missing vae/"):
-        resolve_pretrained(partial)
+        resolve_pretrained(partial, StableDiffusionBackbone.components)
 
 
 def test_hub_id_unavailable_offline_says_what_to_download(tmp_path):
     repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     with pytest.raises(ModelNotAvailableError) as info:
-        DiffusionBackbone.from_pretrained(repo, cache_dir=tmp_path, local_files_only=True)
+        StableDiffusionBackbone.from_pretrained(repo, cache_dir=tmp_path, local_files_only=True)
     message = str(info.value)
     assert repo in message and "hf download" in message and "HF_HUB_OFFLINE" in message
+    # Picking the family reads the pipeline's model_index.json first: the same error, before any component.
+    with pytest.raises(ModelNotAvailableError) as info:
+        load_backbone(repo, cache_dir=tmp_path, local_files_only=True)
+    assert repo in str(info.value) and "hf download" in str(info.value)
 
 
 def test_local_path_goes_through_from_pretrained_offline(tiny_pipeline_dir, monkeypatch):
@@ -329,5 +337,5 @@ def test_local_path_goes_through_from_pretrained_offline(tiny_pipeline_dir, monk
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(spy))
-    DiffusionBackbone.from_pretrained(tiny_pipeline_dir)  # local_files_only follows HF_HUB_OFFLINE=1
+    StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir)  # local_files_only follows HF_HUB_OFFLINE=1
     assert calls and calls[0]["subfolder"] == "unet" and calls[0]["local_files_only"] is True

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rlr_lightning.backbone import LoraSettings
+from rlr_lightning.models import LoraSettings
 from rlr_lightning.cli import main
 from rlr_lightning.sampling import Plan
 

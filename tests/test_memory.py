@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rlr_lightning.backbone import DiffusionBackbone
+from rlr_lightning.models import load_backbone
 from rlr_lightning.diagnostics import AutogradMemoryMeter
 from rlr_lightning.memory import (
     GraphShape,
@@ -251,7 +251,7 @@ def test_auto_budget_on_an_unsupported_device():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_pipeline_dir):
-    backbone = DiffusionBackbone.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    backbone = load_backbone(tiny_pipeline_dir, local_files_only=True)
     backbone.add_lora()
     perturb_lora_(backbone.unet)
     sampler = backbone.make_sampler(num_steps=4, eta=1.0, guidance_scale=5.0)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm, perturbations_for
+from rlr_lightning.estimators.base import (
+    GradientEstimator,
+    Rollout,
+    SurrogateTerm,
+    perturbations_for,
+)
 from rlr_lightning.memory import GraphShape
-from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
+from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 
 class FullBackprop(GradientEstimator):
@@ -38,7 +43,7 @@ class FullBackprop(GradientEstimator):
             perturbations = perturbations_for(range(num_steps), rank_seed, self.perturbation_scale, self.antithetic)
         return Plan(num_steps, windows=((0, num_steps),), perturbations=perturbations)
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         return reward_window_terms(self, rollout, sampler, embeds)
 
 
@@ -71,12 +76,12 @@ class TruncatedBackprop(GradientEstimator):
         k = int(torch.randint(lo, hi + 1, (1,), generator=step_generator)) if hi > lo else lo
         return Plan(num_steps, windows=((num_steps - k, num_steps),), info={"truncation": k})
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         return reward_window_terms(self, rollout, sampler, embeds)
 
 
 def reward_window_terms(
-    estimator: GradientEstimator, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning
+    estimator: GradientEstimator, rollout: Rollout, sampler: Sampler, embeds: Conditioning
 ) -> list[SurrogateTerm]:
     """``-mean r`` backpropagated through the plan's one window, which ends at the last step."""
     (window,) = rollout.plan.windows

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rlr_lightning.memory import GraphShape, MemoryPlan
-from rlr_lightning.sampling import Conditioning, DDIMSampler, Perturbation, Plan, Trajectory
+from rlr_lightning.sampling import Conditioning, Perturbation, Plan, Sampler, Trajectory
 
 #: ``reward_fn(final_latents, prompts) -> (B,)`` rewards; differentiable in the latents when FO needs it.
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
@@ -279,7 +279,7 @@ class GradientEstimator(ABC):
         """
 
     @abstractmethod
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         """The surrogate terms of a sampled and scored rollout."""
 
     def observe(self, rollout: Rollout, grad_norms: dict[str, float]) -> None:
@@ -315,7 +315,7 @@ class GradientEstimator(ABC):
     def score_terms(
         self,
         rollout: Rollout,
-        sampler: DDIMSampler,
+        sampler: Sampler,
         embeds: Conditioning,
         steps: Sequence[int],
         weight: float,
@@ -348,7 +348,7 @@ class GradientEstimator(ABC):
     def window_terms(
         self,
         rollout: Rollout,
-        sampler: DDIMSampler,
+        sampler: Sampler,
         embeds: Conditioning,
         window: tuple[int, int],
         name: str,
@@ -357,7 +357,7 @@ class GradientEstimator(ABC):
         """Terms of one gradient window: ``loss(view)`` for each sample chunk, summed over chunks.
 
         Unchunked, the view is the window's graph from the sampling pass (and the rewards computed on it);
-        chunked, each term replays the window for its chunk (:meth:`DDIMSampler.replay`), so only one chunk's
+        chunked, each term replays the window for its chunk (:meth:`Sampler.replay`), so only one chunk's
         graph exists at a time. ``loss`` must be a sum over the view's samples (divided by the batch size, not
         the chunk's), so that the chunks add up to the whole batch's term.
         """
@@ -392,7 +392,7 @@ def _identity(x: Tensor) -> Tensor:
 
 def rollout(
     estimator: GradientEstimator,
-    sampler: DDIMSampler,
+    sampler: Sampler,
     embeds: Conditioning,
     prompts: Sequence[str],
     reward_fn: RewardFn,

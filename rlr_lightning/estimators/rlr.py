@@ -17,7 +17,7 @@ from rlr_lightning.estimators.base import (
     perturbations_for,
 )
 from rlr_lightning.memory import GraphShape
-from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
+from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class RLR(GradientEstimator):
 
     # -- surrogate terms ---------------------------------------------------------------------------------
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps
         a = rollout.plan.info["block_start"]
         B = rollout.batch_size
@@ -246,7 +246,7 @@ class RLR(GradientEstimator):
                 terms.append(zo)
         return terms
 
-    def _parameter_zo(self, rollout: Rollout, sampler: DDIMSampler, zo_steps: list[int]) -> SurrogateTerm | None:
+    def _parameter_zo(self, rollout: Rollout, sampler: Sampler, zo_steps: list[int]) -> SurrogateTerm | None:
         r = rollout.rewards.detach().float()
         if self.antithetic:
             half = r.numel() // 2

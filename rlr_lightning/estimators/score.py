@@ -6,7 +6,7 @@ import torch
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm
 from rlr_lightning.memory import GraphShape
-from rlr_lightning.sampling import Conditioning, DDIMSampler, Plan
+from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 
 class ScoreFunction(GradientEstimator):
@@ -59,7 +59,7 @@ class ScoreFunction(GradientEstimator):
             info["steps"] = sorted(pick.tolist())
         return Plan(num_steps, info=info)
 
-    def terms(self, rollout: Rollout, sampler: DDIMSampler, embeds: Conditioning) -> list[SurrogateTerm]:
+    def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps
         steps = rollout.plan.info.get("steps", list(range(T)))
         return self.score_terms(rollout, sampler, embeds, steps, T / len(steps), "zo")

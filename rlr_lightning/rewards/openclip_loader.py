@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rlr_lightning.rewards.weights import MissingRewardWeightsError, check_local_file, is_offline
+from rlr_lightning.hub import is_offline
+from rlr_lightning.rewards.weights import MissingRewardWeightsError, check_local_file
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import logging
 import os
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from rlr_lightning.hub import cache_dir as project_cache_dir
+from rlr_lightning.hub import is_offline
 
-_TRUE = ("1", "true", "yes", "on")
+logger = logging.getLogger(__name__)
 
 
 class MissingRewardWeightsError(FileNotFoundError):
@@ -41,20 +42,9 @@ class MissingRewardWeightsError(FileNotFoundError):
         super().__init__(message)
 
 
-def is_offline() -> bool:
-    """Whether downloads are switched off (``HF_HUB_OFFLINE`` or ``RLR_OFFLINE`` set to a true value)."""
-    if any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "RLR_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers and open_clip
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def default_cache_dir() -> Path:
     """Cache of downloaded reward weights: ``$RLR_CACHE/rewards``, else ``~/.cache/rlr_lightning/rewards``."""
-    return Path(os.environ.get("RLR_CACHE", Path.home() / ".cache" / "rlr_lightning")) / "rewards"
+    return project_cache_dir() / "rewards"
 
 
 def check_local_file(
@@ -112,13 +102,17 @@ def fetch_hub_file(
 ) -> Path:
     """Return the local copy of ``filename`` from the Hugging Face Hub repository ``repo_id``.
 
-    Uses the Hugging Face cache (or ``cache_dir``) and obeys ``HF_HUB_OFFLINE``.
+    Uses the Hugging Face cache (or ``cache_dir``); never downloads when :func:`~rlr_lightning.hub.is_offline`
+    (``HF_HUB_OFFLINE`` or ``RLR_OFFLINE``).
     """
     from huggingface_hub import hf_hub_download
 
     source = f"the Hugging Face Hub repository {repo_id} (https://huggingface.co/{repo_id})"
     try:
-        path = hf_hub_download(repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir))
+        path = hf_hub_download(
+            repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir),
+            local_files_only=is_offline(),
+        )
     except Exception as err:  # offline cache miss, HTTP error, no network: one clear error instead
         reason = f"{type(err).__name__}: {err}"
         raise MissingRewardWeightsError(filename, source, option, reason=reason) from err

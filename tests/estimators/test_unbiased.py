@@ -14,7 +14,7 @@ import torch
 
 from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop, rollout
 from rlr_lightning.sampling import DDIMSampler, PromptEmbeds
-from rlr_lightning.testing import toy_denoiser_with_lora
+from rlr_lightning.tiny import toy_denoiser_with_lora
 from tests.estimators.harness import ToyProblem, toy_scheduler
 
 T = 6

@@ -56,7 +56,7 @@ def save_tiny_pickscore(directory: Path, seed: int = 0) -> str:
     """Save a tiny transformers CLIPModel and its CLIPProcessor (tiny tokenizer, 32-px images) together."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from rlr_lightning.testing import tiny_clip_tokenizer
+    from rlr_lightning.tiny import tiny_clip_tokenizer
 
     torch.manual_seed(seed)
     config = CLIPConfig(

@@ -25,7 +25,8 @@ TINY_PIPELINE_VERSION = 1
 #: Where :func:`ensure_tiny_pipeline` caches the quickstart model unless told otherwise.
 DEFAULT_CACHE_DIR = Path(os.environ.get("RLR_CACHE", Path.home() / ".cache" / "rlr_lightning"))
 
-_MARKER = "rlr_tiny_pipeline.json"
+#: Written into every directory this module builds: what marks a tiny model (and its recipe version).
+TINY_PIPELINE_MARKER = "rlr_tiny_pipeline.json"
 
 
 def tiny_clip_tokenizer(model_max_length: int = 16):
@@ -127,7 +128,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / _MARKER).write_text(json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}))
+    (path / TINY_PIPELINE_MARKER).write_text(json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}))
     return path
 
 
@@ -143,7 +144,7 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
     """
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     path = root / f"tiny-sd-v{TINY_PIPELINE_VERSION}-seed{seed}"
-    marker = path / _MARKER
+    marker = path / TINY_PIPELINE_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_PIPELINE_VERSION:
         return path
     logger.info("Building the tiny offline Stable Diffusion pipeline in %s (first use only)", path)

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from rlr_lightning.testing import TINY_PIPELINE_VERSION, ensure_tiny_pipeline, tiny_clip_tokenizer
+from rlr_lightning.tiny import TINY_PIPELINE_VERSION, ensure_tiny_pipeline, tiny_clip_tokenizer
 
 
 def test_tiny_tokenizer_is_character_level_clip():
@@ -19,7 +19,7 @@ def test_tiny_tokenizer_is_character_level_clip():
 def test_tiny_pipeline_loads_in_diffusers_and_is_deterministic(tiny_pipeline_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from rlr_lightning.testing import save_tiny_pipeline
+    from rlr_lightning.tiny import save_tiny_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True, safety_checker=None)
     images = pipe(["a cat"], num_inference_steps=2, output_type="pt",

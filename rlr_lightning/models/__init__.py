@@ -1,0 +1,85 @@
+"""Model families: one backbone class each, and :func:`load_backbone`, which picks the family of a pipeline.
+
+One module per concern: :mod:`~rlr_lightning.models.base` (what every family shares: freezing, LoRA,
+export and import, decoding, the sampler), :mod:`~rlr_lightning.models.lora` (LoRA settings and files),
+:mod:`~rlr_lightning.models.sd` (Stable Diffusion 1.x / 2.x) and :mod:`~rlr_lightning.models.sdxl`
+(Stable Diffusion XL). A new family is one new module here with a :class:`DiffusionBackbone` subclass (and a
+new denoiser or transition kernel in :mod:`rlr_lightning.sampling` if its network call or sampler is new),
+registered in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
+from rlr_lightning.models.base import DiffusionBackbone
+from rlr_lightning.models.lora import LoraSettings, read_lora_settings
+from rlr_lightning.models.sd import StableDiffusionBackbone
+from rlr_lightning.models.sdxl import StableDiffusionXLBackbone
+
+#: The diffusers pipeline class named in ``model_index.json`` to the backbone class of its family.
+FAMILIES: dict[str, type[DiffusionBackbone]] = {
+    "StableDiffusionPipeline": StableDiffusionBackbone,
+    "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
+}
+
+
+def backbone_class(
+    pretrained_model_name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> type[DiffusionBackbone]:
+    """The backbone class of a pipeline, from the pipeline class its ``model_index.json`` names.
+
+    Raises:
+        FileNotFoundError: A local directory is missing or is not a diffusers pipeline directory.
+        ModelNotAvailableError: A hub id is neither cached nor downloadable.
+        ValueError: The pipeline is of a family this library does not support; the message lists those it does.
+    """
+    path = os.path.expanduser(str(pretrained_model_name_or_path))
+    if not os.path.isdir(path) and os.path.exists(path):
+        raise FileNotFoundError(f"{path} is a file; pass a diffusers pipeline directory or a hub id")
+    index = read_model_index(pretrained_model_name_or_path, revision, cache_dir, local_files_only)
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is a {name} pipeline; supported pipelines: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[name]
+
+
+def load_backbone(
+    pretrained_model_name_or_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> DiffusionBackbone:
+    """Load a pipeline with the backbone class of its family (see :func:`backbone_class`).
+
+    Arguments as for :meth:`DiffusionBackbone.from_pretrained`.
+    """
+    offline = is_offline() if local_files_only is None else local_files_only
+    cls = backbone_class(pretrained_model_name_or_path, revision, cache_dir, offline)
+    return cls.from_pretrained(
+        pretrained_model_name_or_path, dtype=dtype, revision=revision, variant=variant, cache_dir=cache_dir,
+        local_files_only=offline,
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "DiffusionBackbone",
+    "LoraSettings",
+    "ModelNotAvailableError",
+    "StableDiffusionBackbone",
+    "StableDiffusionXLBackbone",
+    "backbone_class",
+    "load_backbone",
+    "read_lora_settings",
+]

@@ -1,0 +1,99 @@
+"""Denoisers: the network call of a model family, given latents, per-sample times and conditioning.
+
+The sampler calls a denoiser with the latents, one time per sample, the text-encoder sequence of one guidance
+branch and that branch's *added* conditioning (:class:`~rlr_lightning.sampling.conditioning.PromptEmbeds`), and
+optionally a replacement set of trainable tensors (a parameter perturbation, evaluated with
+``torch.func.functional_call`` so the leaves stay the unperturbed weights). A model family whose network takes
+other arguments (a transformer with pooled projections, packed latents, a guidance embedding) is a new
+:class:`Denoiser` subclass here; the sampler and the estimators do not change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class Denoiser(ABC):
+    """One model family's network call.
+
+    Args:
+        module: The network. Its parameters with ``requires_grad`` (the LoRA weights) are the trainable
+            parameters that perturbations act on and gradients flow to.
+        dtype: Dtype the network's inputs are cast to (its frozen weights' dtype); defaults to the dtype of its
+            first parameter.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None = None) -> None:
+        self.module = module
+        self.dtype = dtype or next(module.parameters()).dtype
+
+    @abstractmethod
+    def inputs(
+        self, latents: Tensor, timesteps: Tensor, context: Tensor, added: Mapping[str, Tensor]
+    ) -> tuple[tuple, dict]:
+        """The network's positional and keyword arguments, already in :attr:`dtype`."""
+
+    @abstractmethod
+    def output(self, result) -> Tensor:
+        """The prediction from what the network returned."""
+
+    @abstractmethod
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Shape of a batch of latents, ``(B, ...)``."""
+
+    def trainable_parameters(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def __call__(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        added: Mapping[str, Tensor],
+        params: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The prediction for each sample, in the network's dtype.
+
+        Args:
+            latents: ``(B, ...)``.
+            timesteps: ``(B,)``, the time of each sample.
+            context: The text-encoder sequence, ``(B, L, D)``.
+            added: The family's added conditioning, each ``(B, ...)``.
+            params: Evaluate at these trainable tensors instead of the module's own (``None``: at the module's).
+        """
+        args, kwargs = self.inputs(latents, timesteps, context, added)
+        if params is None:
+            return self.output(self.module(*args, **kwargs))
+        # A functional call evaluates the network at theta + u without touching the parameters: the leaves stay
+        # the unperturbed weights, so a gradient taken here is d f(theta + u) / d theta, and no saved tensor is
+        # ever invalidated by an in-place edit.
+        return self.output(functional_call(self.module, dict(params), args, kwargs, strict=False))
+
+
+class UNetDenoiser(Denoiser):
+    """A diffusers ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x, and SDXL with added conditioning).
+
+    Called as ``unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]``; the
+    ``added_cond_kwargs`` are left out when the family has none (SD 1.x / 2.x). Any module with that calling
+    convention and a ``config`` with ``in_channels`` and ``sample_size`` works (the tests' toy denoiser).
+    """
+
+    def inputs(self, latents, timesteps, context, added):
+        kwargs = {"encoder_hidden_states": context.to(self.dtype), "return_dict": False}
+        if added:
+            kwargs["added_cond_kwargs"] = {name: value.to(self.dtype) for name, value in added.items()}
+        return (latents.to(self.dtype), timesteps), kwargs
+
+    def output(self, result) -> Tensor:
+        return result[0]
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        config = self.module.config
+        size = config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, h, w)

@@ -1,0 +1,185 @@
+"""Transition kernels: the mean and standard deviation of each stochastic sampling step.
+
+Step ``k`` maps ``s_k`` to ``s_{k+1} = m_k + sigma_k * eps_k``. A kernel knows, per step, the time the
+denoiser is called at, ``sigma_k`` and how ``m_k`` follows from the latent and the (guided) model output; the
+Gaussian log-density of a transition is shared by every kernel. :class:`DDIMSchedule` is the DDIM kernel of
+the Stable Diffusion family; a new sampler (e.g. a flow-matching SDE) is a new kernel in this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class TransitionKernel(Protocol):
+    """Per-step times, standard deviations and means of a stochastic sampler, in sampling order.
+
+    Attributes:
+        timesteps: The time each step calls the denoiser at, ``(T,)``.
+        sigma: ``sigma_k``, ``(T,)`` float32 (0 on deterministic steps, which have no log-probability).
+    """
+
+    timesteps: Tensor
+    sigma: Tensor
+
+    def __len__(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> TransitionKernel:
+        """The same kernel with its tensors on ``device``."""
+
+    def mean(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+        """``m_k`` of each sample at its own step ``step_index``, float32 (at least), differentiable."""
+
+
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """The DDIM transition kernel: per-step DDIM coefficients for ``T`` inference steps, in sampling order.
+
+    Attributes:
+        timesteps: Model timestep of each step, ``(T,)`` long.
+        alpha: ``alphas_cumprod`` at the step's timestep, ``(T,)``.
+        alpha_prev: ``alphas_cumprod`` at the previous timestep (``final_alpha_cumprod`` past zero), ``(T,)``.
+        sigma: DDIM standard deviation ``eta * sqrt((1 - a_prev)/(1 - a_t) * (1 - a_t/a_prev))``, ``(T,)``.
+        eta: The DDIM eta the sigmas were built with.
+        prediction_type: What the model predicts: ``epsilon``, ``v_prediction`` or ``sample``.
+        clip_sample_range: Clamp of the predicted clean sample, or ``None`` when the scheduler does not clip.
+    """
+
+    timesteps: Tensor
+    alpha: Tensor
+    alpha_prev: Tensor
+    sigma: Tensor
+    eta: float
+    prediction_type: str = "epsilon"
+    clip_sample_range: float | None = None
+
+    @classmethod
+    def from_scheduler(
+        cls, scheduler, num_steps: int, eta: float, timestep_spacing: str | None = None
+    ) -> DDIMSchedule:
+        """Build the schedule of a diffusers scheduler's configuration, interpreted as DDIM.
+
+        Any scheduler config of the Stable Diffusion family works (their repositories ship PNDM); the DDIM
+        timesteps, their spacing and ``steps_offset`` are taken from ``DDIMScheduler`` itself, so they agree
+        with ``DDIMScheduler.step`` by construction. ``timestep_spacing`` (``leading``, ``trailing``,
+        ``linspace``) overrides the config's.
+        """
+        from diffusers import DDIMScheduler
+
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta!r}")
+        overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        if timestep_spacing not in (None, "leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+        ddim = DDIMScheduler.from_config(scheduler.config, **overrides)
+        if num_steps > ddim.config.num_train_timesteps:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds the scheduler's num_train_timesteps="
+                f"{ddim.config.num_train_timesteps}"
+            )
+        if ddim.config.thresholding:
+            raise ValueError("dynamic thresholding schedulers are not supported; set thresholding=False")
+        prediction_type = ddim.config.prediction_type
+        if prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r} is not one of {_PREDICTION_TYPES}")
+        ddim.set_timesteps(num_steps)
+        timesteps = ddim.timesteps.long()
+        # Exactly DDIMScheduler.step's previous timestep, whatever the timestep spacing.
+        prev = timesteps - ddim.config.num_train_timesteps // num_steps
+        ac = ddim.alphas_cumprod.float()
+        alpha = ac[timesteps]
+        alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.as_tensor(ddim.final_alpha_cumprod))
+        variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
+        sigma = eta * variance.sqrt()
+        if bool((1 - alpha_prev - sigma**2 < 0).any()):
+            raise ValueError(
+                f"eta={eta} is too large for this schedule: the DDIM direction term sqrt(1 - a_prev - sigma^2) "
+                "is undefined; use eta <= 1"
+            )
+        return cls(
+            timesteps=timesteps,
+            alpha=alpha,
+            alpha_prev=alpha_prev.float(),
+            sigma=sigma.float(),
+            eta=float(eta),
+            prediction_type=prediction_type,
+            clip_sample_range=float(ddim.config.clip_sample_range) if ddim.config.clip_sample else None,
+        )
+
+    def __len__(self) -> int:
+        return self.timesteps.numel()
+
+    def mean(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+        """The DDIM posterior mean of each sample (:func:`ddim_mean`)."""
+        return ddim_mean(self, step_index, latents, model_output)
+
+    def to(self, device: torch.device | str) -> DDIMSchedule:
+        return replace(
+            self,
+            timesteps=self.timesteps.to(device),
+            alpha=self.alpha.to(device),
+            alpha_prev=self.alpha_prev.to(device),
+            sigma=self.sigma.to(device),
+        )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """At least float32: the DDIM update and the log-density are never computed in half precision."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_sample(values: Tensor, step_index: Tensor, like: Tensor) -> Tensor:
+    """Gather one coefficient per sample and shape it to broadcast over ``like``'s non-batch dims."""
+    return values[step_index].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def ddim_mean(schedule: DDIMSchedule, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+    """The DDIM posterior mean ``m_k`` of each sample, in float32, with per-sample step indices.
+
+    Matches ``DDIMScheduler.step(..., eta=schedule.eta)`` with zero variance noise.
+    """
+    dtype = _compute_dtype(latents)
+    x = latents.to(dtype)
+    out = model_output.to(dtype)
+    a_t = _per_sample(schedule.alpha, step_index, x)
+    a_prev = _per_sample(schedule.alpha_prev, step_index, x)
+    sigma = _per_sample(schedule.sigma, step_index, x)
+    if schedule.prediction_type == "epsilon":
+        x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+        eps = out
+    elif schedule.prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    else:  # "sample"
+        x0 = out
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    if schedule.clip_sample_range is not None:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
+    """``log N(sample; mean, sigma^2 I)`` per sample, summed over all non-batch dims, in float32.
+
+    Summed, not averaged: the scale matters once likelihood-ratio terms are added to backprop terms. Autocast
+    is off because ``(x - m)^2 / sigma^2`` with a small sigma is numerically poor in half precision.
+    """
+    with torch.autocast(device_type=sample.device.type, enabled=False):
+        dtype = _compute_dtype(sample)
+        x = sample.to(dtype)
+        m = mean.to(dtype)
+        s = sigma.to(dtype).reshape(-1)
+        dims = x[0].numel()
+        sq = (x - m).pow(2).flatten(1).sum(1)
+        return -sq / (2 * s**2) - dims * (s.log() + 0.5 * _LOG_2PI)
+
