@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlr_lightning.diagnostics import AutogradMemoryMeter
-from rlr_lightning.estimators import derive_seed, rollout
+from rlr_lightning.estimators import derive_seed, estimate_gradient
 from rlr_lightning.module import RLRModule
 from rlr_lightning.rewards import ColorBalance
 from rlr_lightning.sampling import Plan
@@ -50,12 +50,8 @@ def synchronize() -> None:
 def estimator_step(module: RLRModule, embeds, prompts, draw: int) -> None:
     """One gradient estimate: rollout plus every term's backward (no optimizer step), run as the module's
     memory plan says (chunks, activation checkpointing)."""
-    result = rollout(module.estimator, module.sampler, embeds, prompts, module.latent_reward,
-                     derive_seed(0, draw, 0), derive_seed(0, draw, 1), memory=module.memory_plan)
-    for term in result.terms:
-        term.loss().backward()
-    for p in module.backbone.lora_parameters().values():
-        p.grad = None
+    estimate_gradient(module.estimator, module.sampler, embeds, prompts, module.latent_reward,
+                      derive_seed(0, draw, 0), derive_seed(0, draw, 1), memory=module.memory_plan)
 
 
 def measure_step(module: RLRModule, prompts, repeats: int = 5, warmup: int = 1) -> dict:

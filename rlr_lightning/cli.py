@@ -29,11 +29,16 @@ def _sample_parser() -> argparse.ArgumentParser:
         prog="rlr sample",
         description="Sample images with the DDIM sampler and report per-step log-probabilities.",
     )
-    p.add_argument("--model", default=None, help="hub id or diffusers pipeline directory (default: tiny offline model)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="hub id or diffusers pipeline directory (Stable Diffusion 1.x / 2.x or SDXL), or a tiny offline model: "
+        "tiny (default) or tiny-sdxl",
+    )
     p.add_argument(
         "--lora",
         default=None,
-        help="LoRA weights exported by training (directory or .safetensors), or another diffusers SD LoRA; "
+        help="LoRA weights exported by training (directory or .safetensors), or another diffusers LoRA of the model's family; "
         "rank, alpha and adapted layers are read from the file",
     )
     p.add_argument(
@@ -69,7 +74,7 @@ def sample(argv: list[str]) -> Path:
 
     from rlr_lightning.models import load_backbone
     from rlr_lightning.sampling import Plan
-    from rlr_lightning.tiny import ensure_tiny_pipeline
+    from rlr_lightning.tiny import TINY_MODELS, ensure_tiny_pipeline
 
     parser = _sample_parser()
     args = parser.parse_args(argv)
@@ -77,7 +82,7 @@ def sample(argv: list[str]) -> Path:
         parser.error("--lora-alpha and --lora-rank apply to LoRA weights; pass them with --lora")
     if args.lora_rank is not None:
         logger.warning("--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option")
-    model = args.model if args.model is not None else ensure_tiny_pipeline()
+    model = ensure_tiny_pipeline(family=TINY_MODELS[args.model]) if args.model in TINY_MODELS else args.model
     backbone = load_backbone(model, dtype=DTYPES[args.dtype]).to(args.device)
     if args.lora:
         try:

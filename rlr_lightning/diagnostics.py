@@ -15,11 +15,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from rlr_lightning.estimators import FullBackprop, GradientEstimator, derive_seed, rollout
-
-
-def _lora_gradient(params: Sequence[torch.nn.Parameter]) -> Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+from rlr_lightning.estimators import (
+    FullBackprop,
+    GradientEstimator,
+    derive_seed,
+    estimate_gradient,
+)
 
 
 def gradient_samples(
@@ -39,24 +40,14 @@ def gradient_samples(
     """
     estimator = estimator if estimator is not None else module.estimator
     estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
-    params = list(module.backbone.lora_parameters().values())
-    saved = [p.grad for p in params]
     prompts = list(prompts)
-    rows = []
-    try:
-        embeds = module.conditioning_for(prompts)
-        for i in range(num_samples):
-            for p in params:
-                p.grad = None
-            result = rollout(estimator, module.sampler, embeds, prompts, module.latent_reward,
-                             step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1),
-                             memory=module.memory_plan)
-            for term in result.terms:
-                term.loss().backward()
-            rows.append(-_lora_gradient(params).double())  # losses are negated objectives
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
+    embeds = module.conditioning_for(prompts)
+    rows = [
+        estimate_gradient(estimator, module.sampler, embeds, prompts, module.latent_reward,
+                          step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1),
+                          memory=module.memory_plan).total
+        for i in range(num_samples)
+    ]
     return torch.stack(rows)
 
 

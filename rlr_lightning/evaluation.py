@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from rlr_lightning.rewards.base import RewardModel
 
 
-def image_features(images: Tensor, encoder: nn.Module | None = None) -> Tensor:
-    """Features for diversity: ``encoder.image_features(images)`` L2-normalised when the encoder (e.g. a
-    CLIP-based reward) has one, else 16 x 16 average-pooled pixels scaled to unit RMS per dimension."""
-    extract = getattr(encoder, "image_features", None)
-    if callable(extract):
-        return F.normalize(extract(images).float(), dim=-1)
+def image_features(images: Tensor, reward: RewardModel | None = None) -> Tensor:
+    """Features for diversity, one row per image ``(B, 3, H, W)`` in [0, 1].
+
+    The reward's own image embedding (:meth:`RewardModel.image_embedding`, e.g. CLIP's for the aesthetic,
+    CLIP-score, HPSv2 and PickScore rewards), L2-normalised, so diversity is measured in the space the reward
+    judges; for rewards without one (and no reward), 16 x 16 average-pooled pixels scaled to unit RMS per
+    dimension.
+    """
+    embedding = reward.image_embedding(images) if reward is not None else None
+    if embedding is not None:
+        return F.normalize(embedding.float(), dim=-1)
     pooled = F.adaptive_avg_pool2d(images.float(), 16).flatten(1)
     return pooled / pooled.shape[1] ** 0.5
 

@@ -23,13 +23,6 @@ class ModelNotAvailableError(OSError):
     """A model could not be found locally and could not be downloaded."""
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """``float32`` / ``bfloat16`` / ``float16`` to the torch dtype; any other name is an error that lists them."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
 def is_offline() -> bool:
     """Whether downloads are switched off: ``HF_HUB_OFFLINE`` or ``RLR_OFFLINE`` set to a true value."""
     if any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "RLR_OFFLINE")):

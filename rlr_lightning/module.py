@@ -28,7 +28,7 @@ from torchmetrics import CatMetric, MeanMetric
 
 from rlr_lightning import rewards as reward_models
 from rlr_lightning.data import DCOT_SCALES, PromptBatch
-from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, rollout
+from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, flat_grad, rollout
 from rlr_lightning.evaluation import image_features, mean_pairwise_distance
 from rlr_lightning.hub import DTYPES
 from rlr_lightning.memory import (
@@ -46,7 +46,7 @@ from rlr_lightning.sampling import (
     Plan,
     ScaledPromptEmbeds,
 )
-from rlr_lightning.tiny import TINY_PIPELINE_MARKER
+from rlr_lightning.tiny import TINY_MODELS, TINY_PIPELINE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ExportConflictError(FileExistsError):
 
 def is_tiny_model(name_or_path: str) -> bool:
     """Whether ``name_or_path`` is a tiny offline model: ``tiny``, or a directory ``rlr_lightning.tiny`` built."""
-    return name_or_path == TINY_MODEL or (Path(name_or_path) / TINY_PIPELINE_MARKER).is_file()
+    return name_or_path in TINY_MODELS or (Path(name_or_path) / TINY_PIPELINE_MARKER).is_file()
 
 
 def reward_class_names() -> list[str]:
@@ -101,8 +101,9 @@ class RLRModule(L.LightningModule):
     """Reward fine-tuning of a diffusion model's LoRA adapters with a gradient estimator (RLR by default).
 
     Args:
-        pretrained_model_name_or_path: Hub id or diffusers pipeline directory of the backbone; ``tiny``
-            builds the tiny offline model into ``~/.cache/rlr_lightning`` (the CPU quickstart).
+        pretrained_model_name_or_path: Hub id or diffusers pipeline directory of the backbone (Stable Diffusion
+            1.x / 2.x or SDXL, told apart by the pipeline's ``model_index.json``); ``tiny`` (``tiny-sdxl``) builds
+            the tiny offline Stable Diffusion (SDXL) model into ``~/.cache/rlr_lightning`` (the CPU quickstart).
         estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop`` or
             ``ScoreFunction`` from ``rlr_lightning.estimators``.
         reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required for
@@ -259,10 +260,10 @@ class RLRModule(L.LightningModule):
         if self.backbone is not None:  # idempotent: load_from_checkpoint and fit both call it
             return
         source = self.pretrained_model_name_or_path
-        if source == TINY_MODEL:
+        if source in TINY_MODELS:
             from rlr_lightning.tiny import ensure_tiny_pipeline
 
-            source = ensure_tiny_pipeline()
+            source = ensure_tiny_pipeline(family=TINY_MODELS[source])
         backbone = load_backbone(source, dtype=self.weight_dtype)
         # LoRA A is initialised randomly: seed it from the run's seed, not from whatever state the global
         # RNG is in, so every rank and every rerun starts from the same adapter.
@@ -278,8 +279,8 @@ class RLRModule(L.LightningModule):
         trainable = sum(p.numel() for p in self.backbone.lora_parameters().values())
         frozen = sum(p.numel() for p in self.backbone.parameters()) - trainable
         rank_zero_info(
-            f"Backbone {self.pretrained_model_name_or_path} ready: {trainable:,} trainable LoRA weights, "
-            f"{frozen:,} frozen"
+            f"Backbone {self.pretrained_model_name_or_path} ({type(backbone).__name__}) ready: "
+            f"{trainable:,} trainable LoRA weights, {frozen:,} frozen"
         )
 
     # -- memory ------------------------------------------------------------------------------------------
@@ -383,9 +384,7 @@ class RLRModule(L.LightningModule):
         return strategy.block_backward_sync()
 
     def _lora_grad(self) -> Tensor:
-        return torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in self.lora_parameters()]
-        )
+        return flat_grad(self.lora_parameters())
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         started = time.perf_counter()

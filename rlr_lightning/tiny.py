@@ -1,10 +1,10 @@
-"""Tiny, offline Stable-Diffusion-shaped models for tests, docs, benchmarks and the CPU quickstart.
+"""Tiny, offline models of every supported family for tests, docs, benchmarks and the CPU quickstart.
 
-Nothing here touches the network: every component (UNet, VAE, CLIP text encoder, a character-level CLIP
-tokenizer and a DDIM scheduler) is built in code from a fixed seed and saved as an ordinary diffusers
-pipeline directory. Everything downstream loads that directory through the same
-``from_pretrained(..., local_files_only=True)`` path that real models take, so the loading code is tested
-for real.
+Nothing here touches the network: every component (UNet, VAE, CLIP text encoders, a character-level CLIP
+tokenizer and the scheduler) is built in code from a fixed seed and saved as an ordinary diffusers pipeline
+directory (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``). Everything downstream loads that
+directory through the same ``from_pretrained(..., local_files_only=True)`` path that real models take, so the
+loading code is tested for real.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from types import SimpleNamespace
 
 import torch
 
+from rlr_lightning.hub import cache_dir as cache_dir_default
+
 logger = logging.getLogger(__name__)
 
 #: Bump when the recipe below changes, so cached copies are rebuilt instead of silently reused.
 TINY_PIPELINE_VERSION = 1
-
-#: Where :func:`ensure_tiny_pipeline` caches the quickstart model unless told otherwise.
-DEFAULT_CACHE_DIR = Path(os.environ.get("RLR_CACHE", Path.home() / ".cache" / "rlr_lightning"))
 
 #: Written into every directory this module builds: what marks a tiny model (and its recipe version).
 TINY_PIPELINE_MARKER = "rlr_tiny_pipeline.json"
@@ -53,6 +52,22 @@ def tiny_clip_tokenizer(model_max_length: int = 16):
     )
 
 
+def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215):
+    """A two-level ``AutoencoderKL`` with 4 latent channels: images twice the latent size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=2 * sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build_tiny_components(seed: int = 0, sample_size: int = 8) -> dict:
     """Build the tiny components (about 1.3 M parameters in all) with deterministic random weights.
 
@@ -60,7 +75,7 @@ def build_tiny_components(seed: int = 0, sample_size: int = 8) -> dict:
         seed: Seed of the weight initialisation; the same seed gives bit-identical weights.
         sample_size: Latent height and width. The VAE doubles it, so 8 gives 16 x 16 images.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -75,15 +90,7 @@ def build_tiny_components(seed: int = 0, sample_size: int = 8) -> dict:
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=2 * sample_size,
-    )
+    vae = _tiny_vae(sample_size)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=0,
@@ -116,24 +123,100 @@ def build_tiny_components(seed: int = 0, sample_size: int = 8) -> dict:
     )
 
 
-def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it as a normal diffusers pipeline directory at ``path``."""
-    from diffusers import StableDiffusionPipeline
+def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 8) -> dict:
+    """Build a tiny SDXL (about 1.5 M parameters in all): two CLIP text encoders, the second with a projection,
+    and a UNet with SDXL's ``text_time`` added conditioning (pooled text embedding + 6 time ids).
 
-    path = Path(path)
-    pipe = StableDiffusionPipeline(
-        **build_tiny_components(seed=seed),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    Args:
+        seed: Seed of the weight initialisation; the same seed gives bit-identical weights.
+        sample_size: Latent height and width. The VAE doubles it, so 8 gives 16 x 16 images.
+    """
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_width, projection, time_width = 32, 32, 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        # The two encoders' sequences side by side, as in SDXL (768 + 1280 there).
+        cross_attention_dim=2 * text_width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_width,
+        projection_class_embeddings_input_dim=6 * time_width + projection,
+        transformer_layers_per_block=(1, 1),
+        norm_num_groups=32,
     )
+    vae = _tiny_vae(sample_size, scaling_factor=0.13025)  # SDXL's latent scale
+
+    def text_config(**extra) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=text_width, intermediate_size=37,
+            layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=3, vocab_size=514,
+            max_position_embeddings=77, hidden_act="gelu", **extra,
+        )
+
+    # SDXL base ships an Euler scheduler whose config also carries the DDIM keys of the SD training schedule
+    # (clip_sample, set_alpha_to_one); the sampler reads it as DDIM.
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0,
+    ))
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(text_config()).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=projection)).eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        scheduler=scheduler,
+    )
+
+
+#: The tiny model families: how each is built and which diffusers pipeline saves it.
+TINY_FAMILIES = {
+    "sd": (build_tiny_components, "StableDiffusionPipeline", "Stable Diffusion"),
+    "sdxl": (build_tiny_sdxl_components, "StableDiffusionXLPipeline", "Stable Diffusion XL"),
+}
+
+
+#: Model names (``model.pretrained_model_name_or_path``, ``rlr sample --model``) of the tiny pipelines, by family.
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
+
+
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd") -> Path:
+    """Build a tiny pipeline and save it as a normal diffusers pipeline directory at ``path``.
+
+    Args:
+        path: Target directory.
+        seed: Weight seed.
+        family: ``sd`` (Stable Diffusion 1.x-shaped) or ``sdxl``.
+    """
+    import diffusers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny model family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
+    build, pipeline_name, _ = TINY_FAMILIES[family]
+    path = Path(path)
+    extra = (
+        dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family == "sd" else {}
+    )
+    pipe = getattr(diffusers, pipeline_name)(**build(seed=seed), **extra)
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / TINY_PIPELINE_MARKER).write_text(json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}))
+    marker = {"version": TINY_PIPELINE_VERSION, "seed": seed, "family": family}
+    (path / TINY_PIPELINE_MARKER).write_text(json.dumps(marker))
     return path
 
 
-def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Return the directory of the tiny pipeline, building it there first if it is missing or stale.
+def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = 0, family: str = "sd") -> Path:
+    """Return the directory of a tiny pipeline, building it there first if it is missing or stale.
 
     This is what the CPU quickstart uses, so a fresh clone needs no download at all.
 
@@ -141,17 +224,20 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
         cache_dir: Parent directory of the cached model; defaults to ``$RLR_CACHE`` or
             ``~/.cache/rlr_lightning``.
         seed: Weight seed of the tiny model.
+        family: ``sd`` or ``sdxl``.
     """
-    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    path = root / f"tiny-sd-v{TINY_PIPELINE_VERSION}-seed{seed}"
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny model family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
+    root = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    path = root / f"tiny-{family}-v{TINY_PIPELINE_VERSION}-seed{seed}"
     marker = path / TINY_PIPELINE_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_PIPELINE_VERSION:
         return path
-    logger.info("Building the tiny offline Stable Diffusion pipeline in %s (first use only)", path)
+    logger.info("Building the tiny offline %s pipeline in %s (first use only)", TINY_FAMILIES[family][2], path)
     # Build into a temporary sibling and rename, so an interrupted build never leaves a half-written model
     # that a later run would trust.
     tmp = root / f".{path.name}.tmp-{os.getpid()}"
-    save_tiny_pipeline(tmp, seed=seed)
+    save_tiny_pipeline(tmp, seed=seed, family=family)
     if path.exists():
         import shutil
 

@@ -39,6 +39,14 @@ def tiny_pipeline_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny SDXL pipeline saved as a normal diffusers directory."""
+    from rlr_lightning.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
+
+
 @pytest.fixture
 def tiny_scheduler(tiny_pipeline_dir):
     from diffusers import DDIMScheduler

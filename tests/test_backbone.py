@@ -310,7 +310,7 @@ def test_incomplete_local_directory_names_missing_components(tiny_pipeline_dir, 
     shutil.copytree(tiny_pipeline_dir, partial)
     shutil.rmtree(partial / "vae")
     with pytest.raises(FileNotFoundError, match="missing vae/"):
-        resolve_pretrained(partial, StableDiffusionBackbone.components)
+        resolve_pretrained(partial, StableDiffusionBackbone.components())
 
 
 def test_hub_id_unavailable_offline_says_what_to_download(tmp_path):

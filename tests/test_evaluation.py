@@ -40,3 +40,28 @@ def test_validation_reports_reward_metrics_and_diversity_reproducibly(tiny_pipel
         generator = torch.Generator().manual_seed(derive_seed(module.seed, 0x5EED, batch_idx, 0))
         scores.append(ColorBalance()(module.generate(batch, generator), batch.prompts))
     assert first["val/ColorBalance_mean"] == pytest.approx(torch.cat(scores).mean().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_validation_diversity_is_measured_in_the_clip_rewards_embedding(tiny_pipeline_dir, tmp_path):
+    """With a CLIP-based reward, ``val/diversity`` is the mean distance of the samples' normalised CLIP image
+    embeddings (what the reward tells apart), not of their pixels."""
+    import torch.nn.functional as F
+
+    from rlr_lightning.estimators import derive_seed
+    from rlr_lightning.rewards import CLIPScoreReward
+    from tests.rewards import save_tiny_open_clip
+
+    files = save_tiny_open_clip(tmp_path / "clip")
+    reward = CLIPScoreReward(clip_model=files["config"], pretrained=files["checkpoint"])
+    module = make_module(tiny_pipeline_dir, reward=reward)
+    data = PromptDataModule(prompt_set="animals", batch_size=2, val_prompts=["cat", "dog", "owl"], val_batch_size=3)
+    result = make_trainer(tmp_path, max_steps=1).validate(module, datamodule=data, verbose=False)[0]
+
+    batch = next(iter(data.val_dataloader()))
+    generator = torch.Generator().manual_seed(derive_seed(module.seed, 0x5EED, 0, 0))
+    images = module.generate(batch, generator)
+    with torch.no_grad():
+        clip = F.normalize(reward.clip.encode_image(reward.preprocess(images)), dim=-1)
+    assert result["val/diversity"] == pytest.approx(mean_pairwise_distance(clip).item(), rel=1e-5)
+    assert result["val/diversity"] != pytest.approx(mean_pairwise_distance(image_features(images)).item(), rel=0.01)

@@ -1,6 +1,11 @@
 """Gradient estimators: RLR and the baselines it is compared with, each a plan plus surrogate terms."""
 
 from rlr_lightning.estimators.backprop import FullBackprop, TruncatedBackprop
+from rlr_lightning.estimators.backward import (
+    GradientEstimate,
+    estimate_gradient,
+    flat_grad,
+)
 from rlr_lightning.estimators.base import (
     GradientEstimator,
     Rollout,
@@ -15,6 +20,7 @@ from rlr_lightning.estimators.score import ScoreFunction
 __all__ = [
     "RLR",
     "FullBackprop",
+    "GradientEstimate",
     "GradientEstimator",
     "Rollout",
     "ScoreFunction",
@@ -22,5 +28,7 @@ __all__ = [
     "TruncatedBackprop",
     "compute_advantages",
     "derive_seed",
+    "estimate_gradient",
+    "flat_grad",
     "rollout",
 ]

@@ -1,6 +1,6 @@
 """What every gradient estimator shares: a plan, surrogate terms, advantages and one rollout.
 
-An estimator is two things (``architecture.md``): a :class:`~rlr_lightning.sampling.Plan` for the sampler
+An estimator is two things (``docs/architecture.md``): a :class:`~rlr_lightning.sampling.Plan` for the sampler
 and a list of :class:`SurrogateTerm` whose autograd gradients add up to the estimate. Each term builds its
 loss lazily, so a caller can backpropagate the terms one at a time and free each graph before the next
 (the likelihood-ratio re-scoring of many steps would otherwise hold every chunk's activations at once).

@@ -52,8 +52,9 @@ class DiffusionBackbone(nn.Module, ABC):
         dtype: Dtype of the frozen weights (float32, or bfloat16 on accelerators).
     """
 
-    #: The subfolders a pipeline directory of this family must provide.
-    components: ClassVar[tuple[str, ...]] = ()
+    #: The pipeline's components: subfolder name to ``(library, class name)`` of the class that loads it.
+    #: Networks get the dtype and weight variant; tokenizers and schedulers load as they are.
+    component_classes: ClassVar[dict[str, tuple[str, str]]] = {}
     #: The diffusers pipeline class of this family (``save_lora_weights`` / ``load_lora_weights``).
     pipeline_class_name: ClassVar[str] = ""
     #: The component that carries the LoRA adapter, and the prefix of its keys in LoRA files.
@@ -61,9 +62,14 @@ class DiffusionBackbone(nn.Module, ABC):
     #: The components that are networks (frozen, cast to the dtype, in eval mode).
     networks: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def components(cls) -> tuple[str, ...]:
+        """The subfolders a pipeline directory of this family must provide."""
+        return tuple(cls.component_classes)
+
     def __init__(self, dtype: torch.dtype = torch.float32, **components) -> None:
         super().__init__()
-        missing = [name for name in self.components if name not in components]
+        missing = [name for name in self.components() if name not in components]
         if missing:
             raise TypeError(f"{type(self).__name__} needs the components {', '.join(missing)}")
         for name, value in components.items():
@@ -85,12 +91,23 @@ class DiffusionBackbone(nn.Module, ABC):
         return getattr(diffusers, cls.pipeline_class_name)
 
     @classmethod
-    @abstractmethod
     def load_components(cls, source: str, dtype: torch.dtype, **hub) -> dict:
-        """Load every component from ``source`` (each through its own ``from_pretrained``).
+        """Load every component from ``source``, each through its own class's ``from_pretrained``.
 
         ``hub`` holds ``revision``, ``variant``, ``cache_dir`` and ``local_files_only``.
         """
+        import importlib
+
+        variant = hub.pop("variant")
+        loaded = {}
+        for name, (library, class_name) in cls.component_classes.items():
+            component_class = getattr(importlib.import_module(library), class_name)
+            kwargs = dict(subfolder=name, **hub)
+            if name in cls.networks:
+                # diffusers models take torch_dtype, transformers models dtype.
+                kwargs.update(variant=variant, **{"torch_dtype" if library == "diffusers" else "dtype": dtype})
+            loaded[name] = component_class.from_pretrained(source, **kwargs)
+        return loaded
 
     @classmethod
     def from_pretrained(
@@ -118,7 +135,7 @@ class DiffusionBackbone(nn.Module, ABC):
             ModelNotAvailableError: A hub id is neither cached nor downloadable; the message says what to
                 download and where to point the loader.
         """
-        source = resolve_pretrained(pretrained_model_name_or_path, cls.components)
+        source = resolve_pretrained(pretrained_model_name_or_path, cls.components())
         is_local = Path(source).is_dir()
         offline = is_offline() if local_files_only is None else local_files_only
         logger.info("Loading the %s backbone from %s (dtype %s)", cls.__name__, source, dtype)

@@ -16,28 +16,16 @@ class StableDiffusionBackbone(DiffusionBackbone):
     sampled as DDIM). The negative prompt is the empty prompt, as in ``StableDiffusionPipeline``.
     """
 
-    components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    component_classes = {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        # Any Stable Diffusion scheduler config (their repositories ship PNDM), read as DDIM.
+        "scheduler": ("diffusers", "DDIMScheduler"),
+    }
     pipeline_class_name = "StableDiffusionPipeline"
     networks = ("unet", "vae", "text_encoder")
-
-    @classmethod
-    def load_components(cls, source: str, dtype: torch.dtype, **hub) -> dict:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        variant = hub.pop("variant")
-        return dict(
-            unet=UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=dtype, variant=variant, **hub
-            ),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, variant=variant, **hub),
-            text_encoder=CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", dtype=dtype, variant=variant, **hub
-            ),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub),
-            # Any Stable Diffusion scheduler config (their repositories ship PNDM) read as DDIM.
-            scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler", **hub),
-        )
 
     def _token_sequence(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(

@@ -30,7 +30,16 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
         components: As for :class:`~rlr_lightning.models.base.DiffusionBackbone`.
     """
 
-    components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    component_classes = {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        # SDXL repositories ship an Euler scheduler config; its training schedule is read as DDIM.
+        "scheduler": ("diffusers", "DDIMScheduler"),
+    }
     pipeline_class_name = "StableDiffusionXLPipeline"
     networks = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -42,32 +51,11 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
 
     @classmethod
     def load_components(cls, source: str, dtype: torch.dtype, **hub) -> dict:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import (
-            CLIPTextModel,
-            CLIPTextModelWithProjection,
-            CLIPTokenizer,
-        )
-
-        variant = hub.pop("variant")
         index = read_model_index(source, hub["revision"], hub["cache_dir"], hub["local_files_only"])
-        return dict(
-            unet=UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=dtype, variant=variant, **hub
-            ),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, variant=variant, **hub),
-            text_encoder=CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", dtype=dtype, variant=variant, **hub
-            ),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", dtype=dtype, variant=variant, **hub
-            ),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub),
-            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub),
-            # SDXL repositories ship an Euler scheduler config; its training schedule is read as DDIM.
-            scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler", **hub),
-            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
-        )
+        return {
+            **super().load_components(source, dtype, **hub),
+            "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+        }
 
     def network_dtype(self, name: str) -> torch.dtype:
         # SDXL's VAE overflows in float16 (its config says force_upcast); the pipeline decodes it in float32.

@@ -105,8 +105,12 @@ class AestheticReward(RewardModel):
         self.preprocess = CLIPPreprocess.from_open_clip(self.clip)
         self.freeze()
 
+    def image_embedding(self, images: Tensor) -> Tensor:
+        """The L2-normalised CLIP image embedding the head scores, ``(B, input_size)``."""
+        return encode_image(self.clip, self.preprocess(images))
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        embeddings = encode_image(self.clip, self.preprocess(images))
+        embeddings = self.image_embedding(images)
         # The head is tiny: run it outside autocast in its own dtype (float32 unless the reward was cast), so
         # bf16 rounding (0.03 at a score of 5) does not add noise to reward differences.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):

@@ -14,7 +14,8 @@ class RewardModel(nn.Module, ABC):
 
     Subclasses implement :meth:`score` and set :attr:`differentiable` to ``False`` when the reward has no
     useful gradient (estimators that backpropagate through the reward then refuse it, and RLR scores its
-    last step by a likelihood ratio instead).
+    last step by a likelihood ratio instead). Rewards that score an image embedding (CLIP-based ones) also
+    implement :meth:`image_embedding`.
     """
 
     #: Whether gradients flow from the reward to the images.
@@ -23,6 +24,16 @@ class RewardModel(nn.Module, ABC):
     @abstractmethod
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """Rewards of ``images`` ``(B, 3, H, W)`` in [0, 1] for their ``prompts``; shape ``(B,)``."""
+
+    def image_embedding(self, images: Tensor) -> Tensor | None:
+        """The image embedding the reward scores, ``(B, D)``, for images ``(B, 3, H, W)`` in [0, 1]; None for
+        rewards without one (pixel statistics, JPEG sizes).
+
+        Computed exactly as :meth:`score` computes it (same preprocessing, same model), not necessarily
+        L2-normalised. Evaluation measures the diversity of samples in this space where there is one
+        (:func:`rlr_lightning.evaluation.image_features`): distances the reward itself can tell apart.
+        """
+        return None
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -26,8 +26,12 @@ class _OpenCLIPSimilarity(RewardModel):
         self.preprocess = CLIPPreprocess.from_open_clip(clip)
         self.freeze()
 
+    def image_embedding(self, images: Tensor) -> Tensor:
+        """The L2-normalised open_clip image features compared with the prompt's, ``(B, embed_dim)``."""
+        return encode_image(self.clip, self.preprocess(images))
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        image_features = encode_image(self.clip, self.preprocess(images))
+        image_features = self.image_embedding(images)
         text_features = encode_text(self.clip, self.tokenizer, list(prompts), images.device)
         # The cosine in float32 even under bf16 autocast: the features are unit vectors already.
         return self.scale * (image_features.float() * text_features.float()).sum(dim=-1)

@@ -33,6 +33,14 @@ class WeightedSum(RewardModel):
         self.differentiable = all(reward.differentiable for reward in rewards)
         self.freeze()
 
+    def image_embedding(self, images: Tensor) -> Tensor | None:
+        """The image embedding of the first part that has one (in the order given), else None."""
+        for reward in self.rewards:
+            embedding = reward.image_embedding(images)
+            if embedding is not None:
+                return embedding
+        return None
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         parts = torch.stack([reward(images, prompts) for reward in self.rewards], dim=1)
         return parts @ self.weights.to(parts.dtype)

@@ -87,10 +87,14 @@ class PickScoreReward(RewardModel):
         self.max_length = min(77, int(self.clip.config.text_config.max_position_embeddings))
         self.freeze()
 
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+    def image_embedding(self, images: Tensor) -> Tensor:
+        """The projected CLIP image features (``get_image_features``, not normalised), ``(B, projection_dim)``."""
         dtype = next(self.clip.parameters()).dtype
         pixels = self.preprocess(images).to(dtype)
-        image_features = _features(self.clip.get_image_features(pixel_values=pixels))
+        return _features(self.clip.get_image_features(pixel_values=pixels))
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        image_features = self.image_embedding(images)
         tokens = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(images.device)

@@ -81,6 +81,10 @@ class DDIMSchedule:
         overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
         if timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+        if "clip_sample" not in scheduler.config:
+            # A scheduler config that does not say (e.g. a bare Euler config) would get DDIM's default,
+            # clip_sample=True, which clamps latents to [-1, 1]; no latent diffusion model is trained that way.
+            overrides["clip_sample"] = False
         ddim = DDIMScheduler.from_config(scheduler.config, **overrides)
         if num_steps > ddim.config.num_train_timesteps:
             raise ValueError(

@@ -18,7 +18,7 @@ from torch import Tensor
 
 @dataclass
 class StepOutput:
-    """One DDIM transition of a batch.
+    """One transition of a batch.
 
     Attributes:
         mean: ``m_k``, float32, carrying a graph when computed with gradient.

@@ -152,7 +152,7 @@ class DiffusionSampler:
         minus: Tensor | None = None,
         checkpoint: bool = False,
     ) -> Tensor:
-        """The (guided) model output for each sample at its own step, float32, in one UNet call.
+        """The (guided) model output for each sample at its own step, float32, in one denoiser call.
 
         Args:
             latents: ``(B, C, H, W)``.
@@ -274,7 +274,7 @@ class DiffusionSampler:
         embeds: PromptEmbeds,
         perturbation: Perturbation | None = None,
     ) -> Tensor:
-        """Re-score many stored transitions ``(k, s_k, s_{k+1})`` in one UNet call (per-sample timesteps).
+        """Re-score many stored transitions ``(k, s_k, s_{k+1})`` in one denoiser call (per-sample timesteps).
 
         Returns ``log p_theta(s_{k+1} | s_k)``, ``(N,)`` float32, differentiable in the trainable weights when
         called with gradient enabled. Use :meth:`Trajectory.transitions` and ``embeds.for_steps`` (or
@@ -345,13 +345,15 @@ class DiffusionSampler:
         """Draw ``s_0`` and ``eps_0 .. eps_{T-1}`` from ``generator``, in that order.
 
         Everything random in a trajectory comes from here, so the same generator state replays it exactly,
-        whatever the plan.
+        whatever the plan. The draws are float32 and cast to the sampling dtype (float32, or float64 for a
+        float64 denoiser), so a float64 chain samples the same trajectory, only more precisely.
         """
         shape = self.latent_shape(batch_size)
         gen_device = generator.device if generator is not None else torch.device("cpu")
+        dtype = torch.promote_types(self.denoiser.dtype, torch.float32)
         x0 = torch.randn(shape, generator=generator, device=gen_device)
         noises = torch.randn((self.num_steps, *shape), generator=generator, device=gen_device)
-        return x0.to(device), noises.to(device)
+        return x0.to(device, dtype), noises.to(device, dtype)
 
     @torch.no_grad()
     def sample(self, embeds: Conditioning, generator: torch.Generator | None = None) -> Tensor:
@@ -471,7 +473,3 @@ class DDIMSampler(DiffusionSampler):
     def schedule(self) -> DDIMSchedule:
         """The DDIM kernel, on the CPU."""
         return self.kernel
-
-    @property
-    def unet(self) -> nn.Module:
-        return self.denoiser.module

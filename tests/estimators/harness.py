@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlr_lightning.estimators import GradientEstimator, SurrogateTerm, rollout
+from rlr_lightning.estimators import GradientEstimator, SurrogateTerm, estimate_gradient
 from rlr_lightning.estimators.base import perturbations_for
 from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
 from rlr_lightning.tiny import toy_denoiser_with_lora
@@ -60,20 +60,10 @@ class ToyProblem:
 
         The estimator's running statistics are updated after the draw, as a training step would.
         """
-        result = rollout(estimator, self.sampler, self.embeds, self.prompts, self.reward,
-                         step_seed=draw, rank_seed=10_000 + draw)
-        grads: dict[str, Tensor] = {}
-        for term in result.terms:
-            for p in self.params.values():
-                p.grad = None
-            term.loss().backward()
-            # Losses are negated objectives: minus their gradients estimate grad J.
-            g = -torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                            for p in self.params.values()]).double()
-            grads[term.name] = grads.get(term.name, 0) + g
-        grads["total"] = sum(grads.values())
-        estimator.observe(result, {})
-        return grads
+        estimate = estimate_gradient(estimator, self.sampler, self.embeds, self.prompts, self.reward,
+                                     step_seed=draw, rank_seed=10_000 + draw)
+        estimator.observe(estimate.rollout, {})
+        return {**estimate.terms, "total": estimate.total}
 
     def gradient(self, estimator: GradientEstimator, draw: int) -> Tensor:
         return self.term_gradients(estimator, draw)["total"]

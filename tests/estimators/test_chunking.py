@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop, rollout
+from rlr_lightning.estimators import (
+    RLR,
+    FullBackprop,
+    ScoreFunction,
+    TruncatedBackprop,
+    estimate_gradient,
+    rollout,
+)
 from rlr_lightning.memory import MemoryPlan
 from rlr_lightning.sampling import DDIMSampler, PromptEmbeds, ScaledPromptEmbeds
 
@@ -56,22 +63,16 @@ def problem(tiny_pipeline_dir):
 def gradient(problem, estimator, memory, draw=0, embeds=None, differentiable=True):
     sampler, default_embeds, weight = problem
     embeds = embeds if embeds is not None else default_embeds
-    params = sampler.trainable_parameters()
-    for p in params.values():
-        p.grad = None
 
     def reward(latents, prompts):
         r = (torch.tanh(latents) * weight).flatten(1).mean(1)
         return r if differentiable else r.detach()
 
     estimator.setup(T, 1.0, reward_differentiable=differentiable)
-    result = rollout(estimator, sampler, embeds, [f"p{i}" for i in range(B)], reward, step_seed=draw,
-                     rank_seed=100 + draw, memory=memory)
-    for term in result.terms:
-        term.loss().backward()
-    estimator.observe(result, {})
-    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params.values()])
-    return grads, result
+    estimate = estimate_gradient(estimator, sampler, embeds, [f"p{i}" for i in range(B)], reward, step_seed=draw,
+                                 rank_seed=100 + draw, memory=memory)
+    estimator.observe(estimate.rollout, {})
+    return estimate.total, estimate.rollout
 
 
 def gradients_over_draws(problem, name, memory, draws=2):
@@ -138,3 +139,42 @@ def test_module_gradient_through_the_vae_is_the_same_chunked_and_checkpointed(ti
         module.set_activation_checkpointing(memory.activation_checkpointing)
         chunked = gradient_samples(module, prompts, num_samples=2)
         torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_estimate_is_what_the_terms_backward_accumulates_and_leaves_grads_alone(problem):
+    """``estimate_gradient`` returns minus the gradient a training step's backward passes accumulate (here
+    over 2 x B chunked terms), split exactly by term, and restores whatever ``.grad`` the parameters held."""
+    from rlr_lightning.estimators import flat_grad
+
+    sampler, embeds, weight = problem
+    params = list(sampler.trainable_parameters().values())
+    prompts = [f"p{i}" for i in range(B)]
+
+    def reward(latents, prompts):
+        return (torch.tanh(latents) * weight).flatten(1).mean(1)
+
+    def make():
+        estimator = RLR(h=1, block_law="range", block_range=(1, 1))
+        estimator.setup(T, 1.0)
+        return estimator
+
+    memory = MemoryPlan(chunk_samples=2)
+    held = torch.full_like(params[0], 3.0)
+    params[0].grad = held
+    estimate = estimate_gradient(make(), sampler, embeds, prompts, reward, 5, 105, memory=memory)
+    assert params[0].grad is held and torch.equal(held, torch.full_like(params[0], 3.0))
+    assert all(p.grad is None for p in params[1:])
+
+    params[0].grad = None
+    result = rollout(make(), sampler, embeds, prompts, reward, 5, 105, memory=memory)
+    assert len(result.terms) > 3  # several chunks per kind of term
+    for term in result.terms:
+        term.loss().backward()
+    accumulated = -flat_grad(params).double()
+    for p in params:
+        p.grad = None
+    assert estimate.total.dtype == torch.float64 and set(estimate.terms) == {"ho", "fo", "zo"}
+    assert all(share.abs().sum() > 0 for share in estimate.terms.values())
+    torch.testing.assert_close(sum(estimate.terms.values()), estimate.total)
+    torch.testing.assert_close(estimate.total, accumulated, rtol=1e-5, atol=1e-6 * float(accumulated.abs().max()))
+    torch.testing.assert_close(estimate.rollout.all_rewards, result.all_rewards)

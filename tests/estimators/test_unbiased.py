@@ -12,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop, rollout
+from rlr_lightning.estimators import (
+    RLR,
+    FullBackprop,
+    ScoreFunction,
+    TruncatedBackprop,
+    estimate_gradient,
+)
 from rlr_lightning.sampling import DDIMSampler, PromptEmbeds
 from rlr_lightning.tiny import toy_denoiser_with_lora
 from tests.estimators.harness import ToyProblem, toy_scheduler
@@ -135,12 +141,9 @@ def test_rlr_on_the_tiny_unet_matches_full_backprop(tiny_unet, tiny_scheduler):
         return (torch.tanh(latents) * weight).flatten(1).mean(1)
 
     def gradient(estimator, draw):
-        for p in params.values():
-            p.grad = None
-        result = rollout(estimator, sampler, embeds, ["p"] * 4, reward, step_seed=draw, rank_seed=draw + 99)
-        for term in result.terms:
-            term.loss().backward()
-        return -torch.cat([p.grad.flatten() for p in params.values()]).double() @ projection
+        estimate = estimate_gradient(estimator, sampler, embeds, ["p"] * 4, reward, step_seed=draw,
+                                     rank_seed=draw + 99)
+        return estimate.total @ projection
 
     rlr, full = RLR(h=1, zo_mode="score"), FullBackprop()
     for est in (rlr, full):

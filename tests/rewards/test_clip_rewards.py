@@ -177,3 +177,53 @@ def test_bf16_autocast_keeps_float32_rewards_and_gradients(rewards, name):
     torch.testing.assert_close(out.detach(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
     out.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "clip_score", "hps", "pickscore"])
+def test_diversity_features_are_the_embedding_the_reward_scores(rewards, tiny_files, name):
+    """Diversity is measured on the image embedding the reward itself scores: fed to the reward's own
+    scoring formula (the head, the cosine with the prompt), the features give back the reward."""
+    import torch.nn.functional as F
+
+    from rlr_lightning.evaluation import image_features
+
+    reward = rewards[name]
+    images = _images()
+    with torch.no_grad():
+        features = image_features(images, reward)
+        expected = reward(images, PROMPTS)
+        if name == "aesthetic":
+            rescored = reward.head(features).squeeze(-1)
+        elif name == "pickscore":
+            tokens = reward.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+            text = reward.clip.get_text_features(**tokens)
+            text = F.normalize(text if isinstance(text, torch.Tensor) else text.pooler_output, dim=-1)
+            rescored = reward.clip.logit_scale.exp() * (features * text).sum(-1)
+        else:
+            text = reward.clip.encode_text(reward.tokenizer(PROMPTS), normalize=True)
+            rescored = reward.scale * (features * text).sum(-1)
+    assert features.shape == (2, 16) and features.dtype == torch.float32
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(rescored, expected, rtol=1e-5, atol=1e-5)
+    # Not the pixel fallback, which would have 3 x 16 x 16 dimensions.
+    assert image_features(images).shape == (2, 768)
+
+
+def test_weighted_sum_measures_diversity_with_its_first_embedding_and_pixel_rewards_fall_back(rewards):
+    from rlr_lightning.evaluation import image_features
+    from rlr_lightning.rewards import (
+        ColorBalance,
+        JpegCompressibility,
+        TargetColor,
+        WeightedSum,
+    )
+
+    images = _images()
+    pixels = image_features(images)
+    with torch.no_grad():
+        clip = image_features(images, rewards["clip_score"])
+        mixed = WeightedSum([TargetColor(), rewards["clip_score"], rewards["pickscore"]], [1.0, 0.1, 0.1])
+        torch.testing.assert_close(image_features(images, mixed), clip)
+    for reward in (TargetColor(), JpegCompressibility(), WeightedSum([TargetColor(), ColorBalance()])):
+        assert reward.image_embedding(images) is None
+        torch.testing.assert_close(image_features(images, reward), pixels)
