@@ -15,6 +15,7 @@ from rlr_lightning.rewards.pickscore import PickScoreReward
 from rlr_lightning.rewards.preprocess import CLIPPreprocess
 from rlr_lightning.rewards.toy import ColorBalance, QuantizedBrightness, TargetColor
 from rlr_lightning.rewards.weights import MissingRewardWeightsError
+from rlr_lightning.rewards.world import WorldCheckerReward, WorldColorReward, WorldPositionReward
 
 __all__ = [
     "AestheticHead",
@@ -31,4 +32,7 @@ __all__ = [
     "RewardModel",
     "TargetColor",
     "WeightedSum",
+    "WorldCheckerReward",
+    "WorldColorReward",
+    "WorldPositionReward",
 ]
