@@ -56,14 +56,14 @@ class TrainingRecipe:
         vae_channels: ``block_out_channels`` of the autoencoder (three levels: 4 x 4 pixels per latent).
         unet_channels: ``block_out_channels`` of the UNet.
         attention_levels: How many of the UNet's levels, from the coarsest, have cross-attention to the caption
-            (all of them by default: where a shape goes is decided at the finest level too).
+            (2 of 3: attention at the finest level too gave worse position accuracy, 28% against 45%).
         text_width: Width of the text encoder.
         seed: Seed of the weights, the data and the noise.
     """
 
     image_size: int = 32
     num_examples: int = 8_000
-    vae_steps: int = 600
+    vae_steps: int = 800
     unet_steps: int = 4000
     batch_size: int = 32
     vae_lr: float = 2e-3
@@ -71,7 +71,7 @@ class TrainingRecipe:
     caption_dropout: float = 0.1
     vae_channels: tuple[int, ...] = (16, 32, 32)
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    attention_levels: int = 3
+    attention_levels: int = 2
     text_width: int = 64
     seed: int = 0
 
