@@ -52,3 +52,17 @@ def test_evaluation_checks_every_held_out_caption(smoke_pipeline):
     assert all(0 <= result[k] <= 1 for k in ("color_ok", "count_ok", "position_ok", "all_ok"))
     assert result["all_ok"] <= min(result["count_ok"], result["position_ok"])
     assert caption(split_specs()[1][0])  # held-out captions are the grammar's
+
+
+def test_evaluate_command_reports_and_writes_the_accuracies(smoke_pipeline, tmp_path, caplog):
+    import logging
+
+    from rlr_lightning.world.evaluate import main as evaluate_main
+
+    out = tmp_path / "accuracy.json"
+    with caplog.at_level(logging.INFO, logger="rlr_lightning.world.evaluate"):
+        evaluate_main([str(smoke_pipeline), "--steps", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["n"] == len(split_specs()[1])
+    line = next(r.getMessage() for r in caplog.records if r.name == "rlr_lightning.world.evaluate")
+    assert line.startswith(f"held_out captions, {result['n']} samples: colour {100 * result['color_ok']:.1f}%")

@@ -65,10 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--lora", default=None, help="LoRA weights to evaluate with (directory or file)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the accuracies to this JSON file")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = evaluate(args.pipeline, args.split, args.samples_per_caption, args.steps, args.guidance, args.eta,
                       lora=args.lora)
-    print(json.dumps(result, indent=1))
+    logger.info(
+        "%s captions, %d samples: colour %.1f%%, count %.1f%%, position %.1f%%, all %.1f%%", args.split,
+        result["n"], *(100 * result[name] for name in CHECKS),
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from rlr_lightning.world import (
     sample_scene,
     split_specs,
 )
+from rlr_lightning.world.scenes import MAX_SHAPES
 
 # ---- an independent reading of a scene object (geometry from the shape's corners, not the module's code) ----
 
@@ -90,7 +91,8 @@ def test_every_caption_is_true_of_its_scene_for_every_combination():
             assert caption_is_true(scene, spec), (caption(spec), scene)
             # The promised margin: pixel rounding and blur cannot move a centroid out of its region.
             assert caption_is_true(scene, spec, margin=REGION_MARGIN), (caption(spec), scene)
-            assert 1 <= len(scene.shapes) <= 4
+            # The captioned shapes plus at most 3 distractors, never more than MAX_SHAPES in all.
+            assert spec.count <= len(scene.shapes) <= min(MAX_SHAPES, spec.count + 3)
             for shape in scene.shapes:  # whole shapes inside the image
                 assert shape.size / 2 <= shape.x <= 1 - shape.size / 2
                 assert shape.size / 2 <= shape.y <= 1 - shape.size / 2
