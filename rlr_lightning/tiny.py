@@ -28,28 +28,37 @@ TINY_PIPELINE_VERSION = 1
 TINY_PIPELINE_MARKER = "rlr_tiny_pipeline.json"
 
 
-def tiny_clip_tokenizer(model_max_length: int = 16):
-    """A character-level CLIP tokenizer built in memory (514 tokens, no merges, no download).
-
-    Token ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (also the padding id, as in CLIP), then the 256
-    byte characters and the same characters with the end-of-word marker ``</w>``.
-    """
+def byte_vocab() -> dict[str, int]:
+    """CLIP's special tokens (``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1) then the 256 byte characters and the
+    same characters with the end-of-word marker ``</w>``: any text tokenizes, character by character."""
     from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
 
     chars = list(bytes_to_unicode().values())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in chars + [c + "</w>" for c in chars]:
         vocab[token] = len(vocab)
+    return vocab
+
+
+def clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], model_max_length: int):
+    """A ``CLIPTokenizer`` built in memory from a vocabulary and merges, with CLIP's special tokens (the end token
+    pads, as in CLIP)."""
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer(
-        vocab=vocab,
-        merges=[],
+        vocab=dict(vocab),
+        merges=list(merges),
         model_max_length=model_max_length,
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
+
+
+def tiny_clip_tokenizer(model_max_length: int = 16):
+    """A character-level CLIP tokenizer built in memory (514 tokens, no merges, no download): :func:`byte_vocab`."""
+    return clip_tokenizer(byte_vocab(), [], model_max_length)
 
 
 def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215):

@@ -97,21 +97,11 @@ def build_tokenizer(words: list[str], model_max_length: int = 12):
     characters of each world word into one token. Merges are added until every word comes out whole: a merge
     appended later never splits a word that already is one token, so the loop ends.
     """
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
+    from rlr_lightning.tiny import byte_vocab, clip_tokenizer
 
-    chars = list(bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in chars + [c + "</w>" for c in chars]:
-        vocab[token] = len(vocab)
+    vocab = byte_vocab()
     merges: list[tuple[str, str]] = []
-
-    def make():
-        return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length,
-                             bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                             unk_token="<|endoftext|>")
-
-    tokenizer = make()
+    tokenizer = clip_tokenizer(vocab, merges, model_max_length)
     for _ in range(10 * len(words)):
         pieces = {word: tokenizer.tokenize(word) for word in words}
         split = {word: p for word, p in pieces.items() if len(p) > 1}
@@ -125,7 +115,7 @@ def build_tokenizer(words: list[str], model_max_length: int = 12):
                     merges.append((left, right))
                 vocab.setdefault(merged, len(vocab))
                 left = merged
-        tokenizer = make()
+        tokenizer = clip_tokenizer(vocab, merges, model_max_length)
     raise RuntimeError("could not build whole-word merges for the world's vocabulary")
 
 
