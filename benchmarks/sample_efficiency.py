@@ -1,80 +1,238 @@
-"""Reward against the number of generated images on the quickstart problem, for RLR, truncated backprop and
-the score-function estimator, several seeds each.
+"""Reward against the number of generated images, for RLR, truncated backprop, the score function and full
+backprop, several seeds each, on the trained shapes world (default) or the quickstart's tiny model.
 
-    python benchmarks/sample_efficiency.py [--steps 100] [--seeds 0 1 2]
+    python benchmarks/sample_efficiency.py [--problem world] [--model shapes-world] [--steps 80] [--batch 8]
+    python benchmarks/sample_efficiency.py --problem tiny        # the quickstart problem (--steps 100 --batch 32)
 
-Same model, reward, batch (32), optimizer (AdamW 1e-2) and clipping for all; only the estimator differs.
-Writes benchmarks/results/sample_efficiency.{json,png} and prints a table of the mean reward over the
-last 10 steps.
+Same model, reward, prompts, batch, optimizer (AdamW) and clipping for all; only the estimator differs, and
+every estimator generates the same number of images. ``world``: the count reward on the world's training
+captions (``common.world_module``), AdamW; each run's LoRA is exported at the end, and the exact checker's
+accuracies on the captions of both caption splits (held-out combinations, never seen in the world's
+training, and the training ones) are measured before fine-tuning and after, per
+estimator (mean over seeds), on the same sampling noise. ``tiny``: the quickstart problem (tiny model,
+red-minus-blue reward, AdamW 1e-2).
+
+Writes benchmarks/results/sample_efficiency[_world].{json,md,png} (rewritten after every run, so a run cut
+short keeps what it finished) and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import statistics
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from common import RESULTS, machine, markdown_table, save, tiny_module
+from common import (
+    RESULTS,
+    WORLD_MODEL,
+    ResultLog,
+    check_world_model,
+    machine,
+    markdown_table,
+    tiny_module,
+    world_accuracy,
+    world_module,
+    world_prompts,
+)
 from lightning.pytorch.loggers import CSVLogger
 
 from rlr_lightning.data import PromptDataModule
-from rlr_lightning.estimators import RLR, ScoreFunction, TruncatedBackprop
+from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop
+from rlr_lightning.lightning_cli import quiet_lightning
+
+logger = logging.getLogger("sample_efficiency")
 
 ESTIMATORS = {
     "RLR (h=2, zo=score)": lambda: RLR(h=2, zo_mode="score"),
     "truncated backprop (K=1)": lambda: TruncatedBackprop(k=1),
     "score function": lambda: ScoreFunction(),
+    "full backprop": lambda: FullBackprop(),
 }
+#: Per problem: DDIM steps T, batch, optimizer steps, learning rate (the tiny values are the quickstart's).
+DEFAULTS = {
+    "world": dict(num_steps=10, batch=8, steps=80, lr=3e-3),
+    "tiny": dict(num_steps=6, batch=32, steps=100, lr=1e-2),
+}
+#: Mean reward over this many first / last optimizer steps, for the table.
+FIRST, LAST = 5, 10
 
 
-def curve(make_estimator, seed: int, steps: int, batch: int) -> list[float]:
-    out = Path(tempfile.mkdtemp())
-    module = tiny_module(make_estimator(), 6, seed=seed,
-                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-4))
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=CSVLogger(out, name="run"), log_every_n_steps=1,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=out)
-    trainer.fit(module, datamodule=PromptDataModule(prompt_set="animals", batch_size=batch, seed=seed))
-    with next(out.rglob("metrics.csv")).open() as f:
-        return [float(r["train/reward"]) for r in csv.DictReader(f) if r.get("train/reward")]
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    curves = {name: [curve(make, seed, args.steps, args.batch) for seed in args.seeds] for name, make in ESTIMATORS.items()}
+def fit(args, name: str, seed: int, out: Path) -> dict:
+    """One run: its reward curve (batch mean per optimizer step), wall time and exported LoRA."""
+    optimizer = lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=1e-4)  # noqa: E731
+    estimator = ESTIMATORS[name]()
+    run_dir = out / slug(name) / f"seed{seed}"
+    if args.problem == "world":
+        module = world_module(estimator, args.num_steps, model=args.model, seed=seed, optimizer=optimizer,
+                              export_dir=str(run_dir / "lora"))
+        data = PromptDataModule(prompts=world_prompts("train"), batch_size=args.batch, seed=seed)
+    else:
+        module = tiny_module(estimator, args.num_steps, seed=seed, optimizer=optimizer,
+                             export_dir=str(run_dir / "lora"))
+        data = PromptDataModule(prompt_set="animals", batch_size=args.batch, seed=seed)
+    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=CSVLogger(run_dir, name="log"),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=run_dir)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - started
+    with next((run_dir / "log").rglob("metrics.csv")).open() as f:
+        rewards = [float(r["train/reward"]) for r in csv.DictReader(f) if r.get("train/reward")]
+    return dict(estimator=name, seed=seed, rewards=rewards, seconds=seconds, lora=str(module.exported_lora))
+
+
+def evaluate_world(args, lora: str | None) -> dict:
+    """Checker accuracies on the captions of both splits (same sampling seed for every model,
+    so before and after compare on the same noise)."""
+    captions = {split: world_prompts(split) for split in ("held_out", "train")}
+    return world_accuracy(args.model, captions, lora, args.eval_samples, args.num_steps, seed=args.eval_seed)
+
+
+def reward_rows(runs: list[dict], batch: int) -> list[dict]:
     rows = []
-    for name, runs in curves.items():
-        finals = [statistics.mean(r[-10:]) for r in runs]
-        rows.append(dict(name=name, start=statistics.mean(statistics.mean(r[:5]) for r in runs),
-                         final=statistics.mean(finals), spread=max(finals) - min(finals),
-                         images=args.steps * args.batch))
-    table = markdown_table(rows, [("name", "estimator", "s"), ("start", "reward, first 5 steps", ".3f"),
-                                  ("final", "reward, last 10 steps", ".3f"), ("spread", "seed spread (final)", ".3f"),
-                                  ("images", "images generated", "d")])
-    print(table)
+    for name in ESTIMATORS:
+        mine = [r for r in runs if r["estimator"] == name]
+        if not mine:
+            continue
+        finals = [statistics.mean(r["rewards"][-LAST:]) for r in mine]
+        start = statistics.mean(statistics.mean(r["rewards"][:FIRST]) for r in mine)
+        rows.append(dict(name=name, seeds=len(mine), start=start, final=statistics.mean(finals),
+                         spread=max(finals) - min(finals), images=len(mine[0]["rewards"]) * batch,
+                         step_s=statistics.mean(r["seconds"] / max(len(r["rewards"]), 1) for r in mine)))
+    return rows
+
+
+def accuracy_rows(payload: dict) -> list[dict]:
+    """``before`` and one row per estimator (mean over its seeds) of the checker's accuracies."""
+    def row(name: str, evaluations: list[dict]) -> dict:
+        out = dict(name=name, seeds=len(evaluations))
+        for split in ("held_out", "train"):
+            for key in ("position_ok", "count_ok", "all_ok", "reward"):
+                out[f"{split}_{key}"] = statistics.mean(e[split][key] for e in evaluations)
+        return out
+
+    rows = [row("before fine-tuning", [payload["before"]])] if payload.get("before") else []
+    for name in ESTIMATORS:
+        evaluations = [r["after"] for r in payload["rows"] if r["estimator"] == name and r.get("after")]
+        if evaluations:
+            rows.append(row(name, evaluations))
+    return rows
+
+
+REWARD_COLUMNS = [("name", "estimator", "s"), ("seeds", "seeds", "d"), ("start", f"reward, first {FIRST} steps", ".3f"),
+                  ("final", f"reward, last {LAST} steps", ".3f"), ("spread", "seed spread (final)", ".3f"),
+                  ("images", "images generated", "d"), ("step_s", "s / step", ".2f")]
+ACCURACY_COLUMNS = [("name", "LoRA", "s"), ("seeds", "seeds", "d"),
+                    ("held_out_position_ok", "held-out position", ".3f"),
+                    ("held_out_count_ok", "held-out count", ".3f"), ("held_out_all_ok", "held-out all", ".3f"),
+                    ("held_out_reward", "held-out reward", ".3f"),
+                    ("train_position_ok", "train position", ".3f"), ("train_count_ok", "train count", ".3f"),
+                    ("train_all_ok", "train all", ".3f"), ("train_reward", "train reward", ".3f")]
+
+
+def render(payload: dict) -> str:
+    text = markdown_table(reward_rows(payload["rows"], payload["args"]["batch"]), REWARD_COLUMNS)
+    if payload["args"]["problem"] == "world":
+        text += "\n\n" + markdown_table(accuracy_rows(payload), ACCURACY_COLUMNS)
+    return text + "\n"
+
+
+def plot(payload: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    batch = payload["args"]["batch"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (name, runs), color in zip(curves.items(), ("C0", "C1", "C2")):
-        for i, rewards in enumerate(runs):
-            images = [args.batch * (k + 1) for k in range(len(rewards))]
-            ax.plot(images, rewards, color=color, alpha=0.8, lw=1, label=name if i == 0 else None)
-    ax.set_xlabel("images generated"); ax.set_ylabel("batch mean reward (red - blue)")
-    ax.set_title(f"Quickstart problem, {len(args.seeds)} seeds each"); ax.legend()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "sample_efficiency.png", dpi=120, bbox_inches="tight")
-    save("sample_efficiency", dict(machine=machine(), args=vars(args), curves=curves, rows=rows, table=table))
+    for index, name in enumerate(ESTIMATORS):
+        runs = [r["rewards"] for r in payload["rows"] if r["estimator"] == name]
+        if not runs:
+            continue
+        # The batch mean of a few images is noisy: running means over 10 steps show the trend, per seed
+        # (faint) and averaged over seeds (bold).
+        smoothed = [[statistics.mean(rewards[max(0, k - 9):k + 1]) for k in range(len(rewards))] for rewards in runs]
+        length = min(len(curve) for curve in smoothed)
+        images = [batch * (k + 1) for k in range(length)]
+        for curve in smoothed:
+            ax.plot(images, curve[:length], color=f"C{index}", alpha=0.3, lw=0.8)
+        mean = [statistics.mean(curve[k] for curve in smoothed) for k in range(length)]
+        ax.plot(images, mean, color=f"C{index}", lw=1.8, label=name)
+    ax.set_xlabel("images generated")
+    ylabel = {"world": "batch mean count reward", "tiny": "batch mean reward (red - blue)"}
+    ax.set_ylabel(ylabel[payload["args"]["problem"]])
+    seeds = len(payload["args"]["seeds"])
+    title = {"world": "Shapes world, count reward", "tiny": "Quickstart problem"}[payload["args"]["problem"]]
+    ax.set_title(f"{title}: 10-step running mean, {seeds} seed{'s' if seeds > 1 else ''} (faint) and their mean",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", choices=tuple(DEFAULTS), default="world")
+    parser.add_argument("--model", default=WORLD_MODEL, help="world pipeline: a model name or directory")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per problem)")
+    parser.add_argument("--batch", type=int, default=None, help="prompts (images) per step (default per problem)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default per problem)")
+    parser.add_argument("--num-steps", type=int, default=None, help="DDIM steps T (default per problem)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--estimators", nargs="+", choices=tuple(ESTIMATORS), default=list(ESTIMATORS),
+                        metavar="NAME", help=f"a subset of: {', '.join(repr(n) for n in ESTIMATORS)}")
+    parser.add_argument("--eval-samples", type=int, default=2,
+                        help="world: samples per caption in the checker's evaluation")
+    parser.add_argument("--eval-seed", type=int, default=0, help="world: sampling seed of the checker's evaluation")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a new directory for the runs' logs and LoRA exports (default: a temporary one); "
+                             "its path is saved in the results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_lightning("fit")
+    # No validation prompts on purpose: the checker evaluates after each run.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    for key, value in DEFAULTS[args.problem].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.problem == "world":
+        check_world_model(parser, args.model)
+    for key in ("steps", "batch", "num_steps", "eval_samples"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.steps < LAST:
+        logger.warning("--steps %d is below %d: the 'last %d steps' column averages fewer steps",
+                       args.steps, LAST, LAST)
+    out = args.out or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
+    name = "sample_efficiency" if args.problem == "tiny" else f"sample_efficiency_{args.problem}"
+    header = dict(machine=machine(), args={**vars(args), "out": str(out)})
+    log = ResultLog(RESULTS, name, header, render)
+    started = time.perf_counter()
+    if args.problem == "world":
+        log.write(before=evaluate_world(args, None))
+        logger.info("before fine-tuning: %s", log.payload["before"])
+    for estimator in args.estimators:
+        for seed in args.seeds:
+            run = fit(args, estimator, seed, out)
+            if args.problem == "world":
+                run["after"] = evaluate_world(args, run["lora"])
+            log.add(run)
+            logger.info("%s, seed %d: %.0f s, last reward %.3f", estimator, seed, run["seconds"],
+                        statistics.mean(run["rewards"][-LAST:]))
+    log.write(total_seconds=time.perf_counter() - started)
+    plot(log.payload, RESULTS / f"{name}.png")
+    logger.info("%s\nwrote %s, %s and %s", render(log.payload), log.json, log.markdown, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":

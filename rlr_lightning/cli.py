@@ -33,7 +33,7 @@ def _sample_parser() -> argparse.ArgumentParser:
         "--model",
         default="tiny",
         help="hub id or diffusers pipeline directory (Stable Diffusion 1.x / 2.x or SDXL), or a tiny offline model: "
-        "tiny (default) or tiny-sdxl",
+        "tiny (default) or tiny-sdxl, or shapes-world (trained on the shapes world, shipped with the package)",
     )
     p.add_argument(
         "--lora",
@@ -74,7 +74,7 @@ def sample(argv: list[str]) -> Path:
 
     from rlr_lightning.models import load_backbone
     from rlr_lightning.sampling import Plan
-    from rlr_lightning.tiny import TINY_MODELS, ensure_tiny_pipeline
+    from rlr_lightning.builtin import resolve_model
 
     parser = _sample_parser()
     args = parser.parse_args(argv)
@@ -82,7 +82,7 @@ def sample(argv: list[str]) -> Path:
         parser.error("--lora-alpha and --lora-rank apply to LoRA weights; pass them with --lora")
     if args.lora_rank is not None:
         logger.warning("--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option")
-    model = ensure_tiny_pipeline(family=TINY_MODELS[args.model]) if args.model in TINY_MODELS else args.model
+    model = resolve_model(args.model)
     backbone = load_backbone(model, dtype=DTYPES[args.dtype]).to(args.device)
     if args.lora:
         try:

@@ -133,6 +133,22 @@ PROMPT_SETS: dict[str, tuple[PromptRecord, ...]] = {
 }
 
 
+
+def _shapes_world_sets() -> dict[str, tuple[PromptRecord, ...]]:
+    """Captions of the shapes world that name a region (what a position reward can judge): ``shapes`` from the
+    training split of caption combinations, ``shapes_held_out`` from the held-out one (never seen by the
+    shapes-world model in training)."""
+    from rlr_lightning.world.scenes import caption, split_specs
+
+    train, held_out = split_specs()
+    return {
+        name: _records(tuple(caption(spec) for spec in specs if spec.region != "anywhere"))
+        for name, specs in (("shapes", train), ("shapes_held_out", held_out))
+    }
+
+
+PROMPT_SETS.update(_shapes_world_sets())
+
 def _parse_jsonl_line(line: str, where: str) -> PromptRecord:
     try:
         item = json.loads(line)
@@ -258,12 +274,14 @@ class PromptDataModule(L.LightningDataModule):
     run is reproducible.
 
     Args:
-        prompt_set: Name of a built-in prompt set (``animals``, ``simple``, ``styles``, ``dcot_hands``);
-            ignored when ``prompts`` or ``prompt_file`` is given.
+        prompt_set: Name of a built-in prompt set (``animals``, ``simple``, ``styles``, ``dcot_hands``, or the
+            shapes world's captions with a region: ``shapes`` from its training split, ``shapes_held_out`` from
+            its held-out split); ignored when ``prompts`` or ``prompt_file`` is given.
         prompts: An explicit list of prompts.
         prompt_file: A ``.txt`` or ``.jsonl`` file of prompts (JSONL may carry DCoT rewrites and metadata).
         val_prompts: Held-out validation prompts.
         val_prompt_file: A file of held-out validation prompts.
+        val_prompt_set: A built-in prompt set as the validation prompts (e.g. ``shapes_held_out``).
         val_fraction: Hold out this fraction of the training prompts for validation (seeded), when no
             validation prompts are given.
         batch_size: Prompts per rank per micro-batch.
@@ -280,6 +298,7 @@ class PromptDataModule(L.LightningDataModule):
         prompt_file: str | None = None,
         val_prompts: list[str] | None = None,
         val_prompt_file: str | None = None,
+        val_prompt_set: str | None = None,
         val_fraction: float = 0.0,
         batch_size: int = 4,
         val_batch_size: int | None = None,
@@ -305,8 +324,14 @@ class PromptDataModule(L.LightningDataModule):
         else:
             raise ValueError(f"unknown prompt_set {prompt_set!r}; choose one of {sorted(PROMPT_SETS)}")
 
+        if val_prompt_set is not None and val_prompt_set not in PROMPT_SETS:
+            raise ValueError(f"unknown val_prompt_set {val_prompt_set!r}; choose one of {sorted(PROMPT_SETS)}")
+        if sum(v is not None for v in (val_prompts, val_prompt_file, val_prompt_set)) > 1:
+            raise ValueError("give at most one of val_prompts, val_prompt_file and val_prompt_set")
         if val_prompt_file is not None:
             val_records = load_prompt_file(val_prompt_file)
+        elif val_prompt_set is not None:
+            val_records = list(PROMPT_SETS[val_prompt_set])
         elif val_prompts is not None:
             val_records = [PromptRecord(p) for p in val_prompts]
         elif val_fraction > 0:

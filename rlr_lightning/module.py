@@ -46,6 +46,7 @@ from rlr_lightning.sampling import (
     Plan,
     ScaledPromptEmbeds,
 )
+from rlr_lightning.builtin import resolve_model
 from rlr_lightning.tiny import TINY_MODELS, TINY_PIPELINE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,9 @@ class RLRModule(L.LightningModule):
     Args:
         pretrained_model_name_or_path: Hub id or diffusers pipeline directory of the backbone (Stable Diffusion
             1.x / 2.x or SDXL, told apart by the pipeline's ``model_index.json``); ``tiny`` (``tiny-sdxl``) builds
-            the tiny offline Stable Diffusion (SDXL) model into ``~/.cache/rlr_lightning`` (the CPU quickstart).
+            the tiny offline Stable Diffusion (SDXL) model with random weights into ``~/.cache/rlr_lightning``;
+            ``shapes-world`` is the small pipeline trained on the shapes world that ships with the package (the
+            CPU quickstart).
         estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop`` or
             ``ScoreFunction`` from ``rlr_lightning.estimators``.
         reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required for
@@ -259,11 +262,7 @@ class RLRModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.backbone is not None:  # idempotent: load_from_checkpoint and fit both call it
             return
-        source = self.pretrained_model_name_or_path
-        if source in TINY_MODELS:
-            from rlr_lightning.tiny import ensure_tiny_pipeline
-
-            source = ensure_tiny_pipeline(family=TINY_MODELS[source])
+        source = resolve_model(self.pretrained_model_name_or_path)
         backbone = load_backbone(source, dtype=self.weight_dtype)
         # LoRA A is initialised randomly: seed it from the run's seed, not from whatever state the global
         # RNG is in, so every rank and every rerun starts from the same adapter.

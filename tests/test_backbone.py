@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from rlr_lightning.hub import ModelNotAvailableError, resolve_pretrained
 from rlr_lightning.models import LoraSettings, StableDiffusionBackbone, load_backbone, read_lora_settings
 from tests.conftest import perturb_lora_
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-#: The default attention-only targets, and the quickstart's, which add conv and linear non-attention layers.
+#: The default attention-only targets, and a wide set that adds conv and linear non-attention layers (their
+#: peft and diffusers key names differ from attention's).
 TARGET_SETS = {
     "attention": LoraSettings().target_modules,
-    "quickstart": tuple(yaml.safe_load(QUICKSTART.read_text())["model"]["lora"]["target_modules"]),
+    "wide": ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out", "time_emb_proj"),
 }
 
 

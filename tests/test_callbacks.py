@@ -1,4 +1,4 @@
-"""Sample-image logging with offline loggers."""
+"""Sample-image logging with offline loggers, and the before/after grid."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from rlr_lightning.callbacks import SampleImageLogger
+from rlr_lightning.callbacks import BeforeAfterGrid, SampleImageLogger, to_uint8
 from rlr_lightning.data import PromptBatch
 from tests.test_module import data, make_module, make_trainer
 
@@ -108,3 +108,63 @@ def test_sample_logger_validates_its_settings():
         SampleImageLogger(every_n_steps=0)
     with pytest.raises(ValueError, match="prompts is empty"):
         SampleImageLogger(prompts=[])
+
+
+def generated(module, prompts: list[str], seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        return to_uint8(module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed)))
+
+
+def test_lora_disabled_is_the_base_model_and_keeps_the_adapter_trainable(tiny_pipeline_dir):
+    prompts, seed = ["a cat", "a dog"], 1
+    base = make_module(tiny_pipeline_dir)
+    base.configure_model()  # LoRA B starts at zero: exactly the base model
+    tuned = make_module(tiny_pipeline_dir)
+    tuned.configure_model()
+    with torch.no_grad():
+        for p in tuned.backbone.lora_parameters().values():
+            p.add_(torch.randn_like(p) * 0.5)
+    trainable = set(tuned.backbone.lora_parameters())
+    with tuned.backbone.lora_disabled():
+        off = generated(tuned, prompts, seed)
+    assert torch.equal(off, generated(base, prompts, seed))
+    assert not torch.equal(generated(tuned, prompts, seed), off)
+    assert set(tuned.backbone.lora_parameters()) == trainable
+
+
+@pytest.mark.slow
+def test_before_after_grid_shows_the_base_model_and_the_trained_one(tiny_pipeline_dir, tmp_path):
+    prompts, seed = ["a cat", "a dog", "an owl"], 4
+    callback = BeforeAfterGrid(prompts=prompts, seed=seed, scale=2)
+    module = make_module(tiny_pipeline_dir)
+    module.configure_model()
+    with torch.no_grad():  # as a resumed run: the LoRA is already away from the base model
+        for p in module.backbone.lora_parameters().values():
+            p.add_(torch.randn_like(p) * 0.5)
+    with module.backbone.lora_disabled():
+        base_images = generated(module, prompts, seed)
+    trainer = make_trainer(tmp_path, max_steps=2, logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
+                           log_every_n_steps=1)
+    trainer.fit(module, datamodule=data())
+    run = tmp_path / "run" / "version_0"
+    assert (run / "metrics.csv").is_file()
+    grid = Image.open(run / "before_after.png").convert("RGB")
+    after_images = generated(module, prompts, seed)
+    assert not torch.equal(after_images, base_images)
+    boxes = callback.tile_boxes(prompts, base_images.shape[-1])
+    for row, images in enumerate((base_images, after_images)):
+        for box, image in zip(boxes[row], images):
+            tile = np.asarray(grid.crop(box).resize(image.shape[1:], Image.NEAREST))
+            assert np.array_equal(tile, image.permute(1, 2, 0).numpy())
+    with (run / "before_after.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["prompt"] for r in rows] == prompts
+    rewards_after = module.reward(after_images.float() / 255, prompts)
+    assert [float(r["reward_after"]) for r in rows] == pytest.approx(rewards_after.tolist(), abs=0.02)
+
+
+def test_before_after_grid_rejects_bad_settings():
+    with pytest.raises(ValueError, match="scale must be >= 1, got 0"):
+        BeforeAfterGrid(scale=0)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        BeforeAfterGrid(prompts=[])

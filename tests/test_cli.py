@@ -55,8 +55,8 @@ def test_rlr_sample_applies_an_exported_lora_with_its_own_rank_alpha_and_targets
 
     from tests.test_backbone import TARGET_SETS, trained_backbone
 
-    # Trained as the quickstart does (conv and linear layers besides attention), with rank != alpha.
-    settings = LoraSettings(rank=2, alpha=3.0, target_modules=TARGET_SETS["quickstart"])
+    # Conv and linear layers besides attention, with rank != alpha.
+    settings = LoraSettings(rank=2, alpha=3.0, target_modules=TARGET_SETS["wide"])
     trained = trained_backbone(tiny_pipeline_dir, settings)
     lora_dir = tmp_path / "lora"
     trained.export_lora(lora_dir)

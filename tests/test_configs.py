@@ -227,7 +227,8 @@ def test_sample_images_overlay_adds_its_callback_and_keeps_the_base_checkpointin
     callbacks = cfg["trainer"]["callbacks"]
     assert callbacks[: len(base_callbacks)] == base_callbacks  # the ModelCheckpoint and its settings survive
     assert [c["class_path"] for c in callbacks] == [
-        "lightning.pytorch.callbacks.ModelCheckpoint", "rlr_lightning.callbacks.SampleImageLogger"]
+        *(c["class_path"] for c in base_callbacks), "rlr_lightning.callbacks.SampleImageLogger"]
+    assert callbacks[0]["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
     assert callbacks[-1]["init_args"]["every_n_steps"] == 50
     assert cfg["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
 

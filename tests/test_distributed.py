@@ -35,6 +35,9 @@ def test_two_process_ddp_keeps_lora_identical_and_block_starts_shared(tiny_pipel
     assert all(set(a).isdisjoint(b) for a, b in zip(ranks[0]["prompts"], ranks[1]["prompts"]))
     assert all(a != b for a, b in zip(ranks[0]["noise_sums"], ranks[1]["noise_sums"]))
     assert len(list((tmp_path / "run").rglob("pytorch_lora_weights.safetensors"))) == 1  # rank zero exports
+    # The quickstart's before/after grid: rank zero renders it, and asking for the log directory (a broadcast)
+    # on rank zero alone would hang the run.
+    assert len(list((tmp_path / "run").rglob("before_after.png"))) == 1
 
 
 def test_simulated_slurm_environment_is_detected_with_requeue(monkeypatch, tiny_pipeline_dir, tmp_path):

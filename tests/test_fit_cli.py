@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -37,26 +39,28 @@ def rlr_many(commands: dict[str, tuple], cwd: Path) -> dict[str, subprocess.Comp
     return done
 
 
-def tiny_args(tiny_pipeline_dir, out: Path) -> list[str]:
-    """The quickstart made small: the model options a resumed or validated run must repeat, and where files go."""
+def quickstart_args(out: Path) -> list[str]:
+    """The quickstart (its shapes-world model) made small: the model options a resumed or validated run must
+    repeat, and where files go."""
     return ["--config", str(QUICKSTART), "--model.num_steps", "4", "--data.batch_size", "2",
-            "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
             "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)]
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tiny_pipeline_dir, tmp_path_factory):
+def quickstart_run(tmp_path_factory):
     """``rlr fit`` on the quickstart config for 3 steps, in a subprocess: (process, output dir)."""
     cwd = tmp_path_factory.mktemp("quickstart")
     out = cwd / "run"
-    proc = rlr("fit", *tiny_args(tiny_pipeline_dir, out), "--trainer.max_steps", "3", cwd=cwd)
+    proc = rlr("fit", *quickstart_args(out), "--trainer.max_steps", "3", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
 
 
 @pytest.mark.slow
-def test_fit_quickstart_writes_checkpoint_and_lora_a_pipeline_loads(quickstart_run, tiny_pipeline_dir):
+def test_fit_quickstart_writes_checkpoint_and_lora_a_pipeline_loads(quickstart_run):
     from diffusers import StableDiffusionPipeline
+
+    from rlr_lightning.builtin import WORLD_PIPELINE_DIR
 
     proc, out = quickstart_run
     checkpoints = list(out.rglob("last.ckpt"))
@@ -65,15 +69,20 @@ def test_fit_quickstart_writes_checkpoint_and_lora_a_pipeline_loads(quickstart_r
     ckpt = torch.load(checkpoints[0], weights_only=False)
     assert ckpt["global_step"] == 3 and all("lora_" in k for k in ckpt["state_dict"])
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD_PIPELINE_DIR, local_files_only=True, safety_checker=None)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
-    context = torch.randn(1, 16, 32)
+    context = torch.randn(1, 12, 64)
     with torch.no_grad():
         base = pipe.unet(x, t, context).sample
         pipe.load_lora_weights(exported[0].parent, adapter_name="rlr")
         tuned = pipe.unet(x, t, context).sample
     assert not torch.allclose(base, tuned)  # three steps moved the weights, and diffusers applies them
-    metrics = (checkpoints[0].parent.parent / "metrics.csv").read_text()
+    run_dir = checkpoints[0].parent.parent
+    metrics = (run_dir / "metrics.csv").read_text()
+    # The before/after grid lies next to the metrics: 8 captions, base model above, fine-tuned below.
+    with Image.open(run_dir / "before_after.png") as grid:
+        assert grid.size[0] > 8 * 32 * 4 and grid.size[1] > 2 * 32 * 4
+    assert len((run_dir / "before_after.csv").read_text().splitlines()) == 1 + 8
     for column in ("train/reward", "train/grad_norm_fo", "train/grad_norm_ho", "train/block_start",
                    "train/images_per_sec"):
         assert column in metrics
@@ -101,20 +110,22 @@ def test_fit_logs_the_resolved_config_as_hyperparameters(quickstart_run):
     model = hparams["model"]
     assert model["estimator"]["class_path"] == "rlr_lightning.estimators.RLR"
     assert model["estimator"]["init_args"]["h"] == 2
-    assert model["reward"]["class_path"] == "rlr_lightning.rewards.ColorBalance"
-    assert model["optimizer"]["class_path"] == "torch.optim.AdamW" and model["optimizer"]["init_args"]["lr"] == 0.01
+    assert model["reward"]["class_path"] == "rlr_lightning.rewards.WorldCountReward"
+    quickstart = yaml.safe_load(QUICKSTART.read_text())["model"]
+    assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert model["optimizer"]["init_args"]["lr"] == quickstart["optimizer"]["init_args"]["lr"]
     assert hparams["data"]["batch_size"] == 2
     assert (out / "rlr" / "version_0" / "config.yaml").is_file()
 
 
 @pytest.mark.slow
-def test_resume_refuses_changed_model_options_and_applies_harmless_ones(quickstart_run, tiny_pipeline_dir, tmp_path):
+def test_resume_refuses_changed_model_options_and_applies_harmless_ones(quickstart_run, tmp_path):
     from rlr_lightning.cli import build_cli
     from rlr_lightning.lightning_cli import UsageError
 
     _, out = quickstart_run
     ckpt = out / "rlr" / "version_0" / "checkpoints" / "last.ckpt"
-    elsewhere = tiny_args(tiny_pipeline_dir, tmp_path / "resumed")
+    elsewhere = quickstart_args(tmp_path / "resumed")
     with pytest.raises(UsageError) as refused:
         build_cli(["fit", *elsewhere, "--ckpt_path", str(ckpt), "--model.num_steps", "8",
                    "--model.lora.rank", "8"])
@@ -132,7 +143,7 @@ def test_resume_refuses_changed_model_options_and_applies_harmless_ones(quicksta
 
 
 @pytest.mark.slow
-def test_validate_scores_the_checkpoints_lora_weights(quickstart_run, tiny_pipeline_dir, tmp_path):
+def test_validate_scores_the_checkpoints_lora_weights(quickstart_run, tmp_path):
     import lightning as L
 
     from rlr_lightning.cli import build_cli
@@ -140,18 +151,19 @@ def test_validate_scores_the_checkpoints_lora_weights(quickstart_run, tiny_pipel
 
     _, out = quickstart_run
     ckpt = out / "rlr" / "version_0" / "checkpoints" / "last.ckpt"
-    val = ["--data.val_prompts", '["a cat", "a red fox", "an owl"]']
-    cli = build_cli(["validate", *tiny_args(tiny_pipeline_dir, tmp_path), *val, "--ckpt_path", str(ckpt)])
+    prompts = ["a red circle on the left", "two blue squares at the top", "a green triangle in the center"]
+    val = ["--data.val_prompts", json.dumps(prompts)]
+    cli = build_cli(["validate", *quickstart_args(tmp_path), *val, "--ckpt_path", str(ckpt)])
     reported = float(cli.trainer.callback_metrics["val/reward_mean"])
 
     def validate(load_export: bool) -> float:
-        module = build_cli(tiny_args(tiny_pipeline_dir, tmp_path), run=False).model
+        module = build_cli(quickstart_args(tmp_path), run=False).model
         module.configure_model()
         if load_export:  # the diffusers file the same run exported, not the checkpoint
             module.backbone.load_lora(out / "rlr" / "version_0" / "lora")
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path)
-        data = PromptDataModule(batch_size=2, val_prompts=["a cat", "a red fox", "an owl"])
+        data = PromptDataModule(batch_size=2, val_prompts=prompts)
         return trainer.validate(module, datamodule=data, verbose=False)[0]["val/reward_mean"]
 
     assert reported == pytest.approx(validate(load_export=True), abs=1e-6)
@@ -170,7 +182,7 @@ def test_command_line_errors_are_short_and_exit_2(tmp_path):
         "version": ("--version",),
     }, cwd=tmp_path)
     expected = {
-        "h": "h=10 must be <= T-1=5",
+        "h": "h=10 must be <= T-1=9",
         "unknown": "unrecognized arguments: --model.foo 1",
         "garbage": f"--ckpt_path {garbage} is not a checkpoint written by rlr fit",
     }
@@ -211,7 +223,7 @@ def test_rlr_debug_shows_the_traceback_and_help_lists_validate(monkeypatch, caps
     main(["--help"])  # returns: the console script exits 0
     assert "validate" in capsys.readouterr().out
     monkeypatch.setenv("RLR_DEBUG", "1")
-    with pytest.raises(ValueError, match="h=10 must be <= T-1=5"):
+    with pytest.raises(ValueError, match="h=10 must be <= T-1=9"):
         main(["fit", "--config", str(QUICKSTART), "--model.estimator.init_args.h", "10"])
 
 

@@ -17,7 +17,8 @@ import logging
 import os
 import textwrap
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -205,6 +206,19 @@ class DiffusionBackbone(nn.Module, ABC):
             p.requires_grad_("lora_" in name)
         # peft creates the adapter in the UNet's dtype; train it in float32 (diffusers' recipe).
         cast_training_params(self.network, dtype=torch.float32)
+
+    @contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """Inside the block the denoiser runs without its LoRA adapter: the base model (for "before" images)."""
+        if self.lora_settings is None:
+            yield
+            return
+        self.network.disable_adapters()
+        try:
+            yield
+        finally:
+            # peft re-enables gradients of the active adapter here: the LoRA weights stay trainable.
+            self.network.enable_adapters()
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable LoRA weights by UNet parameter name."""

@@ -15,7 +15,12 @@ from rlr_lightning.rewards.pickscore import PickScoreReward
 from rlr_lightning.rewards.preprocess import CLIPPreprocess
 from rlr_lightning.rewards.toy import ColorBalance, QuantizedBrightness, TargetColor
 from rlr_lightning.rewards.weights import MissingRewardWeightsError
-from rlr_lightning.rewards.world import WorldCheckerReward, WorldColorReward, WorldPositionReward
+from rlr_lightning.rewards.world import (
+    WorldCheckerReward,
+    WorldColorReward,
+    WorldCountReward,
+    WorldPositionReward,
+)
 
 __all__ = [
     "AestheticHead",
@@ -34,5 +39,6 @@ __all__ = [
     "WeightedSum",
     "WorldCheckerReward",
     "WorldColorReward",
+    "WorldCountReward",
     "WorldPositionReward",
 ]

@@ -1,8 +1,9 @@
 """Rewards on the procedural shapes world (:mod:`rlr_lightning.world`): prompts are the world's captions.
 
 ``WorldColorReward`` and ``WorldPositionReward`` are differentiable functions of a soft colour membership of
-every pixel; ``WorldCheckerReward`` is the exact checker's verdict (non-differentiable: RLR scores its last
-step by a likelihood ratio). A prompt that is not a caption of the world fails with the caption grammar.
+every pixel; ``WorldCountReward`` is differentiable through a small counter network trained on the world
+(:mod:`rlr_lightning.world.counter`); ``WorldCheckerReward`` is the exact checker's verdict
+(non-differentiable: RLR scores its last step by a likelihood ratio). A prompt that is not a caption of the world fails with the caption grammar.
 """
 
 from __future__ import annotations
@@ -160,3 +161,40 @@ class WorldCheckerReward(RewardModel):
             f"partial_credit={self.partial_credit}, color_threshold={self.color_threshold}, "
             f"min_intensity={self.min_intensity}, min_area={self.min_area}"
         )
+
+
+class WorldCountReward(RewardModel):
+    """Minus the squared error of the asked colour's count, ``-(predicted - asked)^2``, with the prediction of
+    the shapes world's counter network (:class:`rlr_lightning.world.counter.CountNetwork`). Differentiable.
+
+    0 when the counter sees exactly the caption's number of shapes of its colour, about -1 when it sees one
+    more or one fewer, -4 for two. Only the count of the asked colour is judged: the shapes' kind, their
+    region and shapes of other colours are not (``WorldPositionReward`` and ``WorldCheckerReward`` judge
+    positions). The packaged counter reads clean renders' counts right for 99.9 % of (image, colour) pairs and
+    blurred, noisy ones for 99 %, at 32 and 64 px.
+
+    Args:
+        counter: Directory of a counter saved by ``CountNetwork.save_pretrained``, e.g. one trained by
+            ``python -m rlr_lightning.world.counter --out DIR``; None uses the counter packaged with
+            rlr_lightning.
+    """
+
+    def __init__(self, counter: str | None = None) -> None:
+        super().__init__()
+        from rlr_lightning.world.counter import load_counter
+
+        self.counter = counter
+        # A submodule, so .to(device) moves it; frozen and kept in eval mode (its batch normalisation uses the
+        # running statistics, so an image's reward does not depend on the rest of its batch).
+        self.network = load_counter(counter)
+        self.freeze()
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        specs = [parse_caption(prompt) for prompt in prompts]
+        index = torch.tensor([_COLOR_INDEX[spec.color] for spec in specs], device=images.device)
+        asked = torch.tensor([float(spec.count) for spec in specs], device=images.device)
+        predicted = self.network(images.float()).float()
+        return -(predicted.gather(1, index.unsqueeze(1)).squeeze(1) - asked).square()
+
+    def extra_repr(self) -> str:
+        return f"counter={self.counter!r}"

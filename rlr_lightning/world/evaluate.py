@@ -31,19 +31,23 @@ def evaluate(
     seed: int = 0,
     lora: str | Path | None = None,
     batch_size: int = 64,
+    timestep_spacing: str | None = None,
 ) -> dict[str, float]:
     """Sample every caption of ``split`` and return the checker's accuracies (``color_ok``, ``count_ok``,
-    ``position_ok``, ``all_ok``) and the number of samples ``n``."""
+    ``position_ok``, ``all_ok``) and the number of samples ``n``. ``timestep_spacing`` overrides the scheduler's
+    (a LoRA samples as trained: pass the spacing, steps, eta and guidance it was trained with)."""
     from rlr_lightning.models import load_backbone
     from rlr_lightning.sampling import Plan
 
     train, held_out = split_specs()
     specs = {"train": train, "held_out": held_out}[split]
     captions = [caption(spec) for spec in specs for _ in range(samples_per_caption)]
-    backbone = load_backbone(pipeline, local_files_only=True)
+    from rlr_lightning.builtin import resolve_model
+
+    backbone = load_backbone(resolve_model(str(pipeline)), local_files_only=True)
     if lora is not None:
         backbone.load_lora(lora)
-    sampler = backbone.make_sampler(num_steps, eta, guidance_scale)
+    sampler = backbone.make_sampler(num_steps, eta, guidance_scale, timestep_spacing)
     generator = torch.Generator().manual_seed(seed)
     totals = {name: 0.0 for name in CHECKS}
     for start in range(0, len(captions), batch_size):
@@ -58,18 +62,20 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlr_lightning.world.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("pipeline", help="pipeline directory")
+    parser.add_argument("pipeline", help="pipeline directory, or shapes-world (the shipped model)")
     parser.add_argument("--split", choices=("train", "held_out"), default="held_out")
     parser.add_argument("--samples-per-caption", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
+                        help="override the scheduler's timestep spacing (sample a LoRA as it was trained)")
     parser.add_argument("--lora", default=None, help="LoRA weights to evaluate with (directory or file)")
     parser.add_argument("--json", type=Path, default=None, help="also write the accuracies to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = evaluate(args.pipeline, args.split, args.samples_per_caption, args.steps, args.guidance, args.eta,
-                      lora=args.lora)
+                      lora=args.lora, timestep_spacing=args.timestep_spacing)
     logger.info(
         "%s captions, %d samples: colour %.1f%%, count %.1f%%, position %.1f%%, all %.1f%%", args.split,
         result["n"], *(100 * result[name] for name in CHECKS),

@@ -10,12 +10,15 @@ LoRA, sampling, export) takes the same code path as real models:
   pretrained text encoder to freeze);
 * ``vae``: a small ``AutoencoderKL`` (32 px images to 4 x 8 x 8 latents), trained first on reconstruction, and
   its latent ``scaling_factor`` set from the data as Stable Diffusion's was;
-* ``unet``: a ``UNet2DConditionModel`` with cross-attention, epsilon prediction on Stable Diffusion's noise
-  schedule, with 10 % of captions dropped (the empty prompt) so classifier-free guidance works;
+* ``unet``: a ``UNet2DConditionModel`` with cross-attention on its coarse levels and the attention-pooled caption
+  embedding added to its time embedding, epsilon prediction on Stable Diffusion's noise schedule with Min-SNR
+  loss weighting, and 10 % of captions dropped (the empty prompt) so classifier-free guidance works;
 * ``scheduler``: Stable Diffusion 1.x's ``DDIMScheduler`` config.
 
-Run ``python -m rlr_lightning.world.train --out DIR`` (about 15 minutes on 2 CPU cores) or ``--smoke`` (seconds:
-the same code path at toy sizes, for tests).
+Run ``python -m rlr_lightning.world.train --out DIR`` (sized for about 15 minutes on 2 CPU cores; the shipped
+weights took 19 minutes on one thread with other jobs sharing the cores, ``docs/world.md``) or ``--smoke``
+(seconds: the same code path at toy sizes, for tests). The weights this builds ship with the package as the
+``shapes-world`` model (:mod:`rlr_lightning.builtin`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ class TrainingRecipe:
         num_examples: Training examples drawn (each is rendered once and reused every epoch).
         vae_steps: Optimizer steps of the autoencoder.
         unet_steps: Optimizer steps of the UNet and text encoder.
-        batch_size: Examples per step.
+        batch_size: Examples per UNet step.
+        vae_batch_size: Examples per autoencoder step (reconstruction needs fewer than denoising; half the
+            autoencoder's time at 32).
         vae_lr: AdamW learning rate of the autoencoder.
         unet_lr: AdamW learning rate of the UNet and text encoder.
         caption_dropout: Fraction of captions replaced by the empty prompt (for classifier-free guidance).
@@ -58,14 +63,20 @@ class TrainingRecipe:
         attention_levels: How many of the UNet's levels, from the coarsest, have cross-attention to the caption
             (2 of 3: attention at the finest level too gave worse position accuracy, 28% against 45%).
         text_width: Width of the text encoder.
+        pooled_text_embedding: Also add an attention-pooled caption embedding to the UNet's time embedding
+            (diffusers' ``addition_embed_type="text"``), so every level, the finest included, sees the caption.
+        snr_gamma: Min-SNR loss weighting (Hang et al., 2023, arXiv 2303.09556): each timestep's loss weighted
+            by ``min(SNR, gamma) / SNR``, which stops the nearly clean timesteps from dominating training;
+            ``None`` weights all timesteps equally.
         seed: Seed of the weights, the data and the noise.
     """
 
     image_size: int = 32
-    num_examples: int = 8_000
+    num_examples: int = 6_000
     vae_steps: int = 800
-    unet_steps: int = 4000
+    unet_steps: int = 3800
     batch_size: int = 32
+    vae_batch_size: int = 16
     vae_lr: float = 2e-3
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -73,12 +84,14 @@ class TrainingRecipe:
     unet_channels: tuple[int, ...] = (32, 64, 64)
     attention_levels: int = 2
     text_width: int = 64
+    pooled_text_embedding: bool = True
+    snr_gamma: float | None = 5.0
     seed: int = 0
 
     @classmethod
     def smoke(cls) -> TrainingRecipe:
         """The same code path at toy sizes: seconds on a CPU, for tests (the samples are not meaningful)."""
-        return cls(num_examples=32, vae_steps=2, unet_steps=2, batch_size=8, vae_channels=(8, 8, 8),
+        return cls(num_examples=32, vae_steps=2, unet_steps=2, batch_size=8, vae_batch_size=8, vae_channels=(8, 8, 8),
                    unet_channels=(32, 32, 32), text_width=32)
 
 
@@ -143,6 +156,7 @@ def build_components(recipe: TrainingRecipe, tokenizer) -> dict:
         down_block_types=("DownBlock2D",) * (len(channels) - levels) + ("CrossAttnDownBlock2D",) * levels,
         up_block_types=("CrossAttnUpBlock2D",) * levels + ("UpBlock2D",) * (len(channels) - levels),
         cross_attention_dim=recipe.text_width, attention_head_dim=8, norm_num_groups=min(32, channels[0]),
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if recipe.pooled_text_embedding else {}),
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.text_width, intermediate_size=2 * recipe.text_width,
@@ -172,7 +186,7 @@ def train_vae(vae, images: Tensor, recipe: TrainingRecipe, generator: torch.Gene
     """Reconstruction (L1 + MSE) plus a small KL; returns the latent scale ``1 / std`` of the data's latents."""
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    for step, index in enumerate(_batches(len(images), recipe.batch_size, recipe.vae_steps, generator)):
+    for step, index in enumerate(_batches(len(images), recipe.vae_batch_size, recipe.vae_steps, generator)):
         x = images[index]
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
@@ -220,7 +234,11 @@ def train_unet(components: dict, images: Tensor, captions: list[str], recipe: Tr
         a = alphas[t].reshape(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         context = text_encoder(tokens, return_dict=False)[0]
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=context, return_dict=False)[0], noise)
+        error = (unet(zt, t, encoder_hidden_states=context, return_dict=False)[0] - noise).pow(2).mean(dim=(1, 2, 3))
+        if recipe.snr_gamma is not None:
+            snr = a.flatten() / (1 - a.flatten())
+            error = error * snr.clamp(max=recipe.snr_gamma) / snr
+        loss = error.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
