@@ -14,14 +14,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from rlr_lightning.lifecycle import InterruptCheckpoint
-from tests.test_fit_cli import rlr, tiny_args
+from tests.test_fit_cli import quickstart_args, rlr
 from tests.test_module import data, make_module
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_that_resumes_and_exits_143(tiny_pipeline_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_that_resumes_and_exits_143(tmp_path):
     out = tmp_path / "run"
-    args = [*tiny_args(tiny_pipeline_dir, out), "--model.num_steps", "2", "--model.estimator.init_args.h", "1"]
+    args = [*quickstart_args(out), "--model.num_steps", "2", "--model.estimator.init_args.h", "1"]
     metrics = out / "rlr" / "version_0" / "metrics.csv"
     log = tmp_path / "console.txt"
     with open(log, "w") as console:
