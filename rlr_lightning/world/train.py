@@ -15,9 +15,8 @@ LoRA, sampling, export) takes the same code path as real models:
   loss weighting, and 10 % of captions dropped (the empty prompt) so classifier-free guidance works;
 * ``scheduler``: Stable Diffusion 1.x's ``DDIMScheduler`` config.
 
-Run ``python -m rlr_lightning.world.train --out DIR`` (sized for about 15 minutes on 2 CPU cores; the shipped
-weights took 19 minutes on one thread with other jobs sharing the cores, ``docs/world.md``) or ``--smoke``
-(seconds: the same code path at toy sizes, for tests). The weights this builds ship with the package as the
+Run ``python -m rlr_lightning.world.train --out DIR`` (about 11 minutes alone on 2 CPU cores, ``docs/world.md``)
+or ``--smoke`` (seconds: the same code path at toy sizes, for tests). The weights this builds ship with the package as the
 ``shapes-world`` model (:mod:`rlr_lightning.builtin`).
 """
 
