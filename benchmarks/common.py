@@ -102,7 +102,6 @@ def world_module(estimator, num_steps: int = WORLD_STEPS, model: str = WORLD_MOD
     return module
 
 
-@torch.no_grad()
 def world_accuracy(
     model: str,
     caption_sets: dict[str, list[str]],
@@ -115,38 +114,18 @@ def world_accuracy(
     batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:
     """Per caption set: the exact checker's accuracies (``color_ok``, ``count_ok``, ``position_ok``,
-    ``all_ok``), the mean reward (:func:`world_reward`) of the samples and their number ``n``; with a LoRA file or
-    without (the base model).
-
-    ``rlr_lightning.world.evaluate`` does the same for a whole caption split; this takes caption lists, so
-    any caption list can be scored. The defaults
-    sample as :func:`world_module` trains (a LoRA samples as trained). Every set is sampled from ``seed``, so
-    two models compare on the same noise.
+    ``all_ok``), the mean reward (:func:`world_reward`) of the samples and their number ``n``
+    (``rlr_lightning.world.evaluate``); with a LoRA file or without (the base model). The defaults sample as
+    :func:`world_module` trains (a LoRA samples as trained). Every set is sampled from ``seed``, so two models
+    compare on the same noise.
     """
-    from rlr_lightning.builtin import resolve_model
-    from rlr_lightning.models import load_backbone
-    from rlr_lightning.world import CHECKS, check
+    from rlr_lightning.world.evaluate import evaluate
 
-    backbone = load_backbone(resolve_model(model), local_files_only=True)
-    if lora is not None:
-        backbone.load_lora(lora)
-    sampler = backbone.make_sampler(num_steps, eta, guidance_scale)
     reward = world_reward()
-    results = {}
-    for name, captions in caption_sets.items():
-        generator = torch.Generator().manual_seed(seed)
-        captions = [c for c in captions for _ in range(samples_per_caption)]
-        totals = dict.fromkeys((*CHECKS, "reward"), 0.0)
-        for start in range(0, len(captions), batch_size):
-            chunk = captions[start:start + batch_size]
-            embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
-            images = backbone.decode(sampler.run(Plan(num_steps), embeds, generator=generator).final)
-            result = check(images, chunk)
-            for key in CHECKS:
-                totals[key] += float(result[key].float().sum())
-            totals["reward"] += float(reward(images, chunk).sum())
-        results[name] = {**{key: value / len(captions) for key, value in totals.items()}, "n": len(captions)}
-    return results
+    return {name: evaluate(model, samples_per_caption=samples_per_caption, num_steps=num_steps,
+                           guidance_scale=guidance_scale, eta=eta, seed=seed, lora=lora, batch_size=batch_size,
+                           captions=captions, reward=reward)
+            for name, captions in caption_sets.items()}
 
 
 def move_lora_off_init(module: RLRModule, scale: float, seed: int = 1) -> None:

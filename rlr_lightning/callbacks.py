@@ -22,6 +22,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+@torch.no_grad()
+def render_samples(pl_module: L.LightningModule, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[float]]:
+    """The module's images of ``prompts`` from ``seed`` as ``uint8`` (what every sink gets) and their rewards."""
+    images = pl_module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+    return to_uint8(images), pl_module.reward(images, prompts).float().cpu().tolist()
+
+
 class SampleImageLogger(L.Callback):
     """Render a fixed set of prompts with fixed seeds every N optimizer steps, on rank zero only.
 
@@ -72,13 +79,9 @@ class SampleImageLogger(L.Callback):
         self._last_step = step
         self.render(trainer, pl_module, step)
 
-    @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         prompts = self._prompts(trainer)
-        batch = PromptBatch.from_prompts(prompts)
-        images = pl_module.generate(batch, torch.Generator().manual_seed(self.seed))
-        rewards = pl_module.reward(images, prompts).float().cpu().tolist()
-        pixels = to_uint8(images)
+        pixels, rewards = render_samples(pl_module, prompts, self.seed)
         rows = [[step, p, r] for p, r in zip(prompts, rewards)]
         for run_logger in trainer.loggers or [None]:
             if isinstance(run_logger, WandbLogger):
@@ -150,24 +153,17 @@ class BeforeAfterGrid(L.Callback):
             self.prompts = [r.prompt for r in records[: self.num_prompts]]
         return self.prompts
 
-    @torch.no_grad()
-    def _render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, list[float]]:
-        prompts = self._prompts(trainer)
-        images = pl_module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(self.seed))
-        rewards = pl_module.reward(images, prompts).float().cpu().tolist()
-        return to_uint8(images), rewards
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             with pl_module.backbone.lora_disabled():
-                self._before = self._render(trainer, pl_module)
+                self._before = render_samples(pl_module, self._prompts(trainer), self.seed)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.log_dir broadcasts from rank zero under DDP: every rank asks, before the rank check.
         log_dir = trainer.log_dir
         if not trainer.is_global_zero or self._before is None:
             return
-        after = self._render(trainer, pl_module)
+        after = render_samples(pl_module, self._prompts(trainer), self.seed)
         root = Path(log_dir or trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         path = root / "before_after.png"

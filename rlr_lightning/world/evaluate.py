@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rlr_lightning.rewards.base import RewardModel
 from rlr_lightning.world.checker import CHECKS, check
 from rlr_lightning.world.scenes import caption, split_specs
 
@@ -32,31 +33,36 @@ def evaluate(
     lora: str | Path | None = None,
     batch_size: int = 64,
     timestep_spacing: str | None = None,
+    captions: list[str] | None = None,
+    reward: RewardModel | None = None,
 ) -> dict[str, float]:
-    """Sample every caption of ``split`` and return the checker's accuracies (``color_ok``, ``count_ok``,
-    ``position_ok``, ``all_ok``) and the number of samples ``n``. ``timestep_spacing`` overrides the scheduler's
-    (a LoRA samples as trained: pass the spacing, steps, eta and guidance it was trained with)."""
+    """Sample every caption of ``split`` (or the given ``captions``) and return the checker's accuracies
+    (``color_ok``, ``count_ok``, ``position_ok``, ``all_ok``), the mean ``reward`` of the samples when a reward
+    model is given, and the number of samples ``n``. ``timestep_spacing`` overrides the scheduler's (a LoRA
+    samples as trained: pass the spacing, steps, eta and guidance it was trained with)."""
+    from rlr_lightning.builtin import resolve_model
     from rlr_lightning.models import load_backbone
     from rlr_lightning.sampling import Plan
 
-    train, held_out = split_specs()
-    specs = {"train": train, "held_out": held_out}[split]
-    captions = [caption(spec) for spec in specs for _ in range(samples_per_caption)]
-    from rlr_lightning.builtin import resolve_model
-
+    if captions is None:
+        train, held_out = split_specs()
+        captions = [caption(spec) for spec in {"train": train, "held_out": held_out}[split]]
+    captions = [text for text in captions for _ in range(samples_per_caption)]
     backbone = load_backbone(resolve_model(str(pipeline)), local_files_only=True)
     if lora is not None:
         backbone.load_lora(lora)
     sampler = backbone.make_sampler(num_steps, eta, guidance_scale, timestep_spacing)
     generator = torch.Generator().manual_seed(seed)
-    totals = {name: 0.0 for name in CHECKS}
+    totals = dict.fromkeys((*CHECKS, *(("reward",) if reward is not None else ())), 0.0)
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
-        latents = sampler.run(Plan(num_steps), embeds, generator=generator).final
-        result = check(backbone.decode(latents), chunk)
+        images = backbone.decode(sampler.run(Plan(num_steps), embeds, generator=generator).final)
+        result = check(images, chunk)
         for name in CHECKS:
             totals[name] += float(result[name].float().sum())
+        if reward is not None:
+            totals["reward"] += float(reward(images, chunk).sum())
     return {**{name: value / len(captions) for name, value in totals.items()}, "n": len(captions)}
 
 
