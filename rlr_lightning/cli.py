@@ -51,8 +51,16 @@ def _sample_parser() -> argparse.ArgumentParser:
     # Deprecated: the rank is read from the file. Still accepted (and ignored) so old command lines run.
     p.add_argument("--lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
-    p.add_argument("--steps", type=int, default=20, help="number of DDIM steps T")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0 for log-probabilities)")
+    p.add_argument("--steps", type=int, default=20, help="number of sampling steps T")
+    p.add_argument(
+        "--eta", type=float, default=1.0,
+        help="the sampler's noise level (> 0 for log-probabilities): DDIM eta for Stable Diffusion and SDXL, the SDE "
+        "noise level for SD 3 and FLUX (0 = the ODE sampler)",
+    )
+    p.add_argument(
+        "--resolution", type=int, nargs="+", default=None, metavar="PIXELS",
+        help="image size: one number (square) or height and width (default: the model's own)",
+    )
     p.add_argument(
         "--timestep-spacing",
         choices=("leading", "trailing", "linspace"),
@@ -60,7 +68,10 @@ def _sample_parser() -> argparse.ArgumentParser:
         help="DDIM timestep spacing (default: the model's scheduler config); use the one the LoRA was trained "
         "with (model.timestep_spacing, e.g. trailing in configs/quickstart.yaml)",
     )
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument(
+        "--guidance", type=float, default=5.0,
+        help="guidance scale: classifier-free (1 = off), or the guidance embedding of a guidance-distilled model (FLUX.1-dev)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial latents and step noises")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the frozen weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +101,14 @@ def sample(argv: list[str]) -> Path:
         except (OSError, ValueError) as err:
             # The message names the file and what does not fit; a traceback would only bury it.
             raise SystemExit(f"rlr sample: cannot apply --lora: {err}") from None
-    sampler = backbone.make_sampler(args.steps, args.eta, args.guidance, args.timestep_spacing)
+    if args.resolution is not None and len(args.resolution) > 2:
+        parser.error(f"--resolution takes one or two numbers, got {len(args.resolution)}")
+    try:
+        size = args.resolution
+        backbone.set_resolution(None if size is None else (size[0], size[-1]))
+        sampler = backbone.make_sampler(args.steps, args.eta, args.guidance, args.timestep_spacing)
+    except ValueError as err:
+        parser.error(str(err))
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     embeds = backbone.encode_prompts(prompts, negative=sampler.uses_guidance)
     generator = torch.Generator().manual_seed(args.seed)
@@ -99,8 +117,8 @@ def sample(argv: list[str]) -> Path:
         images = backbone.decode(trajectory.final)
     for k in range(sampler.num_steps):
         logger.info(
-            "step %2d  t=%4d  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
-            k, int(sampler.kernel.timesteps[k]), float(trajectory.sigmas[k]), float(trajectory.log_probs[k].mean()),
+            "step %2d  t=%7.2f  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
+            k, float(sampler.kernel.timesteps[k]), float(trajectory.sigmas[k]), float(trajectory.log_probs[k].mean()),
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=min(len(prompts), 4))

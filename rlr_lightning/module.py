@@ -111,11 +111,17 @@ class RLRModule(L.LightningModule):
             ``ScoreFunction`` from ``rlr_lightning.estimators``.
         reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required for
             every model except the tiny offline one, where it defaults to the toy ``TargetColor``.
-        num_steps: DDIM sampling steps ``T``.
-        eta: DDIM eta; > 0 wherever likelihood ratios are used.
-        guidance_scale: Classifier-free guidance weight; 1 turns guidance off.
+        num_steps: Sampling steps ``T``.
+        eta: The sampler's noise level, > 0 wherever likelihood ratios are used: DDIM's eta for Stable Diffusion
+            and SDXL (1 is DDPM-like), the SDE noise level ``a`` of Flow-GRPO's sampler for SD 3 and FLUX (0 is
+            the ODE sampler; Flow-GRPO trains with 0.7).
+        guidance_scale: Guidance weight: classifier-free guidance (1 turns it off), or for guidance-distilled
+            models (FLUX.1-dev) the guidance embedding's value (3.5 in its pipeline).
         timestep_spacing: Override the scheduler's DDIM timestep spacing (``leading``, ``trailing``,
             ``linspace``); ``None`` keeps the model's own.
+        resolution: Height and width of the generated images in pixels (one number for square images, or
+            ``[height, width]``); ``None``: the model's own (Stable Diffusion and SDXL: the UNet's sample size,
+            SD 3: the transformer's, FLUX: the VAE's, 1024 for FLUX.1). Flow-GRPO trains SD 3.5 and FLUX at 512.
         dcot_split: For prompts with DCoT rewrites: the fractions of ``T`` where the mid and the fine scales
             begin (the coarse rewrite conditions the steps before the first, in sampling order).
         lora: LoRA rank, alpha and target modules on the UNet.
@@ -160,6 +166,7 @@ class RLRModule(L.LightningModule):
         eta: float = 1.0,
         guidance_scale: float = 1.0,
         timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None,
+        resolution: int | tuple[int, int] | None = None,
         dcot_split: tuple[float, float] = (1 / 3, 2 / 3),
         lora: LoraSettings = LoraSettings(),
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -190,6 +197,13 @@ class RLRModule(L.LightningModule):
             raise ValueError(f"dcot_split must be two fractions 0 <= mid <= fine <= 1, got {dcot_split}")
         if weight_dtype not in DTYPES:
             raise ValueError(f"weight_dtype must be one of {sorted(DTYPES)}, got {weight_dtype!r}")
+        inner_updates = getattr(estimator, "inner_updates", 1)
+        if inner_updates > 1 and gradient_accumulation_steps > 1:
+            raise ValueError(
+                f"the estimator takes {inner_updates} optimizer steps per batch (inner_updates), which cannot be "
+                f"combined with gradient_accumulation_steps={gradient_accumulation_steps}: raise data.batch_size or "
+                "the estimator's group_size instead, or set inner_updates to 1"
+            )
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         if reward is None and not is_tiny_model(pretrained_model_name_or_path):
@@ -213,6 +227,7 @@ class RLRModule(L.LightningModule):
         self.eta = eta
         self.guidance_scale = guidance_scale
         self.timestep_spacing = timestep_spacing
+        self.resolution = resolution
         self.dcot_split = (float(dcot_split[0]), float(dcot_split[1]))
         self.lora_settings = lora
         self.weight_dtype = DTYPES[weight_dtype]
@@ -264,6 +279,7 @@ class RLRModule(L.LightningModule):
             return
         source = resolve_model(self.pretrained_model_name_or_path)
         backbone = load_backbone(source, dtype=self.weight_dtype)
+        backbone.set_resolution(self.resolution)
         # LoRA A is initialised randomly: seed it from the run's seed, not from whatever state the global
         # RNG is in, so every rank and every rerun starts from the same adapter.
         with torch.random.fork_rng(devices=[]):
@@ -428,26 +444,46 @@ class RLRModule(L.LightningModule):
                 self._window_skip_cause = cause
             return
 
+        term_losses, term_norms = self._backward_terms(result.terms, last_micro)
+        if not last_micro:
+            self._log_step(result, term_losses, term_norms, started)
+            return
+        try:
+            stepped = self._optimizer_step(optimizer)
+            # GRPO: more optimizer steps on the same samples, each re-scoring them at the updated weights (the
+            # logged losses and clip statistics are the last update's).
+            for _ in range(1, self.estimator.inner_updates if stepped else 1):
+                terms = self.estimator.terms(result, self.sampler, result.embeds)
+                term_losses, term_norms = self._backward_terms(terms, True)
+                if not self._optimizer_step(optimizer):
+                    break
+        finally:  # logged even when a skip stops the run
+            self._log_step(result, term_losses, term_norms, started)
+        if stepped:
+            self.estimator.observe(result, self._mean_over_ranks(term_norms))
+
+    def _backward_terms(self, terms, last_micro: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """Backpropagate the surrogate terms one at a time; their losses and (optionally) gradient norms by name."""
         term_norms: dict[str, float] = {}
         term_losses: dict[str, float] = {}
-        for i, term in enumerate(result.terms):
+        for i, term in enumerate(terms):
             before = self._lora_grad() if self.log_term_grad_norms else None
             loss = term.loss() / self.gradient_accumulation_steps
-            with self._no_sync(last_micro and i == len(result.terms) - 1):
+            with self._no_sync(last_micro and i == len(terms) - 1):
                 self.manual_backward(loss)
             term_losses[term.name] = term_losses.get(term.name, 0.0) + float(loss.detach())
             if before is not None:
                 term_norms[term.name] = float((self._lora_grad() - before).norm())
             del loss
+        return term_losses, term_norms
 
-        self._log_step(result, term_losses, term_norms, started)
-        if not last_micro:
-            return
+    def _optimizer_step(self, optimizer) -> bool:
+        """Step on the accumulated gradient (clipped), or skip a non-finite one; whether the step was taken."""
         grads = self._lora_grad()
         self.log("train/grad_norm", grads.norm(), prog_bar=False)
         if not bool(torch.isfinite(grads).all()):
             self._skip(optimizer, "non-finite gradient", reward_at_fault=False)
-            return
+            return False
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -457,7 +493,7 @@ class RLRModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        self.estimator.observe(result, self._mean_over_ranks(term_norms))
+        return True
 
     def _skip(self, optimizer, why: str, reward_at_fault: bool) -> None:
         """Drop this update entirely: gradients cleared, weights and optimizer state untouched.

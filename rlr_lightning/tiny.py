@@ -1,8 +1,9 @@
 """Tiny, offline models of every supported family for tests, docs, benchmarks and the CPU quickstart.
 
-Nothing here touches the network: every component (UNet, VAE, CLIP text encoders, a character-level CLIP
-tokenizer and the scheduler) is built in code from a fixed seed and saved as an ordinary diffusers pipeline
-directory (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``). Everything downstream loads that
+Nothing here touches the network: every component (UNet or transformer, VAE, CLIP and T5 text encoders,
+character-level CLIP and T5 tokenizers and the scheduler) is built in code from a fixed seed and saved as an
+ordinary diffusers pipeline directory (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline`` or ``FluxPipeline``). Everything downstream loads that
 directory through the same ``from_pretrained(..., local_files_only=True)`` path that real models take, so the
 loading code is tested for real.
 """
@@ -59,6 +60,32 @@ def clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], model_m
 def tiny_clip_tokenizer(model_max_length: int = 16):
     """A character-level CLIP tokenizer built in memory (514 tokens, no merges, no download): :func:`byte_vocab`."""
     return clip_tokenizer(byte_vocab(), [], model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A character-level T5 tokenizer built in memory (no download): a ``tokenizers`` Unigram model over the printable
+    ASCII characters, each alone and with SentencePiece's word-start marker, with T5's special tokens (``<pad>`` = 0,
+    ``</s>`` = 1 appended to every sequence, ``<unk>`` = 2). ``save_pretrained`` writes a ``tokenizer.json`` that
+    ``T5TokenizerFast.from_pretrained`` reads back, as for the real SD 3 and FLUX tokenizers."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    # Unigram scores: a word-start piece beats the bare marker followed by the bare character.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        model_max_length=model_max_length,
+    )
 
 
 def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215):
@@ -189,15 +216,164 @@ def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 8) -> dict:
     )
 
 
+def build_tiny_sd3_components(seed: int = 0, sample_size: int = 8) -> dict:
+    """Build a tiny Stable Diffusion 3.5 (about 0.9 M parameters in all): an ``SD3Transformer2DModel`` with SD 3.5's
+    dual attention and RMS query/key norm, a 16-channel VAE with SD 3's latent scale and shift, two CLIP text
+    encoders with projections (CLIP-L and CLIP-G in SD 3, of different widths here too), a T5 encoder, and the
+    flow-matching Euler scheduler with SD 3's shift 3.
+
+    Args:
+        seed: Seed of the weight initialisation; the same seed gives bit-identical weights.
+        sample_size: Latent height and width (even: the transformer embeds 2 x 2 patches). The VAE doubles it,
+            so 8 gives 16 x 16 images.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_widths, t5_width = (32, 48), 96
+    tokenizer_3 = tiny_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        # The T5 sequence's width; the CLIP sequences are zero-padded to it (4096 in SD 3).
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,
+        # Both CLIP projections side by side (768 + 1280 in SD 3).
+        pooled_projection_dim=sum(clip_widths),
+        # Position embeddings for up to this many patches a side: latents up to 4x the default side (SD 3 has 96
+        # for its default 64).
+        pos_embed_max_size=2 * sample_size,
+        # SD 3.5 medium's extra attention over the image tokens (layers 0-12 there) and its RMS query/key norm.
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    # SD 3's VAE: 16 latent channels, its latent scale and shift, no quant convolutions.
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=16,
+        sample_size=2 * sample_size,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+    def clip(width: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width, intermediate_size=37,
+            layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=514,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=width,
+        )).eval()
+
+    text_encoder, text_encoder_2 = clip(clip_widths[0]), clip(clip_widths[1])
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=t5_width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        tokenizer_3=tokenizer_3,
+        # SD 3 / 3.5's scheduler: rectified-flow Euler with its time shift 3.
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
+def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_embeds: bool = True) -> dict:
+    """Build a tiny FLUX.1 (about 0.8 M parameters in all, most of them the VAE): a ``FluxTransformer2DModel`` with
+    one double-stream and one single-stream block over 2x2-packed 16-channel latents, a 16-channel VAE with
+    FLUX.1's scaling and shift factors, CLIP for the pooled embedding, T5 for the token sequence, and
+    FLUX.1-dev's resolution-shifted flow-matching scheduler.
+
+    Args:
+        seed: Seed of the weight initialisation; the same seed gives bit-identical weights.
+        image_size: Image height and width in pixels (the VAE's ``sample_size``, the model's default resolution);
+            latents are half of it and must be even, so a multiple of 4.
+        guidance_embeds: A guidance-distilled transformer with a guidance embedding (FLUX.1-dev); ``False`` is
+            FLUX.1-schnell's kind.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    text_width, latent_channels = 32, 16
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # 2x2 patches of the latents
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_width,
+        pooled_projection_dim=text_width,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # rotary dimensions of (text index, row, column); they add up to the head width
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=latent_channels,
+        sample_size=image_size,
+        scaling_factor=0.3611,  # FLUX.1's latent scale and shift
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=text_width, intermediate_size=37,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,
+    ))
+    tokenizer_2 = tiny_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=text_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    # FLUX.1-dev's scheduler: timesteps shifted by the image's token count (use_dynamic_shifting).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )
+
+
 #: The tiny model families: how each is built and which diffusers pipeline saves it.
 TINY_FAMILIES = {
     "sd": (build_tiny_components, "StableDiffusionPipeline", "Stable Diffusion"),
     "sdxl": (build_tiny_sdxl_components, "StableDiffusionXLPipeline", "Stable Diffusion XL"),
+    "sd3": (build_tiny_sd3_components, "StableDiffusion3Pipeline", "Stable Diffusion 3"),
+    "flux": (build_tiny_flux_components, "FluxPipeline", "FLUX.1"),
 }
 
 
 #: Model names (``model.pretrained_model_name_or_path``, ``rlr sample --model``) of the tiny pipelines, by family.
-TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 
 
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd") -> Path:
@@ -206,7 +382,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd
     Args:
         path: Target directory.
         seed: Weight seed.
-        family: ``sd`` (Stable Diffusion 1.x-shaped) or ``sdxl``.
+        family: ``sd`` (Stable Diffusion 1.x-shaped), ``sdxl``, ``sd3`` or ``flux`` (:data:`TINY_FAMILIES`).
     """
     import diffusers
 
@@ -233,7 +409,7 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
         cache_dir: Parent directory of the cached model; defaults to ``$RLR_CACHE`` or
             ``~/.cache/rlr_lightning``.
         seed: Weight seed of the tiny model.
-        family: ``sd`` or ``sdxl``.
+        family: ``sd``, ``sdxl``, ``sd3`` or ``flux``.
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"tiny model family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")

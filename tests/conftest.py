@@ -47,6 +47,22 @@ def tiny_sdxl_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny Stable Diffusion 3.5 pipeline saved as a normal diffusers directory."""
+    from rlr_lightning.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd3"), family="sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny FLUX.1-dev-shaped pipeline (guidance-distilled) saved as a normal diffusers directory."""
+    from rlr_lightning.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), family="flux")
+
+
 @pytest.fixture
 def tiny_scheduler(tiny_pipeline_dir):
     from diffusers import DDIMScheduler

@@ -256,7 +256,7 @@ def test_a_lora_of_another_model_is_refused_naming_the_file_and_the_shapes(tiny_
         bare.load_lora(path)
     message = str(info.value)
     assert str(path) in message
-    assert re.search(r"attn2\.to_[kv]\.lora_A\.weight is \(4, 16\) in the file but \(4, 32\) in this UNet", message)
+    assert re.search(r"attn2\.to_[kv]\.lora_A\.weight is \(4, 16\) in the file but \(4, 32\) in this unet", message)
     # Nothing changed: no adapter layers are left behind, and a fitting file still loads.
     assert bare.lora_settings is None and not lora_layers(bare.unet)
     ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=2, alpha=3.0))

@@ -36,11 +36,14 @@ def test_rlr_sample_is_reproducible_by_seed(tiny_pipeline_dir, tmp_path):
     assert not torch.equal(load("a.png"), load("c.png"))
 
 
-def test_rlr_rejects_unknown_commands_and_bad_settings(tiny_pipeline_dir, tmp_path):
+def test_rlr_rejects_unknown_commands_and_bad_settings(tiny_pipeline_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="commands:"):
         main(["train"])
-    with pytest.raises(ValueError, match="eta must be >= 0"):
-        main(["sample", "--model", str(tiny_pipeline_dir), "--eta", "-1", "--out", str(tmp_path / "x.png")])
+    # A bad sampler setting is a usage error naming the value, not a traceback.
+    for args, message in ((["--eta", "-1"], "eta must be >= 0"), (["--resolution", "15"], "resolution 15x15")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", "--model", str(tiny_pipeline_dir), *args, "--out", str(tmp_path / "x.png")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def sample_grid(argv: list[str]) -> torch.Tensor:
@@ -108,7 +111,7 @@ def test_rlr_sample_refuses_a_lora_of_another_model_naming_the_file(tiny_pipelin
         main(["sample", "--model", str(tiny_pipeline_dir), "--lora", str(path), "--out", str(tmp_path / "x.png")])
     message = str(info.value.code)
     assert message.startswith("rlr sample: cannot apply --lora: ") and str(path) in message
-    assert "in the file but" in message and "in this UNet" in message
+    assert "in the file but" in message and "in this unet" in message
     assert not (tmp_path / "x.png").exists()
 
 
@@ -124,5 +127,5 @@ def test_rlr_sample_bad_lora_exits_with_one_clear_line(tiny_pipeline_dir, tmp_pa
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1
-    assert f"rlr sample: cannot apply --lora: {path} does not fit this UNet" in proc.stderr
+    assert f"rlr sample: cannot apply --lora: {path} does not fit this unet" in proc.stderr
     assert "Traceback" not in proc.stderr

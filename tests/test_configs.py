@@ -26,7 +26,10 @@ CONFIG_DIR = ROOT / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 SD15 = CONFIG_DIR / "sd15_aesthetic_rlr.yaml"
 SDXL = CONFIG_DIR / "sdxl_aesthetic_rlr.yaml"
-BASES = [SD15, SDXL]
+SD35 = CONFIG_DIR / "sd35_medium_pickscore_rlr.yaml"
+SD35_GRPO = CONFIG_DIR / "sd35_medium_grpo.yaml"
+FLUX = CONFIG_DIR / "flux1_dev_hpsv2_rlr.yaml"
+BASES = [SD15, SDXL, SD35, SD35_GRPO, FLUX]
 ESTIMATORS = sorted((CONFIG_DIR / "estimators").glob("*.yaml"))
 REWARDS = sorted((CONFIG_DIR / "rewards").glob("*.yaml"))
 GPUS = sorted((CONFIG_DIR / "gpu").glob("*.yaml"))
@@ -89,7 +92,7 @@ def uncommented_keys(path: Path) -> list[str]:
 
 
 def test_one_base_per_model_and_the_overlays_exist():
-    assert {c.name for c in CONFIGS} >= {"quickstart.yaml", SD15.name, SDXL.name}
+    assert {c.name for c in CONFIGS} >= {"quickstart.yaml", *(base.name for base in BASES)}
     assert {c.stem for c in ESTIMATORS} == set(PAPER_ESTIMATOR)
     assert {c.stem for c in REWARDS} == set(REWARD_CLASS)
 
@@ -159,7 +162,33 @@ def test_sdxl_base_is_a_memory_planned_sdxl_recipe():
     assert cfg["trainer"]["logger"]["init_args"]["save_dir"] != sd15_logger["save_dir"]
 
 
-@pytest.mark.parametrize("config", [SD15, SDXL, *ESTIMATORS, *REWARDS], ids=name)
+def test_flow_recipes_follow_flow_grpo_and_compare_rlr_with_grpo_on_equal_terms():
+    rlr, grpo, flux = resolved(SD35), resolved(SD35_GRPO), resolved(FLUX)
+    for cfg in (rlr, grpo, flux):
+        model = cfg["model"]
+        assert model["resolution"] == 512 and model["num_steps"] == 10 and model["eta"] == 0.7
+        assert model["timestep_spacing"] is None and model["memory_budget_gb"] == "auto"
+        assert {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= set(model["lora"]["target_modules"])
+    assert rlr["model"]["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
+    assert flux["model"]["pretrained_model_name_or_path"] == "black-forest-labs/FLUX.1-dev"
+    assert rlr["model"]["guidance_scale"] == 4.5 and flux["model"]["guidance_scale"] == 3.5
+    assert rlr["model"]["reward"]["class_path"] == REWARD_CLASS["pickscore"]
+    assert flux["model"]["reward"]["class_path"] == REWARD_CLASS["hpsv2"]
+    for cfg in (rlr, flux):
+        estimator = cfg["model"]["estimator"]
+        assert estimator["class_path"] == "rlr_lightning.estimators.RLR"
+        assert estimator["init_args"]["baseline"] == "group" and estimator["init_args"]["group_size"] == 2
+    # The GRPO baseline differs from the RLR recipe in its estimator (and what that implies) only.
+    estimator = grpo["model"]["estimator"]
+    assert estimator["class_path"] == "rlr_lightning.estimators.GRPO"
+    assert (estimator["init_args"]["group_size"], estimator["init_args"]["clip_range"]) == (8, 1e-4)
+    assert grpo["model"]["gradient_accumulation_steps"] == 1  # inner updates cannot accumulate
+    differ = {k for k in flatten(rlr).keys() | flatten(grpo).keys() if flatten(rlr).get(k) != flatten(grpo).get(k)}
+    assert {k for k in differ if not k.startswith("model.estimator.")} == {
+        "model.gradient_accumulation_steps", "trainer.logger.init_args.name"}
+
+
+@pytest.mark.parametrize("config", [*BASES, *ESTIMATORS, *REWARDS], ids=name)
 def test_every_key_of_the_bases_and_overlays_is_commented(config):
     assert uncommented_keys(config) == []
 
@@ -239,7 +268,7 @@ def test_gpu_recipes_set_the_memory_budget_and_keep_the_base_recipe(card, budget
     for base in BASES:
         cfg, base_cfg = resolved(base, recipe), resolved(base)
         assert cfg["model"]["memory_budget_gb"] == budget
-        assert cfg["data"]["batch_size"] == base_cfg["data"]["batch_size"]  # 6 for SD 1.5, 2 for SDXL
+        assert cfg["data"]["batch_size"] == base_cfg["data"]["batch_size"]  # 6 for SD 1.5, 2 for the others
         assert cfg["model"]["estimator"] == base_cfg["model"]["estimator"]
     for number, line in enumerate(recipe.read_text().splitlines(), start=1):
         stripped = line.strip()

@@ -45,10 +45,10 @@ def test_rlr_offline_stops_a_reward_weights_download(only_rlr_offline, tmp_path)
 def test_family_is_read_from_model_index(tiny_pipeline_dir, tiny_sdxl_dir, tmp_path):
     assert backbone_class(tiny_pipeline_dir).__name__ == "StableDiffusionBackbone"
     assert backbone_class(tiny_sdxl_dir) is StableDiffusionXLBackbone
-    other = tmp_path / "flux"
+    other = tmp_path / "qwen"
     other.mkdir()
-    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(ValueError, match="FluxPipeline pipeline; supported pipelines: StableDiffusionPipeline"):
+    (other / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    with pytest.raises(ValueError, match="QwenImagePipeline pipeline; supported pipelines: StableDiffusionPipeline"):
         backbone_class(other)
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         backbone_class(tmp_path)

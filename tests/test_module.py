@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from rlr_lightning.data import PromptDataModule
-from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop
+from rlr_lightning.estimators import GRPO, RLR, FullBackprop, ScoreFunction, TruncatedBackprop
 from rlr_lightning.module import EXPORT_RECORD, ExportConflictError, RLRModule, TrainingStalledError
 from rlr_lightning.rewards import QuantizedBrightness, RewardModel, TargetColor
 
@@ -178,6 +178,33 @@ def test_progress_bar_shows_reward_and_throughput_and_logs_every_term(tiny_pipel
     for name in ("fo", "ho", "zo"):
         assert {f"train/loss_{name}", f"train/grad_norm_{name}"} <= logged
     assert {"train/reward_std", "train/reward_min", "train/reward_max", "train/block_start", "train/grad_norm"} <= logged
+
+
+def test_grpo_takes_its_inner_updates_on_each_sampled_batch(tiny_pipeline_dir, tmp_path):
+    """Two batches of 2 prompts x 3 images, 2 inner updates each: 4 optimizer steps, 2 reward calls, and the clip
+    statistics of the second update (ratios moved off 1) in the logs."""
+
+    class CountingReward(TargetColor):
+        calls: int = 0
+
+        def score(self, images, prompts):
+            type(self).calls += 1
+            assert images.shape[0] == 6  # each prompt sampled group_size times
+            return super().score(images, prompts)
+
+    module = make_module(tiny_pipeline_dir, estimator=GRPO(group_size=3, inner_updates=2, clip_range=0.2),
+                         reward=CountingReward())
+    trainer = make_trainer(tmp_path, max_steps=4, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data())
+    assert trainer.global_step == 4 and CountingReward.calls == 2
+    metrics = trainer.callback_metrics
+    assert metrics["train/inner_update"] == 1.0
+    assert float(metrics["train/approx_kl"]) > 0 and "train/clip_fraction" in metrics and "train/loss_grpo" in metrics
+
+
+def test_inner_updates_refuse_gradient_accumulation(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match="inner_updates"):
+        make_module(tiny_pipeline_dir, estimator=GRPO(group_size=2, inner_updates=2), gradient_accumulation_steps=2)
 
 
 class ScheduledNaNReward(RewardModel):

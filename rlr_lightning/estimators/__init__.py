@@ -1,4 +1,5 @@
-"""Gradient estimators: RLR and the baselines it is compared with, each a plan plus surrogate terms."""
+"""Gradient estimators: RLR and the baselines it is compared with (backprop, score function, GRPO), each a plan plus
+surrogate terms."""
 
 from rlr_lightning.estimators.backprop import FullBackprop, TruncatedBackprop
 from rlr_lightning.estimators.backward import (
@@ -14,12 +15,14 @@ from rlr_lightning.estimators.base import (
     derive_seed,
     rollout,
 )
+from rlr_lightning.estimators.grpo import GRPO
 from rlr_lightning.estimators.rlr import RLR
 from rlr_lightning.estimators.score import ScoreFunction
 
 __all__ = [
     "RLR",
     "FullBackprop",
+    "GRPO",
     "GradientEstimate",
     "GradientEstimator",
     "Rollout",

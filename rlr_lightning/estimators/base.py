@@ -27,7 +27,7 @@ RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
 #: Gathers a detached per-rank tensor from all ranks (identity on one process).
 GatherFn = Callable[[Tensor], Tensor]
 
-_BASELINES = ("leave_one_out", "none")
+_BASELINES = ("leave_one_out", "group", "none")
 
 
 def derive_seed(*parts: int) -> int:
@@ -66,6 +66,9 @@ class Rollout:
         info: Scalars worth logging (block start, truncation, ...).
         reward_fn: The reward function, for first-order terms that replay their window chunk by chunk.
         memory: How the terms run: chunk sizes and activation checkpointing.
+        cache: What an estimator keeps between the inner updates of one batch (GRPO's old log-probabilities).
+        embeds: The conditioning of the sampled batch (the prompts' repeated for groups and antithetic pairs):
+            what later calls of ``estimator.terms`` take.
     """
 
     plan: Plan
@@ -78,6 +81,8 @@ class Rollout:
     info: dict[str, float] = field(default_factory=dict)
     reward_fn: RewardFn | None = None
     memory: MemoryPlan = field(default_factory=MemoryPlan)
+    cache: dict = field(default_factory=dict)
+    embeds: Conditioning | None = None
 
     @property
     def batch_size(self) -> int:
@@ -156,8 +161,14 @@ def compute_advantages(
     baseline: str = "leave_one_out",
     antithetic_pairs: bool = False,
     fallback: float | None = None,
+    group_size: int = 1,
 ) -> Tensor:
     """Advantages ``r - b`` of the local samples against a baseline independent of each sample.
+
+    ``group`` is the leave-one-out mean of the sample's *group*: the other samples of the same prompt (the local
+    batch is ``group_size`` copies of the prompts, ``[p_0 .. p_{B-1}, p_0 .. p_{B-1}, ...]``, each with its own
+    noise). It removes the between-prompt share of the reward variance (GRPO's group-relative advantage), and
+    stays unbiased because no other member of the group depends on the sample's noise.
 
     The leave-one-out mean excludes every sample that shares the sample's noise: the sample itself and, with
     ``antithetic_pairs``, its twin (the local batch is ``[theta + u half, theta - u half]`` on common random
@@ -172,22 +183,33 @@ def compute_advantages(
         baseline: ``leave_one_out`` or ``none``.
         antithetic_pairs: The local batch is two halves of twins on common random numbers.
         fallback: Baseline to use when no independent sample is left out of the global batch.
+        group_size: Samples per prompt in the local batch (before antithetic doubling), for ``group``.
     """
     r = rewards.detach().float()
     if baseline == "none":
         return r
-    if baseline != "leave_one_out":
+    if baseline not in _BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {_BASELINES}")
     if antithetic_pairs:
         if r.numel() % 2:
             raise ValueError(f"antithetic pairs need an even local batch, got {r.numel()} rewards")
-        group_sum, group_size = r + r.roll(r.numel() // 2), 2
+        # A sample's twin shares its noise: it leaves the baseline together with the sample.
+        shared_sum, shared = r + r.roll(r.numel() // 2), 2
     else:
-        group_sum, group_size = r, 1
-    others = all_rewards.numel() - group_size
+        shared_sum, shared = r, 1
+    if baseline == "group":
+        copies = group_size * shared
+        if r.numel() % copies:
+            raise ValueError(f"{r.numel()} local rewards do not split into groups of {copies} samples per prompt")
+        others = copies - shared
+        if others < 1:
+            return r - (0.0 if fallback is None else fallback)
+        per_prompt = r.reshape(copies, -1).sum(0)  # row j is copy j of every prompt
+        return r - (per_prompt.repeat(copies) - shared_sum) / others
+    others = all_rewards.numel() - shared
     if others < 1:
         return r - (0.0 if fallback is None else fallback)
-    return r - (all_rewards.float().sum() - group_sum) / others
+    return r - (all_rewards.float().sum() - shared_sum) / others
 
 
 class GradientEstimator(ABC):
@@ -205,6 +227,9 @@ class GradientEstimator(ABC):
         score_chunk_steps: How many steps' transitions one batched re-scoring UNet call covers (memory).
         reward_ema_decay: Decay of the running reward mean and standard deviation (baseline fallback,
             ``normalize_advantages``, and the zeroth-order baseline of ``RLR``'s parameter mode).
+        group_size: Samples per prompt: every prompt of the batch is sampled this many times, each with its own
+            noise (``data.batch_size`` prompts give ``batch_size * group_size`` images per rank). With
+            ``baseline="group"`` each sample's baseline is the mean reward of the other samples of its prompt.
     """
 
     #: Whether the estimator backpropagates through the reward model.
@@ -218,9 +243,17 @@ class GradientEstimator(ABC):
         normalize_advantages: bool = False,
         score_chunk_steps: int = 4,
         reward_ema_decay: float = 0.9,
+        group_size: int = 1,
     ) -> None:
         if baseline not in _BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose one of {_BASELINES}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size (samples per prompt) must be an integer >= 1, got {group_size!r}")
+        if baseline == "group" and group_size < 2:
+            raise ValueError(
+                f"baseline='group' compares each sample with the other samples of its prompt: it needs group_size >= 2, "
+                f"got {group_size}"
+            )
         if score_chunk_steps < 1:
             raise ValueError(f"score_chunk_steps must be >= 1, got {score_chunk_steps}")
         if not 0 <= reward_ema_decay < 1:
@@ -229,6 +262,12 @@ class GradientEstimator(ABC):
         self.normalize_advantages = normalize_advantages
         self.score_chunk_steps = score_chunk_steps
         self.reward_stats = RewardStatistics(reward_ema_decay)
+        self.group_size = group_size
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Trajectories sampled per prompt of the batch: the group, doubled for antithetic pairs."""
+        return self.group_size * (2 if self.antithetic else 1)
 
     @property
     def name(self) -> str:
@@ -281,6 +320,16 @@ class GradientEstimator(ABC):
     @abstractmethod
     def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         """The surrogate terms of a sampled and scored rollout."""
+
+    #: Optimizer steps taken on each sampled batch (GRPO's inner updates; 1 for the unbiased estimators).
+    inner_updates: int = 1
+
+    def shape_advantages(self, advantages: Tensor, rewards: Tensor) -> Tensor:
+        """A last transformation of the advantages ``r - b`` (local, detached); the identity here.
+
+        GRPO scales them by its group's standard deviation; the unbiased estimators keep them as they are.
+        """
+        return advantages
 
     def observe(self, rollout: Rollout, grad_norms: dict[str, float]) -> None:
         """Update running statistics after the backward passes (called only on a completed update).
@@ -417,10 +466,13 @@ def rollout(
     T = sampler.num_steps
     step_generator = torch.Generator().manual_seed(step_seed)
     plan = estimator.plan(T, step_generator, rank_seed)
-    B = embeds.batch_size
     device = embeds.device
-    x0, noises = sampler.initial_noise(B, torch.Generator().manual_seed(rank_seed), device)
     prompts = list(prompts)
+    if estimator.group_size > 1:
+        # Each prompt sampled group_size times, each copy with noise of its own: [batch, batch, ...].
+        embeds = embeds.repeat(estimator.group_size)
+        prompts = prompts * estimator.group_size
+    x0, noises = sampler.initial_noise(embeds.batch_size, torch.Generator().manual_seed(rank_seed), device)
     if estimator.antithetic:
         # Common random numbers: both members of a pair share prompt, initial noise and step noises, and
         # differ only in the sign of the parameter perturbation.
@@ -446,9 +498,12 @@ def rollout(
         raise ValueError(f"the reward returned shape {tuple(rewards.shape)}, expected ({len(prompts)},)")
     all_rewards = gather(rewards.detach()).reshape(-1)
     advantages = compute_advantages(
-        rewards, all_rewards, estimator.baseline, estimator.antithetic, fallback=estimator.reward_stats.mean
+        rewards, all_rewards, estimator.baseline, estimator.antithetic, fallback=estimator.reward_stats.mean,
+        group_size=estimator.group_size,
     )
-    result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages, reward_fn=reward_fn, memory=memory)
+    advantages = estimator.shape_advantages(advantages, rewards.detach().float())
+    result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages, reward_fn=reward_fn, memory=memory,
+                     embeds=embeds)
     terms = estimator.terms(result, sampler, embeds)
     scale = estimator.term_scale()
     if scale != 1.0:

@@ -61,13 +61,15 @@ class RLR(GradientEstimator):
         c_fo: Weight of the first-order term (the paper: 1; its reference code: 0.05).
         c_ho: Weight of the half-order term (the paper: 1; its reference code: 0.001).
         c_zo: Weight of the zeroth-order term (the paper: 1; its reference code: 0.001).
-        baseline: Baseline of the likelihood-ratio advantages (``leave_one_out`` over the global batch, or
-            ``none``); see :class:`~rlr_lightning.estimators.GradientEstimator`.
+        baseline: Baseline of the likelihood-ratio advantages: ``leave_one_out`` over the global batch, ``group``
+            (the other samples of the same prompt, with ``group_size >= 2``: removes the between-prompt reward
+            variance), or ``none``; see :class:`~rlr_lightning.estimators.GradientEstimator`.
         normalize_advantages: Divide the whole estimate (FO, HO and ZO alike) by the running reward standard
             deviation of earlier iterations: an unbiased estimate of ``grad J / std``.
         score_chunk_steps: Steps per batched re-scoring call in ``score`` mode.
         reward_ema_decay: Decay of the running reward mean and standard deviation (the ZO baseline without
             antithetic pairs, the baseline fallback, ``normalize_advantages``).
+        group_size: Samples per prompt, each with its own noise (for the ``group`` baseline).
     """
 
     def __init__(
@@ -89,8 +91,9 @@ class RLR(GradientEstimator):
         normalize_advantages: bool = False,
         score_chunk_steps: int = 4,
         reward_ema_decay: float = 0.9,
+        group_size: int = 1,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay)
+        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size)
         if h != "auto" and (not isinstance(h, int) or h < 1):
             raise ValueError(f"block length h must be an integer >= 1 or 'auto', got {h!r}")
         if block_law not in ("uniform", "range", "grad_norm"):
@@ -162,7 +165,7 @@ class RLR(GradientEstimator):
         h = self.h if h is None else h
         if h == "auto":
             raise ValueError("graph_shape needs a block length: pass h, or let the memory planner choose it")
-        samples = prompts * (2 if self.antithetic else 1)
+        samples = prompts * self.samples_per_prompt
         rescoring = 0
         if self.zo_mode == "score":
             rescoring = self.zo_subsample if self.zo_subsample is not None else max(num_steps - 1 - h, 0)

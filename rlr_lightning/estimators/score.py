@@ -18,11 +18,13 @@ class ScoreFunction(GradientEstimator):
     Args:
         subsample: Re-score only K random steps per iteration, scaled by ``T / K`` (unbiased; DDPO's
             timestep subsampling). ``None`` uses all ``T`` steps.
-        baseline: ``leave_one_out`` over the global batch, or ``none``.
+        baseline: ``leave_one_out`` over the global batch, ``group`` (the other samples of the same prompt; needs
+            ``group_size >= 2``), or ``none``.
         normalize_advantages: Divide the estimate by the running reward standard deviation of earlier
             iterations (DDPO divides by the current batch's, which biases the estimate; this does not).
         score_chunk_steps: Steps per batched re-scoring call.
         reward_ema_decay: Decay of the running reward mean and standard deviation.
+        group_size: Samples per prompt (each with its own noise), for the ``group`` baseline.
     """
 
     requires_reward_grad = False
@@ -34,8 +36,9 @@ class ScoreFunction(GradientEstimator):
         normalize_advantages: bool = False,
         score_chunk_steps: int = 4,
         reward_ema_decay: float = 0.9,
+        group_size: int = 1,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay)
+        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size)
         if subsample is not None and subsample < 1:
             raise ValueError(f"subsample must be >= 1 (or None for all steps), got {subsample}")
         self.subsample = subsample
@@ -50,7 +53,7 @@ class ScoreFunction(GradientEstimator):
 
     def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
         steps = self.subsample if self.subsample is not None else num_steps
-        return GraphShape(prompts, rescoring_steps=steps, rescore_steps_per_call=self.score_chunk_steps)
+        return GraphShape(prompts * self.samples_per_prompt, rescoring_steps=steps, rescore_steps_per_call=self.score_chunk_steps)
 
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         info = {}

@@ -16,14 +16,18 @@ import torch
 
 from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
 from rlr_lightning.models.base import DiffusionBackbone
+from rlr_lightning.models.flux import FluxBackbone
 from rlr_lightning.models.lora import LoraSettings, read_lora_settings
 from rlr_lightning.models.sd import StableDiffusionBackbone
+from rlr_lightning.models.sd3 import StableDiffusion3Backbone
 from rlr_lightning.models.sdxl import StableDiffusionXLBackbone
 
 #: The diffusers pipeline class named in ``model_index.json`` to the backbone class of its family.
 FAMILIES: dict[str, type[DiffusionBackbone]] = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
     "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
+    "StableDiffusion3Pipeline": StableDiffusion3Backbone,
+    "FluxPipeline": FluxBackbone,
 }
 
 
@@ -75,8 +79,10 @@ def load_backbone(
 __all__ = [
     "FAMILIES",
     "DiffusionBackbone",
+    "FluxBackbone",
     "LoraSettings",
     "ModelNotAvailableError",
+    "StableDiffusion3Backbone",
     "StableDiffusionBackbone",
     "StableDiffusionXLBackbone",
     "backbone_class",

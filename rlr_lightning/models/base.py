@@ -76,6 +76,7 @@ class DiffusionBackbone(nn.Module, ABC):
         for name, value in components.items():
             setattr(self, name, value)
         self.dtype = dtype
+        self._resolution: tuple[int, int] | None = None
         self.lora_settings: LoraSettings | None = None
         self._warned_truncation = False
         # Prompts already checked against the token limit: a training run re-encodes the same prompts every
@@ -180,12 +181,12 @@ class DiffusionBackbone(nn.Module, ABC):
         return super().train(False)
 
     def add_lora(self, settings: LoraSettings = LoraSettings()) -> None:
-        """Add a LoRA adapter to the UNet (idempotent for the same settings)."""
+        """Add a LoRA adapter to the denoiser network (idempotent for the same settings)."""
         from peft import LoraConfig
 
         if self.lora_settings is not None:
             if self.lora_settings != settings:
-                raise ValueError(f"the UNet already has LoRA {self.lora_settings}; cannot add {settings}")
+                raise ValueError(f"the {self.lora_component} already has LoRA {self.lora_settings}; cannot add {settings}")
             return
         self.network.add_adapter(
             LoraConfig(
@@ -221,7 +222,7 @@ class DiffusionBackbone(nn.Module, ABC):
             self.network.enable_adapters()
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable LoRA weights by UNet parameter name."""
+        """The trainable LoRA weights by the denoiser network's parameter name."""
         return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
 
     # -- export and import ------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ class DiffusionBackbone(nn.Module, ABC):
                 try:
                     self.add_lora(settings)
                 except ValueError as err:  # peft: none of the file's target modules exists in this UNet
-                    raise ValueError(f"{lora.path} does not fit this UNet: {err}") from None
+                    raise ValueError(f"{lora.path} does not fit this {self.lora_component}: {err}") from None
             self._set_lora_weights(lora)
         except ValueError:
             if added:  # leave the UNet as it was, without adapter layers or adapter config
@@ -319,7 +320,7 @@ class DiffusionBackbone(nn.Module, ABC):
         unexpected = sorted(k for k in theirs if k not in ours)
         if unexpected:
             raise ValueError(
-                f"{lora.path} has LoRA weights for {len(unexpected)} layers that this UNet's adapter lacks, e.g. "
+                f"{lora.path} has LoRA weights for {len(unexpected)} layers that this {self.lora_component}'s adapter lacks, e.g. "
                 f"{unexpected[:3]}; it was trained on another model or with other target modules"
             )
         missing = sorted(k for k in ours if k not in theirs)
@@ -329,19 +330,19 @@ class DiffusionBackbone(nn.Module, ABC):
         if wrong:
             key, file_shape, unet_shape = wrong[0]
             raise ValueError(
-                f"{lora.path} does not fit this UNet: {len(wrong)} of its {len(theirs)} LoRA weights have other "
-                f"shapes, e.g. {key.replace(f'.{ADAPTER_NAME}', '')} is {file_shape} in the file but {unet_shape} "
-                "in this UNet; it was trained on another model"
+                f"{lora.path} does not fit this {self.lora_component}: {len(wrong)} of its {len(theirs)} LoRA weights "
+                f"have other shapes, e.g. {key.replace(f'.{ADAPTER_NAME}', '')} is {file_shape} in the file but "
+                f"{unet_shape} in this {self.lora_component}; it was trained on another model"
             )
         result = set_peft_model_state_dict(self.network, lora.weights, ADAPTER_NAME)
         # The checks above mirror peft's key mapping; peft's own report is the final word.
         leftover = getattr(result, "unexpected_keys", [])
         if leftover:
-            raise ValueError(f"{lora.path} has LoRA weights for layers this UNet lacks: {leftover[:5]}")
+            raise ValueError(f"{lora.path} has LoRA weights for layers this {self.lora_component} lacks: {leftover[:5]}")
 
     def _require_lora(self) -> None:
         if self.lora_settings is None:
-            raise RuntimeError("the UNet has no LoRA adapter; call add_lora first")
+            raise RuntimeError(f"the {self.lora_component} has no LoRA adapter; call add_lora first")
 
     # -- text, sampling, images -------------------------------------------------------------------------
 
@@ -354,25 +355,32 @@ class DiffusionBackbone(nn.Module, ABC):
         """The tokenizers whose limits prompts are checked against."""
         return (self.tokenizer,)
 
+    def token_limit(self, tokenizer) -> int:
+        """Tokens per prompt the encoder behind ``tokenizer`` reads (its ``model_max_length``; a family that pads
+        or cuts to another length, such as a T5 ``max_sequence_length``, overrides this)."""
+        return tokenizer.model_max_length
+
     def _warn_if_truncated(self, prompts: list[str]) -> None:
-        """Warn once per backbone that prompts longer than the tokenizer's limit are cut."""
+        """Warn once per backbone that prompts longer than a text encoder's limit are cut (naming the encoder)."""
         unchecked = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._checked_prompts]
         if self._warned_truncation or not unchecked:
             return
         self._checked_prompts.update(unchecked)
-        tokenizer = self.tokenizers[0]
-        limit = tokenizer.model_max_length
-        # verbose=False: the tokenizer's own warning would not say which prompt is too long.
-        lengths = [len(ids) for ids in tokenizer(unchecked, verbose=False).input_ids]
-        too_long = [(prompt, n) for prompt, n in zip(unchecked, lengths) if n > limit]
-        if too_long:
-            prompt, n = too_long[0]
-            logger.warning(
-                "The text encoder reads at most %d tokens per prompt; longer prompts are cut, e.g. %r (%d tokens). "
-                "Shorten them if their ends matter (this is said only once).",
-                limit, textwrap.shorten(prompt, width=60, placeholder=" ..."), n,
-            )
-            self._warned_truncation = True
+        for tokenizer in self.tokenizers:
+            limit = self.token_limit(tokenizer)
+            # verbose=False: the tokenizer's own warning would not say which prompt is too long.
+            lengths = [len(ids) for ids in tokenizer(unchecked, verbose=False).input_ids]
+            too_long = [(prompt, n) for prompt, n in zip(unchecked, lengths) if n > limit]
+            if too_long:
+                prompt, n = too_long[0]
+                which = "" if len(self.tokenizers) == 1 else f" ({type(tokenizer).__name__})"
+                logger.warning(
+                    "The text encoder%s reads at most %d tokens per prompt; longer prompts are cut, e.g. %r (%d "
+                    "tokens). Shorten them if their ends matter (this is said only once).",
+                    which, limit, textwrap.shorten(prompt, width=60, placeholder=" ..."), n,
+                )
+                self._warned_truncation = True
+                return
 
     def encode_prompts(self, prompts: Sequence[str], negative: bool = True) -> PromptEmbeds:
         """Encode prompts, and the negative prompt when ``negative`` (needed for guidance)."""
@@ -388,14 +396,68 @@ class DiffusionBackbone(nn.Module, ABC):
     def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:
         """The family's conditioning of ``prompts`` (and of its negative prompt when ``negative``)."""
 
+    # -- resolution --------------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along each side (8 for every released family)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def default_resolution(self) -> tuple[int, int]:
+        """The image size the model was made for, ``(height, width)`` in pixels: the denoiser's ``sample_size``
+        times the VAE's scale (a family whose network has no ``sample_size`` overrides this)."""
+        size = self.network.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def check_resolution(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` for an image size this family cannot sample (each side a multiple of the VAE's
+        scale by default; a family with patched latents asks for more)."""
+        s = self.vae_scale_factor
+        if height % s or width % s or height < s or width < s:
+            raise ValueError(
+                f"resolution {height}x{width} is not a positive multiple of the VAE's scale factor {s} on each side"
+            )
+
+    def set_resolution(self, resolution: int | Sequence[int] | None) -> None:
+        """Sample images of ``resolution`` pixels (one side for square images, or ``(height, width)``); ``None``
+        goes back to :meth:`default_resolution`. Takes effect for samplers made afterwards."""
+        if resolution is None:
+            self._resolution = None
+            return
+        h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        self.check_resolution(int(h), int(w))
+        self._resolution = (int(h), int(w))
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """Height and width of the sampled images, in pixels."""
+        return self._resolution if self._resolution is not None else self.default_resolution()
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """Height and width of the sampled latents."""
+        h, w = self.resolution
+        return h // self.vae_scale_factor, w // self.vae_scale_factor
+
+    # -- sampling ----------------------------------------------------------------------------------------
+
     def make_denoiser(self) -> Denoiser:
-        """The family's network call (a diffusers UNet by default)."""
-        return UNetDenoiser(self.network, self.dtype)
+        """The family's network call (a diffusers UNet by default), at the backbone's resolution."""
+        return UNetDenoiser(self.network, self.dtype, sample_size=self.latent_size)
 
     def make_sampler(
         self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None
     ) -> DDIMSampler:
-        """A DDIM sampler over this backbone's denoiser and scheduler."""
+        """The sampler RLRModule trains with: DDIM over this backbone's denoiser and scheduler for the UNet families.
+
+        Args:
+            num_steps: Sampling steps ``T``.
+            eta: The sampler's noise level: DDIM's eta here, the flow SDE's noise level for flow-matching families.
+            guidance_scale: Guidance weight (classifier-free guidance, or a guidance embedding where the family
+                is guidance-distilled).
+            timestep_spacing: DDIM timestep spacing override (``leading``, ``trailing``, ``linspace``).
+        """
         return DDIMSampler(
             self.make_denoiser(),
             self.scheduler,
@@ -421,3 +483,22 @@ class DiffusionBackbone(nn.Module, ABC):
             z = z + config.shift_factor
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Inside the block the loggers ``names`` report errors only.
+
+    The flow-matching pipelines' ``encode_prompt`` warns about cut prompts on every call (every training step),
+    and tokenizes untruncated to find them, which makes transformers warn of indexing errors that cannot happen;
+    :meth:`DiffusionBackbone.encode_prompts` says it once instead.
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)

@@ -115,6 +115,23 @@ class LoraFile:
         return LoraSettings(rank=rank, alpha=alpha, target_modules=targets)
 
 
+def _lora_state_dict(pipeline_class: type, source: str, **kwargs) -> tuple[dict, dict | None, dict | None]:
+    """``(weights, network alphas, metadata)`` from the pipeline's ``lora_state_dict``, whatever its return shape.
+
+    The Stable Diffusion mixins return the alphas always; FLUX's only when asked (``return_alphas``); SD 3's has
+    none and returns ``(weights, metadata)``.
+    """
+    import inspect
+
+    if "return_alphas" in inspect.signature(pipeline_class.lora_state_dict).parameters:
+        kwargs["return_alphas"] = True
+    out = pipeline_class.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+    if len(out) == 3:
+        return out
+    state_dict, metadata = out
+    return state_dict, None, metadata
+
+
 def read_lora_file(
     path: str | os.PathLike, pipeline_class: type | None = None, component: str = "unet"
 ) -> LoraFile:
@@ -142,8 +159,8 @@ def read_lora_file(
         kwargs = {"weight_name": path.name}
     else:  # our export's name first; otherwise diffusers picks the directory's one .safetensors file
         kwargs = {"weight_name": LORA_WEIGHT_NAME} if (path / LORA_WEIGHT_NAME).is_file() else {}
-    state_dict, network_alphas, metadata = pipeline_class.lora_state_dict(
-        str(path.parent if path.is_file() else path), return_lora_metadata=True, **kwargs
+    state_dict, network_alphas, metadata = _lora_state_dict(
+        pipeline_class, str(path.parent if path.is_file() else path), **kwargs
     )
 
     prefix = f"{component}."

@@ -82,14 +82,6 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
     def tokenizers(self) -> tuple:
         return (self.tokenizer, self.tokenizer_2)
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """Height and width of the generated images, in pixels (the latent size times the VAE's scale)."""
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return h * scale, w * scale
-
     def _sequence_and_pooled(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         sequences = []
         pooled = None
@@ -106,7 +98,7 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
 
     def time_ids(self, batch_size: int, dtype: torch.dtype) -> Tensor:
         """``(original size, crop top-left, target size)`` of each sample: ``(h, w, 0, 0, h, w)``."""
-        h, w = self.image_size
+        h, w = self.resolution
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=self.device).expand(batch_size, 6).contiguous()
 
     def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:

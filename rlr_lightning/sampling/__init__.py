@@ -5,7 +5,7 @@ One module per concern:
 * :mod:`~rlr_lightning.sampling.conditioning`: what a trajectory is conditioned on (prompt embeddings with a
   model family's added conditioning, and DCoT's per-scale embeddings);
 * :mod:`~rlr_lightning.sampling.denoisers`: a model family's network call;
-* :mod:`~rlr_lightning.sampling.kernels`: the transition kernel (per-step times, sigmas and means; DDIM) and
+* :mod:`~rlr_lightning.sampling.kernels`: the transition kernels (per-step times, sigmas and means; DDIM, and the flow-matching SDE) and
   the shared Gaussian log-density;
 * :mod:`~rlr_lightning.sampling.plan`: plans, perturbations and the trajectories a run records;
 * :mod:`~rlr_lightning.sampling.sampler`: the sampler, and the :class:`Sampler` protocol the estimators use.
@@ -19,6 +19,7 @@ from rlr_lightning.sampling.conditioning import (
 from rlr_lightning.sampling.denoisers import Denoiser, UNetDenoiser
 from rlr_lightning.sampling.kernels import (
     DDIMSchedule,
+    FlowMatchSDE,
     TransitionKernel,
     ddim_mean,
     gaussian_log_prob,
@@ -38,6 +39,7 @@ __all__ = [
     "DDIMSchedule",
     "Denoiser",
     "DiffusionSampler",
+    "FlowMatchSDE",
     "Perturbation",
     "Plan",
     "PromptEmbeds",

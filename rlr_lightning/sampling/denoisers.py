@@ -26,11 +26,16 @@ class Denoiser(ABC):
             parameters that perturbations act on and gradients flow to.
         dtype: Dtype the network's inputs are cast to (its frozen weights' dtype); defaults to the dtype of its
             first parameter.
+        sample_size: Latent height and width ``(h, w)`` to sample at; ``None``: the network's own (its config's
+            ``sample_size``, where it has one).
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, dtype: torch.dtype | None = None, sample_size: tuple[int, int] | None = None
+    ) -> None:
         self.module = module
         self.dtype = dtype or next(module.parameters()).dtype
+        self.sample_size = None if sample_size is None else (int(sample_size[0]), int(sample_size[1]))
 
     @abstractmethod
     def inputs(
@@ -94,6 +99,6 @@ class UNetDenoiser(Denoiser):
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.module.config
-        size = config.sample_size
+        size = config.sample_size if self.sample_size is None else self.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, config.in_channels, h, w)

@@ -3,13 +3,15 @@
 Step ``k`` maps ``s_k`` to ``s_{k+1} = m_k + sigma_k * eps_k``. A kernel knows, per step, the time the
 denoiser is called at, ``sigma_k`` and how ``m_k`` follows from the latent and the (guided) model output; the
 Gaussian log-density of a transition is shared by every kernel. :class:`DDIMSchedule` is the DDIM kernel of
-the Stable Diffusion family; a new sampler (e.g. a flow-matching SDE) is a new kernel in this file.
+the Stable Diffusion family; :class:`FlowMatchSDE` is the Euler-Maruyama kernel of the flow-matching families
+(SD 3 / 3.5, FLUX.1), ``docs/flow_matching.md``. A new sampler is a new kernel in this file.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -187,3 +189,138 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
         sq = (x - m).pow(2).flatten(1).sum(1)
         return -sq / (2 * s**2) - dims * (s.log() + 0.5 * _LOG_2PI)
 
+
+
+@dataclass(frozen=True)
+class FlowMatchSDE:
+    """The stochastic kernel of a rectified-flow model: Euler-Maruyama steps of the SDE with the ODE's marginals.
+
+    A flow-matching model predicts the velocity ``v = eps - x_0`` of the straight path ``x_t = (1 - t) x_0 + t eps``,
+    and diffusers samples the ODE ``dx = v dt`` from ``t = 1`` to ``0`` (``FlowMatchEulerDiscreteScheduler``). The
+    reverse-time SDE ``dx = [v + s_t^2 / (2 t) (x + (1 - t) v)] dt + s_t dw`` has the same marginals for any noise
+    schedule ``s_t`` (``docs/flow_matching.md``); with Flow-GRPO's ``s_t = a sqrt(t / (1 - t))`` (Liu et al.
+    2025, arXiv 2505.05470, Eq. 9 and its Euler-Maruyama step) one step from ``t_k`` to ``t_{k+1} < t_k``
+    (``dt = t_{k+1} - t_k < 0``) is the Gaussian transition
+
+        m_k = x (1 + s^2 dt / (2 t_k)) + v (1 + s^2 (1 - t_k) / (2 t_k)) dt,   sigma_k = s sqrt(-dt),
+
+    with ``s = a sqrt(t_k / (1 - t_k))``. At ``t_k = 1`` (the first step of an unshifted schedule) the ratio is
+    infinite; there, as Flow-GRPO does, ``1 - t_k`` is replaced by ``1 - t_1`` (the schedule's next time). With
+    ``a = 0`` every step is ``FlowMatchEulerDiscreteScheduler.step``: ``m_k = x + v dt``.
+
+    Attributes:
+        timesteps: What the denoiser is called with at each step: the scheduler's timesteps ``t_k * 1000``, ``(T,)``
+            float32 (a family's denoiser rescales them if its network wants ``t`` itself, as FLUX does).
+        times: The flow times ``t_0 > t_1 > ... > t_T`` (the scheduler's ``sigmas``; ``t_T = 0``), ``(T + 1,)``.
+        sigma: ``sigma_k``, ``(T,)`` float32; 0 on deterministic (ODE) steps.
+        noise_level: Flow-GRPO's ``a``.
+        stochastic_steps: The half-open step range that runs the SDE; the other steps are ODE steps (``None``: all
+            steps are stochastic).
+    """
+
+    timesteps: Tensor
+    times: Tensor
+    sigma: Tensor
+    noise_level: float
+    stochastic_steps: tuple[int, int] | None = None
+
+    @classmethod
+    def from_scheduler(
+        cls,
+        scheduler,
+        num_steps: int,
+        noise_level: float,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        stochastic_steps: tuple[int, int] | None = None,
+    ) -> FlowMatchSDE:
+        """The kernel on the timesteps a diffusers ``FlowMatchEulerDiscreteScheduler`` config gives for ``num_steps``.
+
+        The times are the scheduler's own (``set_timesteps`` on a copy of its config: its ``shift``, dynamic
+        shifting, terminal value), so they agree with ``FlowMatchEulerDiscreteScheduler.step`` by construction.
+
+        Args:
+            scheduler: The model's scheduler (or anything with a flow-matching scheduler ``config``).
+            num_steps: Sampling steps ``T``.
+            noise_level: Flow-GRPO's ``a`` (0: the deterministic ODE sampler; Flow-GRPO trains with 0.7).
+            sigmas: Explicit unshifted times for ``set_timesteps`` (the FLUX pipeline passes
+                ``linspace(1, 1 / T, T)``); ``None``: the scheduler's default.
+            mu: The resolution-dependent shift of schedulers with ``use_dynamic_shifting`` (FLUX).
+            stochastic_steps: Half-open ``[start, stop)`` range of SDE steps; the others are ODE steps (the
+                SDE-then-ODE sampling of MixGRPO and Flow-GRPO-Fast). ``None``: every step is stochastic.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if not noise_level >= 0:
+            raise ValueError(
+                f"the flow SDE's noise level must be >= 0 (0 is the deterministic ODE sampler; Flow-GRPO uses 0.7), "
+                f"got {noise_level!r}"
+            )
+        if stochastic_steps is not None:
+            start, stop = (int(v) for v in stochastic_steps)
+            if not 0 <= start < stop <= num_steps:
+                raise ValueError(
+                    f"stochastic_steps must be a non-empty range [start, stop) inside [0, {num_steps}), got "
+                    f"{tuple(stochastic_steps)}"
+                )
+            stochastic_steps = (start, stop)
+        flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        config = flow.config
+        for option in ("stochastic_sampling", "invert_sigmas"):
+            if config.get(option, False):
+                raise ValueError(f"flow-matching schedulers with {option}=True are not supported; set it to False")
+        if config.get("use_dynamic_shifting", False) and mu is None:
+            raise ValueError(
+                "this scheduler shifts its timesteps by the image resolution (use_dynamic_shifting): pass mu, "
+                "as the model family's pipeline computes it"
+            )
+        kwargs = {}
+        if sigmas is not None:
+            import numpy as np
+
+            kwargs["sigmas"] = np.asarray(sigmas, dtype=np.float32)
+            if len(kwargs["sigmas"]) != num_steps:
+                raise ValueError(f"{len(kwargs['sigmas'])} sigmas given for num_steps={num_steps}")
+        flow.set_timesteps(num_steps, mu=mu, **kwargs)
+        times = flow.sigmas.double().cpu()
+        timesteps = flow.timesteps.float().cpu()
+        if times.numel() != num_steps + 1 or not bool((times[1:] < times[:-1]).all()):
+            raise ValueError(f"the scheduler gave times {times.tolist()}: expected {num_steps + 1} decreasing times")
+        t, t_next = times[:-1], times[1:]
+        # Flow-GRPO's s_t = a sqrt(t / (1 - t)), with 1 - t at t = 1 replaced by 1 - t_1 (finite there).
+        t_safe = torch.where(t >= 1, times[1] if num_steps > 1 else torch.zeros(()), t)
+        s = noise_level * (t / (1 - t_safe)).sqrt()
+        sigma = s * (t - t_next).sqrt()
+        if stochastic_steps is not None:
+            inside = torch.zeros(num_steps, dtype=torch.bool)
+            inside[stochastic_steps[0] : stochastic_steps[1]] = True
+            sigma = torch.where(inside, sigma, torch.zeros(()))
+        if not bool(torch.isfinite(sigma).all()):
+            raise ValueError(f"noise level {noise_level} gives non-finite step sigmas {sigma.tolist()} on these times")
+        return cls(
+            timesteps=timesteps,
+            times=times.float(),
+            sigma=sigma.float(),
+            noise_level=float(noise_level),
+            stochastic_steps=stochastic_steps,
+        )
+
+    def __len__(self) -> int:
+        return self.timesteps.numel()
+
+    def to(self, device: torch.device | str) -> FlowMatchSDE:
+        return replace(self, timesteps=self.timesteps.to(device), times=self.times.to(device),
+                       sigma=self.sigma.to(device))
+
+    def mean(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+        """The Euler-Maruyama mean ``m_k`` of each sample at its own step, at least float32, differentiable."""
+        dtype = _compute_dtype(latents)
+        x = latents.to(dtype)
+        v = model_output.to(dtype)
+        t = _per_sample(self.times, step_index, x)
+        dt = _per_sample(self.times, step_index + 1, x) - t
+        # s^2 = sigma_k^2 / (-dt): the SDE's squared diffusion coefficient at t_k (0 on ODE steps).
+        s2 = _per_sample(self.sigma, step_index, x).pow(2) / (-dt)
+        return x * (1 + s2 * dt / (2 * t)) + v * (1 + s2 * (1 - t) / (2 * t)) * dt

@@ -1,0 +1,227 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer, three text encoders, rectified flow sampled as an SDE.
+
+The conditioning is ``StableDiffusion3Pipeline.encode_prompt``'s own (a pipeline object assembled from the
+backbone's components), so it equals diffusers' by construction: the token sequence is both CLIP encoders'
+penultimate hidden states side by side, zero-padded to T5's width, followed by T5's sequence; the pooled
+projection is both CLIP encoders' projected outputs side by side. The negative branch of classifier-free
+guidance is the encoded empty prompt (SD 3 has no zeroed negatives).
+
+Sampling follows the flow-matching Euler scheduler's timesteps (with its time shift, 3 for SD 3 / 3.5) through
+the stochastic kernel :class:`~rlr_lightning.sampling.kernels.FlowMatchSDE`, whose noise level ``0`` is the
+scheduler's own deterministic sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers
+from rlr_lightning.sampling import Denoiser, DiffusionSampler, PromptEmbeds
+from rlr_lightning.sampling.kernels import FlowMatchSDE
+
+#: ``StableDiffusion3Pipeline``'s default T5 sequence length.
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+#: The pipeline's limit on the T5 sequence length.
+MAX_SEQUENCE_LENGTH_LIMIT = 512
+#: Loggers that warn about cut prompts inside ``encode_prompt``: diffusers' SD 3 pipeline (on every encoding) and
+#: transformers' tokenizers (the pipeline tokenizes without truncation to find what was cut).
+_TRUNCATION_LOGGERS = (
+    "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+    "transformers.tokenization_utils_base",
+)
+
+
+class SD3Denoiser(Denoiser):
+    """A diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5).
+
+    Called as ``transformer(hidden_states=x, timestep=t, encoder_hidden_states=context,
+    pooled_projections=added["pooled_projections"], return_dict=False)[0]`` with the scheduler's timesteps
+    (``t * 1000``), as ``StableDiffusion3Pipeline`` calls it; it predicts the flow velocity of ``(B, C, h, w)``
+    latents (the transformer patches them itself).
+    """
+
+    def inputs(self, latents, timesteps, context, added):
+        if "pooled_projections" not in added:
+            raise ValueError(
+                f"the SD 3 transformer needs the pooled text projections (added conditioning 'pooled_projections'), "
+                f"got {sorted(added)}; encode the prompts with the SD 3 backbone"
+            )
+        kwargs = {
+            "hidden_states": latents.to(self.dtype),
+            "timestep": timesteps,
+            "encoder_hidden_states": context.to(self.dtype),
+            "pooled_projections": added["pooled_projections"].to(self.dtype),
+            "return_dict": False,
+        }
+        return (), kwargs
+
+    def output(self, result) -> Tensor:
+        return result[0]
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        config = self.module.config
+        size = config.sample_size if self.sample_size is None else self.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, h, w)
+
+
+class StableDiffusion3Backbone(DiffusionBackbone):
+    """A frozen SD 3 / 3.5 pipeline (``StableDiffusion3Pipeline``) with LoRA on its transformer.
+
+    Its components: ``transformer`` (``SD3Transformer2DModel``; SD 3.5's dual attention layers and query/key
+    norm included), ``vae`` (16 latent channels, with a latent shift), ``text_encoder`` and ``text_encoder_2``
+    (``CLIPTextModelWithProjection``: CLIP-L and CLIP-G), ``text_encoder_3`` (``T5EncoderModel``), their tokenizers
+    ``tokenizer``, ``tokenizer_2`` and ``tokenizer_3``, and ``scheduler`` (``FlowMatchEulerDiscreteScheduler``).
+
+    Sampling is the flow SDE (:class:`~rlr_lightning.sampling.kernels.FlowMatchSDE`) on the scheduler's
+    timesteps: the ``eta`` of :meth:`make_sampler` (``model.eta`` of ``RLRModule``) is the SDE's noise level,
+    Flow-GRPO's ``a`` (DanceGRPO's eta): 0 is the scheduler's deterministic sampler, and likelihood-ratio
+    estimators need it above 0 (Flow-GRPO trains with 0.7). The default resolution is the transformer's
+    ``sample_size`` times the VAE's scale (1024 x 1024 for SD 3 / 3.5 medium and large).
+
+    The default LoRA targets (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) adapt the attention projections of the
+    image stream (and SD 3.5's second image attention); Flow-GRPO also adapts the text stream's, with the targets
+    ``to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out``.
+
+    Args:
+        max_sequence_length: T5 tokens per prompt (prompts are padded or cut to it), as
+            ``StableDiffusion3Pipeline``'s argument of that name; at most 512. ``None``: the pipeline's default,
+            256, or the T5 tokenizer's own limit where that is smaller (the tiny test model's).
+        components: As for :class:`~rlr_lightning.models.base.DiffusionBackbone`.
+    """
+
+    component_classes = {
+        "transformer": ("diffusers", "SD3Transformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_3": ("transformers", "T5EncoderModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "tokenizer_3": ("transformers", "T5TokenizerFast"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+    }
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    lora_component = "transformer"
+    networks = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(
+        self, dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None, **components
+    ) -> None:
+        super().__init__(dtype=dtype, **components)
+        self._encoder_pipeline = None
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens per prompt (see the class's arguments)."""
+        return self._max_sequence_length
+
+    @max_sequence_length.setter
+    def max_sequence_length(self, value: int | None) -> None:
+        if value is None:
+            value = min(DEFAULT_MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_LENGTH_LIMIT:
+            raise ValueError(
+                f"max_sequence_length must be an integer from 1 to {MAX_SEQUENCE_LENGTH_LIMIT} (T5 tokens per "
+                f"prompt; the SD 3 pipeline's default is {DEFAULT_MAX_SEQUENCE_LENGTH}), got {value!r}"
+            )
+        self._max_sequence_length = value
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
+
+    def token_limit(self, tokenizer) -> int:
+        # T5 reads max_sequence_length tokens, whatever its tokenizer's own limit.
+        return self.max_sequence_length if tokenizer is self.tokenizer_3 else tokenizer.model_max_length
+
+    # -- resolution ----------------------------------------------------------------------------------------
+
+    def check_resolution(self, height: int, width: int) -> None:
+        """Each latent side a multiple of the transformer's patch size, and within its position embeddings."""
+        super().check_resolution(height, width)
+        config = self.transformer.config
+        patch, scale = config.patch_size, self.vae_scale_factor
+        if height % (scale * patch) or width % (scale * patch):
+            raise ValueError(
+                f"resolution {height}x{width} is not a multiple of {scale * patch} on each side (the VAE's scale "
+                f"{scale} times the transformer's patch size {patch})"
+            )
+        limit = config.pos_embed_max_size
+        if limit is not None and max(height, width) > limit * patch * scale:
+            raise ValueError(
+                f"resolution {height}x{width} exceeds the transformer's position embeddings: at most "
+                f"{limit * patch * scale} pixels a side ({limit} patches of {patch * scale} pixels)"
+            )
+
+    # -- conditioning --------------------------------------------------------------------------------------
+
+    def encoder_pipeline(self):
+        """A ``StableDiffusion3Pipeline`` over this backbone's components (the same module objects), built on
+        first use, for its ``encode_prompt``. Not a submodule: its networks are the backbone's own."""
+        if self._encoder_pipeline is None:
+            self._encoder_pipeline = self.pipeline_class()(**{name: getattr(self, name) for name in self.components()})
+        return self._encoder_pipeline
+
+    def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:
+        with quiet_loggers(*_TRUNCATION_LOGGERS):
+            cond, uncond, pooled, uncond_pooled = self.encoder_pipeline().encode_prompt(
+                prompts, None, None, device=self.device, do_classifier_free_guidance=negative,
+                max_sequence_length=self.max_sequence_length,
+            )
+        if not negative:
+            return PromptEmbeds(cond=cond, added={"pooled_projections": pooled})
+        return PromptEmbeds(
+            cond=cond, uncond=uncond, added={"pooled_projections": pooled},
+            uncond_added={"pooled_projections": uncond_pooled},
+        )
+
+    # -- sampling ------------------------------------------------------------------------------------------
+
+    def make_denoiser(self) -> SD3Denoiser:
+        return SD3Denoiser(self.transformer, self.dtype, sample_size=self.latent_size)
+
+    def shift_mu(self) -> float | None:
+        """The resolution-dependent time shift ``mu`` of a scheduler with ``use_dynamic_shifting``, computed as
+        ``StableDiffusion3Pipeline`` does from the number of image patches; ``None`` for a fixed shift (SD 3 / 3.5)."""
+        config = self.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+        )
+
+        patch = self.transformer.config.patch_size
+        h, w = self.latent_size
+        return calculate_shift(
+            (h // patch) * (w // patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+
+    def make_sampler(
+        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None
+    ) -> DiffusionSampler:
+        """The flow SDE sampler over the transformer, on the scheduler's timesteps for ``num_steps``.
+
+        Args:
+            num_steps: Sampling steps ``T``.
+            eta: The SDE's noise level (Flow-GRPO's ``a``; 0 is the deterministic flow-matching Euler sampler).
+            guidance_scale: Classifier-free guidance weight (1: off; SD 3.5 medium samples with about 4.5).
+            timestep_spacing: Must be ``None``: flow-matching models take their times from the scheduler's shift.
+        """
+        if timestep_spacing is not None:
+            raise ValueError(
+                f"timestep_spacing={timestep_spacing!r} is a DDIM option; Stable Diffusion 3 takes its times from "
+                f"its flow-matching scheduler (shift {self.scheduler.config.get('shift', 1.0):g}): leave it unset "
+                "(model.timestep_spacing: null)"
+            )
+        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, mu=self.shift_mu())
+        return DiffusionSampler(self.make_denoiser(), kernel, guidance_scale)
+
+
+__all__ = ["SD3Denoiser", "StableDiffusion3Backbone"]
