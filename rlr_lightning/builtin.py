@@ -1,5 +1,5 @@
-"""Model names that need no download: ``tiny`` and ``tiny-sdxl`` (random weights, built in code into the cache
-on first use) and ``shapes-world`` (a small Stable Diffusion pipeline trained on the shapes world, shipped with
+"""Model names that need no download: ``tiny``, ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` (random weights, built
+in code into the cache on first use) and ``shapes-world`` (a small Stable Diffusion pipeline trained on the shapes world, shipped with
 the package). Anything else is a hub id or a diffusers directory, passed on as it is.
 """
 

@@ -103,12 +103,12 @@ class RLRModule(L.LightningModule):
 
     Args:
         pretrained_model_name_or_path: Hub id or diffusers pipeline directory of the backbone (Stable Diffusion
-            1.x / 2.x or SDXL, told apart by the pipeline's ``model_index.json``); ``tiny`` (``tiny-sdxl``) builds
-            the tiny offline Stable Diffusion (SDXL) model with random weights into ``~/.cache/rlr_lightning``;
-            ``shapes-world`` is the small pipeline trained on the shapes world that ships with the package (the
-            CPU quickstart).
-        estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop`` or
-            ``ScoreFunction`` from ``rlr_lightning.estimators``.
+            1.x / 2.x, SDXL, SD 3 / 3.5 or FLUX.1, told apart by the pipeline's ``model_index.json``); ``tiny``,
+            ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` build a tiny offline model of that family with random
+            weights into ``~/.cache/rlr_lightning``; ``shapes-world`` is the small pipeline trained on the shapes
+            world that ships with the package (the CPU quickstart).
+        estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop``,
+            ``ScoreFunction`` or the ``GRPO`` baseline from ``rlr_lightning.estimators``.
         reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required for
             every model except the tiny offline one, where it defaults to the toy ``TargetColor``.
         num_steps: Sampling steps ``T``.
@@ -122,6 +122,10 @@ class RLRModule(L.LightningModule):
         resolution: Height and width of the generated images in pixels (one number for square images, or
             ``[height, width]``); ``None``: the model's own (Stable Diffusion and SDXL: the UNet's sample size,
             SD 3: the transformer's, FLUX: the VAE's, 1024 for FLUX.1). Flow-GRPO trains SD 3.5 and FLUX at 512.
+        stochastic_steps: SD 3 and FLUX only: run the SDE on the steps ``[start, stop)`` and the deterministic ODE
+            on the others (MixGRPO, Flow-GRPO-Fast), e.g. ``[0, 2]``; pair it with ``GRPO(step_range=...)``, which
+            trains only those steps. Estimators that score every step by likelihood ratio (RLR, the score function)
+            need every step stochastic: ``None``.
         dcot_split: For prompts with DCoT rewrites: the fractions of ``T`` where the mid and the fine scales
             begin (the coarse rewrite conditions the steps before the first, in sampling order).
         lora: LoRA rank, alpha and target modules on the UNet.
@@ -167,6 +171,7 @@ class RLRModule(L.LightningModule):
         guidance_scale: float = 1.0,
         timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None,
         resolution: int | tuple[int, int] | None = None,
+        stochastic_steps: tuple[int, int] | None = None,
         dcot_split: tuple[float, float] = (1 / 3, 2 / 3),
         lora: LoraSettings = LoraSettings(),
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -228,6 +233,7 @@ class RLRModule(L.LightningModule):
         self.guidance_scale = guidance_scale
         self.timestep_spacing = timestep_spacing
         self.resolution = resolution
+        self.stochastic_steps = None if stochastic_steps is None else (int(stochastic_steps[0]), int(stochastic_steps[1]))
         self.dcot_split = (float(dcot_split[0]), float(dcot_split[1]))
         self.lora_settings = lora
         self.weight_dtype = DTYPES[weight_dtype]
@@ -287,7 +293,7 @@ class RLRModule(L.LightningModule):
             backbone.add_lora(self.lora_settings)
         self.backbone = backbone.to(self.device)
         self.sampler = self.backbone.make_sampler(
-            self.num_steps, self.eta, self.guidance_scale, self.timestep_spacing
+            self.num_steps, self.eta, self.guidance_scale, self.timestep_spacing, stochastic_steps=self.stochastic_steps
         )
         # The model summary of the rlr command: what trains and what is frozen (Lightning's table lists
         # every submodule, FLOPs it cannot measure and train/eval modes that are intended).
@@ -295,7 +301,7 @@ class RLRModule(L.LightningModule):
         frozen = sum(p.numel() for p in self.backbone.parameters()) - trainable
         rank_zero_info(
             f"Backbone {self.pretrained_model_name_or_path} ({type(backbone).__name__}) ready: "
-            f"{trainable:,} trainable LoRA weights, {frozen:,} frozen"
+            f"{trainable:,} trainable LoRA weights, {frozen:,} frozen; {'x'.join(map(str, backbone.resolution))} images"
         )
 
     # -- memory ------------------------------------------------------------------------------------------

@@ -88,19 +88,29 @@ def tiny_t5_tokenizer(model_max_length: int = 32):
     )
 
 
-def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215):
-    """A two-level ``AutoencoderKL`` with 4 latent channels: images twice the latent size."""
+def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215, flow: bool = False,
+              shift_factor: float | None = None):
+    """A two-level ``AutoencoderKL``: images twice the latent size.
+
+    Args:
+        sample_size: Latent height and width (the VAE's ``sample_size`` is the image's, twice that).
+        scaling_factor: The family's latent scale.
+        flow: The flow-matching families' VAE (SD 3, FLUX): 16 latent channels, no quant convolutions.
+        shift_factor: Their latent shift.
+    """
     from diffusers import AutoencoderKL
 
+    extra = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor) if flow else {}
     return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
+        latent_channels=16 if flow else 4,
         sample_size=2 * sample_size,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
@@ -227,7 +237,7 @@ def build_tiny_sd3_components(seed: int = 0, sample_size: int = 8) -> dict:
         sample_size: Latent height and width (even: the transformer embeds 2 x 2 patches). The VAE doubles it,
             so 8 gives 16 x 16 images.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -254,19 +264,7 @@ def build_tiny_sd3_components(seed: int = 0, sample_size: int = 8) -> dict:
         qk_norm="rms_norm",
     )
     # SD 3's VAE: 16 latent channels, its latent scale and shift, no quant convolutions.
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=16,
-        sample_size=2 * sample_size,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = _tiny_vae(sample_size, scaling_factor=1.5305, flow=True, shift_factor=0.0609)
 
     def clip(width: int) -> CLIPTextModelWithProjection:
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -308,7 +306,7 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
         guidance_embeds: A guidance-distilled transformer with a guidance embedding (FLUX.1-dev); ``False`` is
             FLUX.1-schnell's kind.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -325,19 +323,8 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),  # rotary dimensions of (text index, row, column); they add up to the head width
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=latent_channels,
-        sample_size=image_size,
-        scaling_factor=0.3611,  # FLUX.1's latent scale and shift
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    # FLUX.1's latent scale and shift.
+    vae = _tiny_vae(image_size // 2, scaling_factor=0.3611, flow=True, shift_factor=0.1159)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=text_width, intermediate_size=37,
         layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +17,9 @@ import torch
 
 from rlr_lightning.estimators import RLR, FullBackprop, TruncatedBackprop, estimate_gradient
 from rlr_lightning.models import FluxBackbone, LoraSettings, load_backbone
-from rlr_lightning.sampling import Plan, ScaledPromptEmbeds
+from rlr_lightning.sampling import Plan
 from tests.conftest import perturb_lora_
+from tests.families import check_rescoring_reproduces_the_sampling_log_probs, fit_and_sample_through_the_cli
 
 PROMPTS = ["a cat", "a red fox on a hill"]
 #: Every attention projection of FLUX's transformer: the image stream's (double blocks) and the single blocks'
@@ -179,29 +177,9 @@ def test_bad_resolution_guidance_and_timestep_spacing_fail_early_with_what_would
 
 
 def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_flux_dir):
-    """Likelihood-ratio terms re-score stored transitions in stacked calls; the pooled projections and the
-    guidance embedding must follow each row (step-major stacks and arbitrary rows, plain and DCoT conditioning)."""
+    """The pooled projections and the guidance embedding follow each re-scored row of the flow SDE."""
     bb = backbone(tiny_flux_dir)
-    sampler = bb.make_sampler(4, eta=1.0, guidance_scale=3.5)
-    plain = bb.encode_prompts(PROMPTS, negative=False)
-    fine = bb.encode_prompts(["a dog", "a blue boat"], negative=False)
-    for embeds in (plain, ScaledPromptEmbeds(((0, 2, plain), (2, 4, fine)))):
-        trajectory = sampler.run(Plan(4), embeds, generator=torch.Generator().manual_seed(2))
-        assert bool(torch.isfinite(trajectory.log_probs).all()) and bool((trajectory.sigmas > 0).all())
-        steps = [0, 1, 2, 3]
-        index, x, x_next = trajectory.transitions(steps)
-        with torch.no_grad():
-            stacked = sampler.log_probs(index, x, x_next, embeds.for_steps(steps))
-        torch.testing.assert_close(stacked, trajectory.log_probs.flatten(), rtol=1e-4, atol=1e-3)
-        rows_steps, rows_samples = torch.tensor([3, 0, 2, 1]), torch.tensor([1, 0, 0, 1])
-        index, x, x_next = trajectory.rows(rows_steps, rows_samples)
-        with torch.no_grad():
-            picked = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, rows_samples))
-        torch.testing.assert_close(picked, trajectory.log_probs[rows_steps, rows_samples], rtol=1e-4, atol=1e-3)
-        # A row re-scored with another sample's conditioning gets another log-probability: the check has teeth.
-        with torch.no_grad():
-            swapped = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, 1 - rows_samples))
-        assert not torch.allclose(swapped, picked, atol=1e-2)
+    check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=3.5), False)
 
 
 class _Records(logging.Handler):
@@ -324,29 +302,10 @@ def test_rlr_mean_gradient_matches_full_backprop_and_truncation_shows_its_bias_o
 
 @pytest.mark.slow
 def test_rlr_fit_on_the_tiny_flux_through_the_cli(tiny_flux_dir, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlr_lightning", "fit", "--config", str(root / "configs/quickstart.yaml"),
-         "--model.pretrained_model_name_or_path", str(tiny_flux_dir), "--model.num_steps", "3",
-         "--model.eta", "0.7", "--model.guidance_scale", "3.5", "--model.timestep_spacing", "null",
-         "--model.lora.target_modules", json.dumps(list(ATTENTION)), "--data.batch_size", "2",
-         "--trainer.max_steps", "2", "--trainer.default_root_dir", str(out),
-         "--trainer.logger.init_args.save_dir", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FluxBackbone" in proc.stderr + proc.stdout  # the family was detected, and said so
-    metrics = next(out.rglob("metrics.csv")).read_text().splitlines()
-    assert len([line for line in metrics[1:] if line.strip()]) >= 2
-    exported = next(out.rglob("pytorch_lora_weights.safetensors"))
-    # The export is a FLUX LoRA that `rlr sample` draws with, on the model it was trained on.
-    from PIL import Image
+    fit_and_sample_through_the_cli(
+        tiny_flux_dir, tmp_path, "FluxBackbone",
+        ["--model.num_steps", "3", "--model.eta", "0.7", "--model.guidance_scale", "3.5",
+         "--model.timestep_spacing", "null", "--model.lora.target_modules", json.dumps(list(ATTENTION))],
+        ["--steps", "3", "--eta", "0.7", "--guidance", "3.5"])
 
-    from rlr_lightning.cli import main
 
-    png = tmp_path / "samples.png"
-    main(["sample", "--model", str(tiny_flux_dir), "--lora", str(exported.parent), "--steps", "3", "--eta", "0.7",
-          "--guidance", "3.5", "--prompt", "a cat", "--prompt", "a fox", "--out", str(png)])
-    image = Image.open(png)
-    assert image.size[0] >= 2 * 16 and any(lo < hi for lo, hi in image.getextrema())  # two samples, not blank

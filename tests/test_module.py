@@ -202,6 +202,12 @@ def test_grpo_takes_its_inner_updates_on_each_sampled_batch(tiny_pipeline_dir, t
     assert float(metrics["train/approx_kl"]) > 0 and "train/clip_fraction" in metrics and "train/loss_grpo" in metrics
 
 
+def test_a_ddim_model_refuses_stochastic_steps_naming_the_families_they_are_for(tiny_pipeline_dir):
+    module = make_module(tiny_pipeline_dir, stochastic_steps=(0, 2))
+    with pytest.raises(ValueError, match="flow-matching families"):
+        module.configure_model()
+
+
 def test_inner_updates_refuse_gradient_accumulation(tiny_pipeline_dir):
     with pytest.raises(ValueError, match="inner_updates"):
         make_module(tiny_pipeline_dir, estimator=GRPO(group_size=2, inner_updates=2), gradient_accumulation_steps=2)

@@ -10,20 +10,17 @@ those code paths run too.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from rlr_lightning.estimators import RLR, FullBackprop, TruncatedBackprop, estimate_gradient
 from rlr_lightning.models import LoraSettings, StableDiffusion3Backbone, load_backbone
-from rlr_lightning.sampling import Plan, ScaledPromptEmbeds
+from rlr_lightning.sampling import Plan
 from tests.conftest import perturb_lora_
+from tests.families import check_rescoring_reproduces_the_sampling_log_probs, fit_and_sample_through_the_cli
 
 PROMPTS = ["a cat", "a red fox on a hill"]
 #: Every attention projection of SD 3's joint blocks: the image stream's and the text stream's (Flow-GRPO's targets).
@@ -207,29 +204,9 @@ def test_timestep_spacing_is_refused_with_the_reason(tiny_sd3_dir):
 
 
 def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_sd3_dir):
-    """Likelihood-ratio terms re-score stored transitions in stacked calls; the pooled projections must follow
-    each row (step-major stacks and arbitrary rows, with guidance, for plain and DCoT conditioning)."""
+    """The pooled projections follow each re-scored row of the flow SDE, with guidance."""
     bb = backbone(tiny_sd3_dir)
-    sampler = bb.make_sampler(4, eta=1.0, guidance_scale=2.0)
-    plain = bb.encode_prompts(PROMPTS)
-    fine = bb.encode_prompts(["a dog", "a blue boat"])
-    for embeds in (plain, ScaledPromptEmbeds(((0, 2, plain), (2, 4, fine)))):
-        trajectory = sampler.run(Plan(4), embeds, generator=torch.Generator().manual_seed(2))
-        assert bool(torch.isfinite(trajectory.log_probs).all())
-        steps = [0, 1, 2, 3]
-        index, x, x_next = trajectory.transitions(steps)
-        with torch.no_grad():
-            stacked = sampler.log_probs(index, x, x_next, embeds.for_steps(steps))
-        torch.testing.assert_close(stacked, trajectory.log_probs.flatten(), rtol=1e-4, atol=1e-3)
-        rows_steps, rows_samples = torch.tensor([3, 0, 2, 1]), torch.tensor([1, 0, 0, 1])
-        index, x, x_next = trajectory.rows(rows_steps, rows_samples)
-        with torch.no_grad():
-            picked = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, rows_samples))
-        torch.testing.assert_close(picked, trajectory.log_probs[rows_steps, rows_samples], rtol=1e-4, atol=1e-3)
-        # A row scored with another sample's conditioning gets another log-probability: the check has teeth.
-        with torch.no_grad():
-            swapped = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, 1 - rows_samples))
-        assert not torch.allclose(swapped, picked, rtol=1e-4, atol=1e-3)
+    check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=2.0), True)
 
 
 def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_round_trips(tiny_sd3_dir, tmp_path):
@@ -369,32 +346,34 @@ def test_the_same_comparison_detects_truncated_backprop(sd3_problem, k):
 
 @pytest.mark.slow
 def test_rlr_fit_on_the_tiny_sd3_through_the_cli(tiny_sd3_dir, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlr_lightning", "fit", "--config", str(root / "configs/quickstart.yaml"),
-         "--model.pretrained_model_name_or_path", str(tiny_sd3_dir), "--model.num_steps", "4",
-         "--model.eta", "0.7", "--model.guidance_scale", "2",
-         # The quickstart's DDIM spacing does not apply: SD 3 takes its times from its scheduler's shift.
-         "--model.timestep_spacing", "null",
-         "--data.batch_size", "2", "--trainer.max_steps", "2",
-         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "StableDiffusion3" in proc.stderr + proc.stdout  # the family was detected, and said so
-    metrics = next(out.rglob("metrics.csv")).read_text().splitlines()
-    assert len([line for line in metrics[1:] if line.strip()]) >= 2
-    exported = next(out.rglob("pytorch_lora_weights.safetensors"))
-    record = json.loads((exported.parent / "rlr_export.json").read_text())
-    assert record["run_id"]
-    # The export is an SD 3 LoRA that `rlr sample` draws with, on the model it was trained on.
-    from PIL import Image
+    # The quickstart's DDIM spacing does not apply: SD 3 takes its times from its scheduler's shift.
+    fit_and_sample_through_the_cli(
+        tiny_sd3_dir, tmp_path, "StableDiffusion3",
+        ["--model.num_steps", "4", "--model.eta", "0.7", "--model.guidance_scale", "2", "--model.timestep_spacing", "null"],
+        ["--steps", "4", "--guidance", "2", "--eta", "0"])
 
-    from rlr_lightning.cli import main
 
-    png = tmp_path / "samples.png"
-    main(["sample", "--model", str(tiny_sd3_dir), "--lora", str(exported.parent), "--steps", "4", "--guidance", "2",
-          "--eta", "0", "--prompt", "a cat", "--prompt", "a fox", "--out", str(png)])
-    image = Image.open(png)
-    assert image.size[0] >= 2 * 16 and any(lo < hi for lo, hi in image.getextrema())  # two samples, not blank
+def test_grpo_trains_the_sde_window_of_a_mixed_sde_ode_sampler(tiny_sd3_dir, tmp_path):
+    """MixGRPO / Flow-GRPO-Fast: the SDE on the first 2 of 4 steps, the ODE after; GRPO trains the window only
+    and moves the LoRA. RLR, which scores the other steps by likelihood ratio, stops naming the setting."""
+    import lightning as L
+
+    from rlr_lightning.data import PromptDataModule
+    from rlr_lightning.estimators import GRPO
+    from rlr_lightning.module import RLRModule
+    from rlr_lightning.rewards import TargetColor
+
+    def fit(estimator):
+        module = RLRModule(str(tiny_sd3_dir), estimator=estimator, reward=TargetColor(), num_steps=4, eta=0.7,
+                           stochastic_steps=(0, 2), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=PromptDataModule(prompt_set="animals", batch_size=2))
+        return module
+
+    module = fit(GRPO(group_size=2, step_range=(0, 2), clip_range=0.2))
+    sigma = module.sampler.kernel.sigma
+    assert bool((sigma[:2] > 0).all()) and bool((sigma[2:] == 0).all())
+    assert max(float(p.abs().max()) for n, p in module.backbone.lora_parameters().items() if "lora_B" in n) > 0
+    with pytest.raises(ValueError, match="stochastic_steps"):
+        fit(RLR(h=1))

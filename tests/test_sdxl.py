@@ -8,9 +8,6 @@ guidance, whole sampling, LoRA files in both directions; then RLR's mean gradien
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -21,6 +18,7 @@ from rlr_lightning.memory import MemoryPlan
 from rlr_lightning.models import LoraSettings, StableDiffusionXLBackbone, load_backbone
 from rlr_lightning.sampling import DDIMSampler, Plan, ScaledPromptEmbeds, UNetDenoiser
 from tests.conftest import perturb_lora_
+from tests.families import check_rescoring_reproduces_the_sampling_log_probs, fit_and_sample_through_the_cli
 
 PROMPTS = ["a cat", "a red fox on a hill"]
 
@@ -115,24 +113,9 @@ def test_sampling_equals_the_pipeline_with_guidance(pipe, tiny_sdxl_dir):
 
 
 def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_sdxl_dir):
-    """Likelihood-ratio terms re-score stored transitions in stacked calls; the added conditioning must follow
-    each row (step-major stacks and arbitrary rows, with guidance, for plain and DCoT conditioning)."""
+    """The added conditioning (pooled embeddings, time ids) follows each re-scored row, with guidance."""
     bb = backbone(tiny_sdxl_dir)
-    sampler = bb.make_sampler(4, eta=1.0, guidance_scale=2.0)
-    plain = bb.encode_prompts(PROMPTS)
-    fine = bb.encode_prompts(["a dog", "a blue boat"])
-    for embeds in (plain, ScaledPromptEmbeds(((0, 2, plain), (2, 4, fine)))):
-        trajectory = sampler.run(Plan(4), embeds, generator=torch.Generator().manual_seed(2))
-        steps = [0, 1, 2, 3]
-        index, x, x_next = trajectory.transitions(steps)
-        with torch.no_grad():
-            stacked = sampler.log_probs(index, x, x_next, embeds.for_steps(steps))
-        torch.testing.assert_close(stacked, trajectory.log_probs.flatten(), rtol=1e-4, atol=1e-3)
-        rows_steps, rows_samples = torch.tensor([3, 0, 2, 1]), torch.tensor([1, 0, 0, 1])
-        index, x, x_next = trajectory.rows(rows_steps, rows_samples)
-        with torch.no_grad():
-            picked = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, rows_samples))
-        torch.testing.assert_close(picked, trajectory.log_probs[rows_steps, rows_samples], rtol=1e-4, atol=1e-3)
+    check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=2.0), True)
 
 
 def test_lora_export_loads_in_the_sdxl_pipeline_and_round_trips_exactly(pipe, tiny_sdxl_dir, tmp_path):
@@ -242,31 +225,8 @@ def test_rlr_mean_gradient_matches_full_backprop_on_sdxl(tiny_sdxl_dir):
 
 @pytest.mark.slow
 def test_rlr_fit_on_the_tiny_sdxl_through_the_cli(tiny_sdxl_dir, tmp_path):
-    from pathlib import Path
+    fit_and_sample_through_the_cli(
+        tiny_sdxl_dir, tmp_path, "StableDiffusionXL", ["--model.num_steps", "4", "--model.guidance_scale", "2"],
+        ["--steps", "4", "--guidance", "2"])
 
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlr_lightning", "fit", "--config", str(root / "configs/quickstart.yaml"),
-         "--model.pretrained_model_name_or_path", str(tiny_sdxl_dir), "--model.num_steps", "4",
-         "--model.guidance_scale", "2", "--data.batch_size", "2", "--trainer.max_steps", "2",
-         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "StableDiffusionXL" in proc.stderr + proc.stdout  # the family was detected, and said so
-    metrics = next(out.rglob("metrics.csv")).read_text().splitlines()
-    assert len([line for line in metrics[1:] if line.strip()]) >= 2
-    exported = next(out.rglob("pytorch_lora_weights.safetensors"))
-    record = json.loads((exported.parent / "rlr_export.json").read_text())
-    assert record["run_id"]
-    # The export is an SDXL LoRA that `rlr sample` draws with, on the model it was trained on.
-    from PIL import Image
 
-    from rlr_lightning.cli import main
-
-    png = tmp_path / "samples.png"
-    main(["sample", "--model", str(tiny_sdxl_dir), "--lora", str(exported.parent), "--steps", "4", "--guidance", "2",
-          "--prompt", "a cat", "--prompt", "a fox", "--out", str(png)])
-    image = Image.open(png)
-    assert image.size[0] >= 2 * 16 and any(lo < hi for lo, hi in image.getextrema())  # two samples, not blank

@@ -77,6 +77,7 @@ class DiffusionBackbone(nn.Module, ABC):
             setattr(self, name, value)
         self.dtype = dtype
         self._resolution: tuple[int, int] | None = None
+        self._pipeline = None  # see pipeline()
         self.lora_settings: LoraSettings | None = None
         self._warned_truncation = False
         # Prompts already checked against the token limit: a training run re-encodes the same prompts every
@@ -91,6 +92,15 @@ class DiffusionBackbone(nn.Module, ABC):
         import diffusers
 
         return getattr(diffusers, cls.pipeline_class_name)
+
+    def pipeline(self):
+        """The family's diffusers pipeline over this backbone's own components (the same module objects, no
+        weights of its own), made on first use: the flow-matching families encode prompts with its
+        ``encode_prompt``, so their conditioning is diffusers' by construction. A plain attribute, not a
+        submodule (a pipeline is no ``nn.Module``)."""
+        if self._pipeline is None:
+            self._pipeline = self.pipeline_class()(**{name: getattr(self, name) for name in self.components()})
+        return self._pipeline
 
     @classmethod
     def load_components(cls, source: str, dtype: torch.dtype, **hub) -> dict:
@@ -447,7 +457,8 @@ class DiffusionBackbone(nn.Module, ABC):
         return UNetDenoiser(self.network, self.dtype, sample_size=self.latent_size)
 
     def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None
+        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
+        stochastic_steps: tuple[int, int] | None = None,
     ) -> DDIMSampler:
         """The sampler RLRModule trains with: DDIM over this backbone's denoiser and scheduler for the UNet families.
 
@@ -457,7 +468,14 @@ class DiffusionBackbone(nn.Module, ABC):
             guidance_scale: Guidance weight (classifier-free guidance, or a guidance embedding where the family
                 is guidance-distilled).
             timestep_spacing: DDIM timestep spacing override (``leading``, ``trailing``, ``linspace``).
+            stochastic_steps: Flow-matching families only: the ``[start, stop)`` steps that run the SDE, the
+                others the ODE (MixGRPO / Flow-GRPO-Fast); ``None``: every step is stochastic.
         """
+        if stochastic_steps is not None:
+            raise ValueError(
+                f"stochastic_steps={list(stochastic_steps)} is for the flow-matching families' SDE sampler; DDIM "
+                "makes every step stochastic with eta > 0: leave it unset (null)"
+            )
         return DDIMSampler(
             self.make_denoiser(),
             self.scheduler,

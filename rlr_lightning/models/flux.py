@@ -130,7 +130,6 @@ class FluxBackbone(DiffusionBackbone):
         super().__init__(dtype=dtype, **components)
         #: T5 tokens per prompt: the pipeline's default (512) unless the tokenizer reads fewer.
         self.max_sequence_length = min(512, int(self.tokenizer_2.model_max_length))
-        self._flux_pipeline = None  # made on first use, see _encoder_pipeline
 
     @property
     def guidance_distilled(self) -> bool:
@@ -163,21 +162,11 @@ class FluxBackbone(DiffusionBackbone):
 
     # -- conditioning ------------------------------------------------------------------------------------
 
-    def _encoder_pipeline(self):
-        """A ``FluxPipeline`` over this backbone's components, made once, for its ``encode_prompt``.
-
-        A plain attribute, not a submodule: a pipeline is no ``nn.Module``, and it holds this backbone's own
-        components, no weights of its own.
-        """
-        if self._flux_pipeline is None:
-            self._flux_pipeline = self.pipeline_class()(**{name: getattr(self, name) for name in self.components()})
-        return self._flux_pipeline
-
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         # The pipeline warns about truncated prompts at every call, and tokenizes them untruncated to find out, which
         # makes the tokenizer warn of "indexing errors" that cannot happen; DiffusionBackbone warns once instead.
         with quiet_loggers(*_TRUNCATION_LOGGERS):
-            sequence, pooled, _ = self._encoder_pipeline().encode_prompt(
+            sequence, pooled, _ = self.pipeline().encode_prompt(
                 prompts, device=self.device, max_sequence_length=self.max_sequence_length
             )
         return sequence, pooled
@@ -230,7 +219,8 @@ class FluxBackbone(DiffusionBackbone):
         )
 
     def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None
+        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
+        stochastic_steps: tuple[int, int] | None = None,
     ) -> DiffusionSampler:
         """Flow-GRPO's SDE sampler on ``FluxPipeline``'s timesteps, one transformer call per step.
 
@@ -239,6 +229,8 @@ class FluxBackbone(DiffusionBackbone):
             eta: The SDE's noise level ``a`` (0: the pipeline's deterministic sampler; > 0 for log-probabilities).
             guidance_scale: The guidance embedding's value (FLUX.1-dev); 1 for FLUX.1-schnell, which has none.
             timestep_spacing: Must be ``None``: FLUX takes its timesteps from its scheduler's shift.
+            stochastic_steps: Flow-matching families only: the ``[start, stop)`` steps that run the SDE, the
+                others the ODE (MixGRPO / Flow-GRPO-Fast); ``None``: every step is stochastic.
         """
         import numpy as np
 
@@ -253,5 +245,6 @@ class FluxBackbone(DiffusionBackbone):
         # The pipeline's times before the shift, unless the scheduler makes its own (use_flow_sigmas).
         flow_sigmas = self.scheduler.config.get("use_flow_sigmas", False)
         sigmas = None if flow_sigmas else np.linspace(1.0, 1 / num_steps, num_steps)
-        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, sigmas=sigmas, mu=self.timestep_shift())
+        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, sigmas=sigmas, mu=self.timestep_shift(),
+                                             stochastic_steps=stochastic_steps)
         return DiffusionSampler(denoiser, kernel, guidance_scale=1.0)

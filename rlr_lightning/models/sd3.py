@@ -59,12 +59,6 @@ class SD3Denoiser(Denoiser):
     def output(self, result) -> Tensor:
         return result[0]
 
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        config = self.module.config
-        size = config.sample_size if self.sample_size is None else self.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, config.in_channels, h, w)
-
 
 class StableDiffusion3Backbone(DiffusionBackbone):
     """A frozen SD 3 / 3.5 pipeline (``StableDiffusion3Pipeline``) with LoRA on its transformer.
@@ -110,7 +104,6 @@ class StableDiffusion3Backbone(DiffusionBackbone):
         self, dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None, **components
     ) -> None:
         super().__init__(dtype=dtype, **components)
-        self._encoder_pipeline = None
         self.max_sequence_length = max_sequence_length
 
     @property
@@ -158,16 +151,9 @@ class StableDiffusion3Backbone(DiffusionBackbone):
 
     # -- conditioning --------------------------------------------------------------------------------------
 
-    def encoder_pipeline(self):
-        """A ``StableDiffusion3Pipeline`` over this backbone's components (the same module objects), built on
-        first use, for its ``encode_prompt``. Not a submodule: its networks are the backbone's own."""
-        if self._encoder_pipeline is None:
-            self._encoder_pipeline = self.pipeline_class()(**{name: getattr(self, name) for name in self.components()})
-        return self._encoder_pipeline
-
     def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:
         with quiet_loggers(*_TRUNCATION_LOGGERS):
-            cond, uncond, pooled, uncond_pooled = self.encoder_pipeline().encode_prompt(
+            cond, uncond, pooled, uncond_pooled = self.pipeline().encode_prompt(
                 prompts, None, None, device=self.device, do_classifier_free_guidance=negative,
                 max_sequence_length=self.max_sequence_length,
             )
@@ -204,7 +190,8 @@ class StableDiffusion3Backbone(DiffusionBackbone):
         )
 
     def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None
+        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
+        stochastic_steps: tuple[int, int] | None = None,
     ) -> DiffusionSampler:
         """The flow SDE sampler over the transformer, on the scheduler's timesteps for ``num_steps``.
 
@@ -213,6 +200,8 @@ class StableDiffusion3Backbone(DiffusionBackbone):
             eta: The SDE's noise level (Flow-GRPO's ``a``; 0 is the deterministic flow-matching Euler sampler).
             guidance_scale: Classifier-free guidance weight (1: off; SD 3.5 medium samples with about 4.5).
             timestep_spacing: Must be ``None``: flow-matching models take their times from the scheduler's shift.
+            stochastic_steps: Flow-matching families only: the ``[start, stop)`` steps that run the SDE, the
+                others the ODE (MixGRPO / Flow-GRPO-Fast); ``None``: every step is stochastic.
         """
         if timestep_spacing is not None:
             raise ValueError(
@@ -220,7 +209,8 @@ class StableDiffusion3Backbone(DiffusionBackbone):
                 f"its flow-matching scheduler (shift {self.scheduler.config.get('shift', 1.0):g}): leave it unset "
                 "(model.timestep_spacing: null)"
             )
-        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, mu=self.shift_mu())
+        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, mu=self.shift_mu(),
+                                             stochastic_steps=stochastic_steps)
         return DiffusionSampler(self.make_denoiser(), kernel, guidance_scale)
 
 

@@ -47,9 +47,13 @@ class Denoiser(ABC):
     def output(self, result) -> Tensor:
         """The prediction from what the network returned."""
 
-    @abstractmethod
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        """Shape of a batch of latents, ``(B, ...)``."""
+        """Shape of a batch of latents, ``(B, C, h, w)``: the network config's ``in_channels`` at ``sample_size``
+        (a network whose input is not the latent itself, such as FLUX's packed tokens, overrides this)."""
+        config = self.module.config
+        size = config.sample_size if self.sample_size is None else self.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, h, w)
 
     def trainable_parameters(self) -> dict[str, Tensor]:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -96,9 +100,3 @@ class UNetDenoiser(Denoiser):
 
     def output(self, result) -> Tensor:
         return result[0]
-
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        config = self.module.config
-        size = config.sample_size if self.sample_size is None else self.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, config.in_channels, h, w)

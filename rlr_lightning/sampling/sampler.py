@@ -79,6 +79,13 @@ class Sampler(Protocol):
         perturbation: Perturbation | None = None,
     ) -> Tensor: ...
 
+    def step(
+        self, k: int | Tensor, latents: Tensor, embeds: PromptEmbeds, noise: Tensor | None = None,
+        perturbation: Perturbation | None = None, prev_latents: Tensor | None = None,
+    ) -> StepOutput: ...
+
+    def base_mean(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor: ...
+
 
 class DiffusionSampler:
     """Batched stochastic sampling with log-probabilities, classifier-free guidance and parameter perturbations,
@@ -285,9 +292,23 @@ class DiffusionSampler:
                 f"latents {tuple(latents.shape)} and next latents {tuple(next_latents.shape)} differ in shape"
             )
         if bool((self.kernel.sigma[step_index.cpu()] == 0).any()):
-            raise ValueError("log-probabilities need sigma > 0 on every scored step; use eta > 0")
+            raise ValueError(
+                "log-probabilities need sigma > 0 on every scored step: use eta > 0, and with a flow model's "
+                "stochastic_steps, score only the steps inside it"
+            )
         out = self.step(step_index, latents, embeds, perturbation=perturbation, prev_latents=next_latents)
         return out.log_prob
+
+    @torch.no_grad()
+    def base_mean(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor:
+        """``m_k`` of each row under the base model: the network with its LoRA adapters' up-projections
+        (``lora_B``) at zero, which is the network without the adapters. The reference policy of a KL penalty
+        (GRPO's ``kl_coefficient``); no gradient."""
+        params = {
+            name: torch.zeros_like(p) if "lora_B" in name else p for name, p in self.trainable_parameters().items()
+        }
+        out = self._model_output(latents, step_index, embeds, params)
+        return self.kernel_on(latents.device).mean(step_index, latents, out)
 
     def replay(
         self,

@@ -170,6 +170,56 @@ def test_the_clip_engages_when_the_ratio_leaves_its_range(problem):
                 p.grad = None
 
 
+def test_the_kl_penalty_pulls_toward_the_base_model_by_the_transition_kl(problem):
+    """GRPO(beta) - GRPO(0) on the same draw is the gradient of beta * sum_rows mean_d (m - m_base)^2 / (2 sigma^2) / B,
+    with the base model's means computed independently (a copy of the denoiser with every lora_B at zero)."""
+    import copy
+
+    from rlr_lightning.sampling import DiffusionSampler
+
+    beta = 0.5
+    make = lambda b: GRPO(group_size=G, clip_range=None, scale_by_group_std=False, advantage_clip=None,  # noqa: E731
+                          kl_coefficient=b)
+    with_kl = grouped_gradient(problem, make(beta), 0)
+    without = grouped_gradient(problem, make(0.0), 0).total
+    assert with_kl.rollout.info["kl"] > 0
+
+    sampler, params = problem.sampler, list(problem.sampler.trainable_parameters().values())
+    base_module = copy.deepcopy(sampler.denoiser.module)
+    with torch.no_grad():
+        for name, p in base_module.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    base = DiffusionSampler(type(sampler.denoiser)(base_module), sampler.kernel, sampler.guidance_scale)
+    result = with_kl.rollout
+    T, B = result.plan.num_steps, result.batch_size
+    k, s = torch.arange(T).repeat_interleave(B), torch.arange(B).repeat(T)
+    index, x, x_next = result.trajectory.rows(k, s)
+    embeds = result.embeds.rows(k, s)
+    with torch.no_grad():
+        m_base = base.step(index, x, embeds, prev_latents=x_next).mean
+    for p in params:
+        p.grad = None
+    out = sampler.step(index, x, embeds, prev_latents=x_next)
+    kl = ((out.mean - m_base) ** 2 / (2 * out.sigma.reshape(-1, 1, 1, 1) ** 2)).flatten(1).mean(1)
+    (beta * kl.sum() / B).backward()
+    expected = -torch.cat([p.grad.flatten() for p in params]).double()  # the estimate ascends: minus the loss's
+    for p in params:
+        p.grad = None
+    assert expected.norm() > 0
+    assert torch.allclose(with_kl.total - without, expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+
+
+def test_grpo_refuses_deterministic_steps(problem):
+    from rlr_lightning.sampling import DDIMSampler
+    from tests.estimators.harness import toy_scheduler
+
+    est = GRPO(group_size=2)
+    sampler = DDIMSampler(problem.sampler.denoiser, toy_scheduler(), num_steps=3, eta=0.0)
+    with pytest.raises(ValueError, match="deterministic"):
+        estimate_gradient(est, sampler, problem.embeds, problem.prompts, problem.reward, step_seed=0, rank_seed=0)
+
+
 def test_grpo_trains_on_the_steps_it_is_given():
     est = GRPO(group_size=2, step_range=(1, 5), step_fraction=0.5)
     est.setup(6, 1.0)
@@ -183,7 +233,8 @@ def test_grpo_trains_on_the_steps_it_is_given():
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(group_size=1), "group_size must be >= 2"), (dict(clip_range=0.0), "clip_range"),
-     (dict(inner_updates=0), "inner_updates"), (dict(step_fraction=1.5), "step_fraction")],
+     (dict(inner_updates=0), "inner_updates"), (dict(step_fraction=1.5), "step_fraction"),
+     (dict(kl_coefficient=-1.0), "kl_coefficient")],
 )
 def test_bad_grpo_settings_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
