@@ -248,6 +248,100 @@ def sd15_pipeline_dir(
     return path
 
 
+# -- Stable Diffusion 3.5 Medium size, GPU runs -----------------------------------------------------------
+
+#: T5 tokens per prompt: ``StableDiffusion3Pipeline``'s default ``max_sequence_length`` (with CLIP's 77, a
+#: prompt is a 333-token sequence in every transformer block).
+SD35_T5_TOKENS = 256
+
+
+def sd35_medium_components(
+    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict:
+    """Stable Diffusion 3.5 Medium's components with its architectures and random weights, built in memory.
+
+    The configurations are those of ``stabilityai/stable-diffusion-3.5-medium``: the MMDiT-X transformer
+    (24 blocks of 24 heads of 64, dual attention in blocks 0-12, RMS query/key norm, 384 x 384 position
+    embeddings: 2.47 B weights with them), CLIP-L and CLIP-G text encoders with projections (12 x 768 and
+    32 x 1280), the T5 v1.1 XXL encoder (24 layers, d_model 4096, 64 heads, gated-GELU d_ff 10240: 4.76 B),
+    the 16-channel SD 3 VAE and the flow-matching scheduler with shift 3. The vocabularies are the real sizes
+    (the embedding tables count in memory); the tokenizers are :mod:`rlr_lightning.tiny`'s character-level
+    ones (the weights are random anyway), at CLIP's 77 tokens and the pipeline's :data:`SD35_T5_TOKENS`.
+
+    Nothing is written to disk: give the result to ``StableDiffusion3Backbone(dtype=dtype, **components)``.
+
+    Args:
+        device: Where the random initialisation runs. On a GPU the 8 B weights take seconds; on a CPU the T5
+            encoder alone would take minutes and 19 GB, so use ``meta`` there (shapes and counts, no memory).
+        dtype: Dtype the weights are cast to, each network right after it is built (so the float32
+            initialisation of at most one network is held at a time: T5's 19 GB).
+        seed: Seed of the initialisation.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from rlr_lightning.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    def clip(width: int, layers: int, heads: int, act: str) -> CLIPTextModelWithProjection:
+        # The tiny tokenizers' special tokens (start 0, end 1, which also pads) and CLIP's 49,408-token table.
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, projection_dim=width, hidden_act=act, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+
+    builders = {
+        "transformer": lambda: SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+            caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+        ),
+        "vae": lambda: AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16,
+            sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        "text_encoder": lambda: clip(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14's text tower
+        "text_encoder_2": lambda: clip(1280, 32, 20, "gelu"),  # OpenCLIP ViT-bigG/14's text tower
+        "text_encoder_3": lambda: T5EncoderModel(T5Config(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )),
+    }
+    torch.manual_seed(seed)
+    components = {}
+    verbosity = diffusers_logging.get_verbosity()
+    # Its note on casting with to() is for checkpoints with float32-only modules; these random ones have none.
+    diffusers_logging.set_verbosity_error()
+    try:
+        with torch.device(device):
+            for name, build in builders.items():
+                components[name] = build().to(dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return dict(
+        components,
+        tokenizer=tiny_clip_tokenizer(77),
+        tokenizer_2=tiny_clip_tokenizer(77),
+        tokenizer_3=tiny_t5_tokenizer(SD35_T5_TOKENS),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
+def weight_counts(components: dict) -> dict[str, int]:
+    """Weights per network of a pipeline's components: parameters and buffers (the SD 3 transformer keeps its
+    position embeddings, 0.23 B numbers at 384 x 384, as a buffer that its checkpoint stores)."""
+    return {
+        name: sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+        for name, model in components.items()
+        if isinstance(model, torch.nn.Module)
+    }
+
+
 def share_backbone(module: RLRModule, backbone) -> RLRModule:
     """Give ``module`` an already loaded backbone (LoRA included) instead of loading its own.
 
@@ -256,7 +350,7 @@ def share_backbone(module: RLRModule, backbone) -> RLRModule:
     from its own settings, as ``configure_model`` does, and turns off any diffusers gradient checkpointing an
     earlier module's memory plan left on the shared models.
     """
-    for model in (backbone.unet, backbone.vae):
+    for model in (backbone.network, backbone.vae):  # the UNet, or the transformer of SD 3 / FLUX
         if getattr(model, "is_gradient_checkpointing", False):
             model.disable_gradient_checkpointing()
     module.backbone = backbone

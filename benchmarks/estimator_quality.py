@@ -3,22 +3,30 @@ world with the count reward (default) or on the tiny model with the quickstart's
 
     python benchmarks/estimator_quality.py [--problem world] [--model shapes-world] [--draws 32] [--batch 4]
     python benchmarks/estimator_quality.py --problem tiny
+    python benchmarks/estimator_quality.py --estimators "score function, group baseline (G=4)"   # one row, merged
 
 Every estimator is sampled on the same draws (common random numbers) as the full-backprop reference, so
 the bias column (||mean difference|| in standard errors: about 1 when unbiased, growing as sqrt(N) when
-not) is sharp. The LoRA weights are moved off their initialisation first (B = 0 there would hide every
-LoRA A gradient). Writes benchmarks/results/estimator_quality.json (tiny) or estimator_quality_world.json
-(world) and prints a markdown table.
+not) is sharp. The group-baseline rows generate the same images per estimate as the others: ``batch / G``
+captions ``G`` times each, the captions of draw ``i`` being the ``i``-th slice of the fixed batch (cyclically),
+so their mean over the draws estimates the same gradient; their reference is full backprop on the same
+layout and noise (its own row). The LoRA weights are moved off their initialisation first (B = 0 there would
+hide every LoRA A gradient). Writes benchmarks/results/estimator_quality.json (tiny) or
+estimator_quality_world.json (world) and prints a markdown table; ``--estimators`` runs a subset and merges it
+into the stored results of the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
+import statistics
 
 import torch
 from common import (
+    RESULTS,
     WORLD_MODEL,
     check_world_model,
     machine,
@@ -32,20 +40,98 @@ from common import (
 )
 
 from rlr_lightning.diagnostics import compare, gradient_samples
-from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop
+from rlr_lightning.estimators import (
+    RLR,
+    FullBackprop,
+    ScoreFunction,
+    TruncatedBackprop,
+    compute_advantages,
+    derive_seed,
+    estimate_gradient,
+)
 
 logger = logging.getLogger("estimator_quality")
 
 
-def estimators():
+#: Samples per caption of the group-baseline rows.
+GROUP_SIZE = 4
+#: The full-backprop reference of the group-baseline rows: the same captions and noise as theirs, draw by draw.
+GROUP_REFERENCE = f"full backprop, group layout (G={GROUP_SIZE})"
+
+
+def estimators() -> list[tuple[str, object]]:
+    """(name, estimator) of every row, in table order; the group rows next to their counterparts."""
+    rows = []
     for h in (1, 2, 4):
-        yield f"RLR h={h} zo=score", RLR(h=h, zo_mode="score")
-        yield f"RLR h={h} zo=parameter (antithetic)", RLR(h=h, zo_mode="parameter", zo_scale=1e-3)
-        yield f"RLR h={h} zo=none", RLR(h=h, zo_mode="none")
+        rows.append((f"RLR h={h} zo=score", RLR(h=h, zo_mode="score")))
+        if h == 2:
+            rows.append((f"RLR h=2 zo=score, group baseline (G={GROUP_SIZE})",
+                         RLR(h=2, zo_mode="score", baseline="group", group_size=GROUP_SIZE)))
+        rows.append((f"RLR h={h} zo=parameter (antithetic)", RLR(h=h, zo_mode="parameter", zo_scale=1e-3)))
+        rows.append((f"RLR h={h} zo=none", RLR(h=h, zo_mode="none")))
     for k in (1, 2, 5):
-        yield f"truncated K={k}", TruncatedBackprop(k=k)
-    yield "score function", ScoreFunction()
-    yield "full backprop", FullBackprop()
+        rows.append((f"truncated K={k}", TruncatedBackprop(k=k)))
+    rows.append(("score function", ScoreFunction()))
+    rows.append((f"score function, group baseline (G={GROUP_SIZE})", ScoreFunction(baseline="group",
+                                                                                  group_size=GROUP_SIZE)))
+    rows.append(("full backprop", FullBackprop()))
+    rows.append((GROUP_REFERENCE, FullBackprop()))
+    return rows
+
+
+NAMES = [name for name, _ in estimators()]
+
+
+def caption_slices(prompts: list[str], group_size: int) -> list[list[str]]:
+    """The fixed batch cut into slices of ``len(prompts) / group_size`` captions: draw ``i`` of a group row
+    samples slice ``i mod len(slices)``, each caption ``group_size`` times, so it generates as many images as
+    the other rows and its mean over the draws estimates the gradient of the whole batch."""
+    per_draw = len(prompts) // group_size
+    return [prompts[i:i + per_draw] for i in range(0, len(prompts), per_draw)]
+
+
+def layout_samples(module, prompt_sets: list[list[str]], estimator, draws: int, seed: int = 0):
+    """``gradient_samples`` with the captions of draw ``i`` taken from ``prompt_sets[i mod len]``, on the same
+    seeds: a group row's draw and the group reference's draw (its captions repeated ``G`` times, in the group
+    order) sample the same noise. Returns the ``(draws, D)`` estimates and the ``(draws, images)`` rewards."""
+    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    rows, rewards = [], []
+    for i in range(draws):
+        prompts = prompt_sets[i % len(prompt_sets)]
+        estimate = estimate_gradient(estimator, module.sampler, module.conditioning_for(prompts), prompts,
+                                     module.latent_reward, step_seed=derive_seed(seed, i, 0),
+                                     rank_seed=derive_seed(seed, i, 1), memory=module.memory_plan)
+        rows.append(estimate.total)
+        rewards.append(estimate.rollout.rewards.detach().double())
+    return torch.stack(rows), torch.stack(rewards)
+
+
+def reward_spread(rewards, prompt_sets: list[list[str]], baseline: str) -> dict:
+    """What the likelihood-ratio terms multiply: the reward per caption (mean, standard deviation over its
+    samples) and the root mean square of the advantages ``r - b`` that ``baseline`` gives on these draws."""
+    per_caption: dict[str, list[float]] = {}
+    squares = []
+    for i, r in enumerate(rewards):
+        for caption, value in zip(prompt_sets[i % len(prompt_sets)], r.tolist()):
+            per_caption.setdefault(caption, []).append(value)
+        a = compute_advantages(r, r, baseline, group_size=GROUP_SIZE if baseline == "group" else 1)
+        squares.append(float(a.pow(2).mean()))
+    captions = {c: dict(mean=statistics.mean(v), std=statistics.stdev(v), n=len(v)) for c, v in per_caption.items()}
+    return dict(baseline=baseline, advantage_rms=statistics.mean(squares) ** 0.5, captions=captions)
+
+
+def stored_results(path, settings: dict, prompts: list[str]) -> dict:
+    """An earlier run with the same settings and captions (what a subset run is merged into)."""
+    if not path.is_file():
+        return {"rows": []}
+    stored = json.loads(path.read_text())
+    same = {k: stored["args"].get(k) for k in settings} == settings and stored.get("prompts") == prompts
+    if not same:
+        raise SystemExit(f"{path} holds a run with other settings ({stored['args']}); run every estimator "
+                         "(no --estimators) to replace it")
+    for row in stored["rows"]:
+        row.setdefault("measured", stored["machine"])
+    return stored
 
 
 def main() -> None:
@@ -55,9 +141,16 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--draws", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--estimators", nargs="+", choices=NAMES, default=None, metavar="NAME",
+                        help="run only these rows and merge them into the stored results of the same settings "
+                             f"(default: every row); names: {', '.join(repr(n) for n in NAMES)}")
     args = parser.parse_args()
     if args.draws < 2:
         parser.error(f"--draws must be >= 2 (bias and variance need several draws), got {args.draws}")
+    group_rows = [n for n, e in estimators() if e.group_size > 1 or n == GROUP_REFERENCE]
+    if args.batch % GROUP_SIZE and args.estimators and set(args.estimators) & set(group_rows):
+        parser.error(f"--batch must be a multiple of the group rows' G = {GROUP_SIZE} (they sample batch / G "
+                     f"captions {GROUP_SIZE} times each), got {args.batch}")
     if args.problem == "world":
         check_world_model(parser, args.model)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -70,23 +163,66 @@ def main() -> None:
         prompts = ["cat", "owl", "fox", "whale", "horse", "frog", "bee", "crab"][: args.batch]
         module = tiny_module(FullBackprop(), args.num_steps)
     move_lora_off_init(module, 0.05)
-    reference = gradient_samples(module, prompts, FullBackprop(), args.draws)
+    slices = [] if args.batch % GROUP_SIZE else caption_slices(prompts, GROUP_SIZE)
+    if slices and args.draws % len(slices):
+        logger.warning("--draws %d is not a multiple of %d: the group rows' draws cover the captions unevenly",
+                       args.draws, len(slices))
+    name = "estimator_quality" if args.problem == "tiny" else f"estimator_quality_{args.problem}"
+    settings = {k: getattr(args, k) for k in ("problem", "model", "num_steps", "draws", "batch")}
+    selected = args.estimators or NAMES
+    if args.batch % GROUP_SIZE and args.estimators is None:
+        logger.warning("--batch %d is not a multiple of G = %d: leaving out the group-baseline rows", args.batch,
+                       GROUP_SIZE)
+        selected = [n for n in NAMES if n not in group_rows]
+    stored = {"rows": []} if args.estimators is None else stored_results(RESULTS / f"{name}.json", settings, prompts)
+    kept = [row for row in stored["rows"] if row["name"] not in selected]
+    spreads = dict(stored.get("reward_spread", {}))
+    references = {}
+
+    def reference(grouped: bool):
+        """Full backprop's draws: on the fixed batch, or on the group rows' layout (computed once each); their
+        rewards give the reward spread each baseline leaves in the advantages."""
+        if grouped not in references:
+            sets = [s * GROUP_SIZE for s in slices] if grouped else [prompts]
+            references[grouped], rewards = layout_samples(module, sets, FullBackprop(), args.draws)
+            key = "group layout" if grouped else "fixed batch"
+            spreads[key] = reward_spread(rewards, sets, "group" if grouped else "leave_one_out")
+            logger.info("%s: advantage RMS %.3f (%s baseline)", key, spreads[key]["advantage_rms"],
+                        spreads[key]["baseline"])
+        return references[grouped]
+
     rows = []
-    for name, estimator in estimators():
-        samples = gradient_samples(module, prompts, estimator, args.draws)
-        diag = compare(samples, reference)
+    for row_name, estimator in estimators():
+        if row_name not in selected:
+            continue
+        grouped = estimator.group_size > 1 or row_name == GROUP_REFERENCE
+        if row_name == GROUP_REFERENCE:
+            samples = reference(True)
+        elif grouped:
+            samples, _ = layout_samples(module, slices, estimator, args.draws)
+        else:
+            samples = gradient_samples(module, prompts, estimator, args.draws)
+        diag = compare(samples, reference(grouped))
         module.estimator = estimator
-        cost = measure_step(module, prompts)
-        rows.append(dict(name=name, images=len(prompts) * (2 if estimator.antithetic else 1), **vars(diag), **cost))
-        logger.info("%s: bias %.2f SE, variance %.3g, cosine %.3f, %.0f ms, %.1f MB", name, diag.bias_se,
-                    diag.variance, diag.cosine, cost["time_s"] * 1e3, cost["activation_mb"])
+        draw_prompts = (slices[0] * GROUP_SIZE) if row_name == GROUP_REFERENCE else slices[0] if grouped else prompts
+        cost = measure_step(module, draw_prompts)
+        images = len(draw_prompts) * estimator.samples_per_prompt
+        # How well N draws pin the total variance down (heavy-tailed likelihood-ratio estimates: loosely).
+        spread = (samples - samples.mean(0)).pow(2).sum(1)
+        variance_se = float(spread.std() / len(spread) ** 0.5)
+        rows.append(dict(name=row_name, images=images, measured=machine(), variance_se=variance_se, **vars(diag),
+                         **cost))
+        logger.info("%s: bias %.2f SE, variance %.3g (SE %.2g), cosine %.3f, %.0f ms, %.1f MB", row_name,
+                    diag.bias_se, diag.variance, variance_se, diag.cosine, cost["time_s"] * 1e3, cost["activation_mb"])
+    order = {n: i for i, n in enumerate(NAMES)}
+    rows = sorted(kept + rows, key=lambda row: order.get(row["name"], len(order)))
     columns = [("name", "estimator", "s"), ("images", "images / estimate", "d"), ("bias_se", "bias (SE)", ".2f"),
                ("max_abs_z", "max abs z", ".1f"), ("variance", "total variance", ".3g"),
                ("cosine", "cosine of mean", ".3f"), ("mean_cosine", "mean single cosine", ".3f"),
                ("time_s", "time / estimate (s)", ".3f"), ("activation_mb", "activation MB", ".1f")]
     table = markdown_table(rows, columns)
-    name = "estimator_quality" if args.problem == "tiny" else f"estimator_quality_{args.problem}"
-    path = save(name, dict(machine=machine(), args=vars(args), prompts=prompts, rows=rows, table=table))
+    path = save(name, dict(machine=machine(), args=vars(args), prompts=prompts, rows=rows, table=table,
+                           reward_spread=spreads))
     logger.info("%s\nwrote %s", table, path)
 
 

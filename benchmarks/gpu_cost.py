@@ -31,6 +31,21 @@ and backward + decode and reward forward and backward.
 Writes to ``--out``: ``gpu_cost.jsonl`` (a line per result, as measured), ``gpu_cost.json`` and
 ``gpu_cost.md`` (rewritten after every result) and ``gpu_profile.txt``; ``--tiny`` writes ``gpu_cost_tiny.*``
 and ``gpu_profile_tiny.txt``.
+
+``--family sd35``: RLR against GRPO at Stable Diffusion 3.5 Medium size (flow matching), in the setting of
+``configs/sd35_medium_*.yaml``:
+
+    python benchmarks/gpu_cost.py --family sd35 [--out DIR]   # GPU: SD 3.5 Medium-size, random weights
+    python benchmarks/gpu_cost.py --family sd35 --tiny        # the same code path on CPU, tiny-sd3
+
+The pipeline (MMDiT-X transformer, CLIP-L, CLIP-G, T5-XXL encoder, 16-channel VAE: 8.1 B weights) is built
+with random weights on the GPU in bf16, in memory (``common.sd35_medium_components``; loading from disk is not
+measured), with LoRA rank 32 / alpha 64 on both streams' attention projections, 512 px, T = 10 flow-SDE steps
+at noise level 0.7, guidance 4.5, bf16 autocast, the ``ColorBalance`` reward on the decoded images, T5
+prompts of 256 tokens. Measured, in this order: our no-grad sample at every number of images a step below
+samples; RLR h = 2 (``zo_mode=score``, ``baseline=group``, ``group_size=2``) and GRPO (``group_size`` 4 and 8,
+one inner update) at 1 and 2 prompts per batch; then, at 2 prompts, RLR and GRPO with
+``memory_budget_gb=auto`` (the recipes' setting). Writes ``gpu_cost_sd35.*`` (``gpu_cost_sd35_tiny.*``).
 """
 
 from __future__ import annotations
@@ -70,12 +85,15 @@ from common import (  # noqa: E402
     markdown_table,
     measure_once,
     sd15_pipeline_dir,
+    sd35_medium_components,
     share_backbone,
     synchronize,
+    weight_counts,
 )
 
 from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.estimators import (  # noqa: E402
+    GRPO,
     RLR,
     FullBackprop,
     GradientEstimator,
@@ -99,6 +117,58 @@ COST = dict(sampler=1.0, diffusers=0.7, profile=0.3, rlr_score=1.8, rlr_score_h4
 WARMUP_COST = 0.25  # the T = 3 warm-up at a new batch size
 FLOOR_COST = 0.3  # grad steps and decode + reward, each timed twice (the no-grad part is reused)
 
+#: The same at SD 3.5 Medium size, in units of our no-grad sample of as many images. Not yet measured on a
+#: GPU: counted in denoiser passes of T = 10 steps, a no-grad sample is 10 forwards; RLR h = 2 adds 3 steps of
+#: forward and backward (about 3 forwards each), 7 re-scored steps and the decoder's backward; GRPO re-scores
+#: all 10 steps and needs no reward gradient. Replace them by the ratios of the first GPU run.
+SD35_COST = dict(sampler=1.0, rlr=4.0, grpo=4.5, planned=5.5)
+#: RLR's group (the RLR recipe's ``group_size``) and GRPO's groups measured at SD 3.5 Medium size.
+SD35_RLR_GROUP = 2
+SD35_GRPO_GROUPS = (4, 8)
+#: LoRA of the SD 3.5 recipes (``configs/sd35_medium_*.yaml``): Flow-GRPO's rank and alpha on every attention
+#: projection of both streams.
+SD35_LORA = LoraSettings(rank=32, alpha=64.0, target_modules=(
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+
+
+@dataclass(frozen=True)
+class Family:
+    """The settings of one model family's run.
+
+    Attributes:
+        label: The model size, as the report names it.
+        num_steps: Sampling steps T on a GPU and with ``--tiny``.
+        guidance: Classifier-free guidance weight.
+        eta: The sampler's noise level (DDIM's eta; the flow SDE's noise level for SD 3).
+        lora: LoRA adapters on the denoiser.
+        batches: ``--batches`` on a GPU and with ``--tiny``.
+        budgets: ``--budgets`` on a GPU and with ``--tiny``.
+        sample_s_per_image: Prior of our no-grad sample's time per image on a GPU, until one is measured.
+        resolution: Image side in pixels on a GPU (``None``: the model's own); the tiny models keep theirs.
+    """
+
+    label: str
+    num_steps: tuple[int, int]
+    guidance: float
+    eta: float
+    lora: LoraSettings
+    batches: tuple[str, str]
+    budgets: tuple[str, str]
+    sample_s_per_image: float
+    resolution: int | None = None
+
+
+FAMILIES = {
+    # T = 5 with --tiny: the smallest T with room for a block of h = 4.
+    "sd15": Family("SD 1.5", (50, 5), 5.0, 1.0, LoraSettings(rank=4, alpha=4.0), ("1,2,6", "1,2"),
+                   ("24,16,auto", "auto"), 1.85),
+    # Prior: 2 x 10 passes of the 2.5 B transformer over 256 + 333 tokens an image, at a third of an H100's
+    # peak.
+    # T = 10 with --tiny as well: the tiny SD 3 samples fast enough.
+    "sd35": Family("SD 3.5 Medium", (10, 10), 4.5, 0.7, SD35_LORA, ("1,2", "1,2"), ("auto", "auto"), 0.25,
+                   resolution=512),
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -114,6 +184,7 @@ class Config:
         cost: Predicted time in units of our no-grad sample at this batch.
         memory: Memory options given to ``RLRModule`` (``memory_budget_gb`` for the planned runs).
         h: Block length whose floor is reported (RLR steps).
+        group_size: Samples per prompt (the estimator's ``group_size``); ``batch * group_size`` images.
     """
 
     name: str
@@ -124,6 +195,12 @@ class Config:
     cost: float = 1.0
     memory: dict = field(default_factory=dict)
     h: int | None = None
+    group_size: int = 1
+
+    @property
+    def images(self) -> int:
+        """Images the step samples: each of its ``batch`` prompts ``group_size`` times."""
+        return self.batch * self.group_size
 
     @property
     def memory_text(self) -> str:
@@ -185,16 +262,55 @@ def configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config
     return list(unique.values())
 
 
+def rlr_group(batch: int, group: str = "estimators", **memory) -> Config:
+    """RLR h = 2 as the SD 3.5 recipe runs it: score-mode ZO, each image's baseline the other images of its
+    prompt."""
+    return Config(f"RLR h=2 zo=score group={SD35_RLR_GROUP}", group, batch,
+                  estimator=lambda: RLR(h=2, zo_mode="score", baseline="group", group_size=SD35_RLR_GROUP),
+                  cost=SD35_COST["planned" if memory else "rlr"], memory=memory, h=2,
+                  group_size=SD35_RLR_GROUP)
+
+
+def grpo(group_size: int, batch: int, group: str = "estimators", **memory) -> Config:
+    """GRPO with the recipe's clip and advantages and one inner update: one gradient estimate per batch."""
+    return Config(f"GRPO G={group_size}", group, batch,
+                  estimator=lambda: GRPO(group_size=group_size, inner_updates=1),
+                  cost=SD35_COST["planned" if memory else "grpo"], memory=memory, group_size=group_size)
+
+
+def sd35_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
+    """The SD 3.5 Medium-size run, most important first: our no-grad sample at every number of images a step
+    below samples (the unit of the predictions, and the sampling share of each step), RLR and the smaller
+    GRPO group at each batch, the larger GRPO group, then RLR and the largest GRPO with each budget of
+    ``planned`` at the largest batch (the recipes plan with ``memory_budget_gb: auto``).
+
+    Args:
+        batches: Prompts per batch; the largest is the planned runs' batch.
+        planned: ``RLRModule`` memory options of the planned runs.
+    """
+    groups = (SD35_RLR_GROUP, *SD35_GRPO_GROUPS)
+    images = sorted({b * g for b in batches for g in groups})
+    configs = [Config("ours: no-grad sample", "sampler", n, kind="sampler", cost=SD35_COST["sampler"])
+               for n in images]
+    for b in batches:
+        configs += [rlr_group(b), grpo(SD35_GRPO_GROUPS[0], b)]
+    configs += [grpo(g, b) for g in SD35_GRPO_GROUPS[1:] for b in batches]
+    configs += [rlr_group(batches[-1], "planned", **memory) for memory in planned]
+    configs += [grpo(SD35_GRPO_GROUPS[-1], batches[-1], "planned", **memory) for memory in planned]
+    return configs
+
+
 class Benchmark:
     """Runs the configurations on one loaded backbone, within the deadline, writing each result at once."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.family = FAMILIES[args.family]
         self.cuda = torch.cuda.is_available() and not args.tiny
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.num_steps = args.num_steps
-        self.sample_s: dict[int, float] = {}  # our no-grad sample time per batch: the unit of the predictions
+        self.sample_s: dict[int, float] = {}  # our no-grad sample time by images: the unit of predictions
         self.floors: dict[tuple[int, int], dict] = {}
         self.warm: set[int] = set()
         self.pipe = None
@@ -203,21 +319,67 @@ class Benchmark:
     # -- set-up ---------------------------------------------------------------------------------------
 
     def setup(self) -> dict:
+        if self.args.family == "sd35":
+            return self.setup_sd35()
         started = time.perf_counter()
         if self.args.tiny:
             from rlr_lightning.tiny import ensure_tiny_pipeline
 
-            self.pipeline_dir = str(ensure_tiny_pipeline())
+            self.model_name = str(ensure_tiny_pipeline())
         else:
             logger.info("Building the SD 1.5-size pipeline with random weights (bf16) in %s", self.scratch)
-            self.pipeline_dir = sd15_pipeline_dir(
+            self.model_name = sd15_pipeline_dir(
                 str(self.scratch / "sd15"), dtype=self.dtype, device=self.device
             )
         built = time.perf_counter()
         self.base = self.module(RLR(h=2), load=True)
+        self.backbone = self.base.backbone
         loaded = time.perf_counter()
         logger.info("Model ready: built in %.1f s, loaded in %.1f s", built - started, loaded - built)
         return dict(build_s=built - started, load_s=loaded - built)
+
+    def setup_sd35(self) -> dict:
+        """SD 3.5 Medium's architectures with random weights built on the device, or the tiny SD 3; the
+        backbone is assembled from the components in memory and shared by every configuration (nothing is
+        loaded from disk)."""
+        from rlr_lightning.models.sd3 import StableDiffusion3Backbone
+
+        started = time.perf_counter()
+        if self.args.tiny:
+            from rlr_lightning.tiny import build_tiny_sd3_components
+
+            self.model_name = "tiny-sd3"
+            components = build_tiny_sd3_components()  # the weights of tiny-sd3
+            # SD 3.5 Medium's architectures on the meta device (shapes, no memory): its configuration is
+            # checked here and its size reported, as a GPU run builds it.
+            weights = weight_counts(sd35_medium_components("meta"))
+        else:
+            logger.info("Building SD 3.5 Medium's architectures, random weights in bf16, on %s", self.device)
+            self.model_name = "stabilityai/stable-diffusion-3.5-medium (architecture, random weights)"
+            components = sd35_medium_components(self.device, self.dtype)
+            weights = weight_counts(components)
+        built = time.perf_counter()
+        backbone = StableDiffusion3Backbone(dtype=self.dtype, **components)
+        backbone.set_resolution(None if self.args.tiny else self.family.resolution)
+        # As RLRModule.configure_model: LoRA A from a fixed seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            backbone.add_lora(self.family.lora)
+        self.backbone = backbone.to(self.device)
+        self.base = self.module(RLR(h=2))
+        loaded = time.perf_counter()
+        out = dict(build_s=built - started, load_s=loaded - built,
+                   weights_b={k: v / 1e9 for k, v in weights.items()},
+                   resolution=list(backbone.resolution), t5_tokens=backbone.max_sequence_length,
+                   lora_weights=sum(p.numel() for p in backbone.lora_parameters().values()))
+        if self.cuda:
+            out["weights_gib"] = torch.cuda.memory_allocated() / 2**30
+        logger.info(
+            "Model ready: built in %.1f s, LoRA added in %.1f s; SD 3.5 Medium size: %.2f B weights (%s), "
+            "%s LoRA weights", built - started, loaded - built, sum(weights.values()) / 1e9,
+            ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in weights.items()), f"{out['lora_weights']:,}",
+        )
+        return out
 
     def autocast(self):
         # Frozen bf16 weights with fp32 LoRA, as Lightning's bf16-mixed precision runs training steps.
@@ -230,56 +392,66 @@ class Benchmark:
     ) -> RLRModule:
         """A module with this run's settings, on the shared backbone (``load``: load it, the first time)."""
         module = RLRModule(
-            pretrained_model_name_or_path=self.pipeline_dir,
+            pretrained_model_name_or_path=self.model_name,
             estimator=estimator,
             reward=ColorBalance(),
             num_steps=num_steps or self.num_steps,
-            eta=1.0,
+            eta=self.family.eta,
             guidance_scale=self.args.guidance,
-            lora=LoraSettings(rank=4, alpha=4.0),
+            lora=self.family.lora,
             weight_dtype="bfloat16" if self.cuda else "float32",
             **memory,
         )
         if load:
             module.configure_model()
             return module.to(self.device)
-        return share_backbone(module, self.base.backbone)
+        return share_backbone(module, self.backbone)
 
     def prompts(self, batch: int) -> list[str]:
         return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
-    def warm_up(self, batch: int) -> None:
-        """One cheap step and sample at T = 3 for a new batch size (kernels, cuBLAS handles, allocator)."""
-        if batch in self.warm:
+    def warm_up(self, images: int) -> None:
+        """One cheap step and sample at T = 3 for a new number of images (kernels, cuBLAS handles,
+        allocator)."""
+        if images in self.warm:
             return
-        prompts = self.prompts(batch)
+        prompts = self.prompts(images)
         module = self.module(RLR(h=1), num_steps=3)
         with self.autocast():
             embeds = module.conditioning_for(prompts)
-            estimator_step(module, embeds, prompts, draw=10_000)
             with torch.no_grad():
                 module.sampler.run(Plan(3), embeds, generator=torch.Generator().manual_seed(0))
+            try:
+                estimator_step(module, embeds, prompts, draw=10_000)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                # At SD 3.5 size the sampler's 16 images decode and backpropagate too much for one graph; the
+                # warm-up's sample is done, and the measurement that follows says whether its own step fits.
+                if not is_out_of_memory(error):
+                    raise
+                logger.info("The warm-up step at %d images ran out of memory; its sample ran", images)
         clear_lora_grads(module)
+        free_memory()  # outside the except block: the error's frames and their tensors are gone by now
         synchronize()
-        self.warm.add(batch)
+        self.warm.add(images)
 
     # -- predictions and the deadline -----------------------------------------------------------------
 
-    def unit(self, batch: int) -> float:
-        """Our no-grad sample time at ``batch``: measured, or a prior (H100: 3.7 s at batch 2)."""
-        if batch in self.sample_s:
-            return self.sample_s[batch]
-        return (1.85 if self.cuda else 0.05) * max(batch, 1.2)
+    def unit(self, images: int) -> float:
+        """Our no-grad sample time of ``images`` images: measured, or a prior (SD 1.5 on an H100: 3.7 s for
+        2)."""
+        if images in self.sample_s:
+            return self.sample_s[images]
+        return (self.family.sample_s_per_image if self.cuda else 0.05) * max(images, 1.2)
 
     def predict(self, config: Config) -> float:
         cost = config.cost
-        if config.batch not in self.warm:
+        if config.images not in self.warm:
             cost += WARMUP_COST
-        if config.h is not None and (config.batch, config.h) not in self.floors:
+        if config.h is not None and (config.images, config.h) not in self.floors:
             cost += FLOOR_COST
         if config.kind in ("diffusers", "profile") and self.pipe is None:
             cost += 0.3  # export the LoRA and load the pipeline
-        return cost * self.unit(config.batch)
+        return cost * self.unit(config.images)
 
     # -- measurements ---------------------------------------------------------------------------------
 
@@ -294,7 +466,7 @@ class Benchmark:
 
     def step(self, config: Config) -> dict:
         prompts = self.prompts(config.batch)
-        self.warm_up(config.batch)
+        self.warm_up(config.images)
         module = self.module(config.estimator(), **config.memory)
         row: dict = {}
         with self.autocast():
@@ -321,7 +493,8 @@ class Benchmark:
             if getattr(module.estimator, "h", None) is not None:
                 row["h"] = module.estimator.h
             if config.h is not None and row["status"] == "ok":
-                floor = self.floor(module, prompts, config.h)
+                # The rollout's images: every prompt group_size times.
+                floor = self.floor(module, prompts * config.group_size, config.h)
                 row.update(floor)
                 if "floor_s" in floor:
                     row["step_over_floor"] = row["time_s"] / floor["floor_s"]
@@ -345,8 +518,8 @@ class Benchmark:
         return self.floors[key]
 
     def sample(self, config: Config) -> dict:
-        prompts = self.prompts(config.batch)
-        self.warm_up(config.batch)
+        prompts = self.prompts(config.images)
+        self.warm_up(config.images)
         sampler = self.base.sampler
         with self.autocast():
             embeds = self.base.conditioning_for(prompts)
@@ -357,7 +530,7 @@ class Benchmark:
 
             row = measure_once(run)
         if row["status"] == "ok":
-            self.sample_s[config.batch] = row["time_s"]
+            self.sample_s[config.images] = row["time_s"]
         return row
 
     def load_pipeline(self):
@@ -370,7 +543,7 @@ class Benchmark:
             lora_dir = self.scratch / "lora"
             self.base.backbone.export_lora(lora_dir)
             pipe = StableDiffusionPipeline.from_pretrained(
-                self.pipeline_dir, dtype=self.dtype, safety_checker=None, local_files_only=True
+                self.model_name, dtype=self.dtype, safety_checker=None, local_files_only=True
             ).to(self.device)
             pipe.load_lora_weights(lora_dir)
             pipe.set_progress_bar_config(disable=True)
@@ -452,7 +625,7 @@ class Benchmark:
 
     @property
     def suffix(self) -> str:
-        return "_tiny" if self.args.tiny else ""
+        return ("_sd35" if self.args.family == "sd35" else "") + ("_tiny" if self.args.tiny else "")
 
     def release_pipeline(self) -> None:
         if self.pipe is not None:
@@ -469,6 +642,8 @@ class Benchmark:
 
 
 def render(payload: dict) -> str:
+    if payload.get("family") == "sd35":
+        return render_sd35(payload)
     rows = payload["rows"]
     memory = (
         ("peak_gib", "peak GiB", ".1f") if payload.get("cuda") else ("activation_mb", "activation MB", ".1f")
@@ -549,6 +724,73 @@ def render(payload: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def render_sd35(payload: dict) -> str:
+    """The SD 3.5 run's report: the sampler, RLR and GRPO per batch, the planned steps."""
+    rows = payload["rows"]
+    memory = (
+        ("peak_gib", "peak GiB", ".1f") if payload.get("cuda") else ("activation_mb", "activation MB", ".1f")
+    )
+    samples = {r["images"]: r["time_s"] for r in rows if r["kind"] == "sampler" and r["status"] == "ok"}
+    # Times of skipped or failed configurations stay blank (the reasons are listed below the tables); a step's
+    # time over our no-grad sample of as many images is the share sampling is of it.
+    shown = [
+        dict(r, time_s=r["time_s"] if r["status"] in ("ok", "OOM") else None,
+             over_sample=r["time_s"] / samples[r["images"]]
+             if r["kind"] == "step" and r["status"] == "ok" and r["images"] in samples else None)
+        for r in rows
+    ]
+    weights = payload.get("weights_b", {})
+    resolution = payload.get("resolution", ())
+    on_device = f"; {payload['weights_gib']:.1f} GiB on the device" if "weights_gib" in payload else ""
+    step_columns = [
+        ("name", "estimator", "s"),
+        ("batch", "prompts", "d"),
+        ("images", "images", "d"),
+        ("status", "status", "s"),
+        ("time_s", "step (s)", ".2f"),
+        memory,
+        ("over_sample", "step / no-grad sample", ".2f"),
+    ]
+    parts = [
+        f"# GPU cost: {payload['setting']}",
+        f"{payload['machine']}. {payload['versions']}. Wall time {payload.get('elapsed_s', 0):.0f} s "
+        f"(deadline {payload['deadline_s']:g} s).",
+        f"SD 3.5 Medium size: {sum(weights.values()):.2f} B weights "
+        f"({', '.join(f'{k} {v:.2f} B' for k, v in weights.items())}){on_device}. "
+        f"Built with random weights in memory in {payload.get('build_s', 0):.1f} s, LoRA added in "
+        f"{payload.get('load_s', 0):.1f} s (loading a checkpoint from disk is not measured); "
+        f"{payload.get('lora_weights', 0):,} LoRA weights; images of {' x '.join(map(str, resolution))} px, "
+        f"{payload.get('t5_tokens')} T5 tokens per prompt.",
+        "## Our no-grad sampler (latents out)",
+        markdown_table(
+            [r for r in shown if r["group"] == "sampler"],
+            [("images", "images", "d"), ("status", "status", "s"), ("time_s", "time (s)", ".2f"), memory],
+        ),
+        "## RLR and GRPO: one gradient estimate (rollout and every term's backward)",
+        markdown_table(
+            [r for r in shown if r["group"] == "estimators"],
+            step_columns + [("floor_s", "floor (s)", ".2f"), ("step_over_floor", "step / floor", ".2f")],
+        ),
+        "## Memory-planned steps",
+        markdown_table(
+            [r for r in shown if r["group"] == "planned"],
+            step_columns[:1] + [("memory", "memory options", "s")] + step_columns[1:] + [
+                ("chunk_samples", "chunk_samples", "d"),
+                ("activation_checkpointing", "checkpointing", ""),
+                ("h", "h", "d"),
+                ("predicted_peak_gib", "planned peak GiB", ".1f"),
+                ("plan_s", "planning (s)", ".2f"),
+            ],
+        ),
+    ]
+    skipped = [r for r in rows if r["status"] in ("skipped", "error", "no fit")]
+    if skipped:
+        parts.append(
+            "Not measured:\n" + "\n".join(f"* {r['key']}: {r['status']}, {r['reason']}" for r in skipped)
+        )
+    return "\n\n".join(parts) + "\n"
+
+
 def elapsed() -> float:
     return time.perf_counter() - START
 
@@ -572,19 +814,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start no configuration predicted to end after this many seconds from launch "
         "(default 270: the whole run stays under 5 minutes)",
     )
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="sd15",
+        help="sd15: every estimator at Stable Diffusion 1.5 size, and our sampler against diffusers'; "
+        "sd35: RLR against GRPO at Stable Diffusion 3.5 Medium size (flow matching, the setting of "
+        "configs/sd35_medium_*.yaml) (default sd15)",
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU (tests this script)")
     parser.add_argument(
-        "--num-steps", type=int, default=None, help="DDIM steps T (default 50; 5 with --tiny)"
+        "--num-steps", type=int, default=None,
+        help="sampling steps T (default 50, 5 with --tiny; sd35: 10)",
     )
     parser.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)"
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default 5; sd35: 4.5)"
     )
     parser.add_argument(
         "--batches",
         type=str,
         default=None,
         help="comma-separated prompts per batch, the last one for the planned runs "
-        "(default 1,2,6; 1,2 with --tiny)",
+        "(default 1,2,6, 1,2 with --tiny; sd35: 1,2, each prompt sampled group_size times)",
     )
     parser.add_argument(
         "--budgets",
@@ -593,26 +844,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated memory_budget_gb values of the planned runs, numbers (GiB) or auto; "
         "the same step without a budget always runs after them (default 24,16,auto; with "
         "--tiny: auto, after two runs with chunk_samples=1 given: on a CPU a budget counts "
-        "the process's whole resident memory, so a number of GiB says little there)",
+        "the process's whole resident memory, so a number of GiB says little there; sd35: auto, for RLR and "
+        "the largest GRPO group, whose unbudgeted steps run at every batch)",
     )
     args = parser.parse_args(argv)
+    family = FAMILIES[args.family]
     if args.num_steps is None:
-        args.num_steps = 5 if args.tiny else 50  # 5: the smallest T with room for a block of h = 4
+        args.num_steps = family.num_steps[args.tiny]
+    if args.guidance is None:
+        args.guidance = family.guidance
     try:
-        args.batches = tuple(
-            sorted({int(b) for b in (args.batches or ("1,2" if args.tiny else "1,2,6")).split(",")})
-        )
+        args.batches = tuple(sorted({int(b) for b in (args.batches or family.batches[args.tiny]).split(",")}))
     except ValueError:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not args.batches or args.batches[0] < 1:
         parser.error(f"--batches must be positive, got {args.batches!r}")
     planned = []
-    if args.tiny and args.budgets is None:
+    if args.tiny and args.budgets is None and args.family == "sd15":
         planned += [
             dict(chunk_samples=1, activation_checkpointing=True),
             dict(chunk_samples=1, activation_checkpointing=False),
         ]
-    for text in (args.budgets or ("auto" if args.tiny else "24,16,auto")).split(","):
+    for text in (args.budgets or family.budgets[args.tiny]).split(","):
         text = text.strip()
         try:
             budget = text if text == "auto" else float(text)
@@ -621,11 +874,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if budget != "auto" and not budget > 0:
             parser.error(f"--budgets takes numbers of GiB > 0 or auto, got {text!r}")
         planned.append(dict(memory_budget_gb=budget if budget == "auto" or budget % 1 else int(budget)))
-    args.planned = planned + [dict(memory_budget_gb=None)]
+    # SD 1.5: the unchunked step after the planned ones, at their batch (SD 3.5 measures it at every batch).
+    args.planned = planned + ([dict(memory_budget_gb=None)] if args.family == "sd15" else [])
     if not args.tiny and not torch.cuda.is_available():
         parser.error(
-            "no CUDA device: the SD 1.5-size model takes minutes per step on a CPU; "
-            "use --tiny to run this script's code path on the tiny model"
+            f"no CUDA device: the {family.label}-size model takes minutes per step on a CPU; "
+            f"use --tiny to run this script's code path on the tiny model"
         )
     return args
 
@@ -647,7 +901,17 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Benchmark(args)
     versions = ", ".join(f"{name} {version(name)}" for name in ("torch", "diffusers", "peft", "transformers"))
-    if bench.cuda:
+    if args.family == "sd35":
+        model = (
+            "SD 3.5 Medium-size MMDiT, CLIP-L/G, T5-XXL and VAE (random weights, bf16, bf16 autocast), 512 px"
+            if bench.cuda else "tiny SD 3 (tiny-sd3) on CPU (float32) at its own resolution"
+        )
+        setting = (
+            f"{model}, LoRA r32 / alpha 64 fp32 on both streams' attention, flow SDE T = {args.num_steps} at "
+            f"noise level {bench.family.eta:g}, guidance {args.guidance:g}, ColorBalance reward through the "
+            f"VAE decoder; RLR h=2 group {SD35_RLR_GROUP} against GRPO"
+        )
+    elif bench.cuda:
         setting = (
             f"SD 1.5-size UNet/VAE (random weights, bf16, bf16 autocast), LoRA r4 fp32 on attention, 512 px, "
             f"T = {args.num_steps}, guidance {args.guidance:g}, eta 1, ColorBalance reward through the VAE "
@@ -664,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
             versions=versions,
             setting=setting,
             cuda=bench.cuda,
+            family=args.family,
             deadline_s=args.deadline_s,
             args={k: str(v) for k, v in vars(args).items()},
         ),
@@ -681,7 +946,8 @@ def measure_all(bench: Benchmark, log: ResultLog) -> list[str]:
     """Set up, then measure the configurations in order within the deadline; returns the failed ones."""
     args = bench.args
     log.write(**bench.setup())
-    configs = configurations(args.batches, args.planned)
+    build = sd35_configurations if args.family == "sd35" else configurations
+    configs = build(args.batches, args.planned)
     for i, config in enumerate(configs):
         if config.group != "sampler" and bench.pipe is not None:
             bench.release_pipeline()  # its weights would count in every later peak
@@ -693,6 +959,8 @@ def measure_all(bench: Benchmark, log: ResultLog) -> list[str]:
             batch=config.batch,
             T=args.num_steps,
         )
+        if args.family == "sd35":
+            row.update(images=config.images, group_size=config.group_size)
         if config.memory:
             row["memory"] = config.memory_text
         predicted = bench.predict(config)

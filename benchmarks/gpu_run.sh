@@ -4,6 +4,7 @@
 #
 #     bash benchmarks/gpu_run.sh            # writes to $OUT (default benchmarks/results); DEADLINE_S=270
 #     bash benchmarks/gpu_run.sh --tiny     # extra arguments go to gpu_cost.py (--tiny: CPU, tiny model)
+#     bash benchmarks/gpu_run.sh --family sd35   # SD 3.5 Medium size: RLR and GRPO (log: gpu_cost_sd35.log)
 #
 # The machine is expected to have Python 3.12 with torch, lightning, transformers, torchmetrics, torchvision,
 # accelerate, safetensors and huggingface_hub, and the rest as wheels in .whl/ (diffusers, peft, open_clip_torch,
@@ -35,4 +36,12 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
       f"lightning {lightning.__version__}")')"
 echo "GPU: $gpu | $versions"
 
-python3 benchmarks/gpu_cost.py --out "$OUT" --deadline-s "${DEADLINE_S:-270}" "$@" 2>&1 | tee "$OUT/gpu_cost.log"
+# One log per family, next to that family's results (the SD 1.5 run keeps its name).
+log="gpu_cost.log"
+for ((i = 1; i <= $#; i++)); do
+    if [[ "${!i}" == "--family" ]]; then
+        j=$((i + 1))
+        [[ "${!j:-sd15}" != "sd15" ]] && log="gpu_cost_${!j}.log"
+    fi
+done
+python3 benchmarks/gpu_cost.py --out "$OUT" --deadline-s "${DEADLINE_S:-270}" "$@" 2>&1 | tee "$OUT/$log"

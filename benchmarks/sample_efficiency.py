@@ -1,15 +1,18 @@
-"""Reward against the number of generated images, for RLR, truncated backprop, the score function and full
-backprop, several seeds each, on the trained shapes world (default) or the quickstart's tiny model.
+"""Reward against the number of generated images, for RLR, truncated backprop, the score function, full
+backprop and GRPO, several seeds each, on the trained shapes world (default) or the quickstart's tiny model.
 
     python benchmarks/sample_efficiency.py [--problem world] [--model shapes-world] [--steps 80] [--batch 8]
     python benchmarks/sample_efficiency.py --problem tiny        # the quickstart problem (--steps 100 --batch 32)
+    python benchmarks/sample_efficiency.py --estimators "GRPO (G=4, 2 inner updates, clip 0.2)" --merge
 
-Same model, reward, prompts, batch, optimizer (AdamW) and clipping for all; only the estimator differs, and
-every estimator generates the same number of images. ``world``: the count reward on the world's training
-captions (``common.world_module``), AdamW; each run's LoRA is exported at the end, and the exact checker's
-accuracies on the captions of both caption splits (held-out combinations, never seen in the world's
-training, and the training ones) are measured before fine-tuning and after, per
-estimator (mean over seeds), on the same sampling noise. ``tiny``: the quickstart problem (tiny model,
+Same model, reward, prompts, optimizer (AdamW) and clipping for all; only the estimator differs, and every
+estimator generates the same number of images: ``--batch`` images per sampled batch, which an estimator with
+``G`` samples per prompt (the group baseline, GRPO) draws as ``batch / G`` prompts ``G`` times each, and
+``--steps`` sampled batches, on which GRPO takes ``inner_updates`` optimizer steps each. ``world``: the count
+reward on the world's training captions (``common.world_module``), AdamW; each run's LoRA is exported at the
+end, and the exact checker's accuracies on the captions of both caption splits (held-out combinations, never
+seen in the world's training, and the training ones) are measured before fine-tuning and after, per estimator
+(mean over seeds), on the same sampling noise. ``tiny``: the quickstart problem (tiny model,
 red-minus-blue reward, AdamW 1e-2).
 
 Writes benchmarks/results/sample_efficiency[_world].{json,md,png} (rewritten after every run, so a run cut
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import statistics
 import tempfile
@@ -44,7 +48,13 @@ from common import (
 from lightning.pytorch.loggers import CSVLogger
 
 from rlr_lightning.data import PromptDataModule
-from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction, TruncatedBackprop
+from rlr_lightning.estimators import (
+    GRPO,
+    RLR,
+    FullBackprop,
+    ScoreFunction,
+    TruncatedBackprop,
+)
 from rlr_lightning.lightning_cli import quiet_lightning
 
 logger = logging.getLogger("sample_efficiency")
@@ -54,6 +64,13 @@ ESTIMATORS = {
     "truncated backprop (K=1)": lambda: TruncatedBackprop(k=1),
     "score function": lambda: ScoreFunction(),
     "full backprop": lambda: FullBackprop(),
+    # Per-prompt baseline: each prompt sampled 4 times, a sample's baseline the mean of its 3 siblings (unbiased).
+    "RLR (h=2, zo=score, group G=4)": lambda: RLR(h=2, zo_mode="score", baseline="group", group_size=4),
+    # Flow-GRPO's estimator (advantages scaled by the group's std and clipped to 5); the clip range only acts
+    # from the second inner update on (the first update's ratio is exactly 1).
+    "GRPO (G=4, 1 inner update)": lambda: GRPO(group_size=4, inner_updates=1),
+    "GRPO (G=4, 2 inner updates, clip 1e-4)": lambda: GRPO(group_size=4, clip_range=1e-4, inner_updates=2),
+    "GRPO (G=4, 2 inner updates, clip 0.2)": lambda: GRPO(group_size=4, clip_range=0.2, inner_updates=2),
 }
 #: Per problem: DDIM steps T, batch, optimizer steps, learning rate (the tiny values are the quickstart's).
 DEFAULTS = {
@@ -69,27 +86,31 @@ def slug(name: str) -> str:
 
 
 def fit(args, name: str, seed: int, out: Path) -> dict:
-    """One run: its reward curve (batch mean per optimizer step), wall time and exported LoRA."""
+    """One run: its reward curve (batch mean per sampled batch), wall time and exported LoRA."""
     optimizer = lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=1e-4)  # noqa: E731
     estimator = ESTIMATORS[name]()
+    # The same images per sampled batch for every estimator: batch / G prompts, G samples each.
+    prompts_per_batch = args.batch // estimator.samples_per_prompt
     run_dir = out / slug(name) / f"seed{seed}"
     if args.problem == "world":
         module = world_module(estimator, args.num_steps, model=args.model, seed=seed, optimizer=optimizer,
                               export_dir=str(run_dir / "lora"))
-        data = PromptDataModule(prompts=world_prompts("train"), batch_size=args.batch, seed=seed)
+        data = PromptDataModule(prompts=world_prompts("train"), batch_size=prompts_per_batch, seed=seed)
     else:
         module = tiny_module(estimator, args.num_steps, seed=seed, optimizer=optimizer,
                              export_dir=str(run_dir / "lora"))
-        data = PromptDataModule(prompt_set="animals", batch_size=args.batch, seed=seed)
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=CSVLogger(run_dir, name="log"),
-                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=run_dir)
+        data = PromptDataModule(prompt_set="animals", batch_size=prompts_per_batch, seed=seed)
+    # max_steps counts optimizer steps: GRPO takes inner_updates of them on each sampled batch.
+    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps * estimator.inner_updates,
+                        logger=CSVLogger(run_dir, name="log"), log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
     with next((run_dir / "log").rglob("metrics.csv")).open() as f:
         rewards = [float(r["train/reward"]) for r in csv.DictReader(f) if r.get("train/reward")]
-    return dict(estimator=name, seed=seed, rewards=rewards, seconds=seconds, lora=str(module.exported_lora))
+    return dict(estimator=name, seed=seed, rewards=rewards, seconds=seconds, lora=str(module.exported_lora),
+                prompts_per_batch=prompts_per_batch, inner_updates=estimator.inner_updates)
 
 
 def evaluate_world(args, lora: str | None) -> dict:
@@ -106,9 +127,12 @@ def reward_rows(runs: list[dict], batch: int) -> list[dict]:
         if not mine:
             continue
         finals = [statistics.mean(r["rewards"][-LAST:]) for r in mine]
+        per_batch = mine[0].get("prompts_per_batch", batch)  # runs stored before groups: one image per prompt
         start = statistics.mean(statistics.mean(r["rewards"][:FIRST]) for r in mine)
         rows.append(dict(name=name, seeds=len(mine), start=start, final=statistics.mean(finals),
                          spread=max(finals) - min(finals), images=len(mine[0]["rewards"]) * batch,
+                         layout=f"{per_batch} x {batch // per_batch}",
+                         updates=len(mine[0]["rewards"]) * mine[0].get("inner_updates", 1),
                          step_s=statistics.mean(r["seconds"] / max(len(r["rewards"]), 1) for r in mine)))
     return rows
 
@@ -132,7 +156,8 @@ def accuracy_rows(payload: dict) -> list[dict]:
 
 REWARD_COLUMNS = [("name", "estimator", "s"), ("seeds", "seeds", "d"), ("start", f"reward, first {FIRST} steps", ".3f"),
                   ("final", f"reward, last {LAST} steps", ".3f"), ("spread", "seed spread (final)", ".3f"),
-                  ("images", "images generated", "d"), ("step_s", "s / step", ".2f")]
+                  ("images", "images generated", "d"), ("layout", "prompts x samples per batch", "s"),
+                  ("updates", "optimizer steps", "d"), ("step_s", "s / sampled batch", ".2f")]
 ACCURACY_COLUMNS = [("name", "LoRA", "s"), ("seeds", "seeds", "d"),
                     ("held_out_position_ok", "held-out position", ".3f"),
                     ("held_out_count_ok", "held-out count", ".3f"), ("held_out_all_ok", "held-out all", ".3f"),
@@ -168,17 +193,38 @@ def plot(payload: dict, path: Path) -> None:
         for curve in smoothed:
             ax.plot(images, curve[:length], color=f"C{index}", alpha=0.3, lw=0.8)
         mean = [statistics.mean(curve[k] for curve in smoothed) for k in range(length)]
-        ax.plot(images, mean, color=f"C{index}", lw=1.8, label=name)
+        few = len(runs) < len(payload["args"]["seeds"])
+        seeds = f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if few else ""
+        ax.plot(images, mean, color=f"C{index}", lw=1.8, label=name + seeds)
     ax.set_xlabel("images generated")
     ylabel = {"world": "batch mean count reward", "tiny": "batch mean reward (red - blue)"}
     ax.set_ylabel(ylabel[payload["args"]["problem"]])
     seeds = len(payload["args"]["seeds"])
     title = {"world": "Shapes world, count reward", "tiny": "Quickstart problem"}[payload["args"]["problem"]]
-    ax.set_title(f"{title}: 10-step running mean, {seeds} seed{'s' if seeds > 1 else ''} (faint) and their mean",
-                 fontsize=9)
+    ax.set_title(f"{title}: 10-step running mean, up to {seeds} seed{'s' if seeds > 1 else ''} (faint) and their "
+                 "mean", fontsize=9)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+#: What must match for runs to be merged into stored results (the rest, e.g. seeds and estimators, may differ).
+MERGE_KEYS = ("problem", "model", "steps", "batch", "lr", "num_steps", "eval_samples", "eval_seed")
+
+
+def stored_results(path: Path, args) -> dict | None:
+    """The stored results ``--merge`` adds to, or ``None`` when there are none; an error when their settings
+    differ (merging runs of other settings would compare unlike things)."""
+    if not path.is_file():
+        logger.warning("--merge: no stored results at %s, starting new ones", path)
+        return None
+    stored = json.loads(path.read_text())
+    differ = {k: (stored["args"].get(k), getattr(args, k)) for k in MERGE_KEYS
+              if stored["args"].get(k) != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"--merge: {path} was run with other settings (stored, now): {differ}; run without --merge "
+                         "to replace it, or with the stored settings")
+    return stored
 
 
 def main() -> None:
@@ -195,6 +241,9 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2,
                         help="world: samples per caption in the checker's evaluation")
     parser.add_argument("--eval-seed", type=int, default=0, help="world: sampling seed of the checker's evaluation")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the stored results of the same settings (the base model's evaluation and the "
+                             "runs of other estimators or seeds) and add this run's to them")
     parser.add_argument("--out", type=Path, default=None,
                         help="a new directory for the runs' logs and LoRA exports (default: a temporary one); "
                              "its path is saved in the results")
@@ -211,23 +260,42 @@ def main() -> None:
     for key in ("steps", "batch", "num_steps", "eval_samples"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    for estimator in args.estimators:
+        per_prompt = ESTIMATORS[estimator]().samples_per_prompt
+        if args.batch % per_prompt:
+            parser.error(f"--batch {args.batch} is not a multiple of the {per_prompt} samples per prompt of "
+                         f"{estimator!r}: every estimator must generate --batch images per sampled batch")
     if args.steps < LAST:
         logger.warning("--steps %d is below %d: the 'last %d steps' column averages fewer steps",
                        args.steps, LAST, LAST)
     out = args.out or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
     name = "sample_efficiency" if args.problem == "tiny" else f"sample_efficiency_{args.problem}"
     header = dict(machine=machine(), args={**vars(args), "out": str(out)})
+    stored = stored_results(RESULTS / f"{name}.json", args) if args.merge else None
+    if stored is not None:  # the header describes every run the results hold
+        seeds = set(stored["args"]["seeds"]) | set(args.seeds)
+        estimators = set(stored["args"]["estimators"]) | set(args.estimators)
+        header["args"].update(seeds=sorted(seeds), estimators=[n for n in ESTIMATORS if n in estimators])
     log = ResultLog(RESULTS, name, header, render)
     started = time.perf_counter()
+    if stored is not None:
+        log.write(merged_from=dict(machine=stored["machine"], args=stored["args"],
+                                   total_seconds=stored.get("total_seconds")))
+        for run in stored["rows"]:
+            if not (run["estimator"] in args.estimators and run["seed"] in args.seeds):
+                log.add(dict(run, measured=run.get("measured", stored["machine"])))
     if args.problem == "world":
-        log.write(before=evaluate_world(args, None))
+        if stored is not None and stored.get("before"):
+            log.write(before=stored["before"])
+        else:
+            log.write(before=evaluate_world(args, None))
         logger.info("before fine-tuning: %s", log.payload["before"])
     for estimator in args.estimators:
         for seed in args.seeds:
             run = fit(args, estimator, seed, out)
             if args.problem == "world":
                 run["after"] = evaluate_world(args, run["lora"])
-            log.add(run)
+            log.add(dict(run, measured=machine()))
             logger.info("%s, seed %d: %.0f s, last reward %.3f", estimator, seed, run["seconds"],
                         statistics.mean(run["rewards"][-LAST:]))
     log.write(total_seconds=time.perf_counter() - started)

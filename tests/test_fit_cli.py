@@ -239,7 +239,7 @@ def test_print_config_and_help_document_the_arguments(capsys):
     printed = run("fit", "--config", str(QUICKSTART), "--print_config")
     assert "class_path: rlr_lightning.estimators.RLR" in printed and "zo_mode: score" in printed
     help_text = run("fit", "--help")
-    assert "--model.num_steps" in help_text and "DDIM sampling steps" in help_text  # docstrings become help
+    assert "--model.num_steps" in help_text and "Sampling steps" in help_text  # docstrings become help
     assert "Stop with an error after this many updates" in help_text
     estimator_help = run("fit", "--model.estimator.help", "rlr_lightning.estimators.RLR")
     assert "Block length (half-order sub-chain)" in estimator_help

@@ -125,6 +125,83 @@ def test_tiny_run_measures_every_configuration(tmp_path):
     assert profile.count("aten::") >= 20
 
 
+#: The SD 3.5 run at the tiny run's batches (1 and 2 prompts): our sampler at every number of images a step
+#: samples, RLR h = 2 with groups of 2 and GRPO with groups of 4 and 8 at each batch; planned runs at 2
+#: prompts.
+SD35_EXPECTED = {
+    *(("ours: no-grad sample", images) for images in (2, 4, 8, 16)),
+    *((name, b) for b in (1, 2) for name in ("RLR h=2 zo=score group=2", "GRPO G=4", "GRPO G=8")),
+}
+SD35_GROUPS = {"RLR h=2 zo=score group=2": 2, "GRPO G=4": 4, "GRPO G=8": 8, "ours: no-grad sample": 1}
+
+
+@pytest.mark.slow
+def test_sd35_tiny_run_measures_rlr_and_grpo(tmp_path):
+    out = tmp_path / "results"
+    proc = run_script(tmp_path, "--family", "sd35", "--tiny", "--out", str(out), "--deadline-s", "600")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    assert "Traceback" not in console
+    # Its own files: the SD 1.5 results next to them are not touched.
+    assert not (out / "gpu_cost_tiny.json").exists()
+    payload = json.loads((out / "gpu_cost_sd35_tiny.json").read_text())
+    rows = payload["rows"]
+    assert [json.loads(line) for line in (out / "gpu_cost_sd35_tiny.jsonl").read_text().splitlines()] == rows
+
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {(r["name"], r["batch"]) for r in rows if r["group"] != "planned"} == SD35_EXPECTED
+    assert {(r["name"], r["memory"], r["batch"]) for r in rows if r["group"] == "planned"} == {
+        ("RLR h=2 zo=score group=2", "memory_budget_gb=auto", 2),
+        ("GRPO G=8", "memory_budget_gb=auto", 2),
+    }
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_s"] > 0, r
+        assert r["group_size"] == SD35_GROUPS[r["name"]] and r["images"] == r["batch"] * r["group_size"], r
+        assert r["T"] == 10
+    # The samples come first: they are the unit every later prediction is made in.
+    assert [r["group"] for r in rows[:4]] == ["sampler"] * 4
+
+    by_key = {r["key"]: r for r in rows}
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert all(r["activation_mb"] > 0 for r in steps)
+    # GRPO keeps a graph per image it re-scores: twice the images, more memory.
+    assert by_key["GRPO G=8 b2"]["activation_mb"] > by_key["GRPO G=4 b2"]["activation_mb"]
+    for r in steps:
+        if r["name"].startswith("RLR"):
+            assert r["h"] == 2
+            assert r["floor_s"] > 0 and r["step_over_floor"] == pytest.approx(r["time_s"] / r["floor_s"]), r
+    auto = by_key["RLR h=2 zo=score group=2 memory_budget_gb=auto b2"]
+    assert {"chunk_samples", "activation_checkpointing", "plan_s", "predicted_peak_gib"} <= auto.keys()
+
+    # The GPU run's architectures, built on the meta device here: SD 3.5 Medium's published sizes (MMDiT-X
+    # 2.5 B with its position embeddings, CLIP-L and CLIP-G text towers, the T5 v1.1 XXL encoder, the VAE).
+    weights = payload["weights_b"]
+    assert 2.4 < weights["transformer"] < 2.6
+    assert 4.6 < weights["text_encoder_3"] < 4.9
+    assert 0.6 < weights["text_encoder_2"] < 0.75 and 0.1 < weights["text_encoder"] < 0.15
+    assert 0.07 < weights["vae"] < 0.1
+    assert f"SD 3.5 Medium size: {sum(weights.values()):.2f} B weights" in proc.stdout
+
+    report = (out / "gpu_cost_sd35_tiny.md").read_text()
+    for section in ("## Our no-grad sampler", "## RLR and GRPO", "## Memory-planned steps"):
+        assert section in report
+    for r in rows:
+        if r["kind"] == "sampler":
+            assert f"| {r['images']} | ok | {r['time_s']:.2f} |" in report, r
+        elif r["group"] == "planned":
+            line = f"| {r['name']} | {r['memory']} | 2 | {r['images']} | ok | {r['time_s']:.2f} |"
+            assert line in report, r
+        else:
+            over_sample = r["time_s"] / by_key[f"ours: no-grad sample b{r['images']}"]["time_s"]
+            assert (
+                f"| {r['name']} | {r['batch']} | {r['images']} | ok | {r['time_s']:.2f} | "
+                f"{r['activation_mb']:.1f} | {over_sample:.2f} |" in report
+            ), r
+    assert "Not measured" not in report
+
+
 @pytest.mark.slow
 def test_deadline_skips_configurations_and_says_so(tmp_path):
     out = tmp_path / "results"
@@ -148,6 +225,13 @@ def test_deadline_skips_configurations_and_says_so(tmp_path):
         (["--tiny", "--batches", "1,two"], "--batches must be comma-separated integers, got '1,two'"),
         pytest.param(
             [], "no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
+        (["--tiny", "--family", "sd3"], "argument --family: invalid choice: 'sd3'"),
+        # Never the 4.7 B T5 encoder on a CPU: the SD 3.5 run stops before building anything.
+        pytest.param(
+            ["--family", "sd35"],
+            "no CUDA device: the SD 3.5 Medium-size model",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA"),
         ),
     ],
 )
