@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,18 @@ import torch
 from rlr_lightning.sampling import Plan, ScaledPromptEmbeds
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class WarningRecords(logging.Handler):
+    """Collects the warnings of the loggers it is added to (diffusers' and transformers' loggers do not
+    propagate to pytest's caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def check_rescoring_reproduces_the_sampling_log_probs(backbone, sampler, negative: bool) -> None:

@@ -19,7 +19,11 @@ from rlr_lightning.estimators import RLR, FullBackprop, TruncatedBackprop, estim
 from rlr_lightning.models import FluxBackbone, LoraSettings, load_backbone
 from rlr_lightning.sampling import Plan
 from tests.conftest import perturb_lora_
-from tests.families import check_rescoring_reproduces_the_sampling_log_probs, fit_and_sample_through_the_cli
+from tests.families import (
+    WarningRecords,
+    check_rescoring_reproduces_the_sampling_log_probs,
+    fit_and_sample_through_the_cli,
+)
 
 PROMPTS = ["a cat", "a red fox on a hill"]
 #: Every attention projection of FLUX's transformer: the image stream's (double blocks) and the single blocks'
@@ -182,15 +186,6 @@ def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_flux_dir)
     check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=3.5), False)
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_lora_on_every_attention_projection_loads_in_the_flux_pipeline_and_round_trips_exactly(
         pipe, tiny_flux_dir, tmp_path):
     import warnings
@@ -214,7 +209,7 @@ def test_lora_on_every_attention_projection_loads_in_the_flux_pipeline_and_round
     # Export: diffusers' FLUX pipeline loads every key without complaint and computes the same transformer.
     theirs = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True)
     before = transformer_out(theirs)
-    records = _Records()
+    records = WarningRecords()
     logging.getLogger("diffusers").addHandler(records)  # diffusers' loggers do not propagate to the root
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -20,7 +20,11 @@ from rlr_lightning.estimators import RLR, FullBackprop, TruncatedBackprop, estim
 from rlr_lightning.models import LoraSettings, StableDiffusion3Backbone, load_backbone
 from rlr_lightning.sampling import Plan
 from tests.conftest import perturb_lora_
-from tests.families import check_rescoring_reproduces_the_sampling_log_probs, fit_and_sample_through_the_cli
+from tests.families import (
+    WarningRecords,
+    check_rescoring_reproduces_the_sampling_log_probs,
+    fit_and_sample_through_the_cli,
+)
 
 PROMPTS = ["a cat", "a red fox on a hill"]
 #: Every attention projection of SD 3's joint blocks: the image stream's and the text stream's (Flow-GRPO's targets).
@@ -45,17 +49,6 @@ def backbone(tiny_sd3_dir, lora: bool = True, seed: int = 3, targets=ALL_ATTENTI
             bb.add_lora(LoraSettings(rank=2, alpha=4.0, target_modules=targets))
         perturb_lora_(bb.transformer, seed=seed, scale=0.3)
     return bb
-
-
-class _Records(logging.Handler):
-    """Collects the warnings of the loggers it is added to."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def test_load_backbone_picks_sd3_and_loads_every_component(tiny_sd3_dir):
@@ -108,7 +101,7 @@ def test_a_cut_prompt_is_reported_once_however_often_it_is_encoded(tiny_sd3_dir,
     warn on each encoding; the backbone says it once, naming the prompt."""
     bb = backbone(tiny_sd3_dir, lora=False)
     long = "a red fox on a hill under the moon"  # over the tiny CLIP's 16 tokens and T5's 32
-    records = _Records()
+    records = WarningRecords()
     for name in ("diffusers", "transformers"):  # neither library's loggers propagate to the root logger
         logging.getLogger(name).addHandler(records)
     try:
@@ -239,7 +232,7 @@ def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_roun
     # Export: diffusers' SD 3 pipeline loads every layer without complaint and computes the same transformer.
     theirs = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, local_files_only=True)
     before = transformer_out(theirs.transformer)
-    records = _Records()
+    records = WarningRecords()
     diffusers_logger = logging.getLogger("diffusers")  # diffusers' loggers do not propagate to the root logger
     diffusers_logger.addHandler(records)
     try:
