@@ -116,10 +116,12 @@ def sample(argv: list[str]) -> Path:
         trajectory = sampler.run(Plan(sampler.num_steps), embeds, generator=generator)
         images = backbone.decode(trajectory.final)
     for k in range(sampler.num_steps):
-        logger.info(
-            "step %2d  t=%7.2f  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
-            k, float(sampler.kernel.timesteps[k]), float(trajectory.sigmas[k]), float(trajectory.log_probs[k].mean()),
-        )
+        t, sigma = float(sampler.kernel.timesteps[k]), float(trajectory.sigmas[k])
+        if sigma > 0:
+            logger.info("step %2d  t=%7.2f  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
+                        k, t, sigma, float(trajectory.log_probs[k].mean()))
+        else:  # no transition density: a deterministic step (eta 0, or outside a flow model's SDE steps)
+            logger.info("step %2d  t=%7.2f  deterministic", k, t)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=min(len(prompts), 4))
     return args.out

@@ -24,6 +24,12 @@ def test_rlr_sample_writes_a_grid_and_logs_log_probs(tiny_pipeline_dir, tmp_path
     assert Image.open(out).size == (2 * 16 + 3 * 2, 16 + 2 * 2)  # two 16 px images with save_image padding
     steps = [r.getMessage() for r in caplog.records if "log p" in r.getMessage()]
     assert len(steps) == 3
+    # A deterministic sampler has no transition density: its steps say so instead of logging NaN.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rlr_lightning"):
+        main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "3", "--eta", "0", "--out", str(out)])
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(steps) == 3 and all(m.endswith("deterministic") and "nan" not in m for m in steps)
 
 
 def test_rlr_sample_is_reproducible_by_seed(tiny_pipeline_dir, tmp_path):
