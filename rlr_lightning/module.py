@@ -126,6 +126,9 @@ class RLRModule(L.LightningModule):
             on the others (MixGRPO, Flow-GRPO-Fast), e.g. ``[0, 2]``; pair it with ``GRPO(step_range=...)``, which
             trains only those steps. Estimators that score every step by likelihood ratio (RLR, the score function)
             need every step stochastic: ``None``.
+        max_sequence_length: SD 3 and FLUX only: T5 tokens per prompt, as their pipelines' argument of that name
+            (at most 512); ``None``: the pipeline's default (256 for SD 3, 512 for FLUX). Fewer tokens make every
+            transformer call cheaper; longer prompts are cut (and said so once).
         dcot_split: For prompts with DCoT rewrites: the fractions of ``T`` where the mid and the fine scales
             begin (the coarse rewrite conditions the steps before the first, in sampling order).
         lora: LoRA rank, alpha and target modules on the UNet.
@@ -172,6 +175,7 @@ class RLRModule(L.LightningModule):
         timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None,
         resolution: int | tuple[int, int] | None = None,
         stochastic_steps: tuple[int, int] | None = None,
+        max_sequence_length: int | None = None,
         dcot_split: tuple[float, float] = (1 / 3, 2 / 3),
         lora: LoraSettings = LoraSettings(),
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -234,6 +238,7 @@ class RLRModule(L.LightningModule):
         self.timestep_spacing = timestep_spacing
         self.resolution = resolution
         self.stochastic_steps = None if stochastic_steps is None else (int(stochastic_steps[0]), int(stochastic_steps[1]))
+        self.max_sequence_length = max_sequence_length
         self.dcot_split = (float(dcot_split[0]), float(dcot_split[1]))
         self.lora_settings = lora
         self.weight_dtype = DTYPES[weight_dtype]
@@ -286,6 +291,13 @@ class RLRModule(L.LightningModule):
         source = resolve_model(self.pretrained_model_name_or_path)
         backbone = load_backbone(source, dtype=self.weight_dtype)
         backbone.set_resolution(self.resolution)
+        if self.max_sequence_length is not None:
+            if not hasattr(backbone, "max_sequence_length"):
+                raise ValueError(
+                    f"model.max_sequence_length={self.max_sequence_length} sets the T5 prompt length of SD 3 and FLUX; "
+                    f"{type(backbone).__name__} has no T5 encoder: leave it unset (null)"
+                )
+            backbone.max_sequence_length = self.max_sequence_length
         # LoRA A is initialised randomly: seed it from the run's seed, not from whatever state the global
         # RNG is in, so every rank and every rerun starts from the same adapter.
         with torch.random.fork_rng(devices=[]):

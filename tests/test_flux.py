@@ -89,6 +89,11 @@ def test_load_backbone_picks_flux_and_loads_every_component(tiny_flux_dir):
     assert bb.resolution == (16, 16) and bb.latent_size == (8, 8)  # the VAE's sample_size, latents twice smaller
     assert bb.max_sequence_length == T5_TOKENS
     assert not any(p.requires_grad for p in bb.parameters())
+    # A shorter T5 prompt length is the sequence the transformer attends to; a bad one is refused.
+    bb.max_sequence_length = 12
+    assert bb.encode_prompts(["a cat"], negative=False).cond.shape[1] == 12
+    with pytest.raises(ValueError, match="max_sequence_length must be an integer from 1 to 512"):
+        bb.max_sequence_length = 600
 
 
 @pytest.mark.parametrize("negative", [False, True], ids=["prompts", "with-negative"])

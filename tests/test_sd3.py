@@ -96,6 +96,18 @@ def test_max_sequence_length_sets_the_t5_tokens_and_rejects_bad_values(tiny_sd3_
             bb.max_sequence_length = bad
 
 
+def test_the_module_sets_the_t5_length_and_a_family_without_t5_refuses_it(tiny_sd3_dir, tiny_pipeline_dir):
+    from rlr_lightning.module import RLRModule
+    from rlr_lightning.rewards import TargetColor
+
+    module = RLRModule(str(tiny_sd3_dir), reward=TargetColor(), num_steps=3, max_sequence_length=12)
+    module.configure_model()
+    clip_tokens = module.backbone.tokenizer.model_max_length
+    assert module.conditioning_for(PROMPTS).cond.shape[1] == clip_tokens + 12
+    with pytest.raises(ValueError, match="has no T5 encoder"):
+        RLRModule(str(tiny_pipeline_dir), num_steps=3, max_sequence_length=12).configure_model()
+
+
 def test_a_cut_prompt_is_reported_once_however_often_it_is_encoded(tiny_sd3_dir, caplog):
     """Training encodes the batch's prompts every step: diffusers' pipeline and transformers' tokenizers would
     warn on each encoding; the backbone says it once, naming the prompt."""

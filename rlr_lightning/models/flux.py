@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers
+from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers, t5_sequence_length
 from rlr_lightning.sampling import Denoiser, DiffusionSampler, PromptEmbeds
 from rlr_lightning.sampling.kernels import FlowMatchSDE
 
@@ -110,6 +110,9 @@ class FluxBackbone(DiffusionBackbone):
     (``tokenizer_2``'s limit, at most 512, the pipeline's default).
 
     Args:
+        max_sequence_length: T5 tokens per prompt (prompts are padded or cut to it), as ``FluxPipeline``'s argument
+            of that name; at most 512. ``None``: the pipeline's default, 512, or the T5 tokenizer's own limit where
+            that is smaller (the tiny test model's).
         components: As for :class:`~rlr_lightning.models.base.DiffusionBackbone`.
     """
 
@@ -126,10 +129,20 @@ class FluxBackbone(DiffusionBackbone):
     lora_component = "transformer"
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
-    def __init__(self, dtype: torch.dtype = torch.float32, **components) -> None:
+    def __init__(
+        self, dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None, **components
+    ) -> None:
         super().__init__(dtype=dtype, **components)
-        #: T5 tokens per prompt: the pipeline's default (512) unless the tokenizer reads fewer.
-        self.max_sequence_length = min(512, int(self.tokenizer_2.model_max_length))
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens per prompt (see the class's arguments)."""
+        return self._max_sequence_length
+
+    @max_sequence_length.setter
+    def max_sequence_length(self, value: int | None) -> None:
+        self._max_sequence_length = t5_sequence_length(value, self.tokenizer_2, 512, "the FLUX pipeline")
 
     @property
     def guidance_distilled(self) -> bool:

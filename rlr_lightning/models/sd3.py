@@ -16,14 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers
+from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers, t5_sequence_length
 from rlr_lightning.sampling import Denoiser, DiffusionSampler, PromptEmbeds
 from rlr_lightning.sampling.kernels import FlowMatchSDE
 
 #: ``StableDiffusion3Pipeline``'s default T5 sequence length.
 DEFAULT_MAX_SEQUENCE_LENGTH = 256
-#: The pipeline's limit on the T5 sequence length.
-MAX_SEQUENCE_LENGTH_LIMIT = 512
 #: Loggers that warn about cut prompts inside ``encode_prompt``: diffusers' SD 3 pipeline (on every encoding) and
 #: transformers' tokenizers (the pipeline tokenizes without truncation to find what was cut).
 _TRUNCATION_LOGGERS = (
@@ -113,14 +111,9 @@ class StableDiffusion3Backbone(DiffusionBackbone):
 
     @max_sequence_length.setter
     def max_sequence_length(self, value: int | None) -> None:
-        if value is None:
-            value = min(DEFAULT_MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_LENGTH_LIMIT:
-            raise ValueError(
-                f"max_sequence_length must be an integer from 1 to {MAX_SEQUENCE_LENGTH_LIMIT} (T5 tokens per "
-                f"prompt; the SD 3 pipeline's default is {DEFAULT_MAX_SEQUENCE_LENGTH}), got {value!r}"
-            )
-        self._max_sequence_length = value
+        self._max_sequence_length = t5_sequence_length(
+            value, self.tokenizer_3, DEFAULT_MAX_SEQUENCE_LENGTH, "the SD 3 pipeline"
+        )
 
     @property
     def tokenizers(self) -> tuple:
