@@ -38,7 +38,7 @@ from rlr_lightning.memory import (
     plan_memory,
     resolve_budget,
 )
-from rlr_lightning.models import DiffusionBackbone, LoraSettings, load_backbone
+from rlr_lightning.models import DiffusionBackbone, FlowMatchingBackbone, LoraSettings, load_backbone
 from rlr_lightning.rewards import RewardModel, TargetColor
 from rlr_lightning.sampling import (
     Conditioning,
@@ -292,7 +292,7 @@ class RLRModule(L.LightningModule):
         backbone = load_backbone(source, dtype=self.weight_dtype)
         backbone.set_resolution(self.resolution)
         if self.max_sequence_length is not None:
-            if not hasattr(backbone, "max_sequence_length"):
+            if not isinstance(backbone, FlowMatchingBackbone):
                 raise ValueError(
                     f"model.max_sequence_length={self.max_sequence_length} sets the T5 prompt length of SD 3 and FLUX; "
                     f"{type(backbone).__name__} has no T5 encoder: leave it unset (null)"

@@ -140,6 +140,12 @@ class GRPO(GradientEstimator):
     def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         """The clipped surrogate of the trained steps, in batched re-scoring chunks; called once per inner update."""
         steps = rollout.plan.info["steps"]
+        deterministic = [k for k in steps if float(rollout.trajectory.sigmas[k]) == 0]
+        if deterministic:
+            raise ValueError(
+                f"GRPO trains steps {steps}, but steps {deterministic} are deterministic (sigma 0: eta 0, or outside "
+                "the sampler's stochastic steps); train only the stochastic ones (step_range)"
+            )
         weight = len(self.candidate_steps(rollout.plan.num_steps)) / len(steps)
         B = rollout.batch_size
         steps_t = torch.as_tensor(steps, dtype=torch.long).repeat_interleave(B)
@@ -159,11 +165,6 @@ class GRPO(GradientEstimator):
                 k, s = steps_t[rows], samples_t[rows]
                 index, x, x_next = rollout.trajectory.rows(k, s)
                 row_embeds = embeds.rows(k, s)
-                if bool((rollout.trajectory.sigmas[k.to(rollout.trajectory.sigmas.device)] == 0).any()):
-                    raise ValueError(
-                        f"GRPO trains steps {sorted(set(k.tolist()))}, but some are deterministic (sigma 0: eta 0, or "
-                        "outside the sampler's stochastic steps); train only the stochastic ones (step_range)"
-                    )
                 step = sampler.step(index, x, row_embeds, prev_latents=x_next)
                 log_p = step.log_prob
                 old = old_log_probs.setdefault(start, log_p.detach())

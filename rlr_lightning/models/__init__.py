@@ -16,6 +16,7 @@ import torch
 
 from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
 from rlr_lightning.models.base import DiffusionBackbone
+from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.models.flux import FluxBackbone
 from rlr_lightning.models.lora import LoraSettings, read_lora_settings
 from rlr_lightning.models.sd import StableDiffusionBackbone
@@ -79,6 +80,7 @@ def load_backbone(
 __all__ = [
     "FAMILIES",
     "DiffusionBackbone",
+    "FlowMatchingBackbone",
     "FluxBackbone",
     "LoraSettings",
     "ModelNotAvailableError",

@@ -38,23 +38,6 @@ from rlr_lightning.sampling import DDIMSampler, Denoiser, PromptEmbeds, UNetDeno
 
 logger = logging.getLogger(__name__)
 
-#: The flow-matching pipelines' limit on T5 tokens per prompt (their ``max_sequence_length``).
-T5_MAX_SEQUENCE_LENGTH = 512
-
-
-def t5_sequence_length(value: int | None, tokenizer, default: int, pipeline: str) -> int:
-    """T5 tokens per prompt: ``value``, or ``pipeline``'s ``default`` where the tokenizer reads at least that many
-    (the tiny test models read fewer); an integer from 1 to :data:`T5_MAX_SEQUENCE_LENGTH`, else ``ValueError``."""
-    if value is None:
-        return min(default, int(tokenizer.model_max_length))
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= T5_MAX_SEQUENCE_LENGTH:
-        raise ValueError(
-            f"max_sequence_length must be an integer from 1 to {T5_MAX_SEQUENCE_LENGTH} (T5 tokens per prompt; "
-            f"{pipeline}'s default is {default}), got {value!r}"
-        )
-    return value
-
-
 class DiffusionBackbone(nn.Module, ABC):
     """A frozen latent diffusion model with optional LoRA adapters on its denoiser.
 
@@ -517,22 +500,3 @@ class DiffusionBackbone(nn.Module, ABC):
             z = z + config.shift_factor
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-@contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """Inside the block the loggers ``names`` report errors only.
-
-    The flow-matching pipelines' ``encode_prompt`` warns about cut prompts on every call (every training step),
-    and tokenizes untruncated to find them, which makes transformers warn of indexing errors that cannot happen;
-    :meth:`DiffusionBackbone.encode_prompts` says it once instead.
-    """
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)

@@ -16,13 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers, t5_sequence_length
+from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.sampling import Denoiser, DiffusionSampler, PromptEmbeds
 from rlr_lightning.sampling.kernels import FlowMatchSDE
-
-#: Loggers that warn about truncated prompts on every encoding (see :meth:`FluxBackbone._encode`).
-_TRUNCATION_LOGGERS = ("diffusers.pipelines.flux.pipeline_flux", "transformers.tokenization_utils_base")
-
 
 class FluxDenoiser(Denoiser):
     """A diffusers ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it, on unpacked latents.
@@ -92,7 +88,7 @@ class FluxDenoiser(Denoiser):
         return (batch_size, self.latent_channels, *self.sample_size)
 
 
-class FluxBackbone(DiffusionBackbone):
+class FluxBackbone(FlowMatchingBackbone):
     """A frozen FLUX.1 pipeline (``FluxPipeline``: FLUX.1-dev, FLUX.1-schnell) with LoRA on its transformer.
 
     Its components: ``transformer`` (``FluxTransformer2DModel``), ``vae`` (``AutoencoderKL``, 16 latent channels,
@@ -126,23 +122,9 @@ class FluxBackbone(DiffusionBackbone):
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
     }
     pipeline_class_name = "FluxPipeline"
-    lora_component = "transformer"
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2")
-
-    def __init__(
-        self, dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None, **components
-    ) -> None:
-        super().__init__(dtype=dtype, **components)
-        self.max_sequence_length = max_sequence_length
-
-    @property
-    def max_sequence_length(self) -> int:
-        """T5 tokens per prompt (see the class's arguments)."""
-        return self._max_sequence_length
-
-    @max_sequence_length.setter
-    def max_sequence_length(self, value: int | None) -> None:
-        self._max_sequence_length = t5_sequence_length(value, self.tokenizer_2, 512, "the FLUX pipeline")
+    t5_tokenizer = "tokenizer_2"
+    truncation_loggers = ("diffusers.pipelines.flux.pipeline_flux", *FlowMatchingBackbone.truncation_loggers)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -153,10 +135,6 @@ class FluxBackbone(DiffusionBackbone):
     def tokenizers(self) -> tuple:
         # T5's sequence is what the transformer attends to; CLIP gives only the pooled embedding.
         return (self.tokenizer_2, self.tokenizer)
-
-    def token_limit(self, tokenizer) -> int:
-        # T5 reads max_sequence_length tokens, whatever its tokenizer's own limit.
-        return self.max_sequence_length if tokenizer is self.tokenizer_2 else tokenizer.model_max_length
 
     # -- resolution --------------------------------------------------------------------------------------
 
@@ -176,12 +154,7 @@ class FluxBackbone(DiffusionBackbone):
     # -- conditioning ------------------------------------------------------------------------------------
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        # The pipeline warns about truncated prompts at every call, and tokenizes them untruncated to find out, which
-        # makes the tokenizer warn of "indexing errors" that cannot happen; DiffusionBackbone warns once instead.
-        with quiet_loggers(*_TRUNCATION_LOGGERS):
-            sequence, pooled, _ = self.pipeline().encode_prompt(
-                prompts, device=self.device, max_sequence_length=self.max_sequence_length
-            )
+        sequence, pooled, _ = self.encode_with_pipeline(prompts)
         return sequence, pooled
 
     def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:
@@ -216,48 +189,17 @@ class FluxBackbone(DiffusionBackbone):
             guidance = None
         return FluxDenoiser(self.transformer, self.dtype, sample_size=self.latent_size, guidance=guidance)
 
-    def timestep_shift(self) -> float:
-        """``mu``, the pipeline's resolution-dependent shift of the timesteps (diffusers' ``calculate_shift`` of
-        the image's token count, with the scheduler config's bounds)."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        h, w = self.latent_size
-        config = self.scheduler.config
-        return calculate_shift(
-            (h // 2) * (w // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-
-    def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
-        stochastic_steps: tuple[int, int] | None = None,
-    ) -> DiffusionSampler:
-        """Flow-GRPO's SDE sampler on ``FluxPipeline``'s timesteps, one transformer call per step.
-
-        Args:
-            num_steps: Sampling steps ``T``.
-            eta: The SDE's noise level ``a`` (0: the pipeline's deterministic sampler; > 0 for log-probabilities).
-            guidance_scale: The guidance embedding's value (FLUX.1-dev); 1 for FLUX.1-schnell, which has none.
-            timestep_spacing: Must be ``None``: FLUX takes its timesteps from its scheduler's shift.
-            stochastic_steps: Flow-matching families only: the ``[start, stop)`` steps that run the SDE, the
-                others the ODE (MixGRPO / Flow-GRPO-Fast); ``None``: every step is stochastic.
-        """
+    def schedule_sigmas(self, num_steps: int):
         import numpy as np
 
-        if timestep_spacing is not None:
-            raise ValueError(
-                f"timestep_spacing={timestep_spacing!r} applies to DDIM only; FLUX takes its timesteps from its "
-                "scheduler's resolution-dependent shift: leave it unset (null)"
-            )
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-        denoiser = self.make_denoiser(guidance_scale)
         # The pipeline's times before the shift, unless the scheduler makes its own (use_flow_sigmas).
-        flow_sigmas = self.scheduler.config.get("use_flow_sigmas", False)
-        sigmas = None if flow_sigmas else np.linspace(1.0, 1 / num_steps, num_steps)
-        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, sigmas=sigmas, mu=self.timestep_shift(),
-                                             stochastic_steps=stochastic_steps)
-        return DiffusionSampler(denoiser, kernel, guidance_scale=1.0)
+        if self.scheduler.config.get("use_flow_sigmas", False):
+            return None
+        return np.linspace(1.0, 1 / num_steps, num_steps)
+
+    def timestep_spacing_refusal(self) -> str:
+        return "applies to DDIM only; FLUX takes its timesteps from its scheduler's resolution-dependent shift"
+
+    def sampler_over(self, kernel: FlowMatchSDE, guidance_scale: float) -> DiffusionSampler:
+        # Guidance-distilled: the guidance scale is the denoiser's embedding input, one call per step, no CFG.
+        return DiffusionSampler(self.make_denoiser(guidance_scale), kernel, guidance_scale=1.0)

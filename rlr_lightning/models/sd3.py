@@ -13,22 +13,10 @@ scheduler's own deterministic sampler.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from rlr_lightning.models.base import DiffusionBackbone, quiet_loggers, t5_sequence_length
-from rlr_lightning.sampling import Denoiser, DiffusionSampler, PromptEmbeds
-from rlr_lightning.sampling.kernels import FlowMatchSDE
-
-#: ``StableDiffusion3Pipeline``'s default T5 sequence length.
-DEFAULT_MAX_SEQUENCE_LENGTH = 256
-#: Loggers that warn about cut prompts inside ``encode_prompt``: diffusers' SD 3 pipeline (on every encoding) and
-#: transformers' tokenizers (the pipeline tokenizes without truncation to find what was cut).
-_TRUNCATION_LOGGERS = (
-    "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
-    "transformers.tokenization_utils_base",
-)
-
+from rlr_lightning.models.flow import FlowMatchingBackbone
+from rlr_lightning.sampling import Denoiser, PromptEmbeds
 
 class SD3Denoiser(Denoiser):
     """A diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5).
@@ -58,7 +46,7 @@ class SD3Denoiser(Denoiser):
         return result[0]
 
 
-class StableDiffusion3Backbone(DiffusionBackbone):
+class StableDiffusion3Backbone(FlowMatchingBackbone):
     """A frozen SD 3 / 3.5 pipeline (``StableDiffusion3Pipeline``) with LoRA on its transformer.
 
     Its components: ``transformer`` (``SD3Transformer2DModel``; SD 3.5's dual attention layers and query/key
@@ -95,33 +83,17 @@ class StableDiffusion3Backbone(DiffusionBackbone):
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
     }
     pipeline_class_name = "StableDiffusion3Pipeline"
-    lora_component = "transformer"
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-    def __init__(
-        self, dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None, **components
-    ) -> None:
-        super().__init__(dtype=dtype, **components)
-        self.max_sequence_length = max_sequence_length
-
-    @property
-    def max_sequence_length(self) -> int:
-        """T5 tokens per prompt (see the class's arguments)."""
-        return self._max_sequence_length
-
-    @max_sequence_length.setter
-    def max_sequence_length(self, value: int | None) -> None:
-        self._max_sequence_length = t5_sequence_length(
-            value, self.tokenizer_3, DEFAULT_MAX_SEQUENCE_LENGTH, "the SD 3 pipeline"
-        )
+    t5_tokenizer = "tokenizer_3"
+    default_max_sequence_length = 256
+    truncation_loggers = (
+        "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+        *FlowMatchingBackbone.truncation_loggers,
+    )
 
     @property
     def tokenizers(self) -> tuple:
         return (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
-
-    def token_limit(self, tokenizer) -> int:
-        # T5 reads max_sequence_length tokens, whatever its tokenizer's own limit.
-        return self.max_sequence_length if tokenizer is self.tokenizer_3 else tokenizer.model_max_length
 
     # -- resolution ----------------------------------------------------------------------------------------
 
@@ -145,11 +117,9 @@ class StableDiffusion3Backbone(DiffusionBackbone):
     # -- conditioning --------------------------------------------------------------------------------------
 
     def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:
-        with quiet_loggers(*_TRUNCATION_LOGGERS):
-            cond, uncond, pooled, uncond_pooled = self.pipeline().encode_prompt(
-                prompts, None, None, device=self.device, do_classifier_free_guidance=negative,
-                max_sequence_length=self.max_sequence_length,
-            )
+        cond, uncond, pooled, uncond_pooled = self.encode_with_pipeline(
+            prompts, None, None, do_classifier_free_guidance=negative
+        )
         if not negative:
             return PromptEmbeds(cond=cond, added={"pooled_projections": pooled})
         return PromptEmbeds(
@@ -162,49 +132,13 @@ class StableDiffusion3Backbone(DiffusionBackbone):
     def make_denoiser(self) -> SD3Denoiser:
         return SD3Denoiser(self.transformer, self.dtype, sample_size=self.latent_size)
 
-    def shift_mu(self) -> float | None:
-        """The resolution-dependent time shift ``mu`` of a scheduler with ``use_dynamic_shifting``, computed as
-        ``StableDiffusion3Pipeline`` does from the number of image patches; ``None`` for a fixed shift (SD 3 / 3.5)."""
-        config = self.scheduler.config
-        if not config.get("use_dynamic_shifting", False):
-            return None
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-            calculate_shift,
-        )
+    @property
+    def latent_patch(self) -> int:
+        return self.transformer.config.patch_size
 
-        patch = self.transformer.config.patch_size
-        h, w = self.latent_size
-        return calculate_shift(
-            (h // patch) * (w // patch),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.16),
-        )
-
-    def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
-        stochastic_steps: tuple[int, int] | None = None,
-    ) -> DiffusionSampler:
-        """The flow SDE sampler over the transformer, on the scheduler's timesteps for ``num_steps``.
-
-        Args:
-            num_steps: Sampling steps ``T``.
-            eta: The SDE's noise level (Flow-GRPO's ``a``; 0 is the deterministic flow-matching Euler sampler).
-            guidance_scale: Classifier-free guidance weight (1: off; SD 3.5 medium samples with about 4.5).
-            timestep_spacing: Must be ``None``: flow-matching models take their times from the scheduler's shift.
-            stochastic_steps: Flow-matching families only: the ``[start, stop)`` steps that run the SDE, the
-                others the ODE (MixGRPO / Flow-GRPO-Fast); ``None``: every step is stochastic.
-        """
-        if timestep_spacing is not None:
-            raise ValueError(
-                f"timestep_spacing={timestep_spacing!r} is a DDIM option; Stable Diffusion 3 takes its times from "
-                f"its flow-matching scheduler (shift {self.scheduler.config.get('shift', 1.0):g}): leave it unset "
-                "(model.timestep_spacing: null)"
-            )
-        kernel = FlowMatchSDE.from_scheduler(self.scheduler, num_steps, eta, mu=self.shift_mu(),
-                                             stochastic_steps=stochastic_steps)
-        return DiffusionSampler(self.make_denoiser(), kernel, guidance_scale)
+    def timestep_spacing_refusal(self) -> str:
+        return (f"is a DDIM option; Stable Diffusion 3 takes its times from its flow-matching scheduler (shift "
+                f"{self.scheduler.config.get('shift', 1.0):g})")
 
 
 __all__ = ["SD3Denoiser", "StableDiffusion3Backbone"]
