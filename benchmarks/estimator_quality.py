@@ -1,19 +1,29 @@
 """Estimator quality: bias, variance, cosine to full backprop, and cost, side by side, on the trained shapes
 world with the count reward (default) or on the tiny model with the quickstart's colour reward.
 
-    python benchmarks/estimator_quality.py [--problem world] [--model shapes-world] [--draws 32] [--batch 4]
-    python benchmarks/estimator_quality.py --problem tiny
+    python benchmarks/estimator_quality.py [--problem world] [--model shapes-world] [--draws 96] [--batch 4]
+    python benchmarks/estimator_quality.py --problem tiny --draws 32
     python benchmarks/estimator_quality.py --estimators "score function, group baseline (G=4)"   # one row, merged
+    python benchmarks/estimator_quality.py --timing-only [--time-repeats 7]   # re-time the stored rows, quietly
 
 Every estimator is sampled on the same draws (common random numbers) as the full-backprop reference, so
-the bias column (||mean difference|| in standard errors: about 1 when unbiased, growing as sqrt(N) when
-not) is sharp. The group-baseline rows generate the same images per estimate as the others: ``batch / G``
-captions ``G`` times each, the captions of draw ``i`` being the ``i``-th slice of the fixed batch (cyclically),
-so their mean over the draws estimates the same gradient; their reference is full backprop on the same
-layout and noise (its own row). The LoRA weights are moved off their initialisation first (B = 0 there would
-hide every LoRA A gradient). Writes benchmarks/results/estimator_quality.json (tiny) or
-estimator_quality_world.json (world) and prints a markdown table; ``--estimators`` runs a subset and merges it
-into the stored results of the same settings.
+the bias columns are sharp. ``bias (SE)`` is ||mean difference|| in standard errors: about 1 when unbiased,
+growing as sqrt(N) when not, but blind to a bias small against the variance of all D coordinates. ``z along
+gradient`` projects every paired difference onto the unit true-gradient direction (the mean of full backprop
+over ``--direction-draws`` other draws) and divides the mean by its standard error: within about +-3 when
+unbiased; ``bias along gradient`` is that mean over the reference's own projection (-1: the estimate misses
+the whole gradient along its direction). Likelihood-ratio estimates are heavy-tailed, so the variance of N
+draws is pinned down only loosely (its standard error is reported) and small N understates it: use N >= 96.
+
+Times are medians of ``--time-repeats`` estimates per estimator, timed round-robin (each round times every
+estimator once, in a rotated order), after one warm-up of each. ``--timing-only`` re-times the rows stored for
+the same settings (and only changes their time columns), for a rerun on a quiet machine. The group-baseline
+rows generate the same images per estimate as the others: ``batch / G`` captions ``G`` times each, the
+captions of draw ``i`` being the ``i``-th slice of the fixed batch (cyclically), so their mean over the draws
+estimates the same gradient; their reference is full backprop on the same layout and noise (its own row). The
+LoRA weights are moved off their initialisation first (B = 0 there would hide every LoRA A gradient). Writes
+benchmarks/results/estimator_quality.json (tiny) or estimator_quality_world.json (world) and prints a markdown
+table; ``--estimators`` runs a subset and merges it into the stored results of the same settings.
 """
 
 from __future__ import annotations
@@ -23,15 +33,17 @@ import json
 import logging
 import random
 import statistics
+from pathlib import Path
 
 import torch
 from common import (
     RESULTS,
     WORLD_MODEL,
+    activation_mb,
     check_world_model,
+    interleaved_times,
     machine,
     markdown_table,
-    measure_step,
     move_lora_off_init,
     save,
     tiny_module,
@@ -57,6 +69,11 @@ logger = logging.getLogger("estimator_quality")
 GROUP_SIZE = 4
 #: The full-backprop reference of the group-baseline rows: the same captions and noise as theirs, draw by draw.
 GROUP_REFERENCE = f"full backprop, group layout (G={GROUP_SIZE})"
+#: Draws per estimator. Likelihood-ratio estimates are heavy-tailed: on the world, full backprop's total
+#: variance was 11 on draws 0-31 and 29 on draws 0-95, so fewer draws understate variances.
+DEFAULT_DRAWS = 96
+#: Timed estimates per estimator (round-robin); the time columns are their medians.
+TIME_REPEATS = 7
 
 
 def estimators() -> list[tuple[str, object]]:
@@ -120,6 +137,30 @@ def reward_spread(rewards, prompt_sets: list[list[str]], baseline: str) -> dict:
     return dict(baseline=baseline, advantage_rms=statistics.mean(squares) ** 0.5, captions=captions)
 
 
+def true_direction(module, prompts: list[str], draws: int, seed: int = 1) -> torch.Tensor:
+    """Unit vector along the mean of full backprop (exact per draw) over ``draws`` draws of ``seed``: other
+    draws than the compared ones (seed 0), so the direction does not share their noise."""
+    mean = gradient_samples(module, prompts, FullBackprop(), draws, seed).mean(0)
+    return mean / mean.norm()
+
+
+def along_gradient(samples, reference, direction) -> dict:
+    """The bias along the true gradient: the paired differences ``G_i - G_full,i`` projected on the unit
+    ``direction``, their mean over its standard error (``along_z``: within about +-3 for an unbiased estimator;
+    a norm over every coordinate, ``bias_se``, can hide a bias that this one shows) and over the reference's own
+    mean projection (``along_share``, with its standard error ``along_share_se``: -1 when the estimate misses
+    the whole gradient along it)."""
+    projected = samples @ direction
+    truth = reference @ direction
+    diff = projected - truth
+    n = diff.numel()
+    mean, se = float(diff.mean()), float(diff.std() / n**0.5)
+    z = mean / se if se > 0 else 0.0
+    share_of = float(truth.mean())
+    return dict(along_z=z, along_bias=mean, along_bias_se=se, along_truth=share_of, along_share=mean / share_of,
+                along_share_se=se / abs(share_of))
+
+
 def stored_results(path, settings: dict, prompts: list[str]) -> dict:
     """An earlier run with the same settings and captions (what a subset run is merged into)."""
     if not path.is_file():
@@ -134,19 +175,64 @@ def stored_results(path, settings: dict, prompts: list[str]) -> dict:
     return stored
 
 
+COLUMNS = [("name", "estimator", "s"), ("images", "images / estimate", "d"), ("bias_se", "bias (SE)", ".2f"),
+           ("along_z", "z along gradient", ".1f"), ("along_share", "bias along gradient (share)", ".2f"),
+           ("along_share_se", "its SE", ".2f"),
+           ("max_abs_z", "max abs z", ".1f"), ("variance", "total variance", ".3g"),
+           ("variance_se", "its SE", ".2g"), ("cosine", "cosine of mean", ".3f"),
+           ("mean_cosine", "mean single cosine", ".3f"), ("time_s", "time / estimate (s, median)", ".3f"),
+           ("activation_mb", "activation MB", ".1f")]
+
+
+def draw_prompts(row_name: str, estimator, prompts: list[str], slices: list[list[str]]) -> list[str]:
+    """The captions of one estimate of a row (what its cost is measured on)."""
+    if row_name == GROUP_REFERENCE:
+        return slices[0] * GROUP_SIZE
+    return slices[0] if estimator.group_size > 1 else prompts
+
+
+def time_rows(module, rows: list[dict], prompts: list[str], slices: list[list[str]], repeats: int) -> None:
+    """Median time of one estimate of every row's estimator, timed round-robin (``interleaved_times``); sets
+    ``time_s``, ``time_repeats``, ``times_s`` (every timed estimate) and ``timed`` (machine and date)."""
+    made = dict(estimators())
+    jobs = [(row["name"], made[row["name"]], draw_prompts(row["name"], made[row["name"]], prompts, slices))
+            for row in rows]
+    times = interleaved_times(module, jobs, repeats)
+    for row in rows:
+        row.update(time_s=statistics.median(times[row["name"]]), time_repeats=repeats, times_s=times[row["name"]],
+                   timed=machine())
+        logger.info("%s: median %.3f s over %d round-robin estimates (%.3f to %.3f)", row["name"], row["time_s"],
+                    repeats, min(times[row["name"]]), max(times[row["name"]]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", choices=("world", "tiny"), default="world")
     parser.add_argument("--model", default=WORLD_MODEL, help="world pipeline: a model name or directory")
     parser.add_argument("--num-steps", type=int, default=10)
-    parser.add_argument("--draws", type=int, default=32)
+    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS,
+                        help="estimates per estimator, N (default %(default)s: heavy-tailed likelihood-ratio "
+                             "variances are understated by fewer)")
+    parser.add_argument("--direction-draws", type=int, default=DEFAULT_DRAWS,
+                        help="full-backprop draws (other than the compared ones) whose mean gives the true-gradient "
+                             "direction of the 'z along gradient' column (default %(default)s)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--estimators", nargs="+", choices=NAMES, default=None, metavar="NAME",
                         help="run only these rows and merge them into the stored results of the same settings "
                              f"(default: every row); names: {', '.join(repr(n) for n in NAMES)}")
+    parser.add_argument("--time-repeats", type=int, default=TIME_REPEATS,
+                        help="timed estimates per estimator, round-robin; the time column is their median")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only re-time the stored rows of the same problem, model, steps and batch (or the "
+                             "--estimators among them) and rewrite their time columns; run it on a quiet machine")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="where the results JSON is read (merging, --timing-only) and written (default: %(default)s)")
     args = parser.parse_args()
-    if args.draws < 2:
-        parser.error(f"--draws must be >= 2 (bias and variance need several draws), got {args.draws}")
+    if args.draws < 2 or args.direction_draws < 1:
+        parser.error(f"--draws must be >= 2 (bias and variance need several draws) and --direction-draws >= 1, "
+                     f"got {args.draws} and {args.direction_draws}")
+    if args.time_repeats < 1:
+        parser.error(f"--time-repeats must be >= 1, got {args.time_repeats}")
     group_rows = [n for n, e in estimators() if e.group_size > 1 or n == GROUP_REFERENCE]
     if args.batch % GROUP_SIZE and args.estimators and set(args.estimators) & set(group_rows):
         parser.error(f"--batch must be a multiple of the group rows' G = {GROUP_SIZE} (they sample batch / G "
@@ -164,20 +250,38 @@ def main() -> None:
         module = tiny_module(FullBackprop(), args.num_steps)
     move_lora_off_init(module, 0.05)
     slices = [] if args.batch % GROUP_SIZE else caption_slices(prompts, GROUP_SIZE)
+    name = "estimator_quality" if args.problem == "tiny" else f"estimator_quality_{args.problem}"
+    path = args.results_dir / f"{name}.json"
+
+    if args.timing_only:
+        if not path.is_file():
+            parser.error(f"--timing-only: no stored results at {path}; run without --timing-only first")
+        stored = json.loads(path.read_text())
+        settings = {k: getattr(args, k) for k in ("problem", "model", "num_steps", "batch")}
+        if {k: stored["args"].get(k) for k in settings} != settings or stored.get("prompts") != prompts:
+            parser.error(f"--timing-only: {path} holds a run with other settings ({stored['args']})")
+        rows = [row for row in stored["rows"] if args.estimators is None or row["name"] in args.estimators]
+        time_rows(module, rows, prompts, slices, args.time_repeats)
+        stored["table"] = markdown_table(stored["rows"], COLUMNS)
+        stored["timing"] = dict(machine=machine(), repeats=args.time_repeats, rows=[row["name"] for row in rows])
+        save(name, stored, args.results_dir)
+        logger.info("%s\nre-timed %d rows; wrote %s", stored["table"], len(rows), path)
+        return
+
     if slices and args.draws % len(slices):
         logger.warning("--draws %d is not a multiple of %d: the group rows' draws cover the captions unevenly",
                        args.draws, len(slices))
-    name = "estimator_quality" if args.problem == "tiny" else f"estimator_quality_{args.problem}"
-    settings = {k: getattr(args, k) for k in ("problem", "model", "num_steps", "draws", "batch")}
+    settings = {k: getattr(args, k) for k in ("problem", "model", "num_steps", "draws", "direction_draws", "batch")}
     selected = args.estimators or NAMES
     if args.batch % GROUP_SIZE and args.estimators is None:
         logger.warning("--batch %d is not a multiple of G = %d: leaving out the group-baseline rows", args.batch,
                        GROUP_SIZE)
         selected = [n for n in NAMES if n not in group_rows]
-    stored = {"rows": []} if args.estimators is None else stored_results(RESULTS / f"{name}.json", settings, prompts)
+    stored = {"rows": []} if args.estimators is None else stored_results(path, settings, prompts)
     kept = [row for row in stored["rows"] if row["name"] not in selected]
     spreads = dict(stored.get("reward_spread", {}))
     references = {}
+    direction = true_direction(module, prompts, args.direction_draws)
 
     def reference(grouped: bool):
         """Full backprop's draws: on the fixed batch, or on the group rows' layout (computed once each); their
@@ -203,27 +307,32 @@ def main() -> None:
         else:
             samples = gradient_samples(module, prompts, estimator, args.draws)
         diag = compare(samples, reference(grouped))
+        along = along_gradient(samples, reference(grouped), direction)
         module.estimator = estimator
-        draw_prompts = (slices[0] * GROUP_SIZE) if row_name == GROUP_REFERENCE else slices[0] if grouped else prompts
-        cost = measure_step(module, draw_prompts)
-        images = len(draw_prompts) * estimator.samples_per_prompt
+        estimate_prompts = draw_prompts(row_name, estimator, prompts, slices)
+        images = len(estimate_prompts) * estimator.samples_per_prompt
         # How well N draws pin the total variance down (heavy-tailed likelihood-ratio estimates: loosely).
         spread = (samples - samples.mean(0)).pow(2).sum(1)
         variance_se = float(spread.std() / len(spread) ** 0.5)
         rows.append(dict(name=row_name, images=images, measured=machine(), variance_se=variance_se, **vars(diag),
-                         **cost))
-        logger.info("%s: bias %.2f SE, variance %.3g (SE %.2g), cosine %.3f, %.0f ms, %.1f MB", row_name,
-                    diag.bias_se, diag.variance, variance_se, diag.cosine, cost["time_s"] * 1e3, cost["activation_mb"])
+                         **along, activation_mb=activation_mb(module, estimate_prompts)))
+        logger.info("%s: bias %.2f SE, z along gradient %.1f (share %.3f), variance %.3g (SE %.2g), cosine %.3f, "
+                    "%.1f MB", row_name, diag.bias_se, along["along_z"], along["along_share"], diag.variance,
+                    variance_se, diag.cosine, rows[-1]["activation_mb"])
+    time_rows(module, rows, prompts, slices, args.time_repeats)
     order = {n: i for i, n in enumerate(NAMES)}
     rows = sorted(kept + rows, key=lambda row: order.get(row["name"], len(order)))
-    columns = [("name", "estimator", "s"), ("images", "images / estimate", "d"), ("bias_se", "bias (SE)", ".2f"),
-               ("max_abs_z", "max abs z", ".1f"), ("variance", "total variance", ".3g"),
-               ("cosine", "cosine of mean", ".3f"), ("mean_cosine", "mean single cosine", ".3f"),
-               ("time_s", "time / estimate (s)", ".3f"), ("activation_mb", "activation MB", ".1f")]
-    table = markdown_table(rows, columns)
-    path = save(name, dict(machine=machine(), args=vars(args), prompts=prompts, rows=rows, table=table,
-                           reward_spread=spreads))
-    logger.info("%s\nwrote %s", table, path)
+    table = markdown_table(rows, COLUMNS)
+    reference_mean = references[False].mean(0) if False in references else None
+    direction_cosine = (float(torch.nn.functional.cosine_similarity(direction, reference_mean, dim=0))
+                        if reference_mean is not None else None)
+    args_record = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    path = save(name, dict(machine=machine(), args=args_record, prompts=prompts, rows=rows, table=table,
+                           reward_spread=spreads, direction_cosine=direction_cosine,
+                           timing=dict(machine=machine(), repeats=args.time_repeats, rows=[r["name"] for r in rows])),
+                args.results_dir)
+    logger.info("%s\nthe true-gradient direction (%d other draws) has cosine %s to the mean of the compared "
+                "reference draws\nwrote %s", table, args.direction_draws, direction_cosine, path)
 
 
 if __name__ == "__main__":

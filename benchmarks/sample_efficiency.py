@@ -11,8 +11,10 @@ estimator generates the same number of images: ``--batch`` images per sampled ba
 ``--steps`` sampled batches, on which GRPO takes ``inner_updates`` optimizer steps each. ``world``: the count
 reward on the world's training captions (``common.world_module``), AdamW; each run's LoRA is exported at the
 end, and the exact checker's accuracies on the captions of both caption splits (held-out combinations, never
-seen in the world's training, and the training ones) are measured before fine-tuning and after, per estimator
-(mean over seeds), on the same sampling noise. ``tiny``: the quickstart problem (tiny model,
+seen in the world's training, and the training ones) are measured before fine-tuning (the base model on the
+sampling seeds ``--before-seeds``) and after (each run's LoRA on the sampling seed ``--eval-seed``), reported as
+mean +- standard error of the mean over seeds; ``--before-only`` re-evaluates only the base model into the
+stored results. ``tiny``: the quickstart problem (tiny model,
 red-minus-blue reward, AdamW 1e-2).
 
 Writes benchmarks/results/sample_efficiency[_world].{json,md,png} (rewritten after every run, so a run cut
@@ -42,6 +44,7 @@ from common import (
     markdown_table,
     tiny_module,
     world_accuracy,
+    world_accuracy_seeds,
     world_module,
     world_prompts,
 )
@@ -137,20 +140,52 @@ def reward_rows(runs: list[dict], batch: int) -> list[dict]:
     return rows
 
 
+def evaluate_before(args) -> dict:
+    """The base model's checker accuracies on both splits, over the sampling seeds ``--before-seeds`` (pooled:
+    mean and standard error over them, and each seed's)."""
+    captions = {split: world_prompts(split) for split in ("held_out", "train")}
+    return world_accuracy_seeds(args.model, captions, args.before_seeds, None, args.eval_samples, args.num_steps)
+
+
+def _mean_se(values: list[float], percent: bool) -> str:
+    """``mean +- SE`` of the values (standard error of the mean over them; the mean alone for one value)."""
+    scale = 100 if percent else 1
+    mean = scale * statistics.fmean(values)
+    digits = 1 if percent else 3
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values) / len(values) ** 0.5:.{digits}f}"
+
+
+ACCURACY_KEYS = ("position_ok", "count_ok", "all_ok", "reward")
+
+
 def accuracy_rows(payload: dict) -> list[dict]:
-    """``before`` and one row per estimator (mean over its seeds) of the checker's accuracies."""
-    def row(name: str, evaluations: list[dict]) -> dict:
-        out = dict(name=name, seeds=len(evaluations))
+    """``before`` (over its sampling seeds, when it was evaluated on several) and one row per estimator (over
+    its training seeds, each evaluated on the ``--eval-seed`` noise) of the checker's accuracies: mean and
+    standard error of the mean over those seeds, in percent (the reward as it is)."""
+    def row(name: str, evaluations: list[dict], seeds: str) -> dict:
+        out = dict(name=name, seeds=seeds)
         for split in ("held_out", "train"):
-            for key in ("position_ok", "count_ok", "all_ok", "reward"):
-                out[f"{split}_{key}"] = statistics.mean(e[split][key] for e in evaluations)
+            for key in ACCURACY_KEYS:
+                out[f"{split}_{key}"] = _mean_se([e[split][key] for e in evaluations], key != "reward")
         return out
 
-    rows = [row("before fine-tuning", [payload["before"]])] if payload.get("before") else []
+    rows = []
+    before = payload.get("before")
+    if before:
+        per_seed = before["held_out"].get("per_seed")
+        if per_seed:  # several sampling seeds of the one base model
+            evaluations = [{split: before[split]["per_seed"][i] for split in ("held_out", "train")}
+                           for i in range(len(per_seed))]
+            rows.append(row("before fine-tuning", evaluations,
+                            f"{len(per_seed)} sampling ({', '.join(str(r['seed']) for r in per_seed)})"))
+        else:
+            rows.append(row("before fine-tuning", [before], "1 sampling"))
     for name in ESTIMATORS:
         evaluations = [r["after"] for r in payload["rows"] if r["estimator"] == name and r.get("after")]
         if evaluations:
-            rows.append(row(name, evaluations))
+            rows.append(row(name, evaluations, f"{len(evaluations)} training"))
     return rows
 
 
@@ -158,12 +193,12 @@ REWARD_COLUMNS = [("name", "estimator", "s"), ("seeds", "seeds", "d"), ("start",
                   ("final", f"reward, last {LAST} steps", ".3f"), ("spread", "seed spread (final)", ".3f"),
                   ("images", "images generated", "d"), ("layout", "prompts x samples per batch", "s"),
                   ("updates", "optimizer steps", "d"), ("step_s", "s / sampled batch", ".2f")]
-ACCURACY_COLUMNS = [("name", "LoRA", "s"), ("seeds", "seeds", "d"),
-                    ("held_out_position_ok", "held-out position", ".3f"),
-                    ("held_out_count_ok", "held-out count", ".3f"), ("held_out_all_ok", "held-out all", ".3f"),
-                    ("held_out_reward", "held-out reward", ".3f"),
-                    ("train_position_ok", "train position", ".3f"), ("train_count_ok", "train count", ".3f"),
-                    ("train_all_ok", "train all", ".3f"), ("train_reward", "train reward", ".3f")]
+ACCURACY_COLUMNS = [("name", "LoRA", "s"), ("seeds", "seeds", "s"),
+                    ("held_out_position_ok", "held-out position %", "s"),
+                    ("held_out_count_ok", "held-out count %", "s"), ("held_out_all_ok", "held-out all %", "s"),
+                    ("held_out_reward", "held-out reward", "s"),
+                    ("train_position_ok", "train position %", "s"), ("train_count_ok", "train count %", "s"),
+                    ("train_all_ok", "train all %", "s"), ("train_reward", "train reward", "s")]
 
 
 def render(payload: dict) -> str:
@@ -240,7 +275,13 @@ def main() -> None:
                         metavar="NAME", help=f"a subset of: {', '.join(repr(n) for n in ESTIMATORS)}")
     parser.add_argument("--eval-samples", type=int, default=2,
                         help="world: samples per caption in the checker's evaluation")
-    parser.add_argument("--eval-seed", type=int, default=0, help="world: sampling seed of the checker's evaluation")
+    parser.add_argument("--eval-seed", type=int, default=0,
+                        help="world: sampling seed of the checker's evaluation of each run's LoRA")
+    parser.add_argument("--before-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="world: sampling seeds of the base model's evaluation (mean and standard error over them)")
+    parser.add_argument("--before-only", action="store_true",
+                        help="world: only (re-)evaluate the base model on --before-seeds and write it into the stored "
+                             "results of the same settings")
     parser.add_argument("--merge", action="store_true",
                         help="keep the stored results of the same settings (the base model's evaluation and the "
                              "runs of other estimators or seeds) and add this run's to them")
@@ -268,8 +309,20 @@ def main() -> None:
     if args.steps < LAST:
         logger.warning("--steps %d is below %d: the 'last %d steps' column averages fewer steps",
                        args.steps, LAST, LAST)
-    out = args.out or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
     name = "sample_efficiency" if args.problem == "tiny" else f"sample_efficiency_{args.problem}"
+    if args.before_only:
+        if args.problem != "world":
+            parser.error("--before-only evaluates the world's base model: use it with --problem world")
+        stored = stored_results(RESULTS / f"{name}.json", args)
+        if stored is None:
+            parser.error(f"--before-only: no stored results at {RESULTS / f'{name}.json'}")
+        stored["before"] = dict(evaluate_before(args), measured=machine())
+        (RESULTS / f"{name}.json").write_text(json.dumps(stored, indent=2))
+        (RESULTS / f"{name}.md").write_text(render(stored))
+        logger.info("%s\nwrote the base model's evaluation (seeds %s) into %s", render(stored), args.before_seeds,
+                    RESULTS / f"{name}.json")
+        return
+    out = args.out or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
     header = dict(machine=machine(), args={**vars(args), "out": str(out)})
     stored = stored_results(RESULTS / f"{name}.json", args) if args.merge else None
     if stored is not None:  # the header describes every run the results hold
@@ -288,7 +341,7 @@ def main() -> None:
         if stored is not None and stored.get("before"):
             log.write(before=stored["before"])
         else:
-            log.write(before=evaluate_world(args, None))
+            log.write(before=evaluate_before(args))
         logger.info("before fine-tuning: %s", log.payload["before"])
     for estimator in args.estimators:
         for seed in args.seeds:

@@ -11,6 +11,15 @@ mean and standard error over draws; the shares of one draw sum to 1), and the sa
 (what the expected update is made of). Truncated backprop through the last ``K`` steps computes exactly
 ``sum_{k >= T-K} g_k`` on the same draw, so its cosine to ``g`` is given for K = 1, 2, 5. Writes
 benchmarks/results/step_share.{json,png} and prints markdown tables.
+
+    python benchmarks/step_share.py --score-variance --problems world --draws 96
+
+measures instead where the score function's variance comes from: on the draws the estimators use
+(``estimator_quality.py``'s draw ``i``), the score function's estimate (leave-one-out baseline) is the sum of
+one likelihood-ratio term per step, ``A . grad log p(s_{k+1} | s_k)``; reported per step are ``sigma_k``, the
+total variance ``tr Cov`` of its term over the draws (with the standard error of that variance) and its share
+of the variance of the whole estimate (with a jackknife standard error). Writes
+benchmarks/results/step_share_score_variance.json.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import argparse
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from common import (
+    RESULTS,
     WORLD_MODEL,
     check_world_model,
     machine,
@@ -34,7 +45,7 @@ from common import (
 )
 from torch import Tensor
 
-from rlr_lightning.estimators import FullBackprop, derive_seed, estimate_gradient
+from rlr_lightning.estimators import FullBackprop, ScoreFunction, derive_seed, estimate_gradient, flat_grad, rollout
 from rlr_lightning.sampling import Perturbation
 
 logger = logging.getLogger("step_share")
@@ -134,6 +145,89 @@ def summarize(G: Tensor, timesteps: list[int]) -> tuple[list[dict], list[dict]]:
     return steps, truncations
 
 
+def score_step_terms(module, prompts: list[str], draw: int) -> Tensor:
+    """``(T, D)`` float64: the score function's likelihood-ratio term of every step on draw ``draw`` (the seeds
+    of ``diagnostics.gradient_samples``' draw, so the same noise as the estimators' draw), ascent direction;
+    their sum is ``ScoreFunction()``'s estimate of that draw (leave-one-out baseline over the batch)."""
+    estimator = ScoreFunction()
+    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    sampler = module.sampler
+    params = list(sampler.trainable_parameters().values())
+    saved = [p.grad for p in params]
+    embeds = module.conditioning_for(prompts)
+    result = rollout(estimator, sampler, embeds, prompts, module.latent_reward, derive_seed(0, draw, 0),
+                     derive_seed(0, draw, 1), memory=module.memory_plan)
+    rows = []
+    try:
+        for k in range(sampler.num_steps):
+            total = None
+            for term in estimator.score_terms(result, sampler, result.embeds, [k], 1.0, "zo"):
+                for p in params:
+                    p.grad = None
+                term.loss().backward()
+                share = -flat_grad(params).double()  # losses are negated objectives
+                total = share if total is None else total + share
+            rows.append(total)
+    finally:
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+    return torch.stack(rows)
+
+
+def check_score_terms(module, prompts: list[str], per_step: Tensor, draw: int) -> float:
+    """Relative difference between the sum of the per-step terms and ``ScoreFunction()``'s estimate of the same
+    draw; a mismatch stops the run."""
+    estimator = ScoreFunction()
+    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    whole = estimate_gradient(estimator, module.sampler, module.conditioning_for(prompts), prompts,
+                              module.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1),
+                              memory=module.memory_plan).total
+    error = float((per_step.sum(0) - whole).norm() / whole.norm().clamp(min=1e-30))
+    if error > 1e-3:
+        raise RuntimeError(f"sum of per-step score terms differs from the score function by {error:.2e} (relative)")
+    return error
+
+
+def _total_variance(x: Tensor) -> Tensor:
+    """``tr Cov`` over the first dimension (draws), per remaining leading index: ``(N, ..., D) -> (...)``."""
+    return (x - x.mean(0)).pow(2).sum(-1).sum(0) / (x.shape[0] - 1)
+
+
+def summarize_score_variance(S: Tensor, timesteps: list[int], sigmas: list[float]) -> tuple[list[dict], dict]:
+    """Per-step rows and the whole estimate's variance from ``S``, ``(N, T, D)`` per-step score terms."""
+    N, T, _ = S.shape
+    per_step = _total_variance(S)  # (T,)
+    total = float(_total_variance(S.sum(1)))
+    # Standard error of a total variance: spread of the per-draw squared deviations (loose for heavy tails).
+    squares = (S - S.mean(0)).pow(2).sum(-1)  # (N, T)
+    _, share_se = _jackknife(lambda x: _total_variance(x) / _total_variance(x.sum(1)), S)
+    rows = [dict(step=k, timestep=timesteps[k], sigma=sigmas[k], variance=float(per_step[k]),
+                 variance_se=float(squares[:, k].std() / N**0.5), share=float(per_step[k]) / total,
+                 share_se=float(share_se[k]), share_of_sum=float(per_step[k] / per_step.sum()))
+            for k in range(T)]
+    whole = (S.sum(1) - S.sum(1).mean(0)).pow(2).sum(-1)
+    return rows, dict(total_variance=total, total_variance_se=float(whole.std() / N**0.5),
+                      sum_of_step_variances=float(per_step.sum()))
+
+
+def run_score_variance(problem: str, args) -> dict:
+    module, prompts, timesteps, S = collect_draws(
+        problem, args, score_step_terms, check_score_terms, "sum of per-step score terms matches the score function")
+    sigmas = [float(v) for v in module.sampler.kernel.sigma]
+    steps, whole = summarize_score_variance(S, timesteps, sigmas)
+    return dict(problem=problem, prompts=prompts, timesteps=timesteps, steps=steps, **whole)
+
+
+def score_variance_table(result: dict) -> str:
+    table = markdown_table(result["steps"], [
+        ("step", "step", "d"), ("timestep", "timestep", "d"), ("sigma", "sigma", ".3f"),
+        ("variance", "variance of its term", ".3g"), ("variance_se", "SE", ".2g"),
+        ("share", "share of the estimate's variance", ".3f"), ("share_se", "SE", ".3f")])
+    return (f"### {result['problem']}: the score function's variance by step\n\n{table}\n\nwhole estimate: "
+            f"{result['total_variance']:.4g} (SE {result['total_variance_se']:.2g}); sum of the steps' "
+            f"{result['sum_of_step_variances']:.4g}\n")
+
+
 def problem_module(problem: str, model: str, num_steps: int, lora_noise: float):
     if problem == "world":
         module = world_module(FullBackprop(), num_steps, model=model)
@@ -145,19 +239,25 @@ def problem_module(problem: str, model: str, num_steps: int, lora_noise: float):
     return module, prompts
 
 
-def run_problem(problem: str, args) -> dict:
+def collect_draws(problem: str, args, measure, check, checked: str):
+    """``measure(module, prompts, draw)`` stacked over ``args.draws`` draws; the first draw is ``check``-ed."""
     module, pool = problem_module(problem, args.model, args.num_steps, args.lora_noise)
     # A fixed batch of distinct prompts, the same for every draw (as estimator_quality.py uses).
     prompts = random.Random(0).sample(pool, args.batch)
     timesteps = [int(t) for t in module.sampler.kernel.timesteps]
-    G = []
+    values = []
     for draw in range(args.draws):
-        G.append(step_gradients(module, prompts, draw))
+        values.append(measure(module, prompts, draw))
         if draw == 0:
-            error = check_against_full_backprop(module, prompts, G[0], draw)
-            logger.info("%s: sum of per-step gradients matches full backprop (relative difference %.1e)",
-                        problem, error)
-    steps, truncations = summarize(torch.stack(G), timesteps)
+            error = check(module, prompts, values[0], draw)
+            logger.info("%s: %s (relative difference %.1e)", problem, checked, error)
+    return module, prompts, timesteps, torch.stack(values)
+
+
+def run_problem(problem: str, args) -> dict:
+    _, prompts, timesteps, G = collect_draws(
+        problem, args, step_gradients, check_against_full_backprop, "sum of per-step gradients matches full backprop")
+    steps, truncations = summarize(G, timesteps)
     return dict(problem=problem, prompts=prompts, timesteps=timesteps, steps=steps, truncations=truncations)
 
 
@@ -207,6 +307,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="prompts per draw (a fixed set)")
     parser.add_argument("--lora-noise", type=float, default=0.05,
                         help="std of the noise added to the LoRA weights (a mid-training adapter; 0 keeps B = 0)")
+    parser.add_argument("--score-variance", action="store_true",
+                        help="measure the variance of the score function's per-step terms instead of the shares "
+                             "(writes step_share_score_variance.json)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="where the results are written (default: %(default)s)")
     args = parser.parse_args()
     if args.draws < 2:
         parser.error(f"--draws must be >= 2 for standard errors, got {args.draws}")
@@ -214,10 +319,19 @@ def main() -> None:
         check_world_model(parser, args.model)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
+    record = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    if args.score_variance:
+        results = [run_score_variance(problem, args) for problem in args.problems]
+        text = "\n".join(score_variance_table(r) for r in results)
+        logger.info("%s", text)
+        path = save("step_share_score_variance", dict(machine=machine(), args=record, results=results, tables=text),
+                    args.results_dir)
+        logger.info("wrote %s", path)
+        return
     results = [run_problem(problem, args) for problem in args.problems]
     text = "\n".join(tables(r) for r in results)
     logger.info("%s", text)
-    path = save("step_share", dict(machine=machine(), args=vars(args), results=results, tables=text))
+    path = save("step_share", dict(machine=machine(), args=record, results=results, tables=text), args.results_dir)
     plot(results, path.with_suffix(".png"))
     logger.info("wrote %s and %s", path, path.with_suffix(".png"))
 

@@ -61,7 +61,8 @@ def test_evaluate_command_reports_and_writes_the_accuracies(smoke_pipeline, tmp_
 
     out = tmp_path / "accuracy.json"
     with caplog.at_level(logging.INFO, logger="rlr_lightning.world.evaluate"):
-        evaluate_main([str(smoke_pipeline), "--steps", "2", "--json", str(out)])
+        # One sampling seed (the default is three, pooled: tests/world/test_evaluate_seeds.py).
+        evaluate_main([str(smoke_pipeline), "--steps", "2", "--seeds", "0", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["n"] == len(split_specs()[1])
     line = next(r.getMessage() for r in caplog.records if r.name == "rlr_lightning.world.evaluate")

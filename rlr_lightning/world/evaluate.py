@@ -2,7 +2,9 @@
 checker, on captions of one split (held-out by default: combinations never seen in training).
 
 Run ``python -m rlr_lightning.world.evaluate DIR`` on a pipeline directory (a trained world pipeline, or any
-with a LoRA via ``--lora``); it samples with the project's own sampler, decodes, and checks the pixels.
+with a LoRA via ``--lora``); it samples with the project's own sampler, decodes, and checks the pixels. It
+evaluates several sampling seeds (``--seeds``, default 0 1 2) and reports each seed's accuracies and their
+mean with its standard error over the seeds (:func:`evaluate_seeds`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +24,45 @@ from rlr_lightning.world.checker import CHECKS, check
 from rlr_lightning.world.scenes import caption, split_specs
 
 logger = logging.getLogger(__name__)
+
+#: The sampling seeds evaluated when none are given: three, so every reported accuracy has a standard error.
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def _captions(split: str, captions: list[str] | None, samples_per_caption: int) -> list[str]:
+    if captions is None:
+        train, held_out = split_specs()
+        captions = [caption(spec) for spec in {"train": train, "held_out": held_out}[split]]
+    return [text for text in captions for _ in range(samples_per_caption)]
+
+
+def _load(pipeline, lora, num_steps: int, eta: float, guidance_scale: float, timestep_spacing: str | None):
+    """The backbone (with the LoRA loaded, if any) and its sampler: loaded once, sampled for every seed."""
+    from rlr_lightning.builtin import resolve_model
+    from rlr_lightning.models import load_backbone
+
+    backbone = load_backbone(resolve_model(str(pipeline)), local_files_only=True)
+    if lora is not None:
+        backbone.load_lora(lora)
+    return backbone, backbone.make_sampler(num_steps, eta, guidance_scale, timestep_spacing)
+
+
+def _sample_and_check(backbone, sampler, captions: list[str], seed: int, batch_size: int,
+                      reward: RewardModel | None) -> dict[str, float]:
+    from rlr_lightning.sampling import Plan
+
+    generator = torch.Generator().manual_seed(seed)
+    totals = dict.fromkeys((*CHECKS, *(("reward",) if reward is not None else ())), 0.0)
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
+        images = backbone.decode(sampler.run(Plan(sampler.num_steps), embeds, generator=generator).final)
+        result = check(images, chunk)
+        for name in CHECKS:
+            totals[name] += float(result[name].float().sum())
+        if reward is not None:
+            totals["reward"] += float(reward(images, chunk).sum())
+    return {**{name: value / len(captions) for name, value in totals.items()}, "n": len(captions)}
 
 
 @torch.no_grad()
@@ -36,34 +80,77 @@ def evaluate(
     captions: list[str] | None = None,
     reward: RewardModel | None = None,
 ) -> dict[str, float]:
-    """Sample every caption of ``split`` (or the given ``captions``) and return the checker's accuracies
-    (``color_ok``, ``count_ok``, ``position_ok``, ``all_ok``), the mean ``reward`` of the samples when a reward
-    model is given, and the number of samples ``n``. ``timestep_spacing`` overrides the scheduler's (a LoRA
-    samples as trained: pass the spacing, steps, eta and guidance it was trained with)."""
-    from rlr_lightning.builtin import resolve_model
-    from rlr_lightning.models import load_backbone
-    from rlr_lightning.sampling import Plan
+    """Sample every caption of ``split`` (or the given ``captions``) from one sampling ``seed`` and return the
+    checker's accuracies (``color_ok``, ``count_ok``, ``position_ok``, ``all_ok``), the mean ``reward`` of the
+    samples when a reward model is given, and the number of samples ``n``. ``timestep_spacing`` overrides the
+    scheduler's (a LoRA samples as trained: pass the spacing, steps, eta and guidance it was trained with).
 
-    if captions is None:
-        train, held_out = split_specs()
-        captions = [caption(spec) for spec in {"train": train, "held_out": held_out}[split]]
-    captions = [text for text in captions for _ in range(samples_per_caption)]
-    backbone = load_backbone(resolve_model(str(pipeline)), local_files_only=True)
-    if lora is not None:
-        backbone.load_lora(lora)
-    sampler = backbone.make_sampler(num_steps, eta, guidance_scale, timestep_spacing)
-    generator = torch.Generator().manual_seed(seed)
-    totals = dict.fromkeys((*CHECKS, *(("reward",) if reward is not None else ())), 0.0)
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
-        embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
-        images = backbone.decode(sampler.run(Plan(num_steps), embeds, generator=generator).final)
-        result = check(images, chunk)
-        for name in CHECKS:
-            totals[name] += float(result[name].float().sum())
-        if reward is not None:
-            totals["reward"] += float(reward(images, chunk).sum())
-    return {**{name: value / len(captions) for name, value in totals.items()}, "n": len(captions)}
+    One seed is one draw of the sampling noise: report accuracies pooled over several seeds
+    (:func:`evaluate_seeds`)."""
+    backbone, sampler = _load(pipeline, lora, num_steps, eta, guidance_scale, timestep_spacing)
+    return _sample_and_check(backbone, sampler, _captions(split, captions, samples_per_caption), seed, batch_size,
+                             reward)
+
+
+def pool_seeds(per_seed: Sequence[dict[str, float]]) -> dict:
+    """Pool per-seed results (each as :func:`evaluate` returns them, one per sampling seed).
+
+    Returns a dict with ``mean`` (per metric, the mean of the per-seed values), ``se`` (the standard error of
+    that mean over the seeds: sample standard deviation of the per-seed values, ``ddof = 1``, over
+    ``sqrt(n_seeds)``; ``None`` for a single seed), ``se_samples`` (for the checker's 0/1 verdicts, the binomial
+    standard error ``sqrt(p (1 - p) / n)`` of the pooled share ``p`` over all ``n`` samples, as if every sample
+    were independent), ``n_seeds``, ``n_per_seed`` and ``n`` (all samples).
+
+    Which standard error: ``se`` is the one reported. The seed is the unit that is replicated (every sample of
+    one seed shares its generator and its captions), and ``se`` needs no assumption about how samples within a
+    seed relate; but with 3 seeds it rests on 2 degrees of freedom, so it is itself uncertain (a 95% interval is
+    about mean +- 4.3 SE, Student's t). ``se_samples`` is the steadier cross-check; the two should agree to
+    within a factor of about 2 when the seeds differ only by sampling noise. Two models evaluated on the same
+    seeds and captions see the same noise, so their per-seed differences are paired."""
+    if not per_seed:
+        raise ValueError("need at least one seed's results")
+    k = len(per_seed)
+    metrics = [key for key in per_seed[0] if key not in ("n", "seed")]
+    mean = {key: statistics.fmean(r[key] for r in per_seed) for key in metrics}
+    se = {key: statistics.stdev(r[key] for r in per_seed) / math.sqrt(k) if k > 1 else None for key in metrics}
+    n = sum(int(r["n"]) for r in per_seed)
+    se_samples = {key: math.sqrt(mean[key] * (1 - mean[key]) / n) for key in metrics if key in CHECKS}
+    return dict(mean=mean, se=se, se_samples=se_samples, n_seeds=k, n_per_seed=int(per_seed[0]["n"]), n=n)
+
+
+@torch.no_grad()
+def evaluate_seeds(
+    pipeline: str | Path,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    split: str = "held_out",
+    samples_per_caption: int = 1,
+    num_steps: int = 20,
+    guidance_scale: float = 3.0,
+    eta: float = 0.0,
+    lora: str | Path | None = None,
+    batch_size: int = 64,
+    timestep_spacing: str | None = None,
+    captions: list[str] | None = None,
+    reward: RewardModel | None = None,
+) -> dict:
+    """:func:`evaluate` once per sampling seed (the model loaded once), pooled by :func:`pool_seeds`.
+
+    Returns ``seeds``, ``per_seed`` (each seed's :func:`evaluate` result, with its ``seed``), and the pooled
+    ``mean``, ``se`` (standard error of the mean over the seeds: the one to report, with ``n_seeds``),
+    ``se_samples``, ``n_seeds``, ``n_per_seed`` and ``n``. Arguments as :func:`evaluate`."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"need distinct seeds, got {seeds}")
+    backbone, sampler = _load(pipeline, lora, num_steps, eta, guidance_scale, timestep_spacing)
+    texts = _captions(split, captions, samples_per_caption)
+    per_seed = [dict(_sample_and_check(backbone, sampler, texts, seed, batch_size, reward), seed=seed)
+                for seed in seeds]
+    return dict(seeds=seeds, per_seed=per_seed, **pool_seeds(per_seed))
+
+
+def _percent(result: dict, name: str) -> str:
+    se = result["se"][name]
+    return f"{100 * result['mean'][name]:.1f}%" + (f" +- {100 * se:.1f}" if se is not None else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,17 +164,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
                         help="override the scheduler's timestep spacing (sample a LoRA as it was trained)")
     parser.add_argument("--lora", default=None, help="LoRA weights to evaluate with (directory or file)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the accuracies to this JSON file")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
+                        help="sampling seeds, each a full evaluation; reported: each seed's accuracies and their "
+                             "mean +- the standard error of the mean over the seeds (default: 0 1 2)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the per-seed accuracies and their mean and standard errors to this JSON file")
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    if args.samples_per_caption < 1:
+        parser.error(f"--samples-per-caption must be >= 1, got {args.samples_per_caption}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = evaluate(args.pipeline, args.split, args.samples_per_caption, args.steps, args.guidance, args.eta,
-                      lora=args.lora, timestep_spacing=args.timestep_spacing)
-    logger.info(
-        "%s captions, %d samples: colour %.1f%%, count %.1f%%, position %.1f%%, all %.1f%%", args.split,
-        result["n"], *(100 * result[name] for name in CHECKS),
-    )
+    result = evaluate_seeds(args.pipeline, args.seeds, args.split, args.samples_per_caption, args.steps,
+                            args.guidance, args.eta, lora=args.lora, timestep_spacing=args.timestep_spacing)
+    logger.info("%s captions, %d samples: colour %s, count %s, position %s, all %s (mean +- SE over %d seed%s of %d "
+                "samples)", args.split, result["n"], *(_percent(result, name) for name in CHECKS), result["n_seeds"],
+                "s" if result["n_seeds"] > 1 else "", result["n_per_seed"])
+    for one in result["per_seed"]:
+        logger.info("  seed %d: %d samples: colour %.1f%%, count %.1f%%, position %.1f%%, all %.1f%%",
+                    one["seed"], one["n"], *(100 * one[name] for name in CHECKS))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
+        # The pooled means also at the top level, where one seed's evaluation has them (n: all samples).
+        settings = dict(split=args.split, lora=args.lora, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                        samples_per_caption=args.samples_per_caption, timestep_spacing=args.timestep_spacing)
+        args.json.write_text(json.dumps(dict(result, **result["mean"], **settings), indent=1))
 
 
 if __name__ == "__main__":
