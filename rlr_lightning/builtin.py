@@ -15,6 +15,26 @@ WORLD_PIPELINE_DIR = Path(__file__).resolve().parent / "world" / "pretrained" / 
 
 BUILTIN_MODELS: tuple[str, ...] = (*TINY_MODELS, WORLD_MODEL)
 
+#: The model family of each tiny model's code in :data:`rlr_lightning.tiny.TINY_MODELS`, in words.
+_FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1"}
+
+
+def describe_builtin_models() -> str:
+    """The built-in names and what each is, for help texts (``tiny (Stable Diffusion 1.x / 2.x), ...``)."""
+    tiny = ", ".join(f"{name} ({_FAMILY_NAMES.get(family, family)})" for name, family in TINY_MODELS.items())
+    return (f"{tiny}: random weights, built offline on first use; {WORLD_MODEL} (Stable Diffusion, trained on "
+            "the shapes world, shipped with the package)")
+
+
+def builtin_models_hint(name: str) -> str:
+    """A sentence listing the built-in names, with the closest one to ``name`` when there is one, for errors
+    about a model name that did not resolve."""
+    import difflib
+
+    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
+    guess = f"; did you mean {close[0]}?" if close else ""
+    return f"built-in models (no download): {', '.join(BUILTIN_MODELS)}{guess}"
+
 
 def resolve_model(name_or_path: str) -> str:
     """The diffusers directory behind a built-in model name (building a tiny model on first use), or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -25,8 +26,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def render_samples(pl_module: L.LightningModule, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[float]]:
     """The module's images of ``prompts`` from ``seed`` as ``uint8`` (what every sink gets) and their rewards."""
-    images = pl_module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+    # The backbone warns once about cut prompts, for the training prompts: rendered first, a grid's captions
+    # would take that warning, and the training prompts would go unnamed (see warn_if_cut for the grid's).
+    with pl_module.backbone.prompt_limit_unchecked():
+        images = pl_module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
     return to_uint8(images), pl_module.reward(images, prompts).float().cpu().tolist()
+
+
+def warn_if_cut(pl_module: L.LightningModule, prompts: list[str], owner: str) -> None:
+    """Warn, naming the callback, that some of its prompts are longer than a text encoder reads (they are
+    rendered cut)."""
+    backbone = pl_module.backbone
+    for tokenizer in backbone.tokenizers:
+        limit = backbone.token_limit(tokenizer)
+        lengths = [len(ids) for ids in tokenizer(prompts, verbose=False).input_ids]
+        cut = [prompt for prompt, n in zip(prompts, lengths) if n > limit]
+        if cut:
+            named = "; ".join(repr(textwrap.shorten(p, width=60, placeholder=" ...")) for p in cut[:3])
+            logger.warning(
+                "%s: %d of its %d prompts are longer than the text encoder reads (%d tokens) and are rendered cut: "
+                "%s%s", owner, len(cut), len(prompts), limit, named, "; ..." if len(cut) > 3 else "",
+            )
+            return
 
 
 class SampleImageLogger(L.Callback):
@@ -39,7 +60,8 @@ class SampleImageLogger(L.Callback):
 
     Args:
         prompts: Prompts to render; defaults to the first ``num_prompts`` validation prompts of the
-            DataModule, or of the built-in ``simple`` set.
+            DataModule, else its training prompts (prompts the run's reward scores, whatever the model), or
+            of the built-in ``simple`` set without a DataModule.
         num_prompts: How many default prompts to take.
         every_n_steps: Render every this many optimizer steps (and once before training).
         seed: Seed of the initial noise and step noises: identical at every render, so steps compare.
@@ -57,10 +79,15 @@ class SampleImageLogger(L.Callback):
         self.every_n_steps = every_n_steps
         self.seed = seed
         self._last_step: int | None = None
+        self._checked_prompts = False
 
     def _prompts(self, trainer: L.Trainer) -> list[str]:
         if self.prompts is None:
-            records = getattr(trainer.datamodule, "val_records", None) or PROMPT_SETS["simple"]
+            datamodule = trainer.datamodule
+            # The run's own prompts: a reward may only score its prompt set (the shapes world's count reward
+            # parses captions), so a fixed fallback set would fail such runs.
+            records = (getattr(datamodule, "val_records", None) or getattr(datamodule, "records", None)
+                       or PROMPT_SETS["simple"])
             self.prompts = [r.prompt for r in records[: self.num_prompts]]
         return self.prompts
 
@@ -81,6 +108,9 @@ class SampleImageLogger(L.Callback):
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         prompts = self._prompts(trainer)
+        if not self._checked_prompts:
+            self._checked_prompts = True
+            warn_if_cut(pl_module, prompts, type(self).__name__)
         pixels, rewards = render_samples(pl_module, prompts, self.seed)
         rows = [[step, p, r] for p, r in zip(prompts, rewards)]
         for run_logger in trainer.loggers or [None]:
@@ -155,6 +185,7 @@ class BeforeAfterGrid(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
+            warn_if_cut(pl_module, self._prompts(trainer), type(self).__name__)
             with pl_module.backbone.lora_disabled():
                 self._before = render_samples(pl_module, self._prompts(trainer), self.seed)
 

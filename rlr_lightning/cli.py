@@ -3,9 +3,11 @@
 ``rlr fit`` and ``rlr validate`` are a ``LightningCLI`` over :class:`~rlr_lightning.module.RLRModule` and
 :class:`~rlr_lightning.data.PromptDataModule` (see :mod:`rlr_lightning.lightning_cli`; optimizers are injected
 into the module because LoRA weights exist only after ``configure_model``). ``rlr sample`` draws images from
-a backbone (optionally with trained LoRA weights) with the project's own DDIM sampler and reports each step's
-sigma and transition log-probability. Without ``--model`` it uses the tiny offline model, built into the
-cache on first use, so it runs anywhere in seconds.
+a backbone (optionally with trained LoRA weights) with the project's own sampler of the model's family (DDIM for
+Stable Diffusion 1.x / 2.x and SDXL, Flow-GRPO's SDE for SD 3 / 3.5 and FLUX.1) and reports each step's sigma and
+transition log-probability. Its options are checked, the model directory and ``--out`` included, before the
+model loads. Without ``--model`` it uses the tiny offline model, built into the cache on first use, so it runs
+anywhere in seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -24,16 +28,41 @@ logger = logging.getLogger("rlr_lightning")
 DEFAULT_PROMPTS = ("a photo of a cat", "a watercolour of a fox", "a red bicycle", "a lighthouse at dusk")
 
 
-def _sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text at spaces only, so names such as tiny-flux or SD 3 / 3.5 are never split."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+class SampleArgumentParser(argparse.ArgumentParser):
+    """``rlr sample``'s errors as one line and a pointer to ``--help``, as ``rlr fit``'s, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+        self.exit(2)
+
+
+def _sample_parser() -> SampleArgumentParser:
+    from rlr_lightning.builtin import describe_builtin_models
+
+    p = SampleArgumentParser(
         prog="rlr sample",
-        description="Sample images with the DDIM sampler and report per-step log-probabilities.",
+        formatter_class=_HelpFormatter,
+        description="Sample images with the sampler of the model's family and log each step's sigma and "
+        "transition log-probability: DDIM for Stable Diffusion 1.x / 2.x and SDXL, Flow-GRPO's SDE (on the "
+        "scheduler's shifted times) for SD 3 / 3.5 and FLUX.1. The family comes from the pipeline's "
+        "model_index.json.",
     )
     p.add_argument(
         "--model",
         default="tiny",
-        help="hub id or diffusers pipeline directory (Stable Diffusion 1.x / 2.x or SDXL), or a tiny offline model: "
-        "tiny (default) or tiny-sdxl, or shapes-world (trained on the shapes world, shipped with the package)",
+        help="a built-in model (no download): " + describe_builtin_models() + "; default tiny. Or the hub id or "
+        "diffusers pipeline directory of a Stable Diffusion 1.x / 2.x, SDXL, SD 3 / 3.5 or FLUX.1 pipeline",
     )
     p.add_argument(
         "--lora",
@@ -51,7 +80,7 @@ def _sample_parser() -> argparse.ArgumentParser:
     # Deprecated: the rank is read from the file. Still accepted (and ignored) so old command lines run.
     p.add_argument("--lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
-    p.add_argument("--steps", type=int, default=20, help="number of sampling steps T")
+    p.add_argument("--steps", type=int, default=20, help="number of sampling steps T (>= 1)")
     p.add_argument(
         "--eta", type=float, default=1.0,
         help="the sampler's noise level (> 0 for log-probabilities): DDIM eta for Stable Diffusion and SDXL, the SDE "
@@ -65,8 +94,9 @@ def _sample_parser() -> argparse.ArgumentParser:
         "--timestep-spacing",
         choices=("leading", "trailing", "linspace"),
         default=None,
-        help="DDIM timestep spacing (default: the model's scheduler config); use the one the LoRA was trained "
-        "with (model.timestep_spacing, e.g. trailing in configs/quickstart.yaml)",
+        help="DDIM timestep spacing, Stable Diffusion and SDXL only (default: the model's scheduler config; SD 3 and "
+        "FLUX take their times from the scheduler's shift); use the one the LoRA was trained with "
+        "(model.timestep_spacing, e.g. trailing in configs/quickstart.yaml)",
     )
     p.add_argument(
         "--guidance", type=float, default=5.0,
@@ -75,8 +105,32 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial latents and step noises")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the frozen weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="where to write the image grid")
+    p.add_argument(
+        "--out", type=Path, default=Path("samples.png"),
+        help="where to write the image grid (.png, .jpg, ...; checked before sampling)",
+    )
     return p
+
+
+def _check_sample_args(parser: SampleArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, what no model can run: minutes of loading and sampling would be lost."""
+    from rlr_lightning.errors import image_file_problem
+
+    if args.lora is None and (args.lora_alpha is not None or args.lora_rank is not None):
+        parser.error("--lora-alpha and --lora-rank apply to LoRA weights; pass them with --lora")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1 (the number of sampling steps T), got {args.steps}")
+    if args.eta < 0:
+        parser.error(f"--eta must be >= 0 (0: the deterministic sampler), got {args.eta}")
+    if args.resolution is not None and len(args.resolution) > 2:
+        parser.error(f"--resolution takes one or two numbers, got {len(args.resolution)}")
+    if args.resolution is not None and min(args.resolution) < 1:
+        parser.error(f"--resolution must be positive pixels, got {' '.join(map(str, args.resolution))}")
+    if args.lora is not None and not Path(args.lora).expanduser().exists():
+        parser.error(f"--lora {args.lora}: no such file or directory")
+    problem = image_file_problem(args.out)
+    if problem is not None:
+        parser.error(f"--out {args.out} cannot be written: {problem}")
 
 
 def sample(argv: list[str]) -> Path:
@@ -84,25 +138,28 @@ def sample(argv: list[str]) -> Path:
     from torchvision.utils import save_image
 
     from rlr_lightning.models import load_backbone
-    from rlr_lightning.sampling import Plan
     from rlr_lightning.builtin import resolve_model
+    from rlr_lightning.hub import ModelNotAvailableError
+    from rlr_lightning.sampling import Plan
 
     parser = _sample_parser()
     args = parser.parse_args(argv)
-    if args.lora is None and (args.lora_alpha is not None or args.lora_rank is not None):
-        parser.error("--lora-alpha and --lora-rank apply to LoRA weights; pass them with --lora")
+    _check_sample_args(parser, args)
     if args.lora_rank is not None:
         logger.warning("--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option")
-    model = resolve_model(args.model)
-    backbone = load_backbone(model, dtype=DTYPES[args.dtype]).to(args.device)
+    try:
+        # The family is read from model_index.json before any weights load: a wrong directory fails at once.
+        backbone = load_backbone(resolve_model(args.model), dtype=DTYPES[args.dtype]).to(args.device)
+    except ModelNotAvailableError as err:  # may work later (network, cache): a failed run, status 1
+        raise SystemExit(f"rlr sample: error: --model {args.model}: {err}") from None
+    except (OSError, ValueError) as err:  # not a model this command can load: a usage error, status 2
+        parser.error(f"--model {args.model}: {err}")
     if args.lora:
         try:
             backbone.load_lora(args.lora, alpha=args.lora_alpha)
         except (OSError, ValueError) as err:
             # The message names the file and what does not fit; a traceback would only bury it.
             raise SystemExit(f"rlr sample: cannot apply --lora: {err}") from None
-    if args.resolution is not None and len(args.resolution) > 2:
-        parser.error(f"--resolution takes one or two numbers, got {len(args.resolution)}")
     try:
         size = args.resolution
         backbone.set_resolution(None if size is None else (size[0], size[-1]))
@@ -130,7 +187,7 @@ def sample(argv: list[str]) -> Path:
 COMMANDS = {
     "fit": "fine-tune LoRA weights toward a reward (LightningCLI: rlr fit --config configs/quickstart.yaml)",
     "validate": "score a checkpoint on held-out prompts (rlr validate --config ... --ckpt_path .../last.ckpt)",
-    "sample": "sample images and per-step log-probabilities",
+    "sample": "sample images and per-step log-probabilities (any family: SD 1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1)",
 }
 
 
@@ -150,6 +207,21 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package.addHandler(handler)
         package.setLevel(logging.INFO)
+
+
+def _quiet_progress_bars() -> None:
+    """No progress bars of transformers and diffusers ("Loading weights", "Writing model shards", ...): they
+    draw for every model loaded or saved and say nothing the run's own messages do not. Downloads from the
+    hub keep theirs (minutes for a real model), unless HF_HUB_DISABLE_PROGRESS_BARS turns them off."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # turns off the hub's too
+    diffusers.utils.logging.disable_progress_bar()
+    if hub_bars:
+        huggingface_hub.utils.enable_progress_bars()
 
 
 def build_cli(argv: list[str] | None, run: bool = True):
@@ -204,6 +276,7 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         sys.exit(_usage())
     try:
+        _quiet_progress_bars()
         if argv[0] == "sample":
             out = sample(argv[1:])
             print(f"wrote {len(out.read_bytes())} bytes of samples to {out}")

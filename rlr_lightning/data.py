@@ -23,6 +23,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rlr_lightning.errors import quote_prompt
+
 DCOT_SCALES = ("coarse", "mid", "fine")
 
 
@@ -42,9 +44,12 @@ class PromptRecord:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError(f"a prompt must be a non-empty string, got {self.prompt!r}")
+            raise ValueError(f"a prompt must be a non-empty string, got {quote_prompt(self.prompt)}")
         if self.dcot is not None and (len(self.dcot) != 3 or not all(isinstance(p, str) and p for p in self.dcot)):
-            raise ValueError(f"DCoT rewrites must be three non-empty strings (coarse, mid, fine), got {self.dcot!r}")
+            raise ValueError(
+                f"DCoT rewrites of {quote_prompt(self.prompt)} must be three non-empty strings (coarse, mid, fine), "
+                f"got {quote_prompt(self.dcot)}"
+            )
 
 
 @dataclass

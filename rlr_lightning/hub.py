@@ -45,6 +45,39 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def could_be_hub_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hugging Face hub id (``name`` or ``owner/name``; letters, digits, ``-``,
+    ``_``, ``.``): anything else can only have been meant as a built-in name or a local directory."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of diffusers and transformers
+        return not looks_like_path(name)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def unknown_model(name: str) -> FileNotFoundError:
+    """The error for a model name that is no built-in name, no directory and cannot be a hub id (so
+    downloading it is no advice)."""
+    from rlr_lightning.builtin import builtin_models_hint
+
+    return FileNotFoundError(
+        f"model {name!r} is not a built-in model, a local directory or a hub id (owner/name of letters, digits, "
+        f"'-', '_' and '.'); {builtin_models_hint(name)}"
+    )
+
+
+def _missing_directory(path: Path, components: tuple[str, ...] = ()) -> FileNotFoundError:
+    subfolders = f" (with {', '.join(components)} subfolders)" if components else ""
+    return FileNotFoundError(
+        f"model directory {path} does not exist. Pass a diffusers pipeline directory{subfolders} or a Hugging "
+        "Face hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+    )
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike, components: tuple[str, ...]) -> str:
     """Check a local pipeline directory early, or pass a hub id through.
 
@@ -68,11 +101,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike, components: tuple[str, .
             )
         return str(path)
     if looks_like_path(name):
-        raise FileNotFoundError(
-            f"model directory {path} does not exist. Pass a diffusers pipeline directory (with "
-            f"{', '.join(components)} subfolders) or a Hugging Face hub id such as "
-            "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
-        )
+        raise _missing_directory(path, components)
+    if not could_be_hub_id(name):
+        raise unknown_model(name)
     return name
 
 
@@ -84,8 +115,16 @@ def model_unavailable(repo_id: str, offline: bool, cause: Exception) -> ModelNot
         if offline
         else "could not be downloaded"
     )
+    # A bare name (no owner/) is more likely a mistyped built-in name than one of the hub's few legacy ids.
+    builtin = ""
+    if "/" not in repo_id:
+        from rlr_lightning.builtin import builtin_models_hint
+
+        hint = builtin_models_hint(repo_id)
+        builtin = hint[0].upper() + hint[1:] + "\n"
     return ModelNotAvailableError(
         f"model '{repo_id}' {how}: {cause}\n"
+        f"{builtin}"
         f"Download it on a machine with internet access, e.g.\n"
         f"    hf download {repo_id} --local-dir /path/to/models/{repo_id.split('/')[-1]}\n"
         "and pass that directory as the model path (pretrained_model_name_or_path), or allow downloads "
@@ -116,6 +155,10 @@ def read_model_index(
                 "save_pretrained or `hf download`)"
             )
         return json.loads(index.read_text())
+    if looks_like_path(name):
+        raise _missing_directory(path)
+    if not could_be_hub_id(name):  # the hub client would only say what a repo id may contain
+        raise unknown_model(name)
     offline = is_offline() if local_files_only is None else local_files_only
     from huggingface_hub import hf_hub_download
 

@@ -46,7 +46,6 @@ from rlr_lightning.sampling import (
     Plan,
     ScaledPromptEmbeds,
 )
-from rlr_lightning.builtin import resolve_model
 from rlr_lightning.tiny import TINY_MODELS, TINY_PIPELINE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -109,8 +108,11 @@ class RLRModule(L.LightningModule):
             world that ships with the package (the CPU quickstart).
         estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop``,
             ``ScoreFunction`` or the ``GRPO`` baseline from ``rlr_lightning.estimators``.
-        reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required for
-            every model except the tiny offline one, where it defaults to the toy ``TargetColor``.
+        reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``). Required to
+            train and to validate, for every model except the tiny offline ones, where it defaults to the toy
+            ``TargetColor``; sampling (:meth:`generate`) and exporting the LoRA need none. Checkpoints hold no
+            reward (it is left out of the hyperparameters), so ``RLRModule.load_from_checkpoint(path)`` loads
+            without one; pass ``reward=...`` there to train or validate further.
         num_steps: Sampling steps ``T``.
         eta: The sampler's noise level, > 0 wherever likelihood ratios are used: DDIM's eta for Stable Diffusion
             and SDXL (1 is DDPM-like), the SDE noise level ``a`` of Flow-GRPO's sampler for SD 3 and FLUX (0 is
@@ -215,23 +217,27 @@ class RLRModule(L.LightningModule):
             )
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
-        if reward is None and not is_tiny_model(pretrained_model_name_or_path):
+        if reward is None and is_tiny_model(pretrained_model_name_or_path):
             # The toy default only makes sense for the tiny model: a real model would silently learn to paint
-            # one colour.
-            raise ValueError(
-                f"model.reward is required for {pretrained_model_name_or_path!r}: choose one of "
-                f"rlr_lightning.rewards ({', '.join(reward_class_names())}), e.g. "
-                "--model.reward rlr_lightning.rewards.AestheticReward"
-            )
+            # one colour, so it gets none and training asks for one (see ``setup``).
+            reward = TargetColor()
         self.automatic_optimization = False
         # Checkpoints hold only LoRA weights; the frozen backbone is reloaded from its source.
         self.strict_loading = False
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
         self.estimator = estimator if estimator is not None else RLR()
-        self.reward = (reward if reward is not None else TargetColor()).freeze()
+        # No reward is allowed here: sampling and export need none, and a checkpoint has none to restore
+        # (save_hyperparameters leaves it out). Training and validation ask for one in ``setup``.
+        self.reward: RewardModel | None = reward.freeze() if reward is not None else None
+        #: The checkpoint's reward class (``on_load_checkpoint``), named when training asks for a reward.
+        self.checkpoint_reward: str | None = None
         # Impossible settings (h >= T, eta = 0 with likelihood ratios, a reward without gradient for a
-        # backprop estimator) fail here, before any model is loaded.
-        self.estimator.setup(num_steps, eta, self.reward.differentiable)
+        # backprop estimator) fail here, before any model is loaded. Without a reward its differentiability
+        # is checked in ``setup``, once there is one.
+        self.estimator.setup(num_steps, eta, True if self.reward is None else self.reward.differentiable)
+        # Which reward the estimator was set up with, by identity (a module attribute would register the
+        # reward a second time as a submodule).
+        self._estimator_reward_id = None if self.reward is None else id(self.reward)
         self.num_steps = num_steps
         self.eta = eta
         self.guidance_scale = guidance_scale
@@ -285,11 +291,40 @@ class RLRModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Ask for the reward before anything loads: training and validation score samples with it.
+
+        Args:
+            stage: Lightning's stage (``fit``, ``validate``, ``test``, ``predict``).
+        """
+        if stage not in ("fit", "validate"):
+            return
+        if self.reward is None:
+            raise ValueError(self.missing_reward_message("train" if stage == "fit" else "validate"))
+        if id(self.reward) != self._estimator_reward_id:
+            # A reward given after construction (``module.reward = ...``): the estimator's checks and choices
+            # that depend on it (a backprop estimator needs a gradient; RLR scores the last step of a
+            # non-differentiable reward by likelihood ratio) have not seen it yet.
+            self.reward.freeze()
+            self.estimator.setup(self.num_steps, self.eta, self.reward.differentiable)
+            self._estimator_reward_id = id(self.reward)
+
+    def missing_reward_message(self, action: str) -> str:
+        """What to do when there is no reward to ``action`` (``train`` or ``validate``) with."""
+        trained = (f" (this checkpoint was trained with {self.checkpoint_reward})"
+                   if self.checkpoint_reward else "")
+        return (
+            f"model.reward is required to {action} {self.pretrained_model_name_or_path!r}: choose one of "
+            f"rlr_lightning.rewards ({', '.join(reward_class_names())}), e.g. --model.reward "
+            "rlr_lightning.rewards.AestheticReward on the command line, or RLRModule(reward=...) from "
+            f"Python. Checkpoints hold no reward{trained}: give it to "
+            "RLRModule.load_from_checkpoint(path, reward=...). Sampling (generate) and export_lora need none."
+        )
+
     def configure_model(self) -> None:
         if self.backbone is not None:  # idempotent: load_from_checkpoint and fit both call it
             return
-        source = resolve_model(self.pretrained_model_name_or_path)
-        backbone = load_backbone(source, dtype=self.weight_dtype)
+        backbone = load_backbone(self.pretrained_model_name_or_path, dtype=self.weight_dtype)
         backbone.set_resolution(self.resolution)
         if self.max_sequence_length is not None:
             if not isinstance(backbone, FlowMatchingBackbone):
@@ -481,8 +516,14 @@ class RLRModule(L.LightningModule):
             self.estimator.observe(result, self._mean_over_ranks(term_norms))
 
     def _backward_terms(self, terms, last_micro: bool) -> tuple[dict[str, float], dict[str, float]]:
-        """Backpropagate the surrogate terms one at a time; their losses and (optionally) gradient norms by name."""
-        term_norms: dict[str, float] = {}
+        """Backpropagate the surrogate terms one at a time; their losses and (optionally) gradient norms by name.
+
+        A memory plan splits one kind of term (``fo``, ``ho``, ``zo``) into chunks of samples or steps. The
+        norm of a kind is that of the sum of its chunks' gradients, as unchunked: the per-chunk gradients are
+        summed first (a norm of a sum is not a sum of norms), so the logged norms and the ``grad_norm``
+        block law see the same numbers whatever the plan.
+        """
+        term_grads: dict[str, Tensor] = {}
         term_losses: dict[str, float] = {}
         for i, term in enumerate(terms):
             before = self._lora_grad() if self.log_term_grad_norms else None
@@ -491,8 +532,10 @@ class RLRModule(L.LightningModule):
                 self.manual_backward(loss)
             term_losses[term.name] = term_losses.get(term.name, 0.0) + float(loss.detach())
             if before is not None:
-                term_norms[term.name] = float((self._lora_grad() - before).norm())
+                share = self._lora_grad() - before
+                term_grads[term.name] = term_grads[term.name] + share if term.name in term_grads else share
             del loss
+        term_norms = {name: float(grad.norm()) for name, grad in term_grads.items()}
         return term_losses, term_norms
 
     def _optimizer_step(self, optimizer) -> bool:
@@ -568,6 +611,9 @@ class RLRModule(L.LightningModule):
         elapsed = time.perf_counter() - started
         images = len(result.prompts) * self.trainer.world_size  # antithetic pairs sample each prompt twice
         self.log("train/images_per_sec", images / max(elapsed, 1e-9), prog_bar=True)
+        if self.estimator.inner_updates > 1:
+            # max_steps counts optimizer steps, inner updates included: how many batches were sampled for them.
+            self.log("train/sampled_batches", float(self.trainer.fit_loop.total_batch_idx + 1))
 
     # -- sampling and evaluation ---------------------------------------------------------------------------
 
@@ -614,12 +660,36 @@ class RLRModule(L.LightningModule):
         checkpoint["rlr_skipped_updates"] = self.skipped_updates
         checkpoint["rlr_consecutive_skips"] = self.consecutive_skips
         checkpoint["rlr_run_id"] = self.run_id
+        if self.reward is not None:  # named when a loaded module needs one (not restored: it may be large)
+            checkpoint["rlr_reward"] = f"{type(self.reward).__module__}.{type(self.reward).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.estimator.load_state_dict(checkpoint.get("rlr_estimator", {}))
         self.skipped_updates = checkpoint.get("rlr_skipped_updates", 0)
         self.consecutive_skips = checkpoint.get("rlr_consecutive_skips", 0)
         self.run_id = checkpoint.get("rlr_run_id", self.run_id)
+        self.checkpoint_reward = checkpoint.get("rlr_reward")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load the LoRA weights of a checkpoint; the frozen weights it leaves out are not missing.
+
+        Checkpoints hold only LoRA weights (``on_save_checkpoint``): the backbone reloads from its source and
+        the rewards from theirs. Only LoRA keys count as missing, so ``load_from_checkpoint`` neither warns
+        with the whole backbone's key list nor, with ``strict=True``, fails on it.
+
+        Args:
+            state_dict: The checkpoint's ``state_dict``.
+            strict: Raise if a LoRA weight is missing or a key is unknown.
+            assign: As for :meth:`torch.nn.Module.load_state_dict`.
+        """
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in keys.missing_keys if "lora_" in k]
+        if strict and (missing or keys.unexpected_keys):
+            raise RuntimeError(
+                f"the checkpoint does not fit this model: missing LoRA weights {missing}, unexpected keys "
+                f"{keys.unexpected_keys}; load it with the model settings it was trained with"
+            )
+        return type(keys)(missing, keys.unexpected_keys)
 
     def _export_base(self, log_dir: str | None) -> Path:
         return Path(self.export_dir) if self.export_dir else Path(log_dir or self.trainer.default_root_dir) / "lora"

@@ -9,10 +9,28 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import logging  # noqa: E402
 import socket  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Imported before the first test's logging snapshot (below), so the handlers these libraries add to their own
+# loggers on import belong to the session, not to whichever test happens to import them first.
+import diffusers  # noqa: E402, F401
+import lightning.pytorch  # noqa: E402, F401
+import transformers  # noqa: E402, F401
+
+# Lightning gives its logger a stderr handler and stops propagation when the root logger has no handler at
+# import time, as here (pytest adds its capture handlers later); tests read rank_zero_info lines (the memory
+# plan, the run directory) through caplog, so they propagate as they do when pytest is already capturing.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).propagate = True
+
+#: Loggers that code under test configures (``rlr`` commands run in-process set up the package's logger; the
+#: libraries set their verbosity), created here if nothing has created them yet, so they are snapshotted too.
+_CONFIGURED_LOGGERS = ("rlr_lightning", "lightning", "lightning.pytorch", "lightning.fabric", "diffusers",
+                       "transformers", "huggingface_hub", "py.warnings")
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -29,6 +47,29 @@ def _no_network(monkeypatch):
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging():
+    """Every test starts with the session's logging configuration, whichever tests ran before it.
+
+    ``rlr`` commands run in-process give the package's logger a stderr handler at INFO, and libraries change
+    their loggers' levels; left in place, a later test that inspects log records would see messages (e.g. an
+    INFO "Loading ..." line) that it sees only when run after those tests, so the suite would pass in one
+    order and fail in another.
+    """
+    for name in _CONFIGURED_LOGGERS:
+        logging.getLogger(name)
+    loggers = [logging.root] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    saved = [(lg, lg.level, list(lg.handlers), list(lg.filters), lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    for lg, level, handlers, filters, propagate, disabled in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.filters[:] = filters
+        lg.propagate, lg.disabled = propagate, disabled
 
 
 @pytest.fixture(scope="session")

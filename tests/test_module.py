@@ -274,10 +274,12 @@ def test_a_dropped_micro_batch_drops_its_whole_optimizer_step(tiny_pipeline_dir,
     assert not module.optimizers().optimizer.state
 
 
-def test_a_real_model_needs_a_reward_the_tiny_one_defaults_to_a_toy(tiny_pipeline_dir, tmp_path):
+def test_a_real_model_needs_a_reward_to_train_the_tiny_one_defaults_to_a_toy(tiny_pipeline_dir, tmp_path):
     for model in ("stable-diffusion-v1-5/stable-diffusion-v1-5", str(tmp_path)):
-        with pytest.raises(ValueError, match=r"model\.reward is required .*AestheticReward.*PickScoreReward"):
-            RLRModule(pretrained_model_name_or_path=model)
+        module = RLRModule(pretrained_model_name_or_path=model)  # sampling and export need no reward
+        with pytest.raises(ValueError, match=r"model\.reward is required to train .*AestheticReward"):
+            make_trainer(tmp_path, 1).fit(module, datamodule=data())
+        assert module.backbone is None  # refused before loading anything
     assert isinstance(RLRModule(pretrained_model_name_or_path=str(tiny_pipeline_dir)).reward, TargetColor)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -45,8 +46,16 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_exits_143(tmp_path):
 
     resumed = rlr("fit", *args, "--ckpt_path", str(ckpt), "--trainer.max_steps", str(step + 1), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = next((out / "rlr" / "version_1" / "checkpoints").glob("last.ckpt"))
-    assert torch.load(final, weights_only=False)["global_step"] == step + 1
+    # One run, one directory: the resumed run goes on in version_0, its metrics under the same header, at the
+    # next step; its config beside the original.
+    assert [p.name for p in (out / "rlr").iterdir()] == ["version_0"]
+    assert "exists and is not empty" not in resumed.stderr  # Lightning's warnings about a used directory
+    assert torch.load(ckpt, weights_only=False)["global_step"] == step + 1
+    with open(metrics, newline="") as f:
+        rows = list(csv.reader(f))
+    assert [row[:2] for row in rows if row[0] == "epoch"] == [["epoch", "step"]]
+    assert [int(row[1]) for row in rows[1:]] == list(range(step + 1))
+    assert {p.name for p in metrics.parent.glob("config*.yaml")} == {"config.yaml", "config_1.yaml"}
 
 
 class CtrlCAt(Callback):

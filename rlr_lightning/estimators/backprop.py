@@ -62,10 +62,17 @@ class TruncatedBackprop(GradientEstimator):
         if lo < 1 or hi < lo:
             raise ValueError(f"truncation K must be >= 1 (k_range with k_min <= k_max), got k={k}, k_range={k_range}")
         self.k_range = (lo, hi)
+        self._k_option = "k" if k_range is None else "k_range"  # which option set K, for messages
 
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
-        if self.k_range[1] > num_steps:
-            raise ValueError(f"truncation K={self.k_range[1]} exceeds the number of steps T={num_steps}")
+        lo, hi = self.k_range
+        if hi > num_steps:
+            given, fix = (f"k={hi}", f"k <= {num_steps}") if getattr(self, "_k_option", "k_range") == "k" else (
+                f"k_range [{lo}, {hi}]", f"k_range [{min(lo, num_steps)}, {num_steps}]")
+            raise ValueError(
+                f"TruncatedBackprop {given}: truncation K={hi} exceeds the number of steps T={num_steps} "
+                f"(model.num_steps); use {fix} or more steps"
+            )
         super().setup(num_steps, eta, reward_differentiable)
 
     def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:

@@ -104,7 +104,10 @@ class GRPO(GradientEstimator):
 
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
         if self.step_range is not None and self.step_range[1] > num_steps:
-            raise ValueError(f"step_range {list(self.step_range)} reaches past the last step of T={num_steps} steps")
+            raise ValueError(
+                f"step_range {list(self.step_range)} reaches past the last step of T={num_steps} steps "
+                f"(model.num_steps): its stop may be at most {num_steps}"
+            )
         super().setup(num_steps, eta, reward_differentiable)
 
     def candidate_steps(self, num_steps: int) -> list[int]:

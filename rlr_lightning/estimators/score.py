@@ -48,7 +48,10 @@ class ScoreFunction(GradientEstimator):
 
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
         if self.subsample is not None and self.subsample > num_steps:
-            raise ValueError(f"subsample K={self.subsample} exceeds the number of steps T={num_steps}")
+            raise ValueError(
+                f"ScoreFunction subsample K={self.subsample} exceeds the number of steps T={num_steps} "
+                f"(model.num_steps); use subsample <= {num_steps}, or null for every step"
+            )
         super().setup(num_steps, eta, reward_differentiable)
 
     def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from rlr_lightning.builtin import resolve_model
 from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
 from rlr_lightning.models.base import DiffusionBackbone
 from rlr_lightning.models.flow import FlowMatchingBackbone
@@ -40,12 +41,20 @@ def backbone_class(
 ) -> type[DiffusionBackbone]:
     """The backbone class of a pipeline, from the pipeline class its ``model_index.json`` names.
 
+    Args:
+        pretrained_model_name_or_path: A built-in model name (see :mod:`rlr_lightning.builtin`), a hub id or a
+            diffusers pipeline directory.
+        revision: Hub revision of a hub id.
+        cache_dir: Hub cache directory of a hub id.
+        local_files_only: Never download; ``None``: the offline policy of :mod:`rlr_lightning.hub`.
+
     Raises:
         FileNotFoundError: A local directory is missing or is not a diffusers pipeline directory.
         ModelNotAvailableError: A hub id is neither cached nor downloadable.
         ValueError: The pipeline is of a family this library does not support; the message lists those it does.
     """
-    path = os.path.expanduser(str(pretrained_model_name_or_path))
+    pretrained_model_name_or_path = resolve_model(str(pretrained_model_name_or_path))
+    path = os.path.expanduser(pretrained_model_name_or_path)
     if not os.path.isdir(path) and os.path.exists(path):
         raise FileNotFoundError(f"{path} is a file; pass a diffusers pipeline directory or a hub id")
     index = read_model_index(pretrained_model_name_or_path, revision, cache_dir, local_files_only)
@@ -67,12 +76,23 @@ def load_backbone(
 ) -> DiffusionBackbone:
     """Load a pipeline with the backbone class of its family (see :func:`backbone_class`).
 
-    Arguments as for :meth:`DiffusionBackbone.from_pretrained`.
+    Args:
+        pretrained_model_name_or_path: A built-in model name (``tiny``, ``tiny-sdxl``, ``tiny-sd3``,
+            ``tiny-flux``, ``shapes-world``: :data:`rlr_lightning.builtin.BUILTIN_MODELS`), a hub id or a
+            diffusers pipeline directory. Names resolve through :func:`rlr_lightning.builtin.resolve_model`,
+            as ``rlr sample --model`` and ``RLRModule`` resolve them.
+        dtype: Dtype of the frozen weights.
+        revision: Hub revision of a hub id.
+        variant: Weight variant (e.g. ``fp16``) of a hub id or directory.
+        cache_dir: Hub cache directory of a hub id.
+        local_files_only: Never download; ``None``: the offline policy of :mod:`rlr_lightning.hub`.
     """
+    # Resolved here, so Python callers take the names the command line takes, through the same function.
+    source = resolve_model(str(pretrained_model_name_or_path))
     offline = is_offline() if local_files_only is None else local_files_only
-    cls = backbone_class(pretrained_model_name_or_path, revision, cache_dir, offline)
+    cls = backbone_class(source, revision, cache_dir, offline)
     return cls.from_pretrained(
-        pretrained_model_name_or_path, dtype=dtype, revision=revision, variant=variant, cache_dir=cache_dir,
+        source, dtype=dtype, revision=revision, variant=variant, cache_dir=cache_dir,
         local_files_only=offline,
     )
 

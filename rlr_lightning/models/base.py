@@ -369,10 +369,23 @@ class DiffusionBackbone(nn.Module, ABC):
         or cuts to another length, such as a T5 ``max_sequence_length``, overrides this)."""
         return tokenizer.model_max_length
 
+    _limit_check_paused = False
+
+    @contextmanager
+    def prompt_limit_unchecked(self) -> Iterator[None]:
+        """Inside the block prompts are encoded without the token-limit check, whose warning comes once per
+        backbone: prompts that are not trained on (a sample grid's captions, which their callback checks) then
+        neither use the warning up nor appear in it as if they were the training prompts."""
+        paused, self._limit_check_paused = self._limit_check_paused, True
+        try:
+            yield
+        finally:
+            self._limit_check_paused = paused
+
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         """Warn once per backbone that prompts longer than a text encoder's limit are cut (naming the encoder)."""
         unchecked = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._checked_prompts]
-        if self._warned_truncation or not unchecked:
+        if self._warned_truncation or self._limit_check_paused or not unchecked:
             return
         self._checked_prompts.update(unchecked)
         for tokenizer in self.tokenizers:

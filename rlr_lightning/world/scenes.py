@@ -50,6 +50,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from rlr_lightning.errors import quote_prompt
+
 Kind = Literal["circle", "square", "triangle"]
 Region = Literal["left", "right", "top", "bottom", "center", "anywhere"]
 Split = Literal["train", "held_out"]
@@ -181,7 +183,7 @@ def parse_caption(text: str) -> CaptionSpec:
     normalised = " ".join(str(text).lower().split())
     match = _CAPTION_RE.match(normalised)
     if match is None:
-        raise ValueError(f"{text!r} is not a shapes-world caption; captions read: {GRAMMAR}")
+        raise ValueError(f"{quote_prompt(text)} is not a shapes-world caption; captions read: {GRAMMAR}")
     count = {word: n for n, word in _COUNT_WORDS.items()}[match["count"]]
     regions = {phrase: region for region, phrase in _REGION_PHRASES.items() if phrase}
     problems = []
@@ -194,9 +196,9 @@ def parse_caption(text: str) -> CaptionSpec:
     if match["region"] is not None and match["region"] not in regions:
         problems.append(f"unknown region {match['region']!r}")
     if len(problems) > 1:  # not an attempt at a caption: the grammar says more than a list of misreadings
-        raise ValueError(f"{text!r} is not a shapes-world caption; captions read: {GRAMMAR}")
+        raise ValueError(f"{quote_prompt(text)} is not a shapes-world caption; captions read: {GRAMMAR}")
     if problems:
-        raise ValueError(f"{text!r} is not a shapes-world caption ({'; '.join(problems)}); captions read: {GRAMMAR}")
+        raise ValueError(f"{quote_prompt(text)} is not a shapes-world caption ({'; '.join(problems)}); captions read: {GRAMMAR}")
     region = regions[match["region"]] if match["region"] is not None else "anywhere"
     return CaptionSpec(match["color"], match["kind"], count, region)
 
