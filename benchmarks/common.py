@@ -214,7 +214,7 @@ def interleaved_times(module: RLRModule, jobs: list[tuple[str, object, list[str]
         raise ValueError(f"need jobs and repeats >= 1, got {len(jobs)} jobs and repeats={repeats}")
     prepared = []
     for name, estimator, prompts in jobs:
-        estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+        module.prepare_estimator(estimator)
         prepared.append((name, estimator, prompts, module.conditioning_for(prompts)))
 
     def run(estimator, prompts, embeds, draw: int) -> float:

@@ -86,6 +86,10 @@ def estimators() -> list[tuple[str, object]]:
                          RLR(h=2, zo_mode="score", baseline="group", group_size=GROUP_SIZE)))
         rows.append((f"RLR h={h} zo=parameter (antithetic)", RLR(h=h, zo_mode="parameter", zo_scale=1e-3)))
         rows.append((f"RLR h={h} zo=none", RLR(h=h, zo_mode="none")))
+        if h == 2:
+            # The exact tail (the world's schedule: tail="auto" takes K = 2, its two steps of sigma < 0.05).
+            for tail in (2, 3):
+                rows.append((f"RLR h=2 tail={tail} zo=score", RLR(h=2, tail=tail, zo_mode="score")))
     for k in (1, 2, 5):
         rows.append((f"truncated K={k}", TruncatedBackprop(k=k)))
     rows.append(("score function", ScoreFunction()))
@@ -111,7 +115,7 @@ def layout_samples(module, prompt_sets: list[list[str]], estimator, draws: int, 
     """``gradient_samples`` with the captions of draw ``i`` taken from ``prompt_sets[i mod len]``, on the same
     seeds: a group row's draw and the group reference's draw (its captions repeated ``G`` times, in the group
     order) sample the same noise. Returns the ``(draws, D)`` estimates and the ``(draws, images)`` rewards."""
-    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    module.prepare_estimator(estimator)
     rows, rewards = [], []
     for i in range(draws):
         prompts = prompt_sets[i % len(prompt_sets)]

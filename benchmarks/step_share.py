@@ -150,7 +150,7 @@ def score_step_terms(module, prompts: list[str], draw: int) -> Tensor:
     of ``diagnostics.gradient_samples``' draw, so the same noise as the estimators' draw), ascent direction;
     their sum is ``ScoreFunction()``'s estimate of that draw (leave-one-out baseline over the batch)."""
     estimator = ScoreFunction()
-    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    module.prepare_estimator(estimator)
     sampler = module.sampler
     params = list(sampler.trainable_parameters().values())
     saved = [p.grad for p in params]
@@ -178,7 +178,7 @@ def check_score_terms(module, prompts: list[str], per_step: Tensor, draw: int) -
     """Relative difference between the sum of the per-step terms and ``ScoreFunction()``'s estimate of the same
     draw; a mismatch stops the run."""
     estimator = ScoreFunction()
-    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    module.prepare_estimator(estimator)
     whole = estimate_gradient(estimator, module.sampler, module.conditioning_for(prompts), prompts,
                               module.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1),
                               memory=module.memory_plan).total

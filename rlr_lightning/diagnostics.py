@@ -39,7 +39,7 @@ def gradient_samples(
         ``(N, D)`` float64, ``D`` the number of LoRA weights. The module's own gradients are left untouched.
     """
     estimator = estimator if estimator is not None else module.estimator
-    estimator.setup(module.num_steps, module.eta, module.reward.differentiable)
+    module.prepare_estimator(estimator)
     prompts = list(prompts)
     embeds = module.conditioning_for(prompts)
     rows = [

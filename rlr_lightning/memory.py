@@ -365,16 +365,23 @@ class PlannedMemory:
         )
 
 
-def _block_lengths(h: BlockLength, h_auto_max: int, num_steps: int | None) -> list[int | None]:
+def _block_lengths(
+    h: BlockLength, h_auto_max: int, num_steps: int | None, max_block: int | None = None
+) -> list[int | None]:
     """The block lengths to try, largest first."""
     if h is None:
         return [None]
     if h == "auto":
         if isinstance(h_auto_max, bool) or not isinstance(h_auto_max, int) or h_auto_max < 1:
             raise ValueError(f"h_auto_max must be an integer >= 1, got {h_auto_max!r}")
-        top = h_auto_max if num_steps is None else min(h_auto_max, num_steps - 1)
+        if max_block is None and num_steps is not None:
+            max_block = num_steps - 1
+        top = h_auto_max if max_block is None else min(h_auto_max, max_block)
         if top < 1:
-            raise ValueError(f"h='auto' needs at least 2 sampling steps (h <= T - 1), got T={num_steps}")
+            raise ValueError(
+                f"h='auto' needs room for a block of at least 1 step before the first-order steps, got T={num_steps} "
+                f"(longest block {max_block})"
+            )
         return list(range(top, 0, -1))
     if isinstance(h, bool) or not isinstance(h, int) or h < 1:
         raise ValueError(f"h must be an integer >= 1, 'auto' or None, got {h!r}")
@@ -460,6 +467,7 @@ def plan_memory(
     activation_checkpointing: bool | None = None,
     headroom: float = 0.1,
     num_steps: int | None = None,
+    max_block: int | None = None,
 ) -> PlannedMemory:
     """Choose chunk size, activation checkpointing and (with ``h="auto"``) the block length so a step fits.
 
@@ -480,6 +488,8 @@ def plan_memory(
         activation_checkpointing: The user's choice, or ``None`` to let the planner choose.
         headroom: Share of the budget kept free for what the model does not cover (fragmentation, workspaces).
         num_steps: ``T``; caps ``"auto"`` at ``T - 1`` (the block may not contain the last step).
+        max_block: The longest block the estimator allows (``RLR`` with an exact tail of ``K`` steps:
+            ``T - K``); caps ``"auto"`` instead of ``T - 1``.
 
     Raises:
         MemoryBudgetError: Nothing fits, even in chunks of one sample with checkpointing; the message gives
@@ -492,7 +502,7 @@ def plan_memory(
         raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
     if chunk_samples is not None:
         MemoryPlan(chunk_samples)  # validates
-    hs = _block_lengths(h, h_auto_max, num_steps)
+    hs = _block_lengths(h, h_auto_max, num_steps, max_block)
     shapes = _Shapes(shape_for_h)
     usable = int(budget_bytes * (1 - headroom))
     found = _search(costs, usable, shapes, hs, chunk_samples, activation_checkpointing)

@@ -309,6 +309,15 @@ class RLRModule(L.LightningModule):
             self.estimator.setup(self.num_steps, self.eta, self.reward.differentiable)
             self._estimator_reward_id = id(self.reward)
 
+    def prepare_estimator(self, estimator: GradientEstimator | None = None) -> GradientEstimator:
+        """Check ``estimator`` (default: the module's) against this module's steps, eta and reward, and let it
+        read the sampler's schedule (``RLR(tail="auto")``); benchmarks and diagnostics call it for estimators
+        other than the module's. Needs the model loaded (``configure_model``)."""
+        estimator = self.estimator if estimator is None else estimator
+        estimator.setup(self.num_steps, self.eta, True if self.reward is None else self.reward.differentiable)
+        estimator.configure_schedule(self.sampler.kernel.sigma.tolist())
+        return estimator
+
     def missing_reward_message(self, action: str) -> str:
         """What to do when there is no reward to ``action`` (``train`` or ``validate``) with."""
         trained = (f" (this checkpoint was trained with {self.checkpoint_reward})"
@@ -342,6 +351,7 @@ class RLRModule(L.LightningModule):
         self.sampler = self.backbone.make_sampler(
             self.num_steps, self.eta, self.guidance_scale, self.timestep_spacing, stochastic_steps=self.stochastic_steps
         )
+        self.estimator.configure_schedule(self.sampler.kernel.sigma.tolist())
         # The model summary of the rlr command: what trains and what is frozen (Lightning's table lists
         # every submodule, FLOPs it cannot measure and train/eval modes that are intended).
         trainable = sum(p.numel() for p in self.backbone.lora_parameters().values())
@@ -391,6 +401,7 @@ class RLRModule(L.LightningModule):
         planned = plan_memory(
             costs, budget, lambda block: self.estimator.graph_shape(T, local_prompts, block), h=h,
             chunk_samples=self.chunk_samples, activation_checkpointing=self.activation_checkpointing, num_steps=T,
+            max_block=self.estimator.max_block_length(T),
         )
         if self._trainer is not None and self.trainer.world_size > 1:
             planned = self.trainer.strategy.broadcast(planned)

@@ -72,6 +72,15 @@ def _isolated_logging():
         lg.propagate, lg.disabled = propagate, disabled
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    """A W&B run in the pytest process sets WANDB_SERVICE to its service; a later test's ``rlr fit`` subprocess
+    would inherit it and register its runs there, where they outlive the subprocess (a resume then fails with
+    "run ID ... is in use")."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny Stable-Diffusion-shaped pipeline saved as a normal diffusers directory."""

@@ -163,7 +163,7 @@ def test_load_backbone_of_an_impossible_name_lists_the_built_in_names():
          ["--model.estimator.init_args.h x: expected an integer or auto"]),
         (("--model.estimator.init_args.hh", "3"),
          ["--model.estimator.init_args.hh: rlr_lightning.estimators.RLR has no option 'hh' (did you mean h?)",
-          "its options: h, block_law"]),
+          "its options: h, tail, tail_sigma_ratio, block_law"]),
         (("--model.reward.init_args.weight", "2"),
          ["--model.reward.init_args.weight: rlr_lightning.rewards.WorldCountReward has no option 'weight'",
           "its options: counter"]),

@@ -392,3 +392,33 @@ def test_h_auto_without_a_budget_is_refused(tiny_pipeline_dir):
 
     with pytest.raises(ValueError, match="h='auto'.*memory_budget_gb"):
         make_module(tiny_pipeline_dir, estimator=RLR(h="auto"))
+
+
+# -- RLR's exact tail ------------------------------------------------------------------------------------
+
+
+def test_the_planner_prices_an_exact_tail_like_the_backprop_window_it_is():
+    from rlr_lightning.estimators import RLR, TruncatedBackprop
+
+    # Unchunked, the tail of K steps holds K denoiser graphs (8 GiB per sample each) like truncated backprop's
+    # window of K, and takes K steps off the re-scoring.
+    for tail in (1, 2, 4):
+        rlr = RLR(h=2, tail=tail)
+        rlr.setup(T, 1.0)
+        shape = rlr.graph_shape(T, prompts=4)
+        assert shape == GraphShape(samples=4, windows=(2, tail), reward_window=1, rescoring_steps=T - tail - 2,
+                                   rescore_steps_per_call=4)
+        assert peak_gib(shape, None, False) == 10 + (2 + tail) * 8 * 4 + 20 * 4
+        truncated = TruncatedBackprop(k=tail).graph_shape(T, prompts=4)
+        # Without its block, RLR's tail costs what truncated backprop's window costs.
+        assert peak_gib(replace(shape, windows=(tail,), reward_window=0, rescoring_steps=0), None, False) == \
+            peak_gib(truncated, None, False)
+
+
+def test_h_auto_leaves_room_for_the_tail():
+    from rlr_lightning.estimators import RLR
+
+    rlr = RLR(h="auto", tail=4)
+    planned = plan_memory(COSTS, 10_000 * GIB, lambda h: rlr.graph_shape(5, 1, h), h="auto", num_steps=5,
+                          max_block=rlr.max_block_length(5))
+    assert planned.h == 1  # T - K = 1, although the budget would allow the default cap of 2

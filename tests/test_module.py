@@ -317,3 +317,21 @@ def test_an_explicit_export_dir_is_refused_to_another_run_and_replaced_by_a_resu
     make_trainer(tmp_path, 2).fit(resumed, datamodule=data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     new_weights, new_record = _exported(export)
     assert new_record["run_id"] == record["run_id"] and new_record["global_step"] == 2 and new_weights != weights
+
+
+def test_auto_tail_is_read_from_the_loaded_sampler_and_trains(tiny_pipeline_dir, tmp_path, caplog):
+    from rlr_lightning.estimators.rlr import auto_tail
+
+    # Leading spacing at T = 6 ends with sharp steps; the module resolves the tail when the model loads.
+    module = make_module(tiny_pipeline_dir, num_steps=6, timestep_spacing="leading",
+                         estimator=RLR(h=1, tail="auto"))
+    with caplog.at_level("INFO", logger="rlr_lightning"):
+        module.configure_model()
+    sigmas = module.sampler.kernel.sigma.tolist()
+    expected = auto_tail(sigmas, 0.25, max_tail=5)
+    assert module.estimator.tail_steps == expected >= 2, sigmas
+    assert any("tail='auto': the last" in r.getMessage() for r in caplog.records)
+    before = snapshot(module)
+    make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data())
+    changed = [k for k, v in module.backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("lora" in k for k in changed)

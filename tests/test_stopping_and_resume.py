@@ -77,7 +77,9 @@ def test_wandb_runs_get_a_directory_each_and_a_resume_continues_the_same_run(tin
     args = [*tiny_fit_args(tiny_pipeline_dir, tmp_path / "root"),
             "--config", str(ROOT / "configs" / "wandb_offline.yaml"), "--trainer.logger.init_args.save_dir", str(save_dir),
             "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # Without WANDB_SERVICE: a W&B test run in-process before this one leaves the variable pointing at the
+    # pytest process's own wandb service, which would keep the first run registered ("run ID ... is in use").
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline"}
 
     def fit(*extra: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "rlr_lightning", "fit", *args, *extra], cwd=tmp_path, env=env,

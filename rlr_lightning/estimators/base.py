@@ -287,6 +287,14 @@ class GradientEstimator(ABC):
                 "(which then scores the last step by its likelihood ratio) or ScoreFunction"
             )
 
+    def configure_schedule(self, sigmas: Sequence[float]) -> None:
+        """Called once the sampler exists, with its step sigmas in sampling order (choices read from the
+        schedule, e.g. ``RLR(tail="auto")``). They may depend on the schedule, never on a sample."""
+
+    def max_block_length(self, num_steps: int) -> int:
+        """The longest half-order block ``T`` steps leave room for (the memory planner's cap on ``h="auto"``)."""
+        return num_steps - 1
+
     def uses_likelihood_ratios(self, num_steps: int) -> bool:
         return False
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -22,23 +24,54 @@ from rlr_lightning.sampling import Conditioning, Plan, Sampler
 logger = logging.getLogger(__name__)
 
 
+def auto_tail(sigmas: Sequence[float], ratio: float, max_tail: int) -> int:
+    """``tail="auto"``: how many final steps have a sigma below ``ratio`` times the median step sigma.
+
+    A step's likelihood-ratio term scales as ``1 / sigma_k`` while its pathwise share does not, so the sharp
+    final steps are the ones worth backpropagating exactly. Deterministic final steps (sigma 0, e.g. the ODE
+    steps of a mixed flow sampler) have no likelihood ratio at all and always join. At least 1, at most
+    ``max_tail``.
+    """
+    values = [float(v) for v in sigmas]
+    threshold = ratio * statistics.median(values)
+    tail = 0
+    for sigma in reversed(values):
+        if sigma >= threshold:
+            break
+        tail += 1
+    return max(1, min(tail, max_tail))
+
+
 class RLR(GradientEstimator):
-    """RLR: first order on the last step, a half-order block of ``h`` steps, zeroth order elsewhere.
+    """RLR: first order on an exact tail of ``K`` last steps, a half-order block of ``h`` steps, zeroth order
+    elsewhere.
 
-    For one sample with block ``B = {a, .., a+h-1}`` (``0 <= a <= T-1-h``) and ``C = {0, .., T-2} \\ B``::
+    For one sample with tail ``K``, block ``B = {a, .., a+h-1}`` (``0 <= a <= T-K-h``) and
+    ``C = {0, .., T-K-1} \\ B``::
 
-        G = c_fo * grad r                          (backprop through step T-1, the decoder and the reward)
+        G = c_fo * grad r                          (backprop through steps T-K .. T-1, the decoder and the reward)
           + c_ho * grad A * log p(sg(s_{a+h}) | s_{a+h-1})   (pathwise through the block from sg(s_a))
           + c_zo * sum_{k in C} ZO_k
 
     Every block-start law below is independent of the current sample, so ``G`` is unbiased for each of them.
+    The paper's RLR is ``tail=1``. A step's likelihood ratio scales as ``1 / sigma_k``: the last steps of a
+    DDIM schedule, whose sigma is an order of magnitude below the others (0.04 and 0.02 against 0.26-0.78 on
+    the shapes world), carry almost all of a score estimate's variance there, and the tail takes them
+    pathwise instead (``docs/benchmarks.md`` section 6).
 
     Args:
         h: Block length (half-order sub-chain). Memory grows linearly with it; the paper recommends 2.
             ``auto``: the largest block the module's ``memory_budget_gb`` allows, up to 2 (the paper's Eq. 8
             evaluated with costs measured on the real model; see ``rlr_lightning.memory``).
+        tail: Exact tail ``K``: the last ``K`` steps are backpropagated pathwise with the reward's gradient (the
+            first-order term; memory grows with ``K`` like truncated backprop's). ``auto``: every final step
+            whose sigma is below ``tail_sigma_ratio`` times the median sigma of the schedule (at least 1),
+            read from the sampler once the model is loaded. A reward without gradient needs ``tail=1`` (its last
+            step is then scored by likelihood ratio).
+        tail_sigma_ratio: ``tail="auto"``: a final step joins the tail when its sigma is below this share of the
+            median step sigma.
         block_law: How the block start ``a`` is drawn each iteration, identically on all ranks:
-            ``uniform`` on ``[0, T-1-h]``; ``range``: uniform on ``block_range`` (focus a scale, e.g. the
+            ``uniform`` on ``[0, T-K-h]``; ``range``: uniform on ``block_range`` (focus a scale, e.g. the
             late steps of DCoT's fine prompt); ``grad_norm``: softmax over running estimates of the HO
             gradient norm per start, from earlier iterations only (the paper's preferred law).
         block_range: Inclusive ``[lo, hi]`` for ``block_law="range"``.
@@ -75,6 +108,8 @@ class RLR(GradientEstimator):
     def __init__(
         self,
         h: int | Literal["auto"] = 2,
+        tail: int | Literal["auto"] = 1,
+        tail_sigma_ratio: float = 0.25,
         block_law: Literal["uniform", "range", "grad_norm"] = "uniform",
         block_range: tuple[int, int] | None = None,
         grad_norm_temperature: float = 1.0,
@@ -96,6 +131,10 @@ class RLR(GradientEstimator):
         super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size)
         if h != "auto" and (not isinstance(h, int) or h < 1):
             raise ValueError(f"block length h must be an integer >= 1 or 'auto', got {h!r}")
+        if tail != "auto" and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
+            raise ValueError(f"tail (exact tail K) must be an integer >= 1 or 'auto', got {tail!r}")
+        if not 0 < tail_sigma_ratio < 1:
+            raise ValueError(f"tail_sigma_ratio must be in (0, 1), got {tail_sigma_ratio}")
         if block_law not in ("uniform", "range", "grad_norm"):
             raise ValueError(f"unknown block_law {block_law!r}; choose uniform, range or grad_norm")
         if block_law == "range":
@@ -112,6 +151,8 @@ class RLR(GradientEstimator):
         if not 0 <= grad_norm_decay < 1:
             raise ValueError(f"grad_norm_decay must be in [0, 1), got {grad_norm_decay}")
         self.h = h
+        self.tail = tail
+        self.tail_sigma_ratio = tail_sigma_ratio
         self.block_law = block_law
         self.block_range = None if block_range is None else (int(block_range[0]), int(block_range[1]))
         self.grad_norm_temperature = grad_norm_temperature
@@ -123,6 +164,8 @@ class RLR(GradientEstimator):
         self.perturb_backprop_steps = perturb_backprop_steps
         self.c_fo, self.c_ho, self.c_zo = c_fo, c_ho, c_zo
         self.fo_by_likelihood_ratio = False
+        #: The tail ``K`` in use: ``tail`` itself, or what ``tail="auto"`` chose (``configure_schedule``).
+        self.tail_steps: int | None = None if tail == "auto" else tail
         self.block_norms: list[float | None] = []
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -133,29 +176,73 @@ class RLR(GradientEstimator):
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
         self._check_eta(num_steps, eta)
         self.fo_by_likelihood_ratio = not reward_differentiable
+        if self.fo_by_likelihood_ratio and self.tail not in (1, "auto"):
+            raise ValueError(
+                f"RLR tail={self.tail} backpropagates the reward's gradient through the last {self.tail} steps, but "
+                "the reward is not differentiable: use tail=1 (its last step is then scored by likelihood ratio)"
+            )
+        if self.fo_by_likelihood_ratio:
+            self.tail_steps = 1
         if self.h == "auto":
             return  # checked again once the memory planner has chosen h
-        T, h = num_steps, self.h
-        if h > T - 1:
-            raise ValueError(
-                f"block length h={h} must be <= T-1={T - 1}: the block may not contain the last (FO) step"
-            )
-        if self.block_range is not None and self.block_law == "range":
-            lo, hi = self.block_range
-            if lo < 0 or hi > T - 1 - h:
-                raise ValueError(
-                    f"block_range [{lo}, {hi}] is outside the valid block starts [0, {T - 1 - h}] for T={T}, h={h}"
-                )
-        n_zo = T - 1 - h
-        if self.zo_mode == "score" and self.zo_subsample is not None and self.zo_subsample > n_zo:
-            raise ValueError(f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-1-h)")
+        self._check_steps(num_steps)
         if self.fo_by_likelihood_ratio:
             logger.info(
                 "The reward is not differentiable: RLR replaces the first-order term on the last step by that "
                 "step's likelihood ratio."
             )
-        if len(self.block_norms) != T - h:
-            self.block_norms = [None] * (T - h)
+
+    def _check_steps(self, num_steps: int) -> None:
+        """Block, tail and block range fit in ``T`` steps (the tail counts as 1 until ``auto`` is resolved)."""
+        T, h = num_steps, self.h
+        K = self.tail_steps or 1
+        if h > T - K:
+            tail = "" if self.tail == 1 else f" and the exact tail (K={K}, tail={self.tail!r})"
+            raise ValueError(
+                f"block length h={h} must be <= T-{K}={T - K}: the block may not contain the last "
+                f"{'step' if K == 1 else f'{K} steps'} (first order){tail}; lower h or the tail, or raise "
+                "model.num_steps"
+            )
+        if self.block_range is not None and self.block_law == "range":
+            lo, hi = self.block_range
+            if lo < 0 or hi > T - K - h:
+                raise ValueError(
+                    f"block_range [{lo}, {hi}] is outside the valid block starts [0, {T - K - h}] for T={T}, h={h}"
+                    + ("" if K == 1 else f", tail K={K}")
+                )
+        n_zo = T - K - h
+        if self.zo_mode == "score" and self.zo_subsample is not None and self.zo_subsample > n_zo:
+            raise ValueError(f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-K-h)")
+        if len(self.block_norms) != T - K - h + 1:
+            self.block_norms = [None] * (T - K - h + 1)
+
+    def configure_schedule(self, sigmas: Sequence[float]) -> None:
+        """Resolve ``tail="auto"`` from the sampler's step sigmas (sampling order) and check the steps again.
+
+        The rule reads only the schedule, never a sample, so the estimate stays unbiased.
+        """
+        T = len(sigmas)
+        if self.tail == "auto" and not self.fo_by_likelihood_ratio:
+            self.tail_steps = auto_tail(sigmas, self.tail_sigma_ratio, max_tail=T - (1 if self.h == "auto" else self.h))
+            logger.info(
+                "RLR tail='auto': the last %d step(s) (sigma %s, below %.2f x the median sigma %.3g) are "
+                "backpropagated exactly", self.tail_steps, ", ".join(f"{float(v):.3g}" for v in sigmas[T - self.tail_steps:]),
+                self.tail_sigma_ratio, statistics.median(float(v) for v in sigmas),
+            )
+        if self.h != "auto":
+            self._check_steps(T)
+
+    def max_block_length(self, num_steps: int) -> int:
+        """The longest block that leaves room for the tail (the memory planner's cap for ``h="auto"``)."""
+        return num_steps - (self.tail_steps or 1)
+
+    def _tail(self) -> int:
+        if self.tail_steps is None:
+            raise ValueError(
+                "RLR(tail='auto') reads the sampler's sigmas: call configure_schedule(sampler.kernel.sigma.tolist()) "
+                "first (RLRModule does when it loads the model)"
+            )
+        return self.tail_steps
 
     @property
     def requires_reward_grad(self) -> bool:  # type: ignore[override]
@@ -166,12 +253,13 @@ class RLR(GradientEstimator):
         if h == "auto":
             raise ValueError("graph_shape needs a block length: pass h, or let the memory planner choose it")
         samples = prompts * self.samples_per_prompt
+        K = self._tail()
         rescoring = 0
         if self.zo_mode == "score":
-            rescoring = self.zo_subsample if self.zo_subsample is not None else max(num_steps - 1 - h, 0)
+            rescoring = self.zo_subsample if self.zo_subsample is not None else max(num_steps - K - h, 0)
         return GraphShape(
             samples,
-            windows=(h, 1),  # the block's backward runs first, then the last step's
+            windows=(h, K),  # the block's backward runs first, then the tail's
             reward_window=None if self.fo_by_likelihood_ratio else 1,
             rescoring_steps=rescoring,
             rescore_steps_per_call=self.score_chunk_steps,
@@ -180,12 +268,12 @@ class RLR(GradientEstimator):
     # -- plan ------------------------------------------------------------------------------------------
 
     def zo_steps(self, num_steps: int, block_start: int) -> list[int]:
-        """``C = {0, .., T-2}`` minus the block: the steps whose share the ZO term estimates."""
-        return [k for k in range(num_steps - 1) if not block_start <= k < block_start + self.h]
+        """``C = {0, .., T-K-1}`` minus the block: the steps whose share the ZO term estimates."""
+        return [k for k in range(num_steps - self._tail()) if not block_start <= k < block_start + self.h]
 
     def block_start_probs(self, num_steps: int) -> Tensor:
-        """The law of the block start ``a`` over ``0 .. T-1-h`` for the next iteration."""
-        n = num_steps - self.h
+        """The law of the block start ``a`` over ``0 .. T-K-h`` for the next iteration."""
+        n = num_steps - self._tail() - self.h + 1
         probs = torch.zeros(n, dtype=torch.float64)
         if self.block_law == "range":
             lo, hi = self.block_range
@@ -204,9 +292,10 @@ class RLR(GradientEstimator):
         T, h = num_steps, self.h
         if h == "auto":
             raise ValueError("RLR(h='auto') needs the module's memory_budget_gb: the memory planner chooses h")
+        K = self._tail()
         a = int(torch.multinomial(self.block_start_probs(T), 1, generator=step_generator))
         zo_steps = self.zo_steps(T, a)
-        info = {"block_start": a}
+        info = {"block_start": a, "tail": K}
         if self.zo_mode == "score" and self.zo_subsample is not None:
             pick = torch.randperm(len(zo_steps), generator=step_generator)[: self.zo_subsample]
             info["zo_steps"] = sorted(zo_steps[i] for i in pick.tolist())
@@ -214,13 +303,14 @@ class RLR(GradientEstimator):
         if self.zo_mode == "parameter":
             perturbed = list(range(T)) if self.perturb_backprop_steps else zo_steps
             perturbations = perturbations_for(perturbed, rank_seed, self.zo_scale, self.antithetic)
-        return Plan(T, windows=((a, a + h), (T - 1, T)), perturbations=perturbations, info=info)
+        return Plan(T, windows=((a, a + h), (T - K, T)), perturbations=perturbations, info=info)
 
     # -- surrogate terms ---------------------------------------------------------------------------------
 
     def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps
         a = rollout.plan.info["block_start"]
+        K = rollout.plan.info.get("tail", 1)
         B = rollout.batch_size
         A = rollout.advantages
         last_of_block = a + self.h - 1
@@ -233,11 +323,11 @@ class RLR(GradientEstimator):
                 return -self.c_fo * (A[view.samples.to(A.device)] * view.log_probs[T - 1]).sum() / B
             return -self.c_fo * view.rewards().sum() / B
 
-        # Backward order: the block, then the last step, then the re-scoring chunks. Graphs kept from the
+        # Backward order: the block, then the tail, then the re-scoring chunks. Graphs kept from the
         # sampling pass (unchunked) are freed as early as possible, and the last term (a re-scoring chunk, or
         # the first-order term) reaches every LoRA weight, so under DDP it is the one that synchronises.
         terms = self.window_terms(rollout, sampler, embeds, (a, a + self.h), "ho", ho)
-        terms += self.window_terms(rollout, sampler, embeds, (T - 1, T), "fo", fo)
+        terms += self.window_terms(rollout, sampler, embeds, (T - K, T), "fo", fo)
         zo_steps = self.zo_steps(T, a)
         if self.zo_mode == "score" and zo_steps:
             chosen = rollout.plan.info.get("zo_steps", zo_steps)

@@ -28,6 +28,76 @@ def test_rlr_plan_has_block_and_fo_windows_and_never_overlaps():
     assert starts == set(range(T - 3))  # uniform over every valid start 0 .. T-1-h
 
 
+@pytest.mark.parametrize("h, tail", [(1, 2), (2, 3), (3, 7)])
+def test_rlr_exact_tail_takes_the_last_k_steps_and_the_block_and_likelihood_ratios_the_rest(h, tail):
+    est = RLR(h=h, tail=tail)
+    est.setup(T, 1.0)
+    starts = set()
+    for seed in range(200):
+        plan = est.plan(T, gen(seed), rank_seed=seed)
+        a = plan.info["block_start"]
+        assert plan.windows == ((a, a + h), (T - tail, T)) and plan.info["tail"] == tail
+        # Every step is covered exactly once: block, tail, or a likelihood ratio.
+        covered = sorted([*range(a, a + h), *range(T - tail, T), *est.zo_steps(T, a)])
+        assert covered == list(range(T))
+        starts.add(a)
+    assert starts == set(range(T - tail - h + 1))
+    assert len(est.block_norms) == T - tail - h + 1
+    shape = est.graph_shape(T, prompts=2)
+    assert shape.windows == (h, tail) and shape.reward_window == 1 and shape.rescoring_steps == T - tail - h
+
+
+@pytest.mark.parametrize(
+    "sigmas, expected",
+    [
+        # shapes-world, leading spacing, eta 1: the two sharp final steps
+        ([0.776, 0.726, 0.668, 0.601, 0.528, 0.448, 0.362, 0.261, 0.041, 0.021], 2),
+        # the quickstart's trailing spacing: only the last step is sharp
+        ([0.817, 0.775, 0.725, 0.667, 0.6, 0.526, 0.446, 0.36, 0.259, 0.029], 1),
+        # no sharp step: the paper's one-step first-order term
+        ([0.5, 0.5, 0.5, 0.5], 1),
+        # deterministic final steps (a mixed SDE/ODE flow sampler) have no likelihood ratio: they join
+        ([0.3, 0.3, 0.3, 0.0, 0.0, 0.0], 3),
+    ],
+    ids=["world-leading", "quickstart-trailing", "flat", "ode-tail"],
+)
+def test_auto_tail_takes_the_final_steps_of_small_sigma(sigmas, expected):
+    est = RLR(h=1, tail="auto")
+    est.setup(len(sigmas), 1.0)
+    est.configure_schedule(sigmas)
+    assert est.tail_steps == expected
+    plan = est.plan(len(sigmas), gen(0), rank_seed=0)
+    assert plan.windows[1] == (len(sigmas) - expected, len(sigmas))
+
+
+def test_auto_tail_leaves_room_for_the_block_and_needs_the_schedule():
+    est = RLR(h=6, tail="auto")
+    est.setup(9, 1.0)
+    with pytest.raises(ValueError, match="configure_schedule"):
+        est.plan(9, gen(0), rank_seed=0)
+    est.configure_schedule([0.5] * 5 + [0.01] * 4)
+    assert est.tail_steps == 3  # 4 sharp steps, capped at T - h
+    assert est.max_block_length(9) == 6
+
+
+def test_exact_tail_settings_that_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="tail .exact tail K. must be an integer >= 1"):
+        RLR(tail=0)
+    with pytest.raises(ValueError, match="tail_sigma_ratio must be in"):
+        RLR(tail="auto", tail_sigma_ratio=1.5)
+    with pytest.raises(ValueError, match=r"h=2 must be <= T-9=1: .* exact tail \(K=9"):
+        RLR(h=2, tail=9).setup(T, 1.0)
+    with pytest.raises(ValueError, match="reward is not differentiable: use tail=1"):
+        RLR(h=1, tail=2).setup(T, 1.0, reward_differentiable=False)
+    with pytest.raises(ValueError, match=r"valid block starts \[0, 5\] for T=10, h=2, tail K=3"):
+        RLR(h=2, tail=3, block_law="range", block_range=(0, 6)).setup(T, 1.0)
+    # A reward without gradient: auto falls back to the one-step term, scored by likelihood ratio.
+    est = RLR(h=1, tail="auto")
+    est.setup(T, 1.0, reward_differentiable=False)
+    est.configure_schedule([0.5] * 8 + [0.01, 0.01])
+    assert est.tail_steps == 1
+
+
 def test_block_start_is_shared_by_ranks_and_perturbations_are_not():
     est = RLR(h=2, zo_mode="parameter", zo_scale=0.01)
     est.setup(T, 1.0)
