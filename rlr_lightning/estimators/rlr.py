@@ -274,6 +274,8 @@ class RLR(GradientEstimator):
     def block_start_probs(self, num_steps: int) -> Tensor:
         """The law of the block start ``a`` over ``0 .. T-K-h`` for the next iteration."""
         n = num_steps - self._tail() - self.h + 1
+        if len(self.block_norms) != n:  # restored from a run with another T, h or tail: start afresh
+            self.block_norms = [None] * n
         probs = torch.zeros(n, dtype=torch.float64)
         if self.block_law == "range":
             lo, hi = self.block_range

@@ -263,3 +263,15 @@ def test_running_reward_statistics_travel_with_the_estimator_state():
     assert restored.reward_stats.mean == pytest.approx(0.9 * 2.0 + 0.1 * 2.0)
     assert restored.reward_stats.std == pytest.approx(rlr.reward_stats.std)
     assert rlr.reward_stats.std == pytest.approx((0.9 * 5.0 + 0.1 * 4.0 - 2.0**2) ** 0.5)
+
+
+def test_grad_norm_law_restored_from_another_tail_starts_afresh():
+    before = RLR(h=2, block_law="grad_norm")
+    before.setup(T, 1.0)
+    before.block_norms = [float(i + 1) for i in range(T - 2)]  # 8 starts at tail 1
+    after = RLR(h=2, tail=3, block_law="grad_norm")
+    after.setup(T, 1.0)
+    after.load_state_dict(before.state_dict())  # as a resume does: the module is set up, then the state loads
+    probs = after.block_start_probs(T)
+    assert probs.numel() == T - 3 - 2 + 1 and torch.allclose(probs, torch.full_like(probs, 1 / probs.numel()))
+    assert all(after.plan(T, gen(s), rank_seed=s).info["block_start"] <= T - 3 - 2 for s in range(50))
