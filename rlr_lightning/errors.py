@@ -97,9 +97,15 @@ def _describe_type(text: str) -> str:
     return text.replace("typing.", "")
 
 
-def _import(class_path: str) -> Any:
+def import_class(class_path: str) -> type | None:
+    """The class a dotted ``class_path`` names, or ``None`` when it names none (no such module or attribute,
+    or not a class)."""
     module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if inspect.isclass(found) else None
 
 
 def _init_options(cls: type) -> list[str]:
@@ -145,11 +151,8 @@ def _union_base(chain: list[BaseException]) -> type | None:
         for subtype in _split_top_level(match.group(1)):
             class_match = _CLASS.match(subtype)
             if class_match and class_match.group(1) not in ("NoneType", "builtins.NoneType"):
-                try:
-                    cls = _import(class_match.group(1))
-                except (ImportError, AttributeError, ValueError):
-                    continue
-                if inspect.isclass(cls) and cls.__module__ != "builtins":
+                cls = import_class(class_match.group(1))
+                if cls is not None and cls.__module__ != "builtins":
                     return cls
         return None
     return None
@@ -248,11 +251,8 @@ def short_config_error(err: BaseException, config: Any = None) -> str | None:
 
 
 def _class_options(class_path: str) -> list[str]:
-    try:
-        cls = _import(class_path)
-    except (ImportError, AttributeError, ValueError):
-        return []
-    return _init_options(cls) if inspect.isclass(cls) else []
+    cls = import_class(class_path)
+    return _init_options(cls) if cls is not None else []
 
 
 def yaml_syntax_error(path: str | os.PathLike) -> str | None:

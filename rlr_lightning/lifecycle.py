@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import logging
 import math
 import os
@@ -33,6 +32,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from rlr_lightning.errors import import_class
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +207,13 @@ def run_directory(run_logger: Logger, default_root_dir: str) -> str:
     checkpoints go to (``ModelCheckpoint``'s ``<save_dir>/<name>/<version>``), one per run."""
     if isinstance(run_logger, (CSVLogger, TensorBoardLogger)):
         return run_logger.log_dir
-    version = run_logger.version
-    version = version if isinstance(version, str) else f"version_{version}"
-    return os.path.join(run_logger.save_dir or default_root_dir, str(run_logger.name), version)
+    return os.path.join(run_logger.save_dir or default_root_dir, str(run_logger.name),
+                        _version_dir(run_logger.version))
+
+
+def _version_dir(version: int | str) -> str:
+    """A run directory's name: Lightning's ``version_N``, or a string version (a W&B run id) as it is."""
+    return version if isinstance(version, str) else f"version_{version}"
 
 
 class RunTrainer(L.Trainer):
@@ -233,15 +238,6 @@ def _qualified_name(cls: type) -> str:
 def _kind(cls: type) -> type:
     """The logger class a run directory belongs to (a subclass, such as :class:`ContinuedCSVLogger`, counts as it)."""
     return next((base for base in (CSVLogger, TensorBoardLogger, WandbLogger) if issubclass(cls, base)), cls)
-
-
-def _import_class(path: str) -> type | None:
-    module, _, name = path.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return found if isinstance(found, type) else None
 
 
 class RunDirectory(Callback):
@@ -325,14 +321,14 @@ def continue_run(trainer_config: Any, ckpt_path: str, record: list[dict] | None)
     continued = []
     for entry in entries:
         class_path = entry.get("class_path") if hasattr(entry, "get") else None
-        cls = _import_class(class_path) if class_path else None
+        cls = import_class(class_path) if class_path else None
         init_args = entry.get("init_args") if cls is not None else None
         root = _configured_root(cls, init_args, trainer_config.get("default_root_dir")) if init_args else None
         if root is None:
             continue
         version = None
         for logged in record or []:
-            logged_cls = _import_class(logged["logger"])
+            logged_cls = import_class(logged["logger"])
             if logged_cls is not None and _kind(logged_cls) is _kind(cls) and Path(logged["run_dir"]).parent == root:
                 version = logged["version"]
                 break
@@ -344,7 +340,7 @@ def continue_run(trainer_config: Any, ckpt_path: str, record: list[dict] | None)
         if init_args.get(key) is not None or (key == "id" and init_args.get("version") is not None):
             continue  # the command line names the version: a new or another run, as asked
         init_args[key] = version
-        run_dir = root / (version if isinstance(version, str) else f"version_{version}")
+        run_dir = root / _version_dir(version)
         if cls is CSVLogger:
             entry.class_path = _qualified_name(ContinuedCSVLogger)
         continued.append(str(run_dir))

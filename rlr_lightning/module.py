@@ -234,7 +234,7 @@ class RLRModule(L.LightningModule):
         # Impossible settings (h >= T, eta = 0 with likelihood ratios, a reward without gradient for a
         # backprop estimator) fail here, before any model is loaded. Without a reward its differentiability
         # is checked in ``setup``, once there is one.
-        self.estimator.setup(num_steps, eta, True if self.reward is None else self.reward.differentiable)
+        self.estimator.setup(num_steps, eta, self._reward_differentiable)
         # Which reward the estimator was set up with, by identity (a module attribute would register the
         # reward a second time as a submodule).
         self._estimator_reward_id = None if self.reward is None else id(self.reward)
@@ -309,12 +309,17 @@ class RLRModule(L.LightningModule):
             self.estimator.setup(self.num_steps, self.eta, self.reward.differentiable)
             self._estimator_reward_id = id(self.reward)
 
+    @property
+    def _reward_differentiable(self) -> bool:
+        # Without a reward yet, the estimator's reward checks wait for one (``setup``).
+        return True if self.reward is None else self.reward.differentiable
+
     def prepare_estimator(self, estimator: GradientEstimator | None = None) -> GradientEstimator:
         """Check ``estimator`` (default: the module's) against this module's steps, eta and reward, and let it
         read the sampler's schedule (``RLR(tail="auto")``); benchmarks and diagnostics call it for estimators
         other than the module's. Needs the model loaded (``configure_model``)."""
         estimator = self.estimator if estimator is None else estimator
-        estimator.setup(self.num_steps, self.eta, True if self.reward is None else self.reward.differentiable)
+        estimator.setup(self.num_steps, self.eta, self._reward_differentiable)
         estimator.configure_schedule(self.sampler.kernel.sigma.tolist())
         return estimator
 

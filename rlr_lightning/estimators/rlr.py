@@ -213,8 +213,7 @@ class RLR(GradientEstimator):
         n_zo = T - K - h
         if self.zo_mode == "score" and self.zo_subsample is not None and self.zo_subsample > n_zo:
             raise ValueError(f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-K-h)")
-        if len(self.block_norms) != T - K - h + 1:
-            self.block_norms = [None] * (T - K - h + 1)
+        self._block_starts(T)
 
     def configure_schedule(self, sigmas: Sequence[float]) -> None:
         """Resolve ``tail="auto"`` from the sampler's step sigmas (sampling order) and check the steps again.
@@ -235,6 +234,14 @@ class RLR(GradientEstimator):
     def max_block_length(self, num_steps: int) -> int:
         """The longest block that leaves room for the tail (the memory planner's cap for ``h="auto"``)."""
         return num_steps - (self.tail_steps or 1)
+
+    def _block_starts(self, num_steps: int) -> int:
+        """The number of block starts, ``T - K - h + 1``; running norms kept for another number (a state restored
+        from a run with another ``T``, ``h`` or tail) start afresh."""
+        n = num_steps - (self.tail_steps or 1) - self.h + 1
+        if len(self.block_norms) != n:
+            self.block_norms = [None] * n
+        return n
 
     def _tail(self) -> int:
         if self.tail_steps is None:
@@ -273,9 +280,7 @@ class RLR(GradientEstimator):
 
     def block_start_probs(self, num_steps: int) -> Tensor:
         """The law of the block start ``a`` over ``0 .. T-K-h`` for the next iteration."""
-        n = num_steps - self._tail() - self.h + 1
-        if len(self.block_norms) != n:  # restored from a run with another T, h or tail: start afresh
-            self.block_norms = [None] * n
+        n = self._block_starts(num_steps)
         probs = torch.zeros(n, dtype=torch.float64)
         if self.block_law == "range":
             lo, hi = self.block_range
