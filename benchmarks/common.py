@@ -204,21 +204,28 @@ def measure_step(module: RLRModule, prompts, repeats: int = 5, warmup: int = 1) 
     return out
 
 
-def interleaved_times(module: RLRModule, jobs: list[tuple[str, object, list[str]]], repeats: int = 7,
+def interleaved_times(module: RLRModule, jobs: list[tuple], repeats: int = 7,
                       warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of one gradient estimate of every ``(name, estimator, prompts)`` job, ``repeats`` times each,
     round-robin: round ``r`` times every job once (on draw ``r``), starting from job ``r mod len(jobs)``, so
     slow phases of a shared machine fall on every estimator alike instead of on whichever ran then. Report the
-    median of each list. Every job is warmed up ``warmup`` times first (all jobs before any is timed)."""
+    median of each list. Every job is warmed up ``warmup`` times first (all jobs before any is timed).
+
+    A job may carry a fourth element, a ``MemoryPlan``: it then runs under that plan (the module's plan and the
+    decoder's checkpointing, as a training run with it has them), and the module's own plan is restored after.
+    """
     if repeats < 1 or not jobs:
         raise ValueError(f"need jobs and repeats >= 1, got {len(jobs)} jobs and repeats={repeats}")
+    saved_plan = module.memory_plan
     prepared = []
-    for name, estimator, prompts in jobs:
+    for name, estimator, prompts, *plan in jobs:
         module.prepare_estimator(estimator)
-        prepared.append((name, estimator, prompts, module.conditioning_for(prompts)))
+        prepared.append((name, estimator, prompts, module.conditioning_for(prompts), plan[0] if plan else None))
 
-    def run(estimator, prompts, embeds, draw: int) -> float:
+    def run(estimator, prompts, embeds, plan, draw: int) -> float:
         module.estimator = estimator
+        if plan is not None:
+            use_memory_plan(module, plan)
         gc.collect()
         synchronize()
         start = time.perf_counter()
@@ -226,15 +233,25 @@ def interleaved_times(module: RLRModule, jobs: list[tuple[str, object, list[str]
         synchronize()
         return time.perf_counter() - start
 
-    for i in range(warmup):
-        for _, estimator, prompts, embeds in prepared:
-            run(estimator, prompts, embeds, 10_000 + i)
-    times: dict[str, list[float]] = {name: [] for name, *_ in prepared}
-    for r in range(repeats):
-        shift = r % len(prepared)
-        for name, estimator, prompts, embeds in prepared[shift:] + prepared[:shift]:
-            times[name].append(run(estimator, prompts, embeds, r))
+    try:
+        for i in range(warmup):
+            for _, estimator, prompts, embeds, plan in prepared:
+                run(estimator, prompts, embeds, plan, 10_000 + i)
+        times: dict[str, list[float]] = {name: [] for name, *_ in prepared}
+        for r in range(repeats):
+            shift = r % len(prepared)
+            for name, estimator, prompts, embeds, plan in prepared[shift:] + prepared[:shift]:
+                times[name].append(run(estimator, prompts, embeds, plan, r))
+    finally:
+        use_memory_plan(module, saved_plan)
     return times
+
+
+def use_memory_plan(module: RLRModule, plan) -> None:
+    """Run the module's estimates under ``plan``: its chunking and the checkpointing of the denoiser calls and
+    of the decoder, as a training run with that plan has them."""
+    module.memory_plan = plan
+    module.set_activation_checkpointing(plan.activation_checkpointing)
 
 
 def activation_mb(module: RLRModule, prompts) -> float:

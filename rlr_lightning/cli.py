@@ -188,6 +188,8 @@ COMMANDS = {
     "fit": "fine-tune LoRA weights toward a reward (LightningCLI: rlr fit --config configs/quickstart.yaml)",
     "validate": "score a checkpoint on held-out prompts (rlr validate --config ... --ckpt_path .../last.ckpt)",
     "sample": "sample images and per-step log-probabilities (any family: SD 1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1)",
+    "diagnose": "map where the gradient noise lives, step by step, and recommend RLR's tail and baselines "
+    "(rlr diagnose --config configs/quickstart.yaml)",
 }
 
 
@@ -280,6 +282,10 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] == "sample":
             out = sample(argv[1:])
             print(f"wrote {len(out.read_bytes())} bytes of samples to {out}")
+        elif argv[0] == "diagnose":
+            from rlr_lightning.diagnose_cli import diagnose
+
+            diagnose(argv[1:])
         else:
             # LightningCLI reads sys.argv itself when run as the console script (its DDP launcher re-runs it).
             _lightning_cli(None if args is None else argv)

@@ -342,8 +342,9 @@ class RLRCLI(LightningCLI):
             raise RunFailed(str(err)) from err
 
 
-def build(argv: list[str] | None, run: bool = True) -> RLRCLI:
-    """The CLI over :class:`RLRModule` and :class:`PromptDataModule` (``run=False``: parse and instantiate only)."""
+def build(argv: list[str] | None, run: bool = True, prog: str | None = None) -> RLRCLI:
+    """The CLI over :class:`RLRModule` and :class:`PromptDataModule` (``run=False``: parse and instantiate only,
+    with no subcommand; ``prog`` names the command in its messages)."""
     from rlr_lightning.data import PromptDataModule
     from rlr_lightning.module import RLRModule
 
@@ -357,5 +358,5 @@ def build(argv: list[str] | None, run: bool = True) -> RLRCLI:
         save_config_callback=SaveAndLogConfig,
         trainer_class=RunTrainer,
         trainer_defaults={"enable_model_summary": False},
-        parser_kwargs={"prog": "rlr"} if run else {},
+        parser_kwargs={"prog": prog or "rlr"} if run or prog else {},
     )

@@ -21,7 +21,9 @@ def test_two_process_ddp_keeps_lora_identical_and_block_starts_shared(tiny_pipel
            "--model.num_steps", "6", "--data.batch_size", "2",
            "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-           "--trainer.callbacks+=tests.ddp_probe.RankProbe", "--trainer.callbacks.directory", str(probe)]
+           "--trainer.callbacks+=tests.ddp_probe.RankProbe", "--trainer.callbacks.directory", str(probe),
+           # Per-step baselines whose statistics are gathered over ranks (the prompts' running means).
+           "--model.estimator.init_args.step_baseline", "[prompt_mean, prompt_mean, muprop, muprop, none, none]"]
     # From the repository root, so the launcher's re-run of this command imports the tests package too.
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -31,6 +33,9 @@ def test_two_process_ddp_keeps_lora_identical_and_block_starts_shared(tiny_pipel
     assert ranks[0]["lora"] == ranks[1]["lora"] and ranks[0]["lora_norm"] > 0
     # The block start shapes the graph: identical on every rank at every step.
     assert ranks[0]["block_starts"] == ranks[1]["block_starts"] and len(ranks[0]["block_starts"]) == 4
+    # Every rank keeps the running mean of every prompt of the global batch, the same to the last bit.
+    assert ranks[0]["prompt_means"] == ranks[1]["prompt_means"]
+    assert len(ranks[0]["prompt_means"]) == len({p for r in ranks for batch in r["prompts"] for p in batch})
     # Prompts and noises differ between ranks (no duplicated trajectories).
     assert all(set(a).isdisjoint(b) for a, b in zip(ranks[0]["prompts"], ranks[1]["prompts"]))
     assert all(a != b for a, b in zip(ranks[0]["noise_sums"], ranks[1]["noise_sums"]))

@@ -227,6 +227,8 @@ def shortened(argv: list[str]) -> tuple[list[str], bool] | None:
         return argv + LIGHTNING_SHORT, argv[1] == "fit"
     if argv[:2] == ["rlr", "sample"]:
         return argv + ["--steps", "2"], True
+    if argv[:2] == ["rlr", "diagnose"]:
+        return argv + ["--draws", "4", "--batch", "2", "--model.num_steps", "4", "--no-measure"], False
     if argv[:3] == ["python", "-m", "rlr_lightning.world.evaluate"]:
         seeds = ["--seeds", "0"] if _evaluate_takes_seeds() else []
         return argv + ["--samples-per-caption", "1", "--steps", "2", *seeds], False

@@ -335,3 +335,21 @@ def test_auto_tail_is_read_from_the_loaded_sampler_and_trains(tiny_pipeline_dir,
     make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data())
     changed = [k for k, v in module.backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("lora" in k for k in changed)
+
+
+def test_step_baselines_train_and_their_running_means_resume(tiny_pipeline_dir, tmp_path):
+    """The prompts' running means are kept in the checkpoint with the rest of the estimator's state."""
+    estimator = RLR(h=1, step_baseline=["prompt_mean", "muprop", "value", "none"])
+    module = make_module(tiny_pipeline_dir, estimator=estimator)
+    before = snapshot(module.configure_model() or module)
+    trainer = make_trainer(tmp_path, max_steps=2, enable_checkpointing=True,
+                           callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer.fit(module, datamodule=data())
+    changed = [k for k, v in module.backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("lora" in k for k in changed)
+    means = dict(module.estimator.prompt_means.means)
+    assert len(means) >= 2  # two steps of two prompts each
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["rlr_estimator"]
+    restored = RLR(h=1, step_baseline=["prompt_mean", "muprop", "value", "none"])
+    restored.load_state_dict(saved)
+    assert restored.prompt_means.means == means

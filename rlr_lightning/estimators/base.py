@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlr_lightning.estimators.baselines import (
+    PREDICTIVE,
+    PromptRewardMeans,
+    check_step_baseline,
+    prompt_keys,
+    resolve_step_baselines,
+    step_baseline_values,
+)
 from rlr_lightning.memory import GraphShape, MemoryPlan
 from rlr_lightning.sampling import Conditioning, Perturbation, Plan, Sampler, Trajectory
 
@@ -61,7 +69,7 @@ class Rollout:
         prompts: The prompts of the (possibly doubled) batch.
         rewards: ``(B,)`` rewards; carry a graph to the FO window when there is one.
         all_rewards: Detached rewards of the global batch (all ranks), ``(N,)``.
-        advantages: ``(B,)`` detached advantages ``r - b``.
+        advantages: ``(B,)`` detached advantages ``r - b`` against the batch baseline alone.
         terms: The surrogate terms to backpropagate.
         info: Scalars worth logging (block start, truncation, ...).
         reward_fn: The reward function, for first-order terms that replay their window chunk by chunk.
@@ -69,6 +77,10 @@ class Rollout:
         cache: What an estimator keeps between the inner updates of one batch (GRPO's old log-probabilities).
         embeds: The conditioning of the sampled batch (the prompts' repeated for groups and antithetic pairs):
             what later calls of ``estimator.terms`` take.
+        step_advantages: ``(T, B)`` detached advantages per (step, sample) when a step baseline is in use: the
+            rows of steps with a step baseline hold ``r - b_k`` against the batch baseline, the others
+            ``advantages``. ``None``: every step's advantages are ``advantages``.
+        step_baselines: Step index to the ``(B,)`` step baselines ``b_k`` that were subtracted (diagnostics).
     """
 
     plan: Plan
@@ -83,10 +95,21 @@ class Rollout:
     memory: MemoryPlan = field(default_factory=MemoryPlan)
     cache: dict = field(default_factory=dict)
     embeds: Conditioning | None = None
+    step_advantages: Tensor | None = None
+    step_baselines: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
         return self.trajectory.batch_size
+
+    def advantages_at(self, steps: Tensor | int, samples: Tensor) -> Tensor:
+        """The advantages of (step, sample) rows: ``steps`` an int or a CPU index tensor like ``samples``."""
+        samples = samples.to(self.advantages.device)
+        if self.step_advantages is None:
+            return self.advantages[samples]
+        if isinstance(steps, Tensor):
+            steps = steps.to(self.advantages.device)
+        return self.step_advantages[steps, samples]
 
     @property
     def chunked(self) -> bool:
@@ -230,6 +253,13 @@ class GradientEstimator(ABC):
         group_size: Samples per prompt: every prompt of the batch is sampled this many times, each with its own
             noise (``data.batch_size`` prompts give ``batch_size * group_size`` images per rank). With
             ``baseline="group"`` each sample's baseline is the mean reward of the other samples of its prompt.
+        step_baseline: Per-step baseline subtracted from the reward before the batch baseline, on the
+            likelihood-ratio steps (``rlr_lightning.estimators.baselines``): ``none``, ``prompt_mean`` (running
+            mean reward of the prompt), ``value`` (reward of the x0 prediction at the step; one reward call per
+            step) or ``muprop`` (the same one step further, at the step's mean; one more network call), or a
+            list of them, one per step. ``rlr diagnose`` measures which wins where.
+        step_baseline_sigma_ratio: With one ``step_baseline`` name: use it on the steps whose sigma is at most
+            this share of the largest step sigma (1: every step), ``none`` on the others.
     """
 
     #: Whether the estimator backpropagates through the reward model.
@@ -244,6 +274,8 @@ class GradientEstimator(ABC):
         score_chunk_steps: int = 4,
         reward_ema_decay: float = 0.9,
         group_size: int = 1,
+        step_baseline: str | Sequence[str] = "none",
+        step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
         if baseline not in _BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose one of {_BASELINES}")
@@ -263,6 +295,11 @@ class GradientEstimator(ABC):
         self.score_chunk_steps = score_chunk_steps
         self.reward_stats = RewardStatistics(reward_ema_decay)
         self.group_size = group_size
+        self.step_baseline = check_step_baseline(step_baseline, step_baseline_sigma_ratio)
+        self.step_baseline_sigma_ratio = float(step_baseline_sigma_ratio)
+        self.prompt_means = PromptRewardMeans(reward_ema_decay)
+        #: The step baseline of every step (``configure_schedule``); ``None`` before the schedule is known.
+        self.step_baselines: list[str] | None = None
 
     @property
     def samples_per_prompt(self) -> int:
@@ -281,6 +318,7 @@ class GradientEstimator(ABC):
         Called once the sampler and reward are known (at the module's construction), before any sampling.
         """
         self._check_eta(num_steps, eta)
+        self._check_step_baseline(num_steps)
         if self.requires_reward_grad and not reward_differentiable:
             raise ValueError(
                 f"{self.name} backpropagates through the reward, but the reward is not differentiable; use RLR "
@@ -289,7 +327,33 @@ class GradientEstimator(ABC):
 
     def configure_schedule(self, sigmas: Sequence[float]) -> None:
         """Called once the sampler exists, with its step sigmas in sampling order (choices read from the
-        schedule, e.g. ``RLR(tail="auto")``). They may depend on the schedule, never on a sample."""
+        schedule: the step baselines, ``RLR(tail="auto")``). They may depend on the schedule, never on a sample.
+        Subclasses that read the schedule too extend it and call ``super().configure_schedule``."""
+        self.step_baselines = resolve_step_baselines(self.step_baseline, sigmas, self.step_baseline_sigma_ratio)
+
+    def likelihood_ratio_steps(self, plan: Plan) -> list[int]:
+        """The steps whose likelihood ratio this iteration's terms use (where step baselines act)."""
+        return []
+
+    def step_baseline_kinds(self, plan: Plan) -> dict[int, str]:
+        """Step index to its step baseline, for the likelihood-ratio steps of ``plan`` that have one."""
+        if self.step_baseline == "none":
+            return {}
+        if self.step_baselines is None:
+            if not isinstance(self.step_baseline, str):
+                self.step_baselines = resolve_step_baselines(self.step_baseline, [1.0] * len(self.step_baseline))
+            elif self.step_baseline_sigma_ratio == 1:
+                self.step_baselines = [self.step_baseline] * plan.num_steps
+            else:
+                raise ValueError(
+                    f"{self.name}'s step baselines are chosen from the sampler's sigmas: call "
+                    "configure_schedule(sampler.kernel.sigma.tolist()) first (RLRModule does when it loads the model)"
+                )
+        if len(self.step_baselines) != plan.num_steps:
+            raise ValueError(f"step_baseline lists {len(self.step_baselines)} step baselines, but the sampler runs "
+                             f"T={plan.num_steps} steps (model.num_steps): give one per step, or one name for all")
+        kinds = {k: self.step_baselines[k] for k in self.likelihood_ratio_steps(plan)}
+        return {k: v for k, v in kinds.items() if v != "none"}
 
     def max_block_length(self, num_steps: int) -> int:
         """The longest half-order block ``T`` steps leave room for (the memory planner's cap on ``h="auto"``)."""
@@ -344,14 +408,21 @@ class GradientEstimator(ABC):
 
         Subclasses that keep statistics of their own extend it and call ``super().observe``.
         """
+        keys = rollout.cache.get("all_prompt_keys")
+        if keys is not None:
+            self.prompt_means.update(keys, rollout.all_rewards)
         self.reward_stats.update(rollout.all_rewards)
 
     def state_dict(self) -> dict:
-        return {"reward_stats": self.reward_stats.state_dict()}
+        state = {"reward_stats": self.reward_stats.state_dict()}
+        if self.prompt_means.means:
+            state["prompt_means"] = self.prompt_means.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (resume)."""
         self.reward_stats.load_state_dict(state.get("reward_stats", {}))
+        self.prompt_means.load_state_dict(state.get("prompt_means", {}))
 
     def term_scale(self) -> float:
         """The factor every surrogate term of the next iteration is multiplied by (``normalize_advantages``)."""
@@ -361,6 +432,10 @@ class GradientEstimator(ABC):
         return 1.0 / std
 
     # -- shared pieces ---------------------------------------------------------------------------------
+
+    def _check_step_baseline(self, num_steps: int) -> None:
+        if not isinstance(self.step_baseline, str):
+            resolve_step_baselines(self.step_baseline, [1.0] * num_steps)  # raises on a wrong length
 
     def _check_eta(self, num_steps: int, eta: float) -> None:
         if self.uses_likelihood_ratios(num_steps) and not eta > 0:
@@ -396,7 +471,7 @@ class GradientEstimator(ABC):
                 k, s = steps_t[rows], samples_t[rows]
                 index, x, x_next = rollout.trajectory.rows(k, s)
                 log_p = sampler.log_probs(index, x, x_next, embeds.rows(k, s))
-                return -weight * (rollout.advantages[s.to(log_p.device)] * log_p).sum() / B
+                return -weight * (rollout.advantages_at(k, s) * log_p).sum() / B
 
             return loss
 
@@ -474,6 +549,10 @@ def rollout(
     T = sampler.num_steps
     step_generator = torch.Generator().manual_seed(step_seed)
     plan = estimator.plan(T, step_generator, rank_seed)
+    baseline_kinds = estimator.step_baseline_kinds(plan)
+    predicted = [k for k, kind in baseline_kinds.items() if kind in PREDICTIVE]
+    if predicted:
+        plan.predictions = tuple(sorted(set(plan.predictions) | set(predicted)))
     device = embeds.device
     prompts = list(prompts)
     if estimator.group_size > 1:
@@ -512,6 +591,11 @@ def rollout(
     advantages = estimator.shape_advantages(advantages, rewards.detach().float())
     result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages, reward_fn=reward_fn, memory=memory,
                      embeds=embeds)
+    if any(kind == "prompt_mean" for kind in baseline_kinds.values()):
+        keys = prompt_keys(prompts)
+        result.cache["all_prompt_keys"] = gather(keys.to(device)).reshape(-1).cpu()
+    if baseline_kinds:
+        _add_step_advantages(result, estimator, sampler, baseline_kinds, gather)
     terms = estimator.terms(result, sampler, embeds)
     scale = estimator.term_scale()
     if scale != 1.0:
@@ -521,6 +605,33 @@ def rollout(
         result.info["term_scale"] = scale
     result.terms = terms
     return result
+
+
+def _add_step_advantages(result: Rollout, estimator: GradientEstimator, sampler: Sampler, kinds: dict[int, str],
+                         gather: GatherFn) -> None:
+    """Per-(step, sample) advantages of the steps with a step baseline: the residual ``r - b_k`` against the
+    estimator's batch baseline over the other samples' residuals (gathered over ranks, one call for all steps),
+    shaped as the estimator shapes advantages."""
+    r = result.rewards.detach().float()
+    B = r.numel()
+    prompt_means = None
+    if any(kind == "prompt_mean" for kind in kinds.values()):
+        prompt_means = estimator.prompt_means.lookup(prompt_keys(result.prompts), estimator.reward_stats.mean)
+    chunk = result.memory.chunk_samples if result.chunked else B
+    values = step_baseline_values(kinds, result.trajectory, sampler, result.embeds, result.prompts, result.reward_fn,
+                                  chunk, prompt_means)
+    steps = sorted(values)
+    residuals = torch.stack([r - values[k].to(r.device) for k in steps])  # (S, B)
+    S = len(steps)
+    all_residuals = gather(residuals.reshape(-1)).reshape(-1, S, B).transpose(0, 1).reshape(S, -1)
+    step_advantages = result.advantages.expand(result.plan.num_steps, B).clone()
+    for i, k in enumerate(steps):
+        # No fallback: with no other independent sample, r - b_k alone is the advantage.
+        a = compute_advantages(residuals[i], all_residuals[i], estimator.baseline, estimator.antithetic,
+                               group_size=estimator.group_size)
+        step_advantages[k] = estimator.shape_advantages(a, r)
+    result.step_advantages = step_advantages
+    result.step_baselines = values
 
 
 def _scaled(term: SurrogateTerm, scale: float) -> SurrogateTerm:

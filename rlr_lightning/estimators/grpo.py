@@ -58,6 +58,11 @@ class GRPO(GradientEstimator):
             such as 0.01 to 0.04, against reward hacking); 0 turns it off and saves the base model's forward
             passes (one per trained transition and batch; they are reused across inner updates).
         score_chunk_steps: Steps per batched re-scoring call (memory).
+        step_baseline: Per-step baseline subtracted before the group baseline: ``none``, ``prompt_mean``,
+            ``value``, ``muprop``, or one per step (see :class:`~rlr_lightning.estimators.GradientEstimator`); the
+            group's standard deviation still scales the result.
+        step_baseline_sigma_ratio: With one ``step_baseline`` name: the steps of sigma at most this share of the
+            largest step sigma use it (1: every step).
     """
 
     requires_reward_grad = False
@@ -73,10 +78,13 @@ class GRPO(GradientEstimator):
         step_fraction: float | None = None,
         kl_coefficient: float = 0.0,
         score_chunk_steps: int = 4,
+        step_baseline: str | list[str] = "none",
+        step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
         if not isinstance(group_size, int) or group_size < 2:
             raise ValueError(f"GRPO compares the samples of a prompt with each other: group_size must be >= 2, got {group_size!r}")
-        super().__init__("group", False, score_chunk_steps, group_size=group_size)
+        super().__init__("group", False, score_chunk_steps, group_size=group_size, step_baseline=step_baseline,
+                         step_baseline_sigma_ratio=step_baseline_sigma_ratio)
         if clip_range is not None and not clip_range > 0:
             raise ValueError(f"clip_range must be > 0 (or null for no clipping), got {clip_range!r}")
         if not isinstance(inner_updates, int) or inner_updates < 1:
@@ -129,6 +137,9 @@ class GRPO(GradientEstimator):
             steps = sorted(steps[i] for i in pick.tolist())
         return Plan(num_steps, info={"steps": steps})
 
+    def likelihood_ratio_steps(self, plan: Plan) -> list[int]:
+        return list(plan.info["steps"])
+
     def shape_advantages(self, advantages: Tensor, rewards: Tensor) -> Tensor:
         G = self.group_size
         if self.scale_by_group_std:
@@ -172,7 +183,7 @@ class GRPO(GradientEstimator):
                 log_p = step.log_prob
                 old = old_log_probs.setdefault(start, log_p.detach())
                 ratio = torch.exp(log_p - old)
-                advantage = rollout.advantages[s.to(log_p.device)]
+                advantage = rollout.advantages_at(k, s)
                 objective = ratio * advantage
                 if self.clip_range is not None:
                     eps = self.clip_range

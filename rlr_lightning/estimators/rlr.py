@@ -103,6 +103,11 @@ class RLR(GradientEstimator):
         reward_ema_decay: Decay of the running reward mean and standard deviation (the ZO baseline without
             antithetic pairs, the baseline fallback, ``normalize_advantages``).
         group_size: Samples per prompt, each with its own noise (for the ``group`` baseline).
+        step_baseline: Per-step baseline of the likelihood-ratio terms (HO, ZO in score mode, and the last step
+            without a reward gradient): ``none``, ``prompt_mean``, ``value``, ``muprop``, or one per step; see
+            :class:`~rlr_lightning.estimators.GradientEstimator`.
+        step_baseline_sigma_ratio: With one ``step_baseline`` name: the steps of sigma at most this share of the
+            largest step sigma use it (1: every step).
     """
 
     def __init__(
@@ -127,8 +132,11 @@ class RLR(GradientEstimator):
         score_chunk_steps: int = 4,
         reward_ema_decay: float = 0.9,
         group_size: int = 1,
+        step_baseline: str | list[str] = "none",
+        step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size)
+        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size,
+                         step_baseline=step_baseline, step_baseline_sigma_ratio=step_baseline_sigma_ratio)
         if h != "auto" and (not isinstance(h, int) or h < 1):
             raise ValueError(f"block length h must be an integer >= 1 or 'auto', got {h!r}")
         if tail != "auto" and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
@@ -175,6 +183,7 @@ class RLR(GradientEstimator):
 
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
         self._check_eta(num_steps, eta)
+        self._check_step_baseline(num_steps)
         self.fo_by_likelihood_ratio = not reward_differentiable
         if self.fo_by_likelihood_ratio and self.tail not in (1, "auto"):
             raise ValueError(
@@ -220,6 +229,7 @@ class RLR(GradientEstimator):
 
         The rule reads only the schedule, never a sample, so the estimate stays unbiased.
         """
+        super().configure_schedule(sigmas)
         T = len(sigmas)
         if self.tail == "auto" and not self.fo_by_likelihood_ratio:
             self.tail_steps = auto_tail(sigmas, self.tail_sigma_ratio, max_tail=T - (1 if self.h == "auto" else self.h))
@@ -312,6 +322,16 @@ class RLR(GradientEstimator):
             perturbations = perturbations_for(perturbed, rank_seed, self.zo_scale, self.antithetic)
         return Plan(T, windows=((a, a + h), (T - K, T)), perturbations=perturbations, info=info)
 
+    def likelihood_ratio_steps(self, plan: Plan) -> list[int]:
+        T = plan.num_steps
+        a = plan.info["block_start"]
+        steps = {a + self.h - 1}
+        if self.zo_mode == "score":
+            steps.update(plan.info.get("zo_steps", self.zo_steps(T, a)))
+        if self.fo_by_likelihood_ratio:
+            steps.add(T - 1)
+        return sorted(steps)
+
     # -- surrogate terms ---------------------------------------------------------------------------------
 
     def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
@@ -319,15 +339,16 @@ class RLR(GradientEstimator):
         a = rollout.plan.info["block_start"]
         K = rollout.plan.info.get("tail", 1)
         B = rollout.batch_size
-        A = rollout.advantages
         last_of_block = a + self.h - 1
 
         def ho(view: WindowView) -> Tensor:
-            return -self.c_ho * (A[view.samples.to(A.device)] * view.log_probs[last_of_block]).sum() / B
+            A = rollout.advantages_at(last_of_block, view.samples)
+            return -self.c_ho * (A * view.log_probs[last_of_block]).sum() / B
 
         def fo(view: WindowView) -> Tensor:
             if self.fo_by_likelihood_ratio:
-                return -self.c_fo * (A[view.samples.to(A.device)] * view.log_probs[T - 1]).sum() / B
+                A = rollout.advantages_at(T - 1, view.samples)
+                return -self.c_fo * (A * view.log_probs[T - 1]).sum() / B
             return -self.c_fo * view.rewards().sum() / B
 
         # Backward order: the block, then the tail, then the re-scoring chunks. Graphs kept from the

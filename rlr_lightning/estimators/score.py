@@ -25,6 +25,10 @@ class ScoreFunction(GradientEstimator):
         score_chunk_steps: Steps per batched re-scoring call.
         reward_ema_decay: Decay of the running reward mean and standard deviation.
         group_size: Samples per prompt (each with its own noise), for the ``group`` baseline.
+        step_baseline: Per-step baseline: ``none``, ``prompt_mean``, ``value``, ``muprop``, or one per step (see
+            :class:`~rlr_lightning.estimators.GradientEstimator`).
+        step_baseline_sigma_ratio: With one ``step_baseline`` name: the steps of sigma at most this share of the
+            largest step sigma use it (1: every step).
     """
 
     requires_reward_grad = False
@@ -37,8 +41,11 @@ class ScoreFunction(GradientEstimator):
         score_chunk_steps: int = 4,
         reward_ema_decay: float = 0.9,
         group_size: int = 1,
+        step_baseline: str | list[str] = "none",
+        step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size)
+        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size,
+                         step_baseline=step_baseline, step_baseline_sigma_ratio=step_baseline_sigma_ratio)
         if subsample is not None and subsample < 1:
             raise ValueError(f"subsample must be >= 1 (or None for all steps), got {subsample}")
         self.subsample = subsample
@@ -64,6 +71,9 @@ class ScoreFunction(GradientEstimator):
             pick = torch.randperm(num_steps, generator=step_generator)[: self.subsample]
             info["steps"] = sorted(pick.tolist())
         return Plan(num_steps, info=info)
+
+    def likelihood_ratio_steps(self, plan: Plan) -> list[int]:
+        return list(plan.info.get("steps", range(plan.num_steps)))
 
     def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
         T = rollout.plan.num_steps

@@ -40,6 +40,10 @@ class TransitionKernel(Protocol):
     def mean(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
         """``m_k`` of each sample at its own step ``step_index``, float32 (at least), differentiable."""
 
+    def predict_x0(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+        """The clean latent ``x0_hat`` the model output predicts at step ``step_index`` (what the value and
+        MuProp baselines score), float32 (at least)."""
+
 
 @dataclass(frozen=True)
 class DDIMSchedule:
@@ -129,6 +133,10 @@ class DDIMSchedule:
         """The DDIM posterior mean of each sample (:func:`ddim_mean`)."""
         return ddim_mean(self, step_index, latents, model_output)
 
+    def predict_x0(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+        """DDIM's ``pred_original_sample`` (clipped as the scheduler clips it)."""
+        return _ddim_x0_eps(self, step_index, latents.to(_compute_dtype(latents)), model_output)[0]
+
     def to(self, device: torch.device | str) -> DDIMSchedule:
         return replace(
             self,
@@ -149,17 +157,10 @@ def _per_sample(values: Tensor, step_index: Tensor, like: Tensor) -> Tensor:
     return values[step_index].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def ddim_mean(schedule: DDIMSchedule, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
-    """The DDIM posterior mean ``m_k`` of each sample, in float32, with per-sample step indices.
-
-    Matches ``DDIMScheduler.step(..., eta=schedule.eta)`` with zero variance noise.
-    """
-    dtype = _compute_dtype(latents)
-    x = latents.to(dtype)
-    out = model_output.to(dtype)
+def _ddim_x0_eps(schedule: DDIMSchedule, step_index: Tensor, x: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
+    """The predicted clean sample (clipped as the scheduler clips it) and noise of each sample."""
+    out = model_output.to(x.dtype)
     a_t = _per_sample(schedule.alpha, step_index, x)
-    a_prev = _per_sample(schedule.alpha_prev, step_index, x)
-    sigma = _per_sample(schedule.sigma, step_index, x)
     if schedule.prediction_type == "epsilon":
         x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
         eps = out
@@ -171,6 +172,18 @@ def ddim_mean(schedule: DDIMSchedule, step_index: Tensor, latents: Tensor, model
         eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     if schedule.clip_sample_range is not None:
         x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0, eps
+
+
+def ddim_mean(schedule: DDIMSchedule, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+    """The DDIM posterior mean ``m_k`` of each sample, in float32, with per-sample step indices.
+
+    Matches ``DDIMScheduler.step(..., eta=schedule.eta)`` with zero variance noise.
+    """
+    x = latents.to(_compute_dtype(latents))
+    x0, eps = _ddim_x0_eps(schedule, step_index, x, model_output)
+    a_prev = _per_sample(schedule.alpha_prev, step_index, x)
+    sigma = _per_sample(schedule.sigma, step_index, x)
     return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
 
 
@@ -324,3 +337,9 @@ class FlowMatchSDE:
         # s^2 = sigma_k^2 / (-dt): the SDE's squared diffusion coefficient at t_k (0 on ODE steps).
         s2 = _per_sample(self.sigma, step_index, x).pow(2) / (-dt)
         return x * (1 + s2 * dt / (2 * t)) + v * (1 + s2 * (1 - t) / (2 * t)) * dt
+
+    def predict_x0(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
+        """``x0_hat = x_t - t v``: the end of the straight path through ``x_t`` with velocity ``v = eps - x_0``."""
+        dtype = _compute_dtype(latents)
+        x = latents.to(dtype)
+        return x - _per_sample(self.times, step_index, x) * model_output.to(dtype)

@@ -26,12 +26,14 @@ class StepOutput:
         next_latents: ``s_{k+1} = mean + sigma * noise`` (pathwise: carries the mean's graph), or the given
             ``prev_latents`` detached when re-scoring a stored transition.
         log_prob: ``log p_theta(sg(s_{k+1}) | s_k)`` per sample, ``(B,)`` float32; ``None`` where sigma is 0.
+        prediction: The clean latent ``x0_hat_k`` the model output predicts, when asked for (``predict``).
     """
 
     mean: Tensor
     sigma: Tensor
     next_latents: Tensor
     log_prob: Tensor | None
+    prediction: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,15 @@ class Plan:
         perturbations: Step index to the parameter perturbation that step runs with. Gradients taken on a
             perturbed step are with respect to the unperturbed leaves, evaluated at the perturbed point.
         info: The estimator's own notes on the draw (block start, truncation length), for its terms and logs.
+        predictions: Steps whose mean ``m_k`` and clean-latent prediction ``x0_hat_k`` the trajectory keeps
+            (detached), for the per-step value and MuProp baselines (``rlr_lightning.estimators.baselines``).
     """
 
     num_steps: int
     windows: tuple[tuple[int, int], ...] = ()
     perturbations: dict[int, Perturbation] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
+    predictions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         T = self.num_steps
@@ -103,6 +108,10 @@ class Plan:
         bad = [k for k in self.perturbations if not 0 <= k < T]
         if bad:
             raise ValueError(f"perturbed steps {bad} are outside steps [0, {T})")
+        self.predictions = tuple(sorted({int(k) for k in self.predictions}))
+        bad = [k for k in self.predictions if not 0 <= k < T]
+        if bad:
+            raise ValueError(f"recorded prediction steps {bad} are outside steps [0, {T})")
 
     def grad_at(self, k: int) -> bool:
         return any(start <= k < stop for start, stop in self.windows)
@@ -125,6 +134,9 @@ class Trajectory:
         window_means: Step index to the graph-carrying mean ``m_k``, for window steps only.
         window_log_probs: Step index to the graph-carrying ``log p_theta(sg(s_{k+1}) | s_k)``, ``(B,)``.
         final: ``s_T``; carries the graph of the last window when that window ends at ``T - 1``.
+        step_means: Step index to the detached mean ``m_k``, for the plan's ``predictions`` steps.
+        predictions: Step index to the detached clean-latent prediction ``x0_hat_k`` (from ``s_k``), for the
+            plan's ``predictions`` steps.
     """
 
     plan: Plan
@@ -135,6 +147,8 @@ class Trajectory:
     window_means: dict[int, Tensor]
     window_log_probs: dict[int, Tensor]
     final: Tensor
+    step_means: dict[int, Tensor] = field(default_factory=dict)
+    predictions: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

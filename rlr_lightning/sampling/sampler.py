@@ -86,6 +86,8 @@ class Sampler(Protocol):
 
     def base_mean(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor: ...
 
+    def predict_x0(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor: ...
+
 
 class DiffusionSampler:
     """Batched stochastic sampling with log-probabilities, classifier-free guidance and parameter perturbations,
@@ -239,12 +241,13 @@ class DiffusionSampler:
         prev_latents: Tensor | None = None,
         minus: Tensor | None = None,
         checkpoint: bool = False,
+        predict: bool = False,
     ) -> StepOutput:
-        """One DDIM transition ``s_k -> s_{k+1}`` for a batch (``k`` an int or per-sample indices).
+        """One transition ``s_k -> s_{k+1}`` for a batch (``k`` an int or per-sample indices).
 
         Give ``noise`` to sample (``s_{k+1} = m_k + sigma_k * noise``) or ``prev_latents`` to score a stored
         ``s_{k+1}``; exactly one of them is needed unless sigma is 0. ``minus`` and ``checkpoint`` are passed to
-        :meth:`model_output`.
+        :meth:`model_output`; ``predict`` also returns the clean-latent prediction ``x0_hat_k`` (detached).
         """
         B = latents.shape[0]
         kernel = self.kernel_on(latents.device)
@@ -271,7 +274,8 @@ class DiffusionSampler:
         else:
             raise ValueError("a stochastic step (sigma > 0) needs either noise or prev_latents")
         log_prob = gaussian_log_prob(next_latents.detach(), mean, sigma) if all_stochastic else None
-        return StepOutput(mean=mean, sigma=sigma, next_latents=next_latents, log_prob=log_prob)
+        prediction = kernel.predict_x0(index, latents, out.detach()) if predict else None
+        return StepOutput(mean=mean, sigma=sigma, next_latents=next_latents, log_prob=log_prob, prediction=prediction)
 
     def log_probs(
         self,
@@ -298,6 +302,13 @@ class DiffusionSampler:
             )
         out = self.step(step_index, latents, embeds, perturbation=perturbation, prev_latents=next_latents)
         return out.log_prob
+
+    @torch.no_grad()
+    def predict_x0(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor:
+        """The clean latent ``x0_hat`` the (guided) model at ``theta`` predicts from ``latents`` at each row's step,
+        without gradient: one denoiser call (the MuProp baseline's extra forward)."""
+        out = self._model_output(latents, step_index, embeds, None)
+        return self.kernel_on(latents.device).predict_x0(step_index, latents, out)
 
     @torch.no_grad()
     def base_mean(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor:
@@ -428,17 +439,23 @@ class DiffusionSampler:
         log_probs = []
         window_means: dict[int, Tensor] = {}
         window_log_probs: dict[int, Tensor] = {}
+        step_means: dict[int, Tensor] = {}
+        predictions: dict[int, Tensor] = {}
+        recorded = set(plan.predictions)
         for k in range(T):
             grad = record_graph and plan.grad_at(k)
             if plan.starts_window(k):
                 x = x.detach()
             with torch.set_grad_enabled(grad):
                 out = self.step(
-                    k, x, embeds.at(k), noise=noises[k], perturbation=plan.perturbations.get(k), checkpoint=checkpoint
+                    k, x, embeds.at(k), noise=noises[k], perturbation=plan.perturbations.get(k), checkpoint=checkpoint,
+                    predict=k in recorded,
                 )
             if grad:
                 window_means[k] = out.mean
                 window_log_probs[k] = out.log_prob
+            if k in recorded:
+                step_means[k], predictions[k] = out.mean.detach(), out.prediction
             log_probs.append(
                 out.log_prob.detach() if out.log_prob is not None else torch.full((B,), float("nan"), device=device)
             )
@@ -453,6 +470,8 @@ class DiffusionSampler:
             window_means=window_means,
             window_log_probs=window_log_probs,
             final=x,
+            step_means=step_means,
+            predictions=predictions,
         )
 
 

@@ -36,10 +36,14 @@ ESTIMATORS = {
     "rlr-score-tail2": lambda: RLR(h=1, tail=2, block_law="range", block_range=(1, 1)),
     "rlr-parameter-tail2": lambda: RLR(h=1, tail=2, block_law="range", block_range=(0, 0), zo_mode="parameter",
                                        zo_scale=0.01),
+    "rlr-score-tail2-muprop": lambda: RLR(h=1, tail=2, block_law="range", block_range=(0, 0), step_baseline="muprop"),
+    "rlr-score-value-prompt-mean": lambda: RLR(h=1, block_law="range", block_range=(1, 1),
+                                               step_baseline=["prompt_mean", "value", "value", "none"]),
     "full-backprop": FullBackprop,
     "full-backprop-perturbed": lambda: FullBackprop(perturbation_scale=0.01, antithetic=True),
     "truncated-k2": lambda: TruncatedBackprop(k=2),
     "score-function": ScoreFunction,
+    "score-function-muprop-group": lambda: ScoreFunction(step_baseline="muprop", baseline="group", group_size=2),
 }
 
 
@@ -119,6 +123,9 @@ def test_non_differentiable_reward_and_dcot_conditioning_chunk_alike(problem):
     other = PromptEmbeds(torch.randn(B, 16, 32, generator=gen), embeds.uncond)
     scaled = ScaledPromptEmbeds(((0, 1, embeds), (1, T, other)))
     for make, kwargs in ((lambda: RLR(h=1, block_law="range", block_range=(0, 0)), dict(differentiable=False)),
+                         (lambda: RLR(h=1, block_law="range", block_range=(0, 0), step_baseline="muprop"),
+                          dict(differentiable=False)),
+                         (lambda: ScoreFunction(step_baseline="muprop"), dict(embeds=scaled)),
                          (lambda: RLR(h=2, block_law="range", block_range=(1, 1)), dict(embeds=scaled))):
         reference, _ = gradient(problem, make(), MemoryPlan(), **kwargs)
         chunked, _ = gradient(problem, make(), MemoryPlan(chunk_samples=1, activation_checkpointing=True), **kwargs)
