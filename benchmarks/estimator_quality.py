@@ -1,7 +1,8 @@
 """Estimator quality: bias, variance, cosine to full backprop, and cost, side by side, on the trained shapes
 world with the count reward (default) or on the tiny model with the quickstart's colour reward.
 
-    python benchmarks/estimator_quality.py [--problem world] [--model shapes-world] [--draws 96] [--batch 4]
+    python benchmarks/estimator_quality.py [--problem world] [--sampler world] [--model shapes-world] [--draws 96] [--batch 4]
+    python benchmarks/estimator_quality.py --sampler quickstart   # the quickstart's trailing spacing, no guidance
     python benchmarks/estimator_quality.py --problem tiny --draws 32
     python benchmarks/estimator_quality.py --estimators "score function, group baseline (G=4)"   # one row, merged
     python benchmarks/estimator_quality.py --timing-only [--time-repeats 7]   # re-time the stored rows, quietly
@@ -21,9 +22,14 @@ the same settings (and only changes their time columns), for a rerun on a quiet 
 rows generate the same images per estimate as the others: ``batch / G`` captions ``G`` times each, the
 captions of draw ``i`` being the ``i``-th slice of the fixed batch (cyclically), so their mean over the draws
 estimates the same gradient; their reference is full backprop on the same layout and noise (its own row). The
-LoRA weights are moved off their initialisation first (B = 0 there would hide every LoRA A gradient). Writes
-benchmarks/results/estimator_quality.json (tiny) or estimator_quality_world.json (world) and prints a markdown
-table; ``--estimators`` runs a subset and merges it into the stored results of the same settings.
+LoRA weights are moved off their initialisation first (B = 0 there would hide every LoRA A gradient). ``MSE``
+is the total variance plus the squared bias (estimated from the paired differences less their noise), and the
+last two columns are ``MSE x seconds`` relative to truncated backprop K=1's and full backprop's. A plain run also
+measures the per-step variance map (``rlr_lightning.variance_map``) on the compared draws, and the row
+"rlr diagnose's recommendation" measures what a map of ``--map-draws`` other draws (seed 1) recommends. Writes
+benchmarks/results/estimator_quality.json (tiny), estimator_quality_world.json (world) or
+estimator_quality_world_trailing.json (world, ``--sampler quickstart``) and prints a markdown table; a plain run
+measures the default rows, ``--estimators`` a subset merged into the stored results of the same settings.
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ def diagnose(argv: list[str]) -> None:
             parser.error(f"--batch {args.batch} needs as many training prompts; the config has {len(prompts)}")
         module.configure_model()
         module.prepare_estimator()
+        from rlr_lightning.variance_map import check_module
+
+        check_module(module)
     except (ValueError, OSError, ImportError) as err:
         # A config the user fixes from the message alone (the checks rlr fit runs, before any draw).
         if debug_enabled():

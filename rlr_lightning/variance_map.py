@@ -232,6 +232,7 @@ def variance_map(module, prompts: Sequence[str], num_samples: int = 32, seed: in
         baselines: The step baselines to measure (``none`` is always measured: the reference).
         sketch_dim: Largest number of coordinates kept per gradient (count sketch above it).
     """
+    check_module(module)
     prompts = list(prompts)
     if num_samples < 4:
         raise ValueError(f"a variance map needs at least 4 draws (a few dozen are better), got {num_samples}")
@@ -276,6 +277,16 @@ def variance_map(module, prompts: Sequence[str], num_samples: int = 32, seed: in
     tail, schedule = recommend(rows, module.estimator)
     estimators = _composed(path, lr, rows, tail, schedule, baselines, truth)
     return VarianceMap(num_samples, len(prompts), rows, estimators, tail, schedule, list(baselines))
+
+
+def check_module(module) -> None:
+    """Raise when the map cannot be measured on ``module``: its pathwise shares need the reward's gradient."""
+    if not module._reward_differentiable:
+        raise ValueError(
+            f"the variance map splits the exact gradient into per-step pathwise shares, which needs a differentiable "
+            f"reward; {type(module.reward).__name__} is not (its likelihood-ratio terms alone: benchmarks/step_share.py "
+            "--score-variance)"
+        )
 
 
 def _best(terms: dict[str, Tensor]) -> str:

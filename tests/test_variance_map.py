@@ -116,6 +116,8 @@ def test_rlr_diagnose_prints_the_map_and_writes_it(tmp_path, capsys, monkeypatch
     (["--batch", "1"], "--batch must be >= 2"),
     ([], "give the training config to diagnose: --config FILE"),
     (["--model.num_steps", "zero"], "model.num_steps"),
+    (["--model.reward", "rlr_lightning.rewards.JpegCompressibility"], "needs a differentiable reward; "
+     "JpegCompressibility is not"),
 ])
 def test_rlr_diagnose_bad_options_are_one_line(args, message, capsys, monkeypatch):
     config = ["--config", str(QUICKSTART)] if args else []

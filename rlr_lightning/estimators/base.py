@@ -339,20 +339,17 @@ class GradientEstimator(ABC):
         """Step index to its step baseline, for the likelihood-ratio steps of ``plan`` that have one."""
         if self.step_baseline == "none":
             return {}
-        if self.step_baselines is None:
-            if not isinstance(self.step_baseline, str):
-                self.step_baselines = resolve_step_baselines(self.step_baseline, [1.0] * len(self.step_baseline))
-            elif self.step_baseline_sigma_ratio == 1:
-                self.step_baselines = [self.step_baseline] * plan.num_steps
-            else:
-                raise ValueError(
-                    f"{self.name}'s step baselines are chosen from the sampler's sigmas: call "
-                    "configure_schedule(sampler.kernel.sigma.tolist()) first (RLRModule does when it loads the model)"
-                )
-        if len(self.step_baselines) != plan.num_steps:
-            raise ValueError(f"step_baseline lists {len(self.step_baselines)} step baselines, but the sampler runs "
-                             f"T={plan.num_steps} steps (model.num_steps): give one per step, or one name for all")
-        kinds = {k: self.step_baselines[k] for k in self.likelihood_ratio_steps(plan)}
+        schedule = self.step_baselines
+        if not isinstance(self.step_baseline, str):
+            schedule = resolve_step_baselines(self.step_baseline, [1.0] * plan.num_steps)  # checks the length
+        elif self.step_baseline_sigma_ratio == 1:
+            schedule = [self.step_baseline] * plan.num_steps  # every step: no schedule needed
+        elif schedule is None or len(schedule) != plan.num_steps:
+            raise ValueError(
+                f"{self.name}'s step baselines are chosen from the sampler's sigmas: call "
+                "configure_schedule(sampler.kernel.sigma.tolist()) first (RLRModule does when it loads the model)"
+            )
+        kinds = {k: schedule[k] for k in self.likelihood_ratio_steps(plan)}
         return {k: v for k, v in kinds.items() if v != "none"}
 
     def max_block_length(self, num_steps: int) -> int:

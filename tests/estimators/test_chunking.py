@@ -43,7 +43,6 @@ ESTIMATORS = {
     "full-backprop-perturbed": lambda: FullBackprop(perturbation_scale=0.01, antithetic=True),
     "truncated-k2": lambda: TruncatedBackprop(k=2),
     "score-function": ScoreFunction,
-    "score-function-muprop-group": lambda: ScoreFunction(step_baseline="muprop", baseline="group", group_size=2),
 }
 
 

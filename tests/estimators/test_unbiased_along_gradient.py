@@ -144,8 +144,8 @@ def test_muprop_baselines_cut_the_variance_of_the_likelihood_ratios(small_sigmas
 def test_step_baselines_stay_unbiased_at_one_and_two_prompts_per_rank(batch):
     """With one prompt per rank there is no other sample: the residual ``r - b_k`` alone is the advantage."""
     problem = ToyProblem(**SMALL_SIGMAS, batch=batch)
-    direction = problem.true_gradient_direction(FullBackprop(), draws=100)
-    draws = 300
+    direction = problem.true_gradient_direction(FullBackprop(), draws=60)
+    draws = 200
     full = FullBackprop()
     full.setup(problem.num_steps, problem.eta)
     reference = torch.stack([problem.gradient(full, i) @ direction for i in range(draws)])
