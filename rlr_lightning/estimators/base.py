@@ -589,7 +589,7 @@ def rollout(
     result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages, reward_fn=reward_fn, memory=memory,
                      embeds=embeds)
     if any(kind == "prompt_mean" for kind in baseline_kinds.values()):
-        keys = prompt_keys(prompts)
+        keys = result.cache["prompt_keys"] = prompt_keys(prompts)
         result.cache["all_prompt_keys"] = gather(keys.to(device)).reshape(-1).cpu()
     if baseline_kinds:
         _add_step_advantages(result, estimator, sampler, baseline_kinds, gather)
@@ -613,7 +613,7 @@ def _add_step_advantages(result: Rollout, estimator: GradientEstimator, sampler:
     B = r.numel()
     prompt_means = None
     if any(kind == "prompt_mean" for kind in kinds.values()):
-        prompt_means = estimator.prompt_means.lookup(prompt_keys(result.prompts), estimator.reward_stats.mean)
+        prompt_means = estimator.prompt_means.lookup(result.cache["prompt_keys"], estimator.reward_stats.mean)
     chunk = result.memory.chunk_samples if result.chunked else B
     values = step_baseline_values(kinds, result.trajectory, sampler, result.embeds, result.prompts, result.reward_fn,
                                   chunk, prompt_means)
