@@ -15,6 +15,30 @@ WORLD_PIPELINE_DIR = Path(__file__).resolve().parent / "world" / "pretrained" / 
 
 BUILTIN_MODELS: tuple[str, ...] = (*TINY_MODELS, WORLD_MODEL)
 
+#: The shapes-world LoRA aligned to its captions (configs/world_align.yaml), shipped with the package: a
+#: diffusers LoRA directory (``pytorch_lora_weights.safetensors``) of ``shapes-world``.
+ALIGNED_WORLD_LORA = "shapes-world-aligned"
+BUILTIN_LORAS = {ALIGNED_WORLD_LORA: Path(__file__).resolve().parent / "world" / "pretrained" / ALIGNED_WORLD_LORA}
+
+
+def describe_builtin_loras() -> str:
+    """The built-in LoRA names and what each is, for help texts."""
+    return (f"{ALIGNED_WORLD_LORA} (shapes-world fine-tuned toward its captions by configs/world_align.yaml, shipped "
+            "with the package)")
+
+
+def resolve_lora(name_or_path: str) -> str:
+    """The directory behind a built-in LoRA name, or ``name_or_path`` unchanged when it is not one."""
+    if name_or_path in BUILTIN_LORAS:
+        directory = BUILTIN_LORAS[name_or_path]
+        if not (directory / "pytorch_lora_weights.safetensors").is_file():
+            raise FileNotFoundError(
+                f"the {name_or_path} LoRA is missing from this installation ({directory}); rebuild it with "
+                f"`rlr fit --config configs/world_align.yaml --model.export_dir {directory}`"
+            )
+        return str(directory)
+    return name_or_path
+
 #: The model family of each tiny model's code in :data:`rlr_lightning.tiny.TINY_MODELS`, in words.
 _FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1"}
 
@@ -37,8 +61,10 @@ def builtin_models_hint(name: str) -> str:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """The diffusers directory behind a built-in model name (building a tiny model on first use), or
-    ``name_or_path`` unchanged when it is not one."""
+    """The diffusers directory behind a built-in model name (building a tiny model on first use) or LoRA name
+    (:data:`BUILTIN_LORAS`), or ``name_or_path`` unchanged when it is not one."""
+    if name_or_path in BUILTIN_LORAS:
+        return resolve_lora(name_or_path)
     if name_or_path in TINY_MODELS:
         from rlr_lightning.tiny import ensure_tiny_pipeline
 

@@ -67,8 +67,9 @@ def _sample_parser() -> SampleArgumentParser:
     p.add_argument(
         "--lora",
         default=None,
-        help="LoRA weights exported by training (directory or .safetensors), or another diffusers LoRA of the model's family; "
-        "rank, alpha and adapted layers are read from the file",
+        help="LoRA weights exported by training (directory or .safetensors), another diffusers LoRA of the model's family, "
+        "or a built-in one (shapes-world-aligned, for --model shapes-world); rank, alpha and adapted layers are read "
+        "from the file",
     )
     p.add_argument(
         "--lora-alpha",
@@ -126,8 +127,15 @@ def _check_sample_args(parser: SampleArgumentParser, args: argparse.Namespace) -
         parser.error(f"--resolution takes one or two numbers, got {len(args.resolution)}")
     if args.resolution is not None and min(args.resolution) < 1:
         parser.error(f"--resolution must be positive pixels, got {' '.join(map(str, args.resolution))}")
-    if args.lora is not None and not Path(args.lora).expanduser().exists():
-        parser.error(f"--lora {args.lora}: no such file or directory")
+    if args.lora is not None:
+        from rlr_lightning.builtin import BUILTIN_LORAS, resolve_lora
+
+        try:
+            args.lora = resolve_lora(args.lora)
+        except FileNotFoundError as err:
+            parser.error(f"--lora {args.lora}: {err}")
+        if not Path(args.lora).expanduser().exists():
+            parser.error(f"--lora {args.lora}: no such file or directory (built-in LoRAs: {', '.join(BUILTIN_LORAS)})")
     problem = image_file_problem(args.out)
     if problem is not None:
         parser.error(f"--out {args.out} cannot be written: {problem}")
@@ -188,6 +196,8 @@ COMMANDS = {
     "fit": "fine-tune LoRA weights toward a reward (LightningCLI: rlr fit --config configs/quickstart.yaml)",
     "validate": "score a checkpoint on held-out prompts (rlr validate --config ... --ckpt_path .../last.ckpt)",
     "sample": "sample images and per-step log-probabilities (any family: SD 1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1)",
+    "eval": "score a shapes-world model (and LoRA) against its captions, skill by skill, over seeds "
+    "(rlr eval --lora shapes-world-aligned --config configs/world_align.yaml)",
     "diagnose": "map where the gradient noise lives, step by step, and recommend RLR's tail and baselines "
     "(rlr diagnose --config configs/quickstart.yaml)",
 }
@@ -282,6 +292,10 @@ def main(args: list[str] | None = None) -> None:
         if argv[0] == "sample":
             out = sample(argv[1:])
             print(f"wrote {len(out.read_bytes())} bytes of samples to {out}")
+        elif argv[0] == "eval":
+            from rlr_lightning.eval_cli import evaluate_command
+
+            evaluate_command(argv[1:])
         elif argv[0] == "diagnose":
             from rlr_lightning.diagnose_cli import diagnose
 

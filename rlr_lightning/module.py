@@ -29,6 +29,7 @@ from torchmetrics import CatMetric, MeanMetric
 from rlr_lightning import rewards as reward_models
 from rlr_lightning.data import DCOT_SCALES, PromptBatch
 from rlr_lightning.estimators import RLR, GradientEstimator, derive_seed, flat_grad, rollout
+from rlr_lightning.estimators.regularizers import kl_terms
 from rlr_lightning.evaluation import image_features, mean_pairwise_distance
 from rlr_lightning.hub import DTYPES
 from rlr_lightning.memory import (
@@ -164,6 +165,12 @@ class RLRModule(L.LightningModule):
             budget.
         metrics: Extra reward models reported on the validation prompts (e.g. train on aesthetic, also
             report HPSv2); they are never trained on.
+        kl_coefficient: Weight ``beta`` of a KL penalty toward the base model (LoRA off), with any estimator:
+            per stochastic step, ``mean_d (m_theta - m_base)^2 / (2 sigma^2)`` at the sampled states, summed over
+            steps (:mod:`rlr_lightning.estimators.regularizers`); logged as ``train/kl``. It keeps what the base
+            model does well from drifting while the reward pulls elsewhere. Needs eta > 0. 0 turns it off.
+        kl_steps: Stochastic steps drawn per batch for the KL penalty (their sum scaled to all steps: unbiased);
+            each costs two network calls per sample.
     """
 
     def __init__(
@@ -193,6 +200,8 @@ class RLRModule(L.LightningModule):
         chunk_samples: int | None = None,
         activation_checkpointing: bool | None = None,
         metrics: list[RewardModel] | None = None,
+        kl_coefficient: float = 0.0,
+        kl_steps: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator", "reward", "optimizer", "lr_scheduler", "metrics"])
@@ -217,6 +226,20 @@ class RLRModule(L.LightningModule):
             )
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        if not kl_coefficient >= 0:
+            raise ValueError(f"kl_coefficient must be >= 0 (0 turns the KL penalty off), got {kl_coefficient!r}")
+        if not isinstance(kl_steps, int) or kl_steps < 1:
+            raise ValueError(f"kl_steps must be an integer >= 1, got {kl_steps!r}")
+        if kl_coefficient > 0 and eta == 0:
+            raise ValueError(
+                "kl_coefficient > 0 needs a stochastic sampler: eta is 0, and deterministic transitions have no KL "
+                "divergence; set eta > 0, or kl_coefficient 0 (weight decay on the LoRA regularises any sampler)"
+            )
+        if kl_coefficient > 0 and getattr(estimator, "kl_coefficient", 0.0) > 0:
+            raise ValueError(
+                "both model.kl_coefficient and the GRPO estimator's kl_coefficient are set: the penalty would count "
+                "twice; keep one (model.kl_coefficient works with every estimator)"
+            )
         if reward is None and is_tiny_model(pretrained_model_name_or_path):
             # The toy default only makes sense for the tiny model: a real model would silently learn to paint
             # one colour, so it gets none and training asks for one (see ``setup``).
@@ -256,6 +279,8 @@ class RLRModule(L.LightningModule):
         self.log_term_grad_norms = log_term_grad_norms
         self.export_dir = export_dir
         self.max_consecutive_skips = max_consecutive_skips
+        self.kl_coefficient = float(kl_coefficient)
+        self.kl_steps = kl_steps
         if memory_budget_gb is not None and memory_budget_gb != "auto" and not float(memory_budget_gb) > 0:
             raise ValueError(f"memory_budget_gb must be > 0 GiB or 'auto', got {memory_budget_gb!r}")
         if chunk_samples is not None and chunk_samples < 1:
@@ -513,7 +538,8 @@ class RLRModule(L.LightningModule):
                 self._window_skip_cause = cause
             return
 
-        term_losses, term_norms = self._backward_terms(result.terms, last_micro)
+        term_losses, term_norms = self._backward_terms(result.terms + self._penalty_terms(result, step_seed),
+                                                       last_micro)
         if not last_micro:
             self._log_step(result, term_losses, term_norms, started)
             return
@@ -523,6 +549,7 @@ class RLRModule(L.LightningModule):
             # logged losses and clip statistics are the last update's).
             for _ in range(1, self.estimator.inner_updates if stepped else 1):
                 terms = self.estimator.terms(result, self.sampler, result.embeds)
+                terms += self._penalty_terms(result, step_seed)
                 term_losses, term_norms = self._backward_terms(terms, True)
                 if not self._optimizer_step(optimizer):
                     break
@@ -530,6 +557,12 @@ class RLRModule(L.LightningModule):
             self._log_step(result, term_losses, term_norms, started)
         if stepped:
             self.estimator.observe(result, self._mean_over_ranks(term_norms))
+
+    def _penalty_terms(self, result, step_seed: int) -> list:
+        """The KL penalty's terms (none when it is off): the same drawn steps on every rank and inner update."""
+        if self.kl_coefficient == 0:
+            return []
+        return kl_terms(result, self.sampler, result.embeds, self.kl_coefficient, self.kl_steps, step_seed)
 
     def _backward_terms(self, terms, last_micro: bool) -> tuple[dict[str, float], dict[str, float]]:
         """Backpropagate the surrogate terms one at a time; their losses and (optionally) gradient norms by name.

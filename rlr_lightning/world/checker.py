@@ -85,14 +85,35 @@ def color_labels(
     batched = pixels.dim() == 4
     if not batched:
         pixels = pixels.unsqueeze(0)
-    colours = torch.tensor(list(PALETTE.values()), dtype=torch.float32).view(1, -1, 3, 1, 1)
-    pixels = pixels.unsqueeze(1)  # (B, 1, 3, H, W) against colours (1, K, 3, 1, 1)
-    # The nearest shade a * c of each colour: the projection of the pixel on c, clamped to the shades.
-    intensity = ((pixels * colours).sum(dim=2, keepdim=True) / colours.pow(2).sum(dim=2, keepdim=True))
-    shade = intensity.clamp(min_intensity, 1.0) * colours
-    nearest_distance, nearest = (pixels - shade).pow(2).sum(dim=2).min(dim=1)
+    nearest_distance, nearest = shade_distances(pixels, min_intensity).min(dim=1)
     labels = torch.where(nearest_distance <= color_threshold**2, nearest, torch.full_like(nearest, -1))
     return labels if batched else labels[0]
+
+
+def shade_distances(images: Tensor, min_intensity: float = MIN_INTENSITY) -> Tensor:
+    """Squared RGB distance of every pixel to each palette colour's nearest shade, ``(B, K, H, W)`` for images
+    ``(B, 3, H, W)``; differentiable. The nearest shade ``a * c`` is the projection of the pixel on ``c``, with
+    ``a`` clamped to ``[min_intensity, 1]``."""
+    colours = torch.tensor(list(PALETTE.values()), dtype=images.dtype, device=images.device).view(1, -1, 3, 1, 1)
+    pixels = images.unsqueeze(1)  # (B, 1, 3, H, W) against colours (1, K, 3, 1, 1)
+    intensity = (pixels * colours).sum(dim=2, keepdim=True) / colours.pow(2).sum(dim=2, keepdim=True)
+    shade = intensity.clamp(min_intensity, 1.0) * colours
+    return (pixels - shade).pow(2).sum(dim=2)
+
+
+def soft_color_masks(
+    images: Tensor, sharpness: float = 0.01, color_threshold: float = COLOR_THRESHOLD,
+    min_intensity: float = MIN_INTENSITY,
+) -> Tensor:
+    """The checker's colour decision made differentiable: per pixel and palette colour, ``(B, K, H, W)`` in
+    [0, 1], a sigmoid of how far the pixel's distance to the colour's shades lies inside ``color_threshold``
+    (``sharpness``: the width of the sigmoid, in RGB distance), times a softmax preferring the nearest colour.
+    At pixels well inside or outside the threshold it equals :func:`color_labels`' one-hot decision."""
+    squared = shade_distances(images, min_intensity)
+    distance = (squared + 1e-8).sqrt()
+    inside = torch.sigmoid((color_threshold - distance) / sharpness)
+    nearest = torch.softmax(-distance / sharpness, dim=1)
+    return inside * nearest
 
 
 def find_blobs(

@@ -1,16 +1,13 @@
 """How well a pipeline's samples follow shapes-world captions: colour, count and position accuracy by the exact
 checker, on captions of one split (held-out by default: combinations never seen in training).
 
-Run ``python -m rlr_lightning.world.evaluate DIR`` on a pipeline directory (a trained world pipeline, or any
-with a LoRA via ``--lora``); it samples with the project's own sampler, decodes, and checks the pixels. It
-evaluates several sampling seeds (``--seeds``, default 0 1 2) and reports each seed's accuracies and their
-mean with its standard error over the seeds (:func:`evaluate_seeds`).
+The command is ``rlr eval`` (:mod:`rlr_lightning.eval_cli`); it samples with the project's own sampler, decodes,
+and checks the pixels, over several sampling seeds (:func:`evaluate_seeds`), reporting each seed's accuracies
+and their mean with its standard error over the seeds.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import statistics
@@ -21,12 +18,14 @@ import torch
 
 from rlr_lightning.rewards.base import RewardModel
 from rlr_lightning.world.checker import CHECKS, check
-from rlr_lightning.world.scenes import caption, split_specs
+from rlr_lightning.world.scenes import COUNTS, caption, parse_caption, split_specs
 
 logger = logging.getLogger(__name__)
 
 #: The sampling seeds evaluated when none are given: three, so every reported accuracy has a standard error.
 DEFAULT_SEEDS = (0, 1, 2)
+#: Count accuracy among the captions asking for each number: ``count_ok@1`` ... ``count_ok@4``.
+COUNT_BY_NUMBER = tuple(f"count_ok@{n}" for n in COUNTS)
 
 
 def _captions(split: str, captions: list[str] | None, samples_per_caption: int) -> list[str]:
@@ -53,6 +52,8 @@ def _sample_and_check(backbone, sampler, captions: list[str], seed: int, batch_s
 
     generator = torch.Generator().manual_seed(seed)
     totals = dict.fromkeys((*CHECKS, *(("reward",) if reward is not None else ())), 0.0)
+    asked = torch.tensor([parse_caption(text).count for text in captions])
+    count_ok = torch.zeros(len(captions), dtype=torch.bool)
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
@@ -60,9 +61,11 @@ def _sample_and_check(backbone, sampler, captions: list[str], seed: int, batch_s
         result = check(images, chunk)
         for name in CHECKS:
             totals[name] += float(result[name].float().sum())
+        count_ok[start:start + len(chunk)] = result["count_ok"]
         if reward is not None:
             totals["reward"] += float(reward(images, chunk).sum())
-    return {**{name: value / len(captions) for name, value in totals.items()}, "n": len(captions)}
+    by_number = {f"count_ok@{n}": float(count_ok[asked == n].float().mean()) for n in COUNTS if bool((asked == n).any())}
+    return {**{name: value / len(captions) for name, value in totals.items()}, **by_number, "n": len(captions)}
 
 
 @torch.no_grad()
@@ -148,46 +151,18 @@ def evaluate_seeds(
     return dict(seeds=seeds, per_seed=per_seed, **pool_seeds(per_seed))
 
 
-def _percent(result: dict, name: str) -> str:
-    se = result["se"][name]
-    return f"{100 * result['mean'][name]:.1f}%" + (f" +- {100 * se:.1f}" if se is not None else "")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rlr_lightning.world.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("pipeline", help="pipeline directory, or shapes-world (the shipped model)")
-    parser.add_argument("--split", choices=("train", "held_out"), default="held_out")
-    parser.add_argument("--samples-per-caption", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
-                        help="override the scheduler's timestep spacing (sample a LoRA as it was trained)")
-    parser.add_argument("--lora", default=None, help="LoRA weights to evaluate with (directory or file)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
-                        help="sampling seeds, each a full evaluation; reported: each seed's accuracies and their "
-                             "mean +- the standard error of the mean over the seeds (default: 0 1 2)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="also write the per-seed accuracies and their mean and standard errors to this JSON file")
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be distinct, got {args.seeds}")
-    if args.samples_per_caption < 1:
-        parser.error(f"--samples-per-caption must be >= 1, got {args.samples_per_caption}")
+    """``python -m rlr_lightning.world.evaluate [PIPELINE] [options]``: the same as ``rlr eval [--model PIPELINE]
+    [options]`` (kept for older command lines)."""
+    import sys
+
+    from rlr_lightning.eval_cli import evaluate_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", *argv]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = evaluate_seeds(args.pipeline, args.seeds, args.split, args.samples_per_caption, args.steps,
-                            args.guidance, args.eta, lora=args.lora, timestep_spacing=args.timestep_spacing)
-    logger.info("%s captions, %d samples: colour %s, count %s, position %s, all %s (mean +- SE over %d seed%s of %d "
-                "samples)", args.split, result["n"], *(_percent(result, name) for name in CHECKS), result["n_seeds"],
-                "s" if result["n_seeds"] > 1 else "", result["n_per_seed"])
-    for one in result["per_seed"]:
-        logger.info("  seed %d: %d samples: colour %.1f%%, count %.1f%%, position %.1f%%, all %.1f%%",
-                    one["seed"], one["n"], *(100 * one[name] for name in CHECKS))
-    if args.json is not None:
-        # The pooled means also at the top level, where one seed's evaluation has them (n: all samples).
-        settings = dict(split=args.split, lora=args.lora, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                        samples_per_caption=args.samples_per_caption, timestep_spacing=args.timestep_spacing)
-        args.json.write_text(json.dumps(dict(result, **result["mean"], **settings), indent=1))
+    evaluate_command(argv)
 
 
 if __name__ == "__main__":

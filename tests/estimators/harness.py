@@ -12,7 +12,7 @@ from torch import Tensor
 
 from rlr_lightning.estimators import GradientEstimator, SurrogateTerm, estimate_gradient
 from rlr_lightning.estimators.base import perturbations_for
-from rlr_lightning.sampling import DDIMSampler, Plan, PromptEmbeds
+from rlr_lightning.sampling import DDIMSampler, DiffusionSampler, Plan, PromptEmbeds
 from rlr_lightning.tiny import toy_denoiser_with_lora
 
 
@@ -102,3 +102,33 @@ def z_score(differences: Tensor) -> float:
     """Mean over standard error of paired scalar differences."""
     n = differences.numel()
     return float(differences.mean() / (differences.std() / n**0.5))
+
+
+def base_kl_gradient(sampler: DDIMSampler, result, beta: float) -> Tensor:
+    """The loss gradient of ``beta * sum_rows mean_d (m - m_base)^2 / (2 sigma^2) / B`` over every (step, sample)
+    of a rollout, with the base means from an independent copy of the denoiser (every ``lora_B`` at zero): what a
+    KL penalty toward the base model must add. Float64, flattened over the sampler's trainable parameters."""
+    import copy
+
+    params = list(sampler.trainable_parameters().values())
+    base_module = copy.deepcopy(sampler.denoiser.module)
+    with torch.no_grad():
+        for name, p in base_module.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    base = DiffusionSampler(type(sampler.denoiser)(base_module), sampler.kernel, sampler.guidance_scale)
+    T, B = result.plan.num_steps, result.batch_size
+    k, s = torch.arange(T).repeat_interleave(B), torch.arange(B).repeat(T)
+    index, x, x_next = result.trajectory.rows(k, s)
+    embeds = result.embeds.rows(k, s)
+    with torch.no_grad():
+        m_base = base.step(index, x, embeds, prev_latents=x_next).mean
+    for p in params:
+        p.grad = None
+    out = sampler.step(index, x, embeds, prev_latents=x_next)
+    kl = ((out.mean - m_base) ** 2 / (2 * out.sigma.reshape(-1, 1, 1, 1) ** 2)).flatten(1).mean(1)
+    (beta * kl.sum() / B).backward()
+    grad = torch.cat([p.grad.flatten() for p in params]).double()
+    for p in params:
+        p.grad = None
+    return grad

@@ -173,9 +173,7 @@ def test_the_clip_engages_when_the_ratio_leaves_its_range(problem):
 def test_the_kl_penalty_pulls_toward_the_base_model_by_the_transition_kl(problem):
     """GRPO(beta) - GRPO(0) on the same draw is the gradient of beta * sum_rows mean_d (m - m_base)^2 / (2 sigma^2) / B,
     with the base model's means computed independently (a copy of the denoiser with every lora_B at zero)."""
-    import copy
-
-    from rlr_lightning.sampling import DiffusionSampler
+    from tests.estimators.harness import base_kl_gradient
 
     beta = 0.5
     make = lambda b: GRPO(group_size=G, clip_range=None, scale_by_group_std=False, advantage_clip=None,  # noqa: E731
@@ -184,28 +182,7 @@ def test_the_kl_penalty_pulls_toward_the_base_model_by_the_transition_kl(problem
     without = grouped_gradient(problem, make(0.0), 0).total
     assert with_kl.rollout.info["kl"] > 0
 
-    sampler, params = problem.sampler, list(problem.sampler.trainable_parameters().values())
-    base_module = copy.deepcopy(sampler.denoiser.module)
-    with torch.no_grad():
-        for name, p in base_module.named_parameters():
-            if "lora_B" in name:
-                p.zero_()
-    base = DiffusionSampler(type(sampler.denoiser)(base_module), sampler.kernel, sampler.guidance_scale)
-    result = with_kl.rollout
-    T, B = result.plan.num_steps, result.batch_size
-    k, s = torch.arange(T).repeat_interleave(B), torch.arange(B).repeat(T)
-    index, x, x_next = result.trajectory.rows(k, s)
-    embeds = result.embeds.rows(k, s)
-    with torch.no_grad():
-        m_base = base.step(index, x, embeds, prev_latents=x_next).mean
-    for p in params:
-        p.grad = None
-    out = sampler.step(index, x, embeds, prev_latents=x_next)
-    kl = ((out.mean - m_base) ** 2 / (2 * out.sigma.reshape(-1, 1, 1, 1) ** 2)).flatten(1).mean(1)
-    (beta * kl.sum() / B).backward()
-    expected = -torch.cat([p.grad.flatten() for p in params]).double()  # the estimate ascends: minus the loss's
-    for p in params:
-        p.grad = None
+    expected = -base_kl_gradient(problem.sampler, with_kl.rollout, beta)  # the estimate ascends
     assert expected.norm() > 0
     assert torch.allclose(with_kl.total - without, expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
 

@@ -44,6 +44,18 @@ def test_missing_weights_name_the_command_that_rebuilds_them(monkeypatch, tmp_pa
         resolve_model(WORLD_MODEL)
 
 
+def test_a_missing_builtin_lora_names_the_command_that_rebuilds_it(monkeypatch, tmp_path, capsys):
+    from rlr_lightning.cli import main
+
+    monkeypatch.setitem(builtin.BUILTIN_LORAS, builtin.ALIGNED_WORLD_LORA, tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="rlr fit --config configs/world_align.yaml --model.export_dir"):
+        resolve_model(builtin.ALIGNED_WORLD_LORA)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", "shapes-world", "--lora", builtin.ALIGNED_WORLD_LORA])
+    assert exit_info.value.code == 2 and "rlr fit --config configs/world_align.yaml" in capsys.readouterr().err
+    assert resolve_model("some/other-lora") == "some/other-lora"  # not a built-in name: passed on as it is
+
+
 @pytest.mark.slow
 def test_diffusers_pipeline_samples_follow_the_captions_colours():
     """Sampled by diffusers' own pipeline (not our sampler): 20 held-out captions, the asked colour is found
