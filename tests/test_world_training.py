@@ -54,16 +54,15 @@ def test_evaluation_checks_every_held_out_caption(smoke_pipeline):
     assert caption(split_specs()[1][0])  # held-out captions are the grammar's
 
 
-def test_evaluate_command_reports_and_writes_the_accuracies(smoke_pipeline, tmp_path, caplog):
-    import logging
-
+def test_evaluate_command_reports_and_writes_the_accuracies(smoke_pipeline, tmp_path, capsys):
     from rlr_lightning.world.evaluate import main as evaluate_main
 
     out = tmp_path / "accuracy.json"
-    with caplog.at_level(logging.INFO, logger="rlr_lightning.world.evaluate"):
-        # One sampling seed (the default is three, pooled: tests/world/test_evaluate_seeds.py).
-        evaluate_main([str(smoke_pipeline), "--steps", "2", "--seeds", "0", "--json", str(out)])
+    # The older command line (a positional pipeline) still runs: it is `rlr eval --model PIPELINE`.
+    evaluate_main([str(smoke_pipeline), "--steps", "2", "--seeds", "0", "--samples-per-caption", "1",
+                   "--json", str(out)])
     result = json.loads(out.read_text())
-    assert result["n"] == len(split_specs()[1])
-    line = next(r.getMessage() for r in caplog.records if r.name == "rlr_lightning.world.evaluate")
-    assert line.startswith(f"held_out captions, {result['n']} samples: colour {100 * result['color_ok']:.1f}%")
+    assert result["n"] == len(split_specs()[1]) and result["settings"]["model"] == str(smoke_pipeline)
+    table = capsys.readouterr().out
+    colour = next(line for line in table.splitlines() if line.startswith("colour "))
+    assert f"{100 * result['mean']['color_ok']:5.1f}%" in colour
