@@ -56,8 +56,9 @@ _CARD = """
 
 Counter network of rlr_lightning's procedural shapes world: the number of shapes of each palette colour
 (red, green, blue, yellow, white) in a `(B, 3, H, W)` image in [0, 1]. Load it with
-`rlr_lightning.world.counter.CountNetwork.from_pretrained(DIR)`; rebuild it with
-`python -m rlr_lightning.world.counter --out DIR`.
+`rlr_lightning.world.counter.CountNetwork.from_pretrained(DIR)`; train one with
+`python -m rlr_lightning.world.counter --out DIR` (the packaged one: `python benchmarks/build_counter.py --out DIR` in
+the rlr_lightning repository).
 """
 
 
