@@ -32,8 +32,6 @@ import yaml
 from common import RESULTS, machine, markdown_table, world_prompts
 from lightning.pytorch.loggers import CSVLogger
 
-from rlr_lightning.data import PromptDataModule
-from rlr_lightning.estimators import GRPO, RLR, FullBackprop, ScoreFunction, TruncatedBackprop
 from rlr_lightning.lightning_cli import quiet_lightning
 from rlr_lightning.module import RLRModule
 from rlr_lightning.world.checker import CHECKS
@@ -45,73 +43,62 @@ CONFIG = ROOT / "configs" / "world_align.yaml"
 CURVE_SEED = 1000
 
 
-def composite_reward(counter: str | None = None):
-    """The config's reward with another counter (None: the packaged one)."""
-    from rlr_lightning.rewards import WeightedSum, WorldColorReward, WorldCountReward, WorldPositionReward
+RENDERS_ONLY_COUNTER = str(ROOT / "benchmarks" / "data" / "counter_renders")
+FULL_BACKPROP = {"class_path": "rlr_lightning.estimators.FullBackprop"}
+COUNT_REWARD = "rlr_lightning.rewards.WorldCountReward"
 
-    return WeightedSum([WorldCountReward(counter), WorldPositionReward(), WorldColorReward()], [1.0, 0.5, 0.5])
-
-
-def count_reward(counter: str | None = None):
-    from rlr_lightning.rewards import WorldCountReward
-
-    return WorldCountReward(counter)
-
-
-def checker_reward():
-    from rlr_lightning.rewards import WorldCheckerReward
-
-    return WorldCheckerReward(partial_credit=True)
-
-
-#: name -> (estimator factory, reward factory or None for the config's, samples per prompt)
+#: name -> ``--model.*`` overrides of the config (an estimator, and for the reward checks a reward), as rlr fit
+#: takes them; everything else comes from the config.
 RUNS = {
-    "full backprop (checkpointed)": (lambda: FullBackprop(), None),
-    "truncated backprop (K=1)": (lambda: TruncatedBackprop(k=1), None),
-    "RLR (today)": (lambda: RLR(h=2), None),
-    "RLR (best of issue 20)": (lambda: RLR(h=2, tail="auto", step_baseline="muprop", step_baseline_sigma_ratio=0.75),
-                               None),
-    "score function": (lambda: ScoreFunction(), None),
-    "GRPO (G=8, checker reward)": (lambda: GRPO(group_size=8, inner_updates=2, clip_range=0.2), checker_reward),
+    "full backprop (checkpointed)": {"estimator": FULL_BACKPROP},
+    "truncated backprop (K=1)": {"estimator": {"class_path": "rlr_lightning.estimators.TruncatedBackprop",
+                                               "init_args": {"k": 1}}},
+    "RLR (today)": {"estimator": {"class_path": "rlr_lightning.estimators.RLR", "init_args": {"h": 2}}},
+    "RLR (best of issue 20)": {"estimator": {"class_path": "rlr_lightning.estimators.RLR", "init_args": {
+        "h": 2, "tail": "auto", "step_baseline": "muprop", "step_baseline_sigma_ratio": 0.75}}},
+    "score function": {"estimator": {"class_path": "rlr_lightning.estimators.ScoreFunction"}},
+    "GRPO (G=8, checker reward)": {
+        "estimator": {"class_path": "rlr_lightning.estimators.GRPO",
+                      "init_args": {"group_size": 8, "inner_updates": 2, "clip_range": 0.2}},
+        "reward": {"class_path": "rlr_lightning.rewards.WorldCheckerReward", "init_args": {"partial_credit": True}}},
     # The reward checks: the count reward alone, with the packaged counter and with the render-only one.
-    "full backprop, count reward": (lambda: FullBackprop(), lambda: count_reward()),
-    "full backprop, render-only counter": (lambda: FullBackprop(),
-                                           lambda: count_reward(str(ROOT / "benchmarks" / "data" / "counter_renders"))),
+    "full backprop, count reward": {"estimator": FULL_BACKPROP, "reward": {"class_path": COUNT_REWARD}},
+    "full backprop, render-only counter": {
+        "estimator": FULL_BACKPROP,
+        "reward": {"class_path": COUNT_REWARD, "init_args": {"counter": RENDERS_ONLY_COUNTER}}},
 }
 
 
-def model_settings(config: Path) -> dict:
-    """The ``model:`` section of the config (sampler, reward, LoRA, optimizer, KL), with the ``data:`` prompt set
-    under ``prompt_set``."""
-    text = yaml.safe_load(config.read_text())
-    return dict(text["model"], prompt_set=text.get("data", {}).get("prompt_set", "shapes"))
+def sampler_settings(config: Path) -> dict:
+    """The config's sampler as ``rlr eval --config`` reads it (model, steps, eta, guidance, timestep spacing)."""
+    from rlr_lightning.eval_cli import CONFIG_KEYS, DEFAULTS
+
+    model = yaml.safe_load(config.read_text())["model"]
+    return dict(DEFAULTS, **{option: model[key] for key, option in CONFIG_KEYS.items() if key in model})
 
 
-def build_module(settings: dict, estimator, reward, seed: int, export_dir: str) -> RLRModule:
-    from rlr_lightning.models import LoraSettings
-    from rlr_lightning.rewards import WeightedSum, WorldColorReward, WorldCountReward, WorldPositionReward
+def build_run(config: Path, overrides: dict, seed: int, images_per_batch: int, export_dir: str):
+    """The module and data that ``rlr fit --config CONFIG`` builds, with the run's overrides, ``seed`` and
+    ``images_per_batch`` images per sampled batch (``batch / G`` prompts for a group of ``G``)."""
+    import sys
 
-    lora = settings.get("lora", {})
-    optimizer = settings.get("optimizer", {}).get("init_args", {})
-    if reward is None:  # the config's own WeightedSum of world rewards
-        spec = settings["reward"]["init_args"]
-        classes = dict(WorldCountReward=WorldCountReward, WorldPositionReward=WorldPositionReward,
-                       WorldColorReward=WorldColorReward)
-        parts = [classes[part["class_path"].rsplit(".", 1)[1]](**part.get("init_args", {})) for part in spec["rewards"]]
-        reward = WeightedSum(parts, spec.get("weights"))
-    module = RLRModule(
-        pretrained_model_name_or_path=settings["pretrained_model_name_or_path"], estimator=estimator, reward=reward,
-        num_steps=settings["num_steps"], eta=settings["eta"], guidance_scale=settings["guidance_scale"],
-        timestep_spacing=settings.get("timestep_spacing"), seed=seed,
-        lora=LoraSettings(rank=lora.get("rank", 4), alpha=lora.get("alpha", 4.0),
-                          target_modules=tuple(lora.get("target_modules", LoraSettings().target_modules))),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=optimizer.get("lr", 3e-3),
-                                              weight_decay=optimizer.get("weight_decay", 1e-4)),
-        gradient_clip_val=settings.get("gradient_clip_val", 1.0), kl_coefficient=settings.get("kl_coefficient", 0.0),
-        activation_checkpointing=isinstance(estimator, FullBackprop) or None, export_dir=export_dir,
-    )
-    module.configure_model()
-    return module
+    from rlr_lightning.lightning_cli import build
+
+    group = overrides["estimator"].get("init_args", {}).get("group_size", 1)
+    args = ["--config", str(config), "--model.seed", str(seed), "--model.export_dir", export_dir,
+            "--data.seed", str(seed), "--data.batch_size", str(images_per_batch // group)]
+    for key, value in overrides.items():
+        args += [f"--model.{key}", json.dumps(value)]
+    # A likelihood-ratio estimator has no multi-step window to checkpoint: only full backprop keeps the config's.
+    if overrides["estimator"] is not FULL_BACKPROP:
+        args += ["--model.activation_checkpointing", "null"]
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too when given args
+    try:
+        cli = build(args, run=False, prog="world_race")
+    finally:
+        sys.argv = saved
+    cli.model.configure_model()
+    return cli.model, cli.datamodule
 
 
 class Curve(L.Callback):
@@ -138,31 +125,28 @@ class Curve(L.Callback):
 
 
 def run(args, name: str, seed: int, out: Path) -> dict:
-    make_estimator, make_reward = RUNS[name]
-    estimator = make_estimator()
-    settings = model_settings(args.config)
     run_dir = out / "".join(c if c.isalnum() else "_" for c in name.lower()) / f"seed{seed}"
-    module = build_module(settings, estimator, make_reward() if make_reward else None, seed, str(run_dir / "lora"))
-    images_per_batch = args.batch
-    prompts_per_batch = images_per_batch // estimator.samples_per_prompt
-    batches = args.images // images_per_batch
-    curve = Curve(args.eval_every, images_per_batch, world_prompts("held_out"))
-    data = PromptDataModule(prompt_set=settings["prompt_set"], batch_size=prompts_per_batch, seed=seed)
-    trainer = L.Trainer(accelerator="cpu", max_steps=batches * estimator.inner_updates, logger=CSVLogger(run_dir, name="log"),
-                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=run_dir, callbacks=[curve])
+    module, data = build_run(args.config, RUNS[name], seed, args.batch, str(run_dir / "lora"))
+    batches = args.images // args.batch
+    curve = Curve(args.eval_every, args.batch, world_prompts("held_out"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=batches * module.estimator.inner_updates,
+                        logger=CSVLogger(run_dir, name="log"), log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
+                        callbacks=[curve])
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
-    final = evaluate_final(args, settings, str(module.exported_lora))
-    return dict(run=name, seed=seed, seconds=seconds, images=batches * images_per_batch, curve=curve.points,
+    final = evaluate_final(args, str(module.exported_lora))
+    return dict(run=name, seed=seed, seconds=seconds, images=batches * args.batch, curve=curve.points,
                 lora=str(module.exported_lora), final=final)
 
 
-def evaluate_final(args, settings: dict, lora: str | None) -> dict:
-    return {split: evaluate_seeds(settings["pretrained_model_name_or_path"], args.eval_seeds, split, 2,
-                                  settings["num_steps"], settings["guidance_scale"], settings["eta"], lora=lora,
-                                  timestep_spacing=settings.get("timestep_spacing"))
+def evaluate_final(args, lora: str | None) -> dict:
+    """``rlr eval --config CONFIG`` on both splits (2 samples per caption, the evaluation seeds)."""
+    settings = sampler_settings(args.config)
+    return {split: evaluate_seeds(settings["model"], args.eval_seeds, split, 2, settings["steps"],
+                                  settings["guidance"], settings["eta"], lora=lora,
+                                  timestep_spacing=settings["timestep_spacing"])
             for split in ("held_out", "train")}
 
 
@@ -252,8 +236,7 @@ def main() -> None:
     payload.update(machine=machine(), config=str(args.config.relative_to(ROOT)), images=args.images, batch=args.batch)
     payload.setdefault("runs", [])
     if "base" not in payload:
-        settings = model_settings(args.config)
-        payload["base"] = evaluate_final(args, settings, None)
+        payload["base"] = evaluate_final(args, None)
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.runs:
             for seed in args.seeds:

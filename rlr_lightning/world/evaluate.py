@@ -18,7 +18,7 @@ import torch
 
 from rlr_lightning.rewards.base import RewardModel
 from rlr_lightning.world.checker import CHECKS, check
-from rlr_lightning.world.scenes import COUNTS, caption, parse_caption, split_specs
+from rlr_lightning.world.scenes import COUNTS, parse_caption
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ COUNT_BY_NUMBER = tuple(f"count_ok@{n}" for n in COUNTS)
 
 def _captions(split: str, captions: list[str] | None, samples_per_caption: int) -> list[str]:
     if captions is None:
-        train, held_out = split_specs()
-        captions = [caption(spec) for spec in {"train": train, "held_out": held_out}[split]]
+        from rlr_lightning.world.model_samples import split_captions
+
+        captions = split_captions(split)
     return [text for text in captions for _ in range(samples_per_caption)]
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor
 
-from rlr_lightning.world.checker import _EIGHT_CONNECTED, COLOR_THRESHOLD, MIN_AREA, MIN_INTENSITY, color_labels
+from rlr_lightning.world.checker import COLOR_THRESHOLD, MIN_AREA, MIN_INTENSITY, _blobs, color_labels
 from rlr_lightning.world.scenes import PALETTE, caption, split_specs
 
 logger = logging.getLogger(__name__)
@@ -55,16 +54,8 @@ def checker_counts(
     """The exact checker's number of shapes of every palette colour, ``(B, len(PALETTE))`` float32: the
     components that :func:`rlr_lightning.world.checker.check` counts, for every colour at once."""
     labels = color_labels(images, color_threshold, min_intensity).numpy()
-    height, width = labels.shape[-2:]
-    min_pixels = max(1, int(np.ceil(min_area * height * width)))
-    counts = torch.zeros(labels.shape[0], len(PALETTE))
-    for i, image in enumerate(labels):
-        for c in range(len(PALETTE)):
-            components, n = ndimage.label(image == c, structure=_EIGHT_CONNECTED)
-            if n:
-                areas = np.bincount(components.ravel(), minlength=n + 1)[1:]
-                counts[i, c] = float((areas >= min_pixels).sum())
-    return counts
+    return torch.tensor([[len(blobs) for blobs in _blobs(image, min_area).values()] for image in labels],
+                        dtype=torch.float32).reshape(len(labels), len(PALETTE))
 
 
 def quantize(images: Tensor) -> Tensor:

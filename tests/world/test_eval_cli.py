@@ -14,6 +14,7 @@ import pytest
 from rlr_lightning.cli import main
 from rlr_lightning.world.checker import CHECKS
 from rlr_lightning.world.evaluate import COUNT_BY_NUMBER, evaluate
+from rlr_lightning.world.model_samples import split_captions
 from rlr_lightning.world.scenes import parse_caption, split_specs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def test_table_and_json_report_each_seed_and_their_mean_and_standard_error(tmp_p
     # Each seed is the single-seed evaluation; count by the asked number splits the count accuracy exactly.
     alone = evaluate("shapes-world", num_steps=2, guidance_scale=1.0, eta=1.0, seed=5)
     assert {k: result["per_seed"][1][k] for k in alone} == pytest.approx(alone)
-    asked = [parse_caption(c).count for c in (c for c in _held_out_captions())]
+    asked = [parse_caption(c).count for c in split_captions("held_out")]
     shares = [asked.count(n) / len(asked) for n in (1, 2, 3, 4)]
     for one in result["per_seed"]:
         assert sum(s * one[k] for s, k in zip(shares, COUNT_BY_NUMBER)) == pytest.approx(one["count_ok"])
@@ -43,12 +44,6 @@ def test_table_and_json_report_each_seed_and_their_mean_and_standard_error(tmp_p
     assert f"{100 * result['per_seed'][0]['count_ok']:6.1f}%" in row
     assert "all (count and position)" in table and "asked four" in table and result["table"] == table.strip()
     assert result["settings"]["steps"] == 2 and result["settings"]["split"] == "held_out"
-
-
-def _held_out_captions():
-    from rlr_lightning.world.scenes import caption
-
-    return [caption(spec) for spec in split_specs()[1]]
 
 
 def test_settings_come_from_a_training_config_and_explicit_options_win(tmp_path):
