@@ -13,7 +13,9 @@ the run's LoRA is evaluated as ``rlr eval`` does (held-out and training captions
 sampling seeds 0 1 2), and the base model once the same way.
 
 Writes ``benchmarks/results/world_race.{json,md,png}`` (rewritten after every run, so a run cut short keeps
-what finished; ``--merge`` adds runs to stored results) and prints the table.
+what finished; ``--merge`` adds runs to stored results) and prints the table. Each run's metrics and exported
+LoRA stay under ``outputs/world_race/NAME/`` (``--out``). ``--fit-args`` passes further ``rlr fit`` arguments to
+every run (a learning rate, LoRA targets) to probe a setting before it goes into the config.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,9 +79,11 @@ def sampler_settings(config: Path) -> dict:
     return dict(DEFAULTS, **{option: model[key] for key, option in CONFIG_KEYS.items() if key in model})
 
 
-def build_run(config: Path, overrides: dict, seed: int, images_per_batch: int, export_dir: str):
-    """The module and data that ``rlr fit --config CONFIG`` builds, with the run's overrides, ``seed`` and
-    ``images_per_batch`` images per sampled batch (``batch / G`` prompts for a group of ``G``)."""
+def build_run(config: Path, overrides: dict, seed: int, images_per_batch: int, export_dir: str,
+              fit_args: tuple[str, ...] = ()):
+    """The module and data that ``rlr fit --config CONFIG`` builds, with the run's overrides, ``seed``,
+    ``images_per_batch`` images per sampled batch (``batch / G`` prompts for a group of ``G``) and any further
+    ``rlr fit`` arguments (``fit_args``, applied last)."""
     import sys
 
     from rlr_lightning.lightning_cli import build
@@ -89,9 +93,10 @@ def build_run(config: Path, overrides: dict, seed: int, images_per_batch: int, e
             "--data.seed", str(seed), "--data.batch_size", str(images_per_batch // group)]
     for key, value in overrides.items():
         args += [f"--model.{key}", json.dumps(value)]
-    # A likelihood-ratio estimator has no multi-step window to checkpoint: only full backprop keeps the config's.
-    if overrides["estimator"] is not FULL_BACKPROP:
-        args += ["--model.activation_checkpointing", "null"]
+    # Full backprop recomputes each step's network call in backward (memory flat in T, as users would run it);
+    # the other estimators have no multi-step window to checkpoint.
+    args += ["--model.activation_checkpointing", "true" if overrides["estimator"] is FULL_BACKPROP else "null"]
+    args += list(fit_args)
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too when given args
     try:
         cli = build(args, run=False, prog="world_race")
@@ -126,7 +131,8 @@ class Curve(L.Callback):
 
 def run(args, name: str, seed: int, out: Path) -> dict:
     run_dir = out / "".join(c if c.isalnum() else "_" for c in name.lower()) / f"seed{seed}"
-    module, data = build_run(args.config, RUNS[name], seed, args.batch, str(run_dir / "lora"))
+    module, data = build_run(args.config, RUNS[name], seed, args.batch, str(run_dir / "lora"),
+                             tuple(shlex.split(args.fit_args)))
     batches = args.images // args.batch
     curve = Curve(args.eval_every, args.batch, world_prompts("held_out"))
     trainer = L.Trainer(accelerator="cpu", max_steps=batches * module.estimator.inner_updates,
@@ -219,6 +225,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--name", default="world_race", help="results file name (default world_race)")
     parser.add_argument("--merge", action="store_true", help="add to the stored results instead of replacing them")
+    parser.add_argument("--fit-args", default="", metavar="ARGS",
+                        help="further rlr fit arguments for every run, e.g. '--model.optimizer.init_args.lr 1e-3'")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where each run's log and LoRA go (default outputs/world_race/NAME)")
     parser.add_argument("--list", action="store_true", help="list the run names and exit")
     args = parser.parse_args()
     if args.list:
@@ -233,21 +243,22 @@ def main() -> None:
     quiet_lightning("fit")
     path = RESULTS / f"{args.name}.json"
     payload = json.loads(path.read_text()) if args.merge and path.exists() else {}
-    payload.update(machine=machine(), config=str(args.config.relative_to(ROOT)), images=args.images, batch=args.batch)
+    payload.update(machine=machine(), config=str(args.config.resolve().relative_to(ROOT)), images=args.images,
+                   batch=args.batch, fit_args=args.fit_args)
     payload.setdefault("runs", [])
     if "base" not in payload:
         payload["base"] = evaluate_final(args, None)
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.runs:
-            for seed in args.seeds:
-                logger.info("%s, seed %d", name, seed)
-                result = run(args, name, seed, Path(scratch))
-                payload["runs"] = [r for r in payload["runs"] if (r["run"], r["seed"]) != (name, seed)] + [result]
-                path.write_text(json.dumps(payload, indent=1))
-                table = markdown_table(rows(payload), COLUMNS)
-                (RESULTS / f"{args.name}.md").write_text(f"{payload['machine']}\n\n{table}\n")
-                plot(payload, RESULTS / f"{args.name}.png")
-                print(table, flush=True)
+    out = args.out or ROOT / "outputs" / "world_race" / args.name
+    for name in args.runs:
+        for seed in args.seeds:
+            logger.info("%s, seed %d", name, seed)
+            result = run(args, name, seed, out)
+            payload["runs"] = [r for r in payload["runs"] if (r["run"], r["seed"]) != (name, seed)] + [result]
+            path.write_text(json.dumps(payload, indent=1))
+            table = markdown_table(rows(payload), COLUMNS)
+            (RESULTS / f"{args.name}.md").write_text(f"{payload['machine']}\n\n{table}\n")
+            plot(payload, RESULTS / f"{args.name}.png")
+            print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="DDIM timestep spacing (default: the model's scheduler, or the config's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling call (memory only)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-seed results and the table to this file")
+    p.add_argument("--grid", type=Path, default=None, metavar="PNG",
+                   help="with --lora, also write a before/after grid: --grid-captions captions of the split, the base "
+                   "model above and the LoRA below from the first seed's noise, framed green where the checker finds "
+                   "every asked attribute right, red where not")
+    p.add_argument("--grid-captions", type=int, default=24, metavar="N",
+                   help="captions in the grid, spread evenly over the split (default 24, in bands of 8)")
     return p
 
 
@@ -96,8 +102,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: 
         parser.error(f"--eta must be >= 0, got {settings['eta']}")
     if float(settings["guidance"]) < 1:
         parser.error(f"--guidance must be >= 1 (1 turns guidance off), got {settings['guidance']}")
-    if args.json is not None and not args.json.parent.exists():
-        parser.error(f"--json {args.json}: its directory {args.json.parent} does not exist")
+    for option, path in (("--json", args.json), ("--grid", args.grid)):
+        if path is not None and not path.parent.exists():
+            parser.error(f"{option} {path}: its directory {path.parent} does not exist")
+    if args.grid_captions < 1:
+        parser.error(f"--grid-captions must be >= 1, got {args.grid_captions}")
+    if args.grid is not None and args.lora is None:
+        parser.error("--grid compares the base model with a LoRA: give --lora too")
 
 
 def format_table(result: dict, title: str) -> str:
@@ -118,7 +129,7 @@ def format_table(result: dict, title: str) -> str:
 def evaluate_command(argv: list[str]) -> dict:
     """Run ``rlr eval``; returns the pooled result (what ``--json`` writes)."""
     from rlr_lightning.builtin import resolve_lora
-    from rlr_lightning.world.evaluate import evaluate_seeds
+    from rlr_lightning.world.evaluate import before_after_grid, evaluate_seeds, grid_captions
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -146,7 +157,16 @@ def evaluate_command(argv: list[str]) -> dict:
     print(table)
     payload = dict(result, settings=dict(settings, lora=args.lora, split=args.split,
                                          samples_per_caption=args.samples_per_caption), table=table)
+    if args.grid is not None:
+        captions = grid_captions(args.split, args.grid_captions)
+        image, verdicts = before_after_grid(
+            settings["model"], lora, captions, args.seeds[0], int(settings["steps"]), float(settings["guidance"]),
+            float(settings["eta"]), settings["timestep_spacing"])
+        image.save(args.grid)
+        payload["grid"] = dict(path=str(args.grid), captions=captions, seed=args.seeds[0], **verdicts)
+        print(f"Before/after grid written to {args.grid} (all right: {sum(verdicts['before'])} of "
+              f"{len(verdicts['before'])} before, {sum(verdicts['after'])} after)")
     if args.json is not None:
         args.json.write_text(json.dumps(payload, indent=1))
-        logger.info("wrote %s", args.json)
+        logger.info("Results written to %s", args.json)
     return payload

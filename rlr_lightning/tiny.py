@@ -403,18 +403,29 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
     root = Path(cache_dir) if cache_dir is not None else cache_dir_default()
     path = root / f"tiny-{family}-v{TINY_PIPELINE_VERSION}-seed{seed}"
     marker = path / TINY_PIPELINE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_PIPELINE_VERSION:
+
+    def built() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_PIPELINE_VERSION
+
+    if built():
         return path
+    import shutil
+
     logger.info("Building the tiny offline %s pipeline in %s (first use only)", TINY_FAMILIES[family][2], path)
     # Build into a temporary sibling and rename, so an interrupted build never leaves a half-written model
     # that a later run would trust.
     tmp = root / f".{path.name}.tmp-{os.getpid()}"
     save_tiny_pipeline(tmp, seed=seed, family=family)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    if path.exists() and not built():
+        shutil.rmtree(path, ignore_errors=True)  # stale (another version) or half-deleted
+    try:
+        tmp.rename(path)
+    except OSError:
+        # Another process (a parallel test worker, a second run) finished the same build first: keep theirs,
+        # which a reader may already have open.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not built():
+            raise
     return path
 
 

@@ -8,12 +8,21 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite runs on pytest-xdist workers, one per core (setup.cfg). A worker, and every command it starts, then
+# uses one thread: two torch processes with a thread per core each spin against each other and run several
+# times slower than one, while the tiny models here gain little from a second thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import logging  # noqa: E402
 import socket  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # Imported before the first test's logging snapshot (below), so the handlers these libraries add to their own
 # loggers on import belong to the session, not to whichever test happens to import them first.

@@ -223,7 +223,7 @@ def shortened(argv: list[str]) -> tuple[list[str], bool] | None:
     if argv[:2] == ["rlr", "diagnose"]:
         return argv + ["--draws", "4", "--batch", "2", "--model.num_steps", "4", "--no-measure"], False
     if argv[:2] == ["rlr", "eval"] or argv[:3] == ["python", "-m", "rlr_lightning.world.evaluate"]:
-        return argv + ["--samples-per-caption", "1", "--steps", "2", "--seeds", "0"], False
+        return argv + ["--samples-per-caption", "1", "--steps", "2", "--seeds", "0"], "--grid" in argv or "--json" in argv
     if argv[:3] == ["python", "-m", "rlr_lightning.world.counter"]:
         return argv + ["--steps", "2", "--scenes", "8", "--validation-scenes", "8"], True
     return None

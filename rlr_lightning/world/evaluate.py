@@ -152,6 +152,87 @@ def evaluate_seeds(
     return dict(seeds=seeds, per_seed=per_seed, **pool_seeds(per_seed))
 
 
+def grid_captions(split: str = "held_out", count: int = 24) -> list[str]:
+    """``count`` captions spread evenly over ``split``'s (every asked number, colour and place shows up)."""
+    from rlr_lightning.world.model_samples import split_captions
+
+    captions = split_captions(split)
+    step = max(1, len(captions) // count)
+    return captions[::step][:count]
+
+
+#: Captions per band of a before/after grid, and the gap between bands (pixels).
+GRID_BAND, GRID_GAP = 8, 12
+
+
+def grid_tiles(captions: Sequence[str], image_side: int, scale: int = 4) -> list[dict[str, tuple[int, int, int, int]]]:
+    """Per caption, the pixel boxes ``(left, top, right, bottom)`` of its ``before`` and ``after`` images in
+    :func:`before_after_grid`'s picture: bands of :data:`GRID_BAND` captions, one under the other, each laid out
+    as :class:`~rlr_lightning.callbacks.BeforeAfterGrid` lays out a run's."""
+    from rlr_lightning.callbacks import BeforeAfterGrid
+
+    layout, tiles, top = BeforeAfterGrid(scale=scale), [], 0
+    for start in range(0, len(captions), GRID_BAND):
+        band = layout.tile_boxes(list(captions[start:start + GRID_BAND]), image_side)
+        for before, after in zip(*band):
+            tiles.append({name: (box[0], box[1] + top, box[2], box[3] + top)
+                          for name, box in (("before", before), ("after", after))})
+        top += band[1][0][3] + GRID_GAP
+    return tiles
+
+
+@torch.no_grad()
+def before_after_grid(
+    pipeline: str | Path,
+    lora: str | Path,
+    captions: Sequence[str],
+    seed: int = 0,
+    num_steps: int = 20,
+    guidance_scale: float = 3.0,
+    eta: float = 0.0,
+    timestep_spacing: str | None = None,
+    scale: int = 4,
+):
+    """The ``captions`` sampled by the base model and with ``lora`` from the same noise (``seed``): bands of
+    :data:`GRID_BAND` captions, each with the base model's images above the LoRA's (the layout of
+    :class:`~rlr_lightning.callbacks.BeforeAfterGrid`), every image framed green where the exact checker finds
+    every asked attribute right and red where it does not (:func:`grid_tiles` gives the boxes).
+
+    Returns the PIL image and the checker's ``all_ok`` verdicts, ``{"before": [...], "after": [...]}``."""
+    from PIL import Image, ImageDraw
+
+    from rlr_lightning.callbacks import BeforeAfterGrid, to_uint8
+    from rlr_lightning.sampling import Plan
+
+    captions = list(captions)
+    backbone, sampler = _load(pipeline, lora, num_steps, eta, guidance_scale, timestep_spacing)
+    embeds = backbone.encode_prompts(captions, negative=sampler.uses_guidance)
+
+    def draw() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return backbone.decode(sampler.run(Plan(sampler.num_steps), embeds, generator=generator).final)
+
+    with backbone.lora_disabled():
+        before = draw()
+    after = draw()
+    verdicts = {name: check(images, captions)["all_ok"].tolist() for name, images in (("before", before), ("after", after))}
+    layout = BeforeAfterGrid(scale=scale)
+    bands = [layout.grid(to_uint8(before[i:i + GRID_BAND]), to_uint8(after[i:i + GRID_BAND]), captions[i:i + GRID_BAND])
+             for i in range(0, len(captions), GRID_BAND)]
+    canvas = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands) + GRID_GAP * (len(bands) - 1)),
+                       "white")
+    top = 0
+    for band in bands:
+        canvas.paste(band, (0, top))
+        top += band.height + GRID_GAP
+    pen = ImageDraw.Draw(canvas)
+    for i, tile in enumerate(grid_tiles(captions, before.shape[-1], scale)):
+        for name, (left, top, right, bottom) in tile.items():
+            colour = (0, 160, 0) if verdicts[name][i] else (200, 0, 0)
+            pen.rectangle((left - 2, top - 2, right + 1, bottom + 1), outline=colour, width=2)
+    return canvas, verdicts
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m rlr_lightning.world.evaluate [PIPELINE] [options]``: the same as ``rlr eval [--model PIPELINE]
     [options]`` (kept for older command lines)."""

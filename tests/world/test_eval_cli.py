@@ -66,6 +66,9 @@ def test_settings_come_from_a_training_config_and_explicit_options_win(tmp_path)
     (["--config", "no/such.yaml"], "--config no/such.yaml: no such file"),
     (["--guidance", "0.5"], "--guidance must be >= 1"),
     (["--json", "no/such/dir/out.json"], "its directory no/such/dir does not exist"),
+    (["--grid", "grid.png"], "--grid compares the base model with a LoRA: give --lora too"),
+    (["--lora", "shapes-world-aligned", "--grid", "no/such/dir/grid.png"], "its directory no/such/dir does not exist"),
+    (["--grid-captions", "0"], "--grid-captions must be >= 1"),
 ])
 def test_bad_options_fail_at_once_with_exit_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
