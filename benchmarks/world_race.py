@@ -185,6 +185,53 @@ def rows(payload: dict) -> list[dict]:
     return out
 
 
+def paired_rows(payload: dict) -> list[dict]:
+    """Each run's change from the base model in points, paired on the same sampling noise (evaluation seed).
+
+    Per training seed the change is the mean over evaluation seeds of (run - base); the ± is the standard
+    error over evaluation seeds for one training seed, and over training seeds (of their means) for several:
+    then it includes how much the training run itself varies."""
+    base = payload.get("base")
+    if not base:
+        return []
+    out = []
+    for name in RUNS:
+        mine = [r for r in payload["runs"] if r["run"] == name]
+        if not mine:
+            continue
+        row = dict(run=name, seeds=" ".join(str(r["seed"]) for r in mine))
+        for split, key, _ in PAIRED:
+            per_run = []
+            for r in mine:
+                pairs = zip(r["final"][split]["per_seed"], base[split]["per_seed"])
+                per_run.append([100 * (mine_[key] - base_[key]) for mine_, base_ in pairs])
+            values = per_run[0] if len(per_run) == 1 else [statistics.fmean(v) for v in per_run]
+            se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+            row[f"{split}_{key}"] = f"{statistics.fmean(values):+.1f} ± {se:.1f}"
+        out.append(row)
+    return out
+
+
+PAIRED = [("held_out", "all_ok", "held-out all"), ("held_out", "count_ok", "held-out count"),
+          ("held_out", "position_ok", "held-out position"), ("held_out", "color_ok", "held-out colour"),
+          ("train", "all_ok", "train all")]
+PAIRED_COLUMNS = [("run", "run", "s"), ("seeds", "training seeds", "s"),
+                  *((f"{split}_{key}", header, "s") for split, key, header in PAIRED)]
+
+
+def report(payload: dict, name: str) -> str:
+    """The results tables (absolute accuracies, then paired changes), as written to ``NAME.md``."""
+    tables = markdown_table(rows(payload), COLUMNS)
+    paired = paired_rows(payload)
+    if paired:
+        tables += ("\n\nChange from the base model in points, paired on the same sampling noise:\n\n"
+                   + markdown_table(paired, PAIRED_COLUMNS))
+    text = f"{payload['machine']}\n\n{tables}\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    plot(payload, RESULTS / f"{name}.png")
+    return tables
+
+
 COLUMNS = [("run", "run", "s"), ("seeds", "training seeds", "s"), ("held_out_all_ok", "held-out all", "s"),
            ("held_out_count_ok", "held-out count", "s"), ("held_out_position_ok", "held-out position", "s"),
            ("held_out_color_ok", "held-out colour", "s"), ("train_all_ok", "train all", "s"),
@@ -230,9 +277,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="where each run's log and LoRA go (default outputs/world_race/NAME)")
     parser.add_argument("--list", action="store_true", help="list the run names and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite NAME.md and NAME.png from the stored NAME.json and exit (no runs)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(RUNS))
+        return
+    if args.report:
+        path = RESULTS / f"{args.name}.json"
+        if not path.exists():
+            parser.error(f"--report: no results at {path}; run the race first")
+        print(report(json.loads(path.read_text()), args.name))
         return
     unknown = [name for name in args.runs if name not in RUNS]
     if unknown:
@@ -255,10 +310,7 @@ def main() -> None:
             result = run(args, name, seed, out)
             payload["runs"] = [r for r in payload["runs"] if (r["run"], r["seed"]) != (name, seed)] + [result]
             path.write_text(json.dumps(payload, indent=1))
-            table = markdown_table(rows(payload), COLUMNS)
-            (RESULTS / f"{args.name}.md").write_text(f"{payload['machine']}\n\n{table}\n")
-            plot(payload, RESULTS / f"{args.name}.png")
-            print(table, flush=True)
+            print(report(payload, args.name), flush=True)
 
 
 if __name__ == "__main__":
