@@ -163,6 +163,12 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}% ± {100 * statistics.stdev(values) / len(values) ** 0.5:.1f}"
 
 
+def runs_by_name(payload: dict) -> list[tuple[str, list[dict]]]:
+    """The stored runs grouped by run name (one entry per training seed), in the order of :data:`RUNS`."""
+    grouped = ((name, [r for r in payload["runs"] if r["run"] == name]) for name in RUNS)
+    return [(name, mine) for name, mine in grouped if mine]
+
+
 def rows(payload: dict) -> list[dict]:
     out = []
     base = payload.get("base")
@@ -171,10 +177,7 @@ def rows(payload: dict) -> list[dict]:
         out.append(dict(run="base model", seeds="-", minutes="-",
                         **{f"{s}_{k}": _cell([one[k] for one in base[s]["per_seed"]])
                            for s in ("held_out", "train") for k in CHECKS}))
-    for name in RUNS:
-        mine = [r for r in payload["runs"] if r["run"] == name]
-        if not mine:
-            continue
+    for name, mine in runs_by_name(payload):
         row = dict(run=name, seeds=" ".join(str(r["seed"]) for r in mine),
                    minutes=f"{statistics.fmean(r['seconds'] for r in mine) / 60:.1f}")
         for split in ("held_out", "train"):
@@ -195,16 +198,13 @@ def paired_rows(payload: dict) -> list[dict]:
     if not base:
         return []
     out = []
-    for name in RUNS:
-        mine = [r for r in payload["runs"] if r["run"] == name]
-        if not mine:
-            continue
+    for name, mine in runs_by_name(payload):
         row = dict(run=name, seeds=" ".join(str(r["seed"]) for r in mine))
         for split, key, _ in PAIRED:
             per_run = []
             for r in mine:
                 pairs = zip(r["final"][split]["per_seed"], base[split]["per_seed"])
-                per_run.append([100 * (mine_[key] - base_[key]) for mine_, base_ in pairs])
+                per_run.append([100 * (after[key] - before[key]) for after, before in pairs])
             values = per_run[0] if len(per_run) == 1 else [statistics.fmean(v) for v in per_run]
             se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
             row[f"{split}_{key}"] = f"{statistics.fmean(values):+.1f} ± {se:.1f}"
@@ -245,8 +245,7 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
-    for name in RUNS:
-        mine = [r for r in payload["runs"] if r["run"] == name]
+    for name, mine in runs_by_name(payload):
         for i, r in enumerate(mine):
             xs = [p["images"] for p in r["curve"]]
             label = name if i == 0 else None
