@@ -87,7 +87,7 @@ def configs() -> list[tuple[str, object, MemoryPlan]]:
 def use(module, estimator, plan: MemoryPlan) -> None:
     """Make ``estimator`` under ``plan`` the module's: its memory plan and the decoder's checkpointing, as a
     training run with that plan has them."""
-    module.prepare_estimator(estimator)
+    module.task.prepare(estimator)
     module.estimator = estimator
     use_memory_plan(module, plan)
 

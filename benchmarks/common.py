@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from rlr_lightning.diagnostics import AutogradMemoryMeter
+from rlr_lightning.memory import AutogradMemoryMeter
 from rlr_lightning.estimators import derive_seed, estimate_gradient
 from rlr_lightning.module import RLRModule
+from rlr_lightning.task import Task
 from rlr_lightning.rewards import ColorBalance
 from rlr_lightning.sampling import Plan
 
@@ -181,13 +182,13 @@ def synchronize() -> None:
 def estimator_step(module: RLRModule, embeds, prompts, draw: int) -> None:
     """One gradient estimate: rollout plus every term's backward (no optimizer step), run as the module's
     memory plan says (chunks, activation checkpointing)."""
-    estimate_gradient(module.estimator, module.sampler, embeds, prompts, module.latent_reward,
-                      derive_seed(0, draw, 0), derive_seed(0, draw, 1), memory=module.memory_plan)
+    estimate_gradient(module.estimator, module.task.sampler, embeds, prompts, module.task.latent_reward,
+                      derive_seed(0, draw, 0), derive_seed(0, draw, 1), memory=module.task.memory_plan)
 
 
 def measure_step(module: RLRModule, prompts, repeats: int = 5, warmup: int = 1) -> dict:
     """Median step time (s) and peak activation bytes of one estimator step (+ CUDA peak when on GPU)."""
-    embeds = module.conditioning_for(prompts)
+    embeds = module.task.conditioning_for(prompts)
     for i in range(warmup):
         estimator_step(module, embeds, prompts, 10_000 + i)
     times = []
@@ -222,11 +223,11 @@ def interleaved_times(module: RLRModule, jobs: list[tuple], repeats: int = 7,
     """
     if repeats < 1 or not jobs:
         raise ValueError(f"need jobs and repeats >= 1, got {len(jobs)} jobs and repeats={repeats}")
-    saved_plan = module.memory_plan
+    saved_plan = module.task.memory_plan
     prepared = []
     for name, estimator, prompts, *plan in jobs:
-        module.prepare_estimator(estimator)
-        prepared.append((name, estimator, prompts, module.conditioning_for(prompts), plan[0] if plan else None))
+        module.task.prepare(estimator)
+        prepared.append((name, estimator, prompts, module.task.conditioning_for(prompts), plan[0] if plan else None))
 
     def run(estimator, prompts, embeds, plan, draw: int) -> float:
         module.estimator = estimator
@@ -256,13 +257,13 @@ def interleaved_times(module: RLRModule, jobs: list[tuple], repeats: int = 7,
 def use_memory_plan(module: RLRModule, plan) -> None:
     """Run the module's estimates under ``plan``: its chunking and the checkpointing of the denoiser calls and
     of the decoder, as a training run with that plan has them."""
-    module.memory_plan = plan
-    module.set_activation_checkpointing(plan.activation_checkpointing)
+    module.task.memory_plan = plan
+    module.task.set_activation_checkpointing(plan.activation_checkpointing)
 
 
 def activation_mb(module: RLRModule, prompts) -> float:
     """Peak activation memory (MB) of one estimate of the module's estimator (``AutogradMemoryMeter``)."""
-    embeds = module.conditioning_for(prompts)
+    embeds = module.task.conditioning_for(prompts)
     gc.collect()
     with AutogradMemoryMeter(exclude=module.parameters()) as meter:
         estimator_step(module, embeds, prompts, 99)
@@ -441,16 +442,15 @@ def share_backbone(module: RLRModule, backbone) -> RLRModule:
     """Give ``module`` an already loaded backbone (LoRA included) instead of loading its own.
 
     Loading the SD 1.5-size model again for each of a few dozen configurations would cost minutes of GPU
-    time; the backbone's frozen weights and LoRA are the same for all of them. Builds the module's sampler
-    from its own settings, as ``configure_model`` does, and turns off any diffusers gradient checkpointing an
-    earlier module's memory plan left on the shared models.
+    time; the backbone's frozen weights and LoRA are the same for all of them. The module's task is built on
+    it from the module's own settings (``Task.from_backbone``), after turning off any diffusers gradient
+    checkpointing an earlier module's memory plan left on the shared models.
     """
     for model in (backbone.network, backbone.vae):  # the UNet, or the transformer of SD 3 / FLUX
         if getattr(model, "is_gradient_checkpointing", False):
             model.disable_gradient_checkpointing()
-    module.backbone = backbone
-    module.sampler = backbone.make_sampler(module.num_steps, module.eta, module.guidance_scale,
-                                           module.timestep_spacing)
+    task = Task.from_backbone(backbone, module.settings, module.reward, module.pretrained_model_name_or_path)
+    module.configure_model(task)
     return module.to(backbone.device)
 
 
@@ -525,8 +525,8 @@ def floor_parts(module: RLRModule, prompts, h: int, repeats: int = 3, nograd_s: 
         repeats: Timed calls per part.
         nograd_s: An already measured no-grad sample time of this module and batch (skips re-measuring it).
     """
-    sampler, backbone = module.sampler, module.backbone
-    embeds = module.conditioning_for(prompts)
+    sampler, backbone = module.task.sampler, module.backbone
+    embeds = module.task.conditioning_for(prompts)
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
     def nograd_sample():

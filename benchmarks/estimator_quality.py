@@ -147,13 +147,13 @@ def layout_samples(module, prompt_sets: list[list[str]], estimator, draws: int, 
     """``gradient_samples`` with the captions of draw ``i`` taken from ``prompt_sets[i mod len]``, on the same
     seeds: a group row's draw and the group reference's draw (its captions repeated ``G`` times, in the group
     order) sample the same noise. Returns the ``(draws, D)`` estimates and the ``(draws, images)`` rewards."""
-    module.prepare_estimator(estimator)
+    module.task.prepare(estimator)
     rows, rewards = [], []
     for i in range(draws):
         prompts = prompt_sets[i % len(prompt_sets)]
-        estimate = estimate_gradient(estimator, module.sampler, module.conditioning_for(prompts), prompts,
-                                     module.latent_reward, step_seed=derive_seed(seed, i, 0),
-                                     rank_seed=derive_seed(seed, i, 1), memory=module.memory_plan)
+        estimate = estimate_gradient(estimator, module.task.sampler, module.task.conditioning_for(prompts), prompts,
+                                     module.task.latent_reward, step_seed=derive_seed(seed, i, 0),
+                                     rank_seed=derive_seed(seed, i, 1), memory=module.task.memory_plan)
         rows.append(estimate.total)
         rewards.append(estimate.rollout.rewards.detach().double())
     return torch.stack(rows), torch.stack(rewards)

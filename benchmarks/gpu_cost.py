@@ -418,9 +418,9 @@ class Benchmark:
         prompts = self.prompts(images)
         module = self.module(RLR(h=1), num_steps=3)
         with self.autocast():
-            embeds = module.conditioning_for(prompts)
+            embeds = module.task.conditioning_for(prompts)
             with torch.no_grad():
-                module.sampler.run(Plan(3), embeds, generator=torch.Generator().manual_seed(0))
+                module.task.sampler.run(Plan(3), embeds, generator=torch.Generator().manual_seed(0))
             try:
                 estimator_step(module, embeds, prompts, draw=10_000)
             except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -480,14 +480,14 @@ class Benchmark:
             if planned is not None:
                 row["plan_s"] = time.perf_counter() - started
                 row["predicted_peak_gib"] = planned.predicted_peak / 2**30
-            embeds = module.conditioning_for(prompts)
+            embeds = module.task.conditioning_for(prompts)
             row.update(
                 measure_once(
                     lambda: estimator_step(module, embeds, prompts, draw=0), exclude=list(module.parameters())
                 )
             )
             clear_lora_grads(module)
-            plan = module.memory_plan
+            plan = module.task.memory_plan
             row.update(chunk_samples=plan.chunk_samples,
                        activation_checkpointing=plan.activation_checkpointing)
             if getattr(module.estimator, "h", None) is not None:
@@ -504,7 +504,7 @@ class Benchmark:
         key = (len(prompts), h)
         if key not in self.floors:
             # The floor is defined without recomputation, whatever this module's plan turned on.
-            module.set_activation_checkpointing(False)
+            module.task.set_activation_checkpointing(False)
             try:
                 self.floors[key] = floor_parts(
                     module, prompts, h, repeats=1, nograd_s=self.sample_s.get(len(prompts))

@@ -71,9 +71,9 @@ def step_gradients(module, prompts: list[str], draw: int) -> Tensor:
     The draw's initial latent and noises come from the seed the estimators use for draw ``draw``
     (``diagnostics.gradient_samples``), so ``sum_k g_k`` is full backprop's estimate of that draw.
     """
-    sampler = module.sampler
+    sampler = module.task.sampler
     params = sampler.trainable_parameters()
-    embeds = module.conditioning_for(prompts)
+    embeds = module.task.conditioning_for(prompts)
     generator = torch.Generator().manual_seed(derive_seed(0, draw, 1))
     x, noises = sampler.initial_noise(len(prompts), generator, embeds.device)
     offsets = [{n: torch.zeros_like(p, requires_grad=True) for n, p in params.items()}
@@ -82,7 +82,7 @@ def step_gradients(module, prompts: list[str], draw: int) -> Tensor:
         for k in range(sampler.num_steps):
             copy = _StepCopy(seed=0, scale=1.0, offsets=offsets[k])
             x = sampler.step(k, x, embeds.at(k), noise=noises[k], perturbation=copy).next_latents
-        reward = module.latent_reward(x, prompts).float().mean()
+        reward = module.task.latent_reward(x, prompts).float().mean()
         flat = [o[n] for o in offsets for n in params]
         grads = torch.autograd.grad(reward, flat, allow_unused=True)
     rows = []
@@ -96,8 +96,8 @@ def step_gradients(module, prompts: list[str], draw: int) -> Tensor:
 def check_against_full_backprop(module, prompts: list[str], per_step: Tensor, draw: int) -> float:
     """Relative difference between ``sum_k g_k`` and full backprop's estimate of the same draw; a mismatch
     means the per-step split is wrong, and the run stops rather than report it."""
-    full = estimate_gradient(FullBackprop(), module.sampler, module.conditioning_for(prompts), prompts,
-                             module.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1)).total
+    full = estimate_gradient(FullBackprop(), module.task.sampler, module.task.conditioning_for(prompts), prompts,
+                             module.task.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1)).total
     error = float((per_step.sum(0) - full).norm() / full.norm().clamp(min=1e-30))
     if error > 1e-3:
         raise RuntimeError(f"sum of per-step gradients differs from full backprop by {error:.2e} (relative)")
@@ -150,13 +150,13 @@ def score_step_terms(module, prompts: list[str], draw: int) -> Tensor:
     of ``diagnostics.gradient_samples``' draw, so the same noise as the estimators' draw), ascent direction;
     their sum is ``ScoreFunction()``'s estimate of that draw (leave-one-out baseline over the batch)."""
     estimator = ScoreFunction()
-    module.prepare_estimator(estimator)
-    sampler = module.sampler
+    module.task.prepare(estimator)
+    sampler = module.task.sampler
     params = list(sampler.trainable_parameters().values())
     saved = [p.grad for p in params]
-    embeds = module.conditioning_for(prompts)
-    result = rollout(estimator, sampler, embeds, prompts, module.latent_reward, derive_seed(0, draw, 0),
-                     derive_seed(0, draw, 1), memory=module.memory_plan)
+    embeds = module.task.conditioning_for(prompts)
+    result = rollout(estimator, sampler, embeds, prompts, module.task.latent_reward, derive_seed(0, draw, 0),
+                     derive_seed(0, draw, 1), memory=module.task.memory_plan)
     rows = []
     try:
         for k in range(sampler.num_steps):
@@ -178,10 +178,10 @@ def check_score_terms(module, prompts: list[str], per_step: Tensor, draw: int) -
     """Relative difference between the sum of the per-step terms and ``ScoreFunction()``'s estimate of the same
     draw; a mismatch stops the run."""
     estimator = ScoreFunction()
-    module.prepare_estimator(estimator)
-    whole = estimate_gradient(estimator, module.sampler, module.conditioning_for(prompts), prompts,
-                              module.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1),
-                              memory=module.memory_plan).total
+    module.task.prepare(estimator)
+    whole = estimate_gradient(estimator, module.task.sampler, module.task.conditioning_for(prompts), prompts,
+                              module.task.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1),
+                              memory=module.task.memory_plan).total
     error = float((per_step.sum(0) - whole).norm() / whole.norm().clamp(min=1e-30))
     if error > 1e-3:
         raise RuntimeError(f"sum of per-step score terms differs from the score function by {error:.2e} (relative)")
@@ -213,7 +213,7 @@ def summarize_score_variance(S: Tensor, timesteps: list[int], sigmas: list[float
 def run_score_variance(problem: str, args) -> dict:
     module, prompts, timesteps, S = collect_draws(
         problem, args, score_step_terms, check_score_terms, "sum of per-step score terms matches the score function")
-    sigmas = [float(v) for v in module.sampler.kernel.sigma]
+    sigmas = [float(v) for v in module.task.sampler.kernel.sigma]
     steps, whole = summarize_score_variance(S, timesteps, sigmas)
     return dict(problem=problem, prompts=prompts, timesteps=timesteps, steps=steps, **whole)
 
@@ -244,7 +244,7 @@ def collect_draws(problem: str, args, measure, check, checked: str):
     module, pool = problem_module(problem, args.model, args.num_steps, args.lora_noise)
     # A fixed batch of distinct prompts, the same for every draw (as estimator_quality.py uses).
     prompts = random.Random(0).sample(pool, args.batch)
-    timesteps = [int(t) for t in module.sampler.kernel.timesteps]
+    timesteps = [int(t) for t in module.task.sampler.kernel.timesteps]
     values = []
     for draw in range(args.draws):
         values.append(measure(module, prompts, draw))

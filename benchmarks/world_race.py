@@ -115,7 +115,7 @@ class Curve(L.Callback):
 
     def measure(self, module: RLRModule, images: int) -> None:
         with torch.no_grad():
-            result = _sample_and_check(module.backbone, module.sampler, self.captions, CURVE_SEED, 72, module.reward)
+            result = _sample_and_check(module.backbone, module.task.sampler, self.captions, CURVE_SEED, 72, module.reward)
         self.points.append(dict(images=images, **{k: result[k] for k in (*CHECKS, "reward")}))
         logger.info("  %6d images: reward %.3f, checker count %.1f%%, all %.1f%%", images, result["reward"],
                     100 * result["count_ok"], 100 * result["all_ok"])

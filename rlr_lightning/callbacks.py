@@ -14,13 +14,9 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from rlr_lightning.data import PROMPT_SETS, PromptBatch
+from rlr_lightning.grids import BeforeAfterLayout, to_uint8
 
 logger = logging.getLogger(__name__)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1], ``(B, 3, H, W)``, as rounded 0-255 ``uint8`` on the CPU (the same pixels in every sink)."""
-    return images.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()
@@ -29,7 +25,7 @@ def render_samples(pl_module: L.LightningModule, prompts: list[str], seed: int) 
     # The backbone warns once about cut prompts, for the training prompts: rendered first, a grid's captions
     # would take that warning, and the training prompts would go unnamed (see warn_if_cut for the grid's).
     with pl_module.backbone.prompt_limit_unchecked():
-        images = pl_module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+        images = pl_module.task.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
     return to_uint8(images), pl_module.reward(images, prompts).float().cpu().tolist()
 
 
@@ -146,7 +142,7 @@ class SampleImageLogger(L.Callback):
         logger.info("Sample images of step %d written to %s", step, path)
 
 
-class BeforeAfterGrid(L.Callback):
+class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
     """Render fixed prompts with fixed seeds by the base model (LoRA off) when training starts and by the
     fine-tuned model when it ends, and write them side by side to ``<log dir>/before_after.png`` (next to the
     metrics), with the rewards in ``before_after.csv``. On rank zero only; a resumed run's "before" is still
@@ -168,12 +164,10 @@ class BeforeAfterGrid(L.Callback):
             raise ValueError("prompts is empty; give at least one prompt or leave it unset")
         if num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
-        if scale < 1:
-            raise ValueError(f"scale must be >= 1, got {scale}")
+        super().__init__(scale)
         self.prompts = prompts
         self.num_prompts = num_prompts
         self.seed = seed
-        self.scale = scale
         self._before: tuple[torch.Tensor, list[float]] | None = None
 
     def _prompts(self, trainer: L.Trainer) -> list[str]:
@@ -206,36 +200,3 @@ class BeforeAfterGrid(L.Callback):
         mean = lambda values: sum(values) / len(values)  # noqa: E731
         logger.info("Before/after images written to %s (mean reward %.3f before, %.3f after)", path,
                     mean(self._before[1]), mean(after[1]))
-
-    _LABEL, _PAD, _LINE = 48, 4, 14
-
-    def _lines(self, prompts: list[str], side: int) -> list[list[str]]:
-        import textwrap
-
-        return [textwrap.wrap(p, width=max(8, side // 7)) or [""] for p in prompts]
-
-    def tile_boxes(self, prompts: list[str], image_side: int) -> list[list[tuple[int, int, int, int]]]:
-        """``[row][column]`` pixel boxes ``(left, top, right, bottom)`` of the enlarged images in :meth:`grid`."""
-        side = image_side * self.scale
-        header = self._LINE * max(len(w) for w in self._lines(prompts, side)) + 4
-        return [[(self._LABEL + col * (side + self._PAD), header + row * (side + self._PAD),
-                  self._LABEL + col * (side + self._PAD) + side, header + row * (side + self._PAD) + side)
-                 for col in range(len(prompts))] for row in range(2)]
-
-    def grid(self, before: torch.Tensor, after: torch.Tensor, prompts: list[str]) -> Image.Image:
-        """The two rows of ``uint8`` images under their prompts, with a row label on the left."""
-        from PIL import ImageDraw, ImageFont
-
-        side = before.shape[-1] * self.scale
-        boxes = self.tile_boxes(prompts, before.shape[-1])
-        canvas = Image.new("RGB", (boxes[1][-1][2], boxes[1][-1][3]), "white")
-        draw = ImageDraw.Draw(canvas)
-        font = ImageFont.load_default(size=11)
-        for row, (name, images) in enumerate((("before", before), ("after", after))):
-            draw.text((4, boxes[row][0][1] + side // 2 - 6), name, fill="black", font=font)
-            for box, image in zip(boxes[row], images):
-                canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST), box)
-        for box, wrapped in zip(boxes[0], self._lines(prompts, side)):
-            for i, text in enumerate(wrapped):
-                draw.text((box[0], 2 + self._LINE * i), text, fill="black", font=font)
-        return canvas

@@ -15,36 +15,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import textwrap
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
-from rlr_lightning.hub import DTYPES
+from rlr_lightning.argparsing import HelpFormatter, SampleArgumentParser
+from rlr_lightning.dtypes import DTYPES
+
 
 logger = logging.getLogger("rlr_lightning")
 
 DEFAULT_PROMPTS = ("a photo of a cat", "a watercolour of a fox", "a red bicycle", "a lighthouse at dusk")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Wraps help text at spaces only, so names such as tiny-flux or SD 3 / 3.5 are never split."""
-
-    def _split_lines(self, text: str, width: int) -> list[str]:
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
-                             break_on_hyphens=False)
-
-
-class SampleArgumentParser(argparse.ArgumentParser):
-    """``rlr sample``'s errors as one line and a pointer to ``--help``, as ``rlr fit``'s, not the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
-        self.exit(2)
 
 
 def _sample_parser() -> SampleArgumentParser:
@@ -52,7 +33,7 @@ def _sample_parser() -> SampleArgumentParser:
 
     p = SampleArgumentParser(
         prog="rlr sample",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="Sample images with the sampler of the model's family and log each step's sigma and "
         "transition log-probability: DDIM for Stable Diffusion 1.x / 2.x and SDXL, Flow-GRPO's SDE (on the "
         "scheduler's shifted times) for SD 3 / 3.5 and FLUX.1. The family comes from the pipeline's "

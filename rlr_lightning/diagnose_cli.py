@@ -21,11 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from rlr_lightning.cli import SampleArgumentParser, _HelpFormatter
+    from rlr_lightning.argparsing import HelpFormatter, SampleArgumentParser
     from rlr_lightning.estimators.baselines import STEP_BASELINES
 
     p = SampleArgumentParser(
-        prog="rlr diagnose", formatter_class=_HelpFormatter, add_help=False,
+        prog="rlr diagnose", formatter_class=HelpFormatter, add_help=False,
         description="Measure, step by step, where the gradient noise of a training config lives: each step's sigma, "
         "its share of the true gradient, the variance of its pathwise share and of its likelihood-ratio term under "
         "each step baseline; the variances of full backprop, truncated backprop, the score function and an exact "
@@ -77,10 +77,10 @@ def diagnose(argv: list[str]) -> None:
         if len(prompts) < args.batch:
             parser.error(f"--batch {args.batch} needs as many training prompts; the config has {len(prompts)}")
         module.configure_model()
-        module.prepare_estimator()
-        from rlr_lightning.variance_map import check_module
+        module.task.prepare(module.estimator)
+        from rlr_lightning.variance_map import check_task
 
-        check_module(module)
+        check_task(module.task)
     except (ValueError, OSError, ImportError) as err:
         # A config the user fixes from the message alone (the checks rlr fit runs, before any draw).
         if debug_enabled():
@@ -105,8 +105,8 @@ def report(module, prompts: list[str], draws: int, seed: int, baselines, measure
     full = vmap.estimators["full backprop"]["variance"]
     if measure:
         measured = {}
-        h = module.estimator.h if isinstance(getattr(module.estimator, "h", None), int) else 2
-        h = min(h, module.num_steps - vmap.tail)
+        block = module.estimator.block_length
+        h = min(block if isinstance(block, int) else 2, module.settings.num_steps - vmap.tail)
         candidates = {"RLR, recommended": RLR(h=h, tail=vmap.tail, step_baseline=vmap.step_baseline)}
         candidates[f"the config's estimator ({module.estimator.name})"] = module.estimator
         for name, estimator in candidates.items():

@@ -10,10 +10,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from torch import Tensor
+
+from rlr_lightning.task import Task, as_task
+
+if TYPE_CHECKING:
+    from rlr_lightning.module import RLRModule
 
 from rlr_lightning.estimators import (
     FullBackprop,
@@ -24,36 +30,41 @@ from rlr_lightning.estimators import (
 
 
 def gradient_samples(
-    module, prompts: Sequence[str], estimator: GradientEstimator | None = None, num_samples: int = 16, seed: int = 0
+    task: Task | RLRModule, prompts: Sequence[str], estimator: GradientEstimator | None = None,
+    num_samples: int = 16, seed: int = 0,
 ) -> Tensor:
     """``num_samples`` independent estimates of ``grad J`` (ascent direction), one flattened LoRA row each.
 
     Args:
-        module: A configured :class:`~rlr_lightning.module.RLRModule` (``configure_model`` called).
+        task: The :class:`~rlr_lightning.task.Task` (or an ``RLRModule`` whose model is loaded: its task).
         prompts: The fixed batch of prompts every draw uses.
-        estimator: The estimator to sample; defaults to the module's own.
+        estimator: The estimator to sample; defaults to the module's own (required with a task).
         num_samples: Number of independent draws ``N``.
         seed: Base seed: draw ``i`` of every estimator with the same seed sees the same noise.
 
     Returns:
         ``(N, D)`` float64, ``D`` the number of LoRA weights. The module's own gradients are left untouched.
     """
-    estimator = estimator if estimator is not None else module.estimator
-    module.prepare_estimator(estimator)
+    if estimator is None:
+        if isinstance(task, Task):
+            raise ValueError("gradient_samples of a Task needs the estimator to sample")
+        estimator = task.estimator
+    task = as_task(task)
+    task.prepare(estimator)
     prompts = list(prompts)
-    embeds = module.conditioning_for(prompts)
+    embeds = task.conditioning_for(prompts)
     rows = [
-        estimate_gradient(estimator, module.sampler, embeds, prompts, module.latent_reward,
+        estimate_gradient(estimator, task.sampler, embeds, prompts, task.latent_reward,
                           step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1),
-                          memory=module.memory_plan).total
+                          memory=task.memory_plan).total
         for i in range(num_samples)
     ]
     return torch.stack(rows)
 
 
-def reference_gradient(module, prompts: Sequence[str], num_samples: int = 16, seed: int = 0) -> Tensor:
+def reference_gradient(task: Task | RLRModule, prompts: Sequence[str], num_samples: int = 16, seed: int = 0) -> Tensor:
     """The full-backprop samples (exact per draw): their mean is the reference gradient."""
-    return gradient_samples(module, prompts, FullBackprop(), num_samples, seed)
+    return gradient_samples(task, prompts, FullBackprop(), num_samples, seed)
 
 
 @dataclass
@@ -106,11 +117,11 @@ def compare(samples: Tensor, reference: Tensor, projections: int = 16, seed: int
     )
 
 
-def diagnose(module, prompts: Sequence[str], estimator: GradientEstimator | None = None, num_samples: int = 16,
-             seed: int = 0) -> GradientDiagnostics:
+def diagnose(task: Task | RLRModule, prompts: Sequence[str], estimator: GradientEstimator | None = None,
+             num_samples: int = 16, seed: int = 0) -> GradientDiagnostics:
     """Sample ``estimator`` and full backprop on the same ``num_samples`` draws and compare them."""
-    samples = gradient_samples(module, prompts, estimator, num_samples, seed)
-    return compare(samples, reference_gradient(module, prompts, num_samples, seed), seed=seed)
+    samples = gradient_samples(task, prompts, estimator, num_samples, seed)
+    return compare(samples, reference_gradient(task, prompts, num_samples, seed), seed=seed)
 
 
 class GradientDiagnosticsCallback(L.Callback):
@@ -146,66 +157,3 @@ class GradientDiagnosticsCallback(L.Callback):
         metrics = {f"diag/{k}": float(v) for k, v in vars(result).items() if k != "num_samples"}
         for run_logger in trainer.loggers:
             run_logger.log_metrics(metrics, step=step)
-
-
-class _Held:
-    """A tensor held for backward; counts its storage while autograd keeps it."""
-
-    __slots__ = ("tensor", "meter", "key")
-
-    def __init__(self, tensor: Tensor, meter: AutogradMemoryMeter) -> None:
-        self.tensor = tensor
-        self.meter = meter
-        self.key = meter._hold(tensor)
-
-    def __del__(self) -> None:
-        self.meter._release(self.key)
-
-
-class AutogradMemoryMeter:
-    """Bytes that autograd holds for backward (activation memory), live and peak, on any device.
-
-    Counts each saved storage once, while any saved tensor keeps it, and ignores the storages of
-    ``exclude`` (the model's parameters, which exist anyway). On a GPU, ``torch.cuda.max_memory_allocated``
-    measures everything; this measures the part an estimator's plan controls, identically on CPU and GPU.
-
-    Args:
-        exclude: Tensors whose storages are not activations (typically ``module.parameters()``).
-    """
-
-    def __init__(self, exclude=()) -> None:
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._counts: dict[int, int] = {}
-        self._sizes: dict[int, int] = {}
-        self.live = 0
-        self.peak = 0
-        self._hooks = None
-
-    def _hold(self, tensor: Tensor) -> int | None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._excluded or key == 0:
-            return None
-        if key not in self._counts:
-            self._counts[key] = 0
-            self._sizes[key] = storage.nbytes()
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        self._counts[key] += 1
-        return key
-
-    def _release(self, key: int | None) -> None:
-        if key is None or key not in self._counts:
-            return
-        self._counts[key] -= 1
-        if self._counts[key] == 0:
-            del self._counts[key]
-            self.live -= self._sizes.pop(key)
-
-    def __enter__(self) -> AutogradMemoryMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda held: held.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)

@@ -33,10 +33,10 @@ ROWS = (("color_ok", "colour"), ("count_ok", "count"), ("count_ok@1", "  asked o
 
 def _parser() -> argparse.ArgumentParser:
     from rlr_lightning.builtin import describe_builtin_loras
-    from rlr_lightning.cli import SampleArgumentParser, _HelpFormatter
+    from rlr_lightning.argparsing import HelpFormatter, SampleArgumentParser
 
     p = SampleArgumentParser(
-        prog="rlr eval", formatter_class=_HelpFormatter,
+        prog="rlr eval", formatter_class=HelpFormatter,
         description="Sample every caption of a shapes-world split once per sampling seed, judge each image with the "
         "exact checker and print a GenEval-style table: colour, count (and by the asked number), position and all "
         "(every asked attribute right in the same image), each as the mean over the seeds +- its standard error, "
@@ -170,3 +170,15 @@ def evaluate_command(argv: list[str]) -> dict:
         args.json.write_text(json.dumps(payload, indent=1))
         logger.info("Results written to %s", args.json)
     return payload
+
+
+def legacy_main(argv: list[str] | None = None) -> None:
+    """``python -m rlr_lightning.world.evaluate [PIPELINE] [options]``: the same as ``rlr eval [--model PIPELINE]
+    [options]`` (kept for older command lines)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", *argv]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    evaluate_command(argv)

@@ -11,12 +11,9 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 _TRUE = ("1", "true", "yes", "on")
 
-#: The ``weight_dtype`` / ``--dtype`` names and the dtypes they stand for.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelNotAvailableError(OSError):
@@ -33,11 +30,6 @@ def is_offline() -> bool:
         return False
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; a value set in code later is only seen here.
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def cache_dir() -> Path:
-    """The project's cache: ``$RLR_CACHE``, else ``~/.cache/rlr_lightning``."""
-    return Path(os.environ.get("RLR_CACHE", Path.home() / ".cache" / "rlr_lightning"))
 
 
 def looks_like_path(name: str) -> bool:

@@ -276,7 +276,8 @@ class RLRCLI(LightningCLI):
                 "rlr validate scores held-out prompts: give some with --data.val_prompts, --data.val_prompt_file, "
                 "--data.val_prompt_set or --data.val_fraction"
             )
-        from rlr_lightning.module import is_tiny_model, reward_class_names  # imported late like RLRModule below
+        from rlr_lightning.rewards import reward_class_names  # imported late like RLRModule below
+        from rlr_lightning.tiny import is_tiny_model
 
         if (self.subcommand in ("fit", "validate") and config.model.get("reward") is None
                 and not is_tiny_model(str(config.model.pretrained_model_name_or_path))):

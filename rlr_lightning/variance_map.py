@@ -25,14 +25,16 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from rlr_lightning.estimators import derive_seed
-from rlr_lightning.estimators.base import compute_advantages
+from rlr_lightning.estimators.base import GradientEstimator, compute_advantages
 from rlr_lightning.estimators.baselines import STEP_BASELINES, PromptRewardMeans, prompt_keys, step_baseline_values
 from rlr_lightning.sampling import Plan
+from rlr_lightning.task import Task, as_task
 
 logger = logging.getLogger(__name__)
 
@@ -147,16 +149,16 @@ def composed_name(tail: int, schedule: str) -> str:
     return f"exact tail K={tail} + likelihood ratios ({schedule} baselines)"
 
 
-def _draw(module, prompts: list[str], seed: int, draw: int, baselines: Sequence[str], sketch: CountSketch,
+def _draw(task: Task, prompts: list[str], seed: int, draw: int, baselines: Sequence[str], sketch: CountSketch,
           prompt_means: PromptRewardMeans, reward_mean: float | None):
     """One draw: sketched per-step pathwise shares ``(T, m)`` and likelihood-ratio terms per baseline, and the
     rewards."""
-    sampler, reward_fn = module.sampler, module.latent_reward
-    embeds = module.conditioning_for(prompts)
+    sampler, reward_fn = task.sampler, task.latent_reward
+    embeds = task.conditioning_for(prompts)
     params = list(sampler.trainable_parameters().values())
     T, B = sampler.num_steps, len(prompts)
     device = embeds.device
-    checkpoint = module.memory_plan.activation_checkpointing
+    checkpoint = task.memory_plan.activation_checkpointing
     x0, noises = sampler.initial_noise(B, torch.Generator().manual_seed(derive_seed(seed, draw, 1)), device)
     plan = Plan(T, windows=((0, T),), predictions=tuple(range(T)))
     with torch.enable_grad():
@@ -175,7 +177,7 @@ def _draw(module, prompts: list[str], seed: int, draw: int, baselines: Sequence[
         else:
             means_b = prompt_means.lookup(prompt_keys(prompts), reward_mean) if kind == "prompt_mean" else None
             values[kind] = step_baseline_values({k: kind for k in range(T)}, trajectory, sampler, embeds, prompts,
-                                                reward_fn, module.memory_plan.chunk_samples or B, means_b)
+                                                reward_fn, task.memory_plan.chunk_samples or B, means_b)
     advantages = {kind: [compute_advantages(r - values[kind][k].to(r.device), r - values[kind][k].to(r.device),
                                             "leave_one_out") for k in range(T)] for kind in baselines}
     pathwise, lr = [], {kind: [] for kind in baselines}
@@ -219,20 +221,25 @@ def _variance(x: Tensor) -> float:
     return float(x.var(0).sum())
 
 
-def variance_map(module, prompts: Sequence[str], num_samples: int = 32, seed: int = 0,
-                 baselines: Sequence[str] = STEP_BASELINES, sketch_dim: int = 8192) -> VarianceMap:
-    """Measure the per-step variance map of ``module`` (``configure_model`` called) on a fixed batch of prompts.
+def variance_map(task: Task | Any, prompts: Sequence[str], num_samples: int = 32, seed: int = 0,
+                 baselines: Sequence[str] = STEP_BASELINES, sketch_dim: int = 8192,
+                 estimator: GradientEstimator | None = None) -> VarianceMap:
+    """Measure the per-step variance map of ``task`` on a fixed batch of prompts.
 
     Args:
-        module: The :class:`~rlr_lightning.module.RLRModule` (model, reward, sampler and memory plan).
+        task: The :class:`~rlr_lightning.task.Task` (model, reward, sampler and memory plan), or an
+            ``RLRModule`` whose model is loaded (its task and estimator).
         prompts: The prompts of every draw (one image each).
         num_samples: Draws ``N`` (a few dozen: likelihood-ratio variances are heavy-tailed, so fewer understate
             them).
         seed: Seed of the draws (``gradient_samples``' draws of the same seed share their noise).
         baselines: The step baselines to measure (``none`` is always measured: the reference).
         sketch_dim: Largest number of coordinates kept per gradient (count sketch above it).
+        estimator: The estimator whose block length bounds the recommended tail (default: the module's).
     """
-    check_module(module)
+    estimator = estimator if estimator is not None else getattr(task, "estimator", None)
+    task = as_task(task)
+    check_task(task)
     prompts = list(prompts)
     if num_samples < 4:
         raise ValueError(f"a variance map needs at least 4 draws (a few dozen are better), got {num_samples}")
@@ -242,7 +249,7 @@ def variance_map(module, prompts: Sequence[str], num_samples: int = 32, seed: in
     unknown = [b for b in baselines if b not in STEP_BASELINES]
     if unknown:
         raise ValueError(f"unknown step baselines {unknown}; choose from {', '.join(STEP_BASELINES)}")
-    sampler = module.sampler
+    sampler = task.sampler
     T = sampler.num_steps
     sigmas = [float(s) for s in sampler.kernel.sigma]
     dim = sum(p.numel() for p in sampler.trainable_parameters().values())
@@ -252,7 +259,7 @@ def variance_map(module, prompts: Sequence[str], num_samples: int = 32, seed: in
     paths, lrs = [], {b: [] for b in baselines}
     keys = prompt_keys(prompts)
     for i in range(num_samples):
-        path, lr, r = _draw(module, prompts, seed, i, baselines, sketch, prompt_means, reward_mean)
+        path, lr, r = _draw(task, prompts, seed, i, baselines, sketch, prompt_means, reward_mean)
         paths.append(path)
         for b in baselines:
             lrs[b].append(lr[b])
@@ -274,17 +281,17 @@ def variance_map(module, prompts: Sequence[str], num_samples: int = 32, seed: in
         best = _best({b: lr[b][k] for b in baselines}) if stochastic[k] else None
         rows.append(StepRow(k, sigmas[k], float(projected.mean()), float(projected.std() / len(projected) ** 0.5),
                             _variance(path[:, k]), variances, best))
-    tail, schedule = recommend(rows, module.estimator)
+    tail, schedule = recommend(rows, estimator)
     estimators = _composed(path, lr, rows, tail, schedule, baselines, truth)
     return VarianceMap(num_samples, len(prompts), rows, estimators, tail, schedule, list(baselines))
 
 
-def check_module(module) -> None:
-    """Raise when the map cannot be measured on ``module``: its pathwise shares need the reward's gradient."""
-    if not module._reward_differentiable:
+def check_task(task: Task) -> None:
+    """Raise when the map cannot be measured on ``task``: its pathwise shares need the reward's gradient."""
+    if task.reward is not None and not task.reward.differentiable:
         raise ValueError(
             f"the variance map splits the exact gradient into per-step pathwise shares, which needs a differentiable "
-            f"reward; {type(module.reward).__name__} is not (its likelihood-ratio terms alone: benchmarks/step_share.py "
+            f"reward; {type(task.reward).__name__} is not (its likelihood-ratio terms alone: benchmarks/step_share.py "
             "--score-variance)"
         )
 

@@ -26,7 +26,7 @@ class RankProbe(L.Callback):
         self.noise_sums: list[float] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        run = pl_module.sampler.run
+        run = pl_module.task.sampler.run
 
         def recording_run(plan, embeds, *args, **kwargs):
             if "block_start" in plan.info:
@@ -36,7 +36,7 @@ class RankProbe(L.Callback):
                 self.noise_sums.append(float(initial.double().sum()))
             return run(plan, embeds, *args, **kwargs)
 
-        pl_module.sampler.run = recording_run
+        pl_module.task.sampler.run = recording_run
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.prompts.append(list(batch.prompts))

@@ -42,4 +42,4 @@ def test_one_t_measures_every_configuration_and_the_gradient_norm(monkeypatch, t
     assert len(norms["norms"]) == 2 and norms["norm_mean"] > 0 and norms["max_over_median"] >= 1
     assert 0 <= norms["mean_norm_debiased"] <= norms["mean_norm"] <= norms["norm_mean"] + 1e-12
     # The module is left as it was built: plain full backprop, no checkpointing.
-    assert isinstance(module.estimator, FullBackprop) and not module.memory_plan.activation_checkpointing
+    assert isinstance(module.estimator, FullBackprop) and not module.task.memory_plan.activation_checkpointing

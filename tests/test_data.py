@@ -84,12 +84,12 @@ def test_dcot_fine_prompt_conditions_only_the_late_steps(tiny_pipeline_dir):
     """Swapping the fine rewrite leaves every latent before the fine scale bit-identical, and changes after."""
     module = RLRModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=6, dcot_split=(1 / 3, 2 / 3))
     module.configure_model()
-    assert module.dcot_ranges() == [(0, 2), (2, 4), (4, 6)]
+    assert module.settings.dcot_ranges() == [(0, 2), (2, 4), (4, 6)]
 
     def latents(fine: str):
         batch = PromptBatch(["a hand"], [("a person", "an arm", fine)], [{}])
         with torch.no_grad():
-            trajectory = module.sampler.run(Plan(6), module.conditioning(batch),
+            trajectory = module.task.sampler.run(Plan(6), module.task.conditioning(batch),
                                             generator=torch.Generator().manual_seed(0))
         return trajectory.latents
 
@@ -99,7 +99,7 @@ def test_dcot_fine_prompt_conditions_only_the_late_steps(tiny_pipeline_dir):
     assert not torch.allclose(a[5], b[5]) and not torch.allclose(a[6], b[6])
 
     # A batch without rewrites is conditioned on its prompt at every step, as before.
-    plain = module.conditioning(PromptBatch(["a hand"], [None], [{}]))
+    plain = module.task.conditioning(PromptBatch(["a hand"], [None], [{}]))
     torch.testing.assert_close(plain.cond, module.backbone.encode_prompts(["a hand"], negative=False).cond)
 
 
@@ -108,12 +108,12 @@ def test_dcot_rescoring_uses_each_steps_own_scale(tiny_pipeline_dir):
     module = RLRModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=6)
     module.configure_model()
     batch = PromptBatch(["a hand", "a cup"], [("a person", "an arm", "five fingers"), None], [{}, {}])
-    embeds = module.conditioning(batch)
+    embeds = module.task.conditioning(batch)
     with torch.no_grad():
-        trajectory = module.sampler.run(Plan(6), embeds, generator=torch.Generator().manual_seed(1))
+        trajectory = module.task.sampler.run(Plan(6), embeds, generator=torch.Generator().manual_seed(1))
         steps = [5, 0, 3]
         index, x, x_next = trajectory.transitions(steps)
-        rescored = module.sampler.log_probs(index, x, x_next, embeds.for_steps(steps))
+        rescored = module.task.sampler.log_probs(index, x, x_next, embeds.for_steps(steps))
     torch.testing.assert_close(rescored, trajectory.log_probs[steps].reshape(-1), rtol=1e-5, atol=1e-3)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlr_lightning.models import load_backbone
-from rlr_lightning.diagnostics import AutogradMemoryMeter
+from rlr_lightning.memory import AutogradMemoryMeter
 from rlr_lightning.memory import (
     GraphShape,
     MemoryBudgetError,
@@ -360,7 +360,7 @@ def test_module_plans_at_its_first_step_and_trains_with_the_plan(tiny_pipeline_d
     module = make_module(tiny_pipeline_dir, estimator=RLR(h="auto"), memory_budget_gb=budget_gib)
     with caplog.at_level("INFO"):
         make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data())
-    assert module.planned_memory is not None and module.memory_plan == module.planned_memory.plan
+    assert module.planned_memory is not None and module.task.memory_plan == module.planned_memory.plan
     assert module.estimator.h in (1, 2) and module.trainer.global_step == 1
     assert any("Memory plan: budget" in r.getMessage() for r in caplog.records)
 

@@ -75,7 +75,7 @@ def test_non_finite_reward_or_gradient_skips_the_update(tiny_pipeline_dir, tmp_p
     trainer.fit(module, datamodule=data())
     after = snapshot(module)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert module.skipped_updates == 2 and trainer.global_step == 0
+    assert module.skips.total == 2 and trainer.global_step == 0
     assert not module.optimizers().optimizer.state  # the optimizer never stepped
 
 
@@ -226,7 +226,7 @@ def test_the_kl_penalty_trains_with_any_estimator_and_pulls_toward_the_base(tiny
 
     def distance_to_base() -> float:
         """Mean squared gap between the tuned and the base transition means at a fixed state and step."""
-        sampler = module.sampler
+        sampler = module.task.sampler
         channels = module.backbone.unet.config.in_channels
         x = torch.randn(2, channels, *module.backbone.latent_size, generator=torch.Generator().manual_seed(1))
         embeds = module.backbone.encode_prompts(["a cat", "a dog"], negative=sampler.uses_guidance)
@@ -286,7 +286,7 @@ def test_consecutive_skipped_updates_stop_the_run_with_the_cause(tiny_pipeline_d
     trainer = make_trainer(tmp_path, max_steps=5, max_epochs=1, limit_train_batches=6)
     with pytest.raises(TrainingStalledError, match=f"last 3 updates were all skipped .*{advice}"):
         trainer.fit(module, datamodule=data())
-    assert module.skipped_updates == 3 and trainer.global_step == 0
+    assert module.skips.total == 3 and trainer.global_step == 0
 
 
 def test_skipped_steps_log_nan_and_a_real_update_resets_the_count(tiny_pipeline_dir, tmp_path):
@@ -295,7 +295,7 @@ def test_skipped_steps_log_nan_and_a_real_update_resets_the_count(tiny_pipeline_
     trainer = make_trainer(tmp_path, max_steps=3, max_epochs=1, limit_train_batches=6, log_every_n_steps=1,
                            logger=CSVLogger(tmp_path, name="run"))
     trainer.fit(module, datamodule=data())
-    assert trainer.global_step == 3 and module.skipped_updates == 2
+    assert trainer.global_step == 3 and module.skips.total == 2
     rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
     train = [r for r in rows if r["train/reward"]]
     assert len(train) == 5
@@ -317,7 +317,7 @@ def test_a_dropped_micro_batch_drops_its_whole_optimizer_step(tiny_pipeline_dir,
     before = snapshot(module)
     trainer = make_trainer(tmp_path, max_steps=3, max_epochs=1, limit_train_batches=6)
     trainer.fit(module, datamodule=data())
-    assert trainer.global_step == 0 and module.skipped_updates == 3
+    assert trainer.global_step == 0 and module.skips.total == 3
     assert all(torch.equal(before[k], v) for k, v in snapshot(module).items())
     assert not module.optimizers().optimizer.state
 
@@ -375,7 +375,7 @@ def test_auto_tail_is_read_from_the_loaded_sampler_and_trains(tiny_pipeline_dir,
                          estimator=RLR(h=1, tail="auto"))
     with caplog.at_level("INFO", logger="rlr_lightning"):
         module.configure_model()
-    sigmas = module.sampler.kernel.sigma.tolist()
+    sigmas = module.task.sampler.kernel.sigma.tolist()
     expected = auto_tail(sigmas, 0.25, max_tail=5)
     assert module.estimator.tail_steps == expected >= 2, sigmas
     assert any("tail='auto': the last" in r.getMessage() for r in caplog.records)

@@ -103,7 +103,7 @@ def test_the_module_sets_the_t5_length_and_a_family_without_t5_refuses_it(tiny_s
     module = RLRModule(str(tiny_sd3_dir), reward=TargetColor(), num_steps=3, max_sequence_length=12)
     module.configure_model()
     clip_tokens = module.backbone.tokenizer.model_max_length
-    assert module.conditioning_for(PROMPTS).cond.shape[1] == clip_tokens + 12
+    assert module.task.conditioning_for(PROMPTS).cond.shape[1] == clip_tokens + 12
     with pytest.raises(ValueError, match="has no T5 encoder"):
         RLRModule(str(tiny_pipeline_dir), num_steps=3, max_sequence_length=12).configure_model()
 
@@ -408,7 +408,7 @@ def test_grpo_trains_the_sde_window_of_a_mixed_sde_ode_sampler(tiny_sd3_dir, tmp
         return module
 
     module = fit(GRPO(group_size=2, step_range=(0, 2), clip_range=0.2))
-    sigma = module.sampler.kernel.sigma
+    sigma = module.task.sampler.kernel.sigma
     assert bool((sigma[:2] > 0).all()) and bool((sigma[2:] == 0).all())
     assert max(float(p.abs().max()) for n, p in module.backbone.lora_parameters().items() if "lora_B" in n) > 0
     with pytest.raises(ValueError, match="stochastic_steps"):

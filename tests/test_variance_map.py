@@ -32,7 +32,7 @@ def module(tiny_pipeline_dir):
 def test_per_step_terms_add_up_to_full_backprop_and_to_the_score_function_of_each_baseline(module):
     """Draw by draw: the pathwise shares sum to full backprop's gradient, and the likelihood-ratio terms of one
     baseline sum to ``ScoreFunction`` with that step baseline, on the same seeds (guidance on)."""
-    dim = sum(p.numel() for p in module.sampler.trainable_parameters().values())
+    dim = sum(p.numel() for p in module.task.sampler.trainable_parameters().values())
     exact = CountSketch(dim, dim)
     for draw in range(2):
         path, lr, _ = _draw(module, PROMPTS, 3, draw, ["none", "value", "muprop"], exact, PromptRewardMeans(), None)
@@ -92,7 +92,7 @@ def test_map_shares_add_up_to_one_and_the_recommendation_runs(module):
     assert vmap.step_baseline[-vmap.tail:] == ["none"] * vmap.tail
     # The recommendation is a valid RLR configuration.
     rlr = RLR(h=1, tail=vmap.tail, step_baseline=vmap.step_baseline)
-    module.prepare_estimator(rlr)
+    module.task.prepare(rlr)
     assert "| step | sigma |" in vmap.table() and "step_baseline: [" in vmap.recommendation()
 
 

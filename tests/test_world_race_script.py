@@ -78,7 +78,7 @@ def test_runs_are_built_by_rlr_fit_with_the_overrides_then_the_fit_args(race, tm
                                   str(tmp_path / "lora"), ("--model.estimator.init_args.k", "2"))
     assert isinstance(module.estimator, TruncatedBackprop) and module.estimator.k_range == (2, 2)
     assert module.seed == 3 and data.seed == 3 and data.batch_size == 32
-    assert not module.activation_checkpointing
+    assert not module.memory.activation_checkpointing
     # What the run does not override comes from the config: its optimizer and learning rate.
     config = yaml.safe_load(race.CONFIG.read_text())["model"]["optimizer"]
     optimizer = module.configure_optimizers()

@@ -55,7 +55,7 @@ def test_evaluation_checks_every_held_out_caption(smoke_pipeline):
 
 
 def test_evaluate_command_reports_and_writes_the_accuracies(smoke_pipeline, tmp_path, capsys):
-    from rlr_lightning.world.evaluate import main as evaluate_main
+    from rlr_lightning.eval_cli import legacy_main as evaluate_main
 
     out = tmp_path / "accuracy.json"
     # The older command line (a positional pipeline) still runs: it is `rlr eval --model PIPELINE`.

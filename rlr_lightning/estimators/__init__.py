@@ -2,8 +2,10 @@
 surrogate terms."""
 
 from rlr_lightning.estimators.backprop import FullBackprop, TruncatedBackprop
-from rlr_lightning.estimators.backward import (
+from rlr_lightning.estimators.step import (
     GradientEstimate,
+    TermBackward,
+    backward_terms,
     estimate_gradient,
     flat_grad,
 )
@@ -25,10 +27,12 @@ __all__ = [
     "GRPO",
     "GradientEstimate",
     "GradientEstimator",
+    "TermBackward",
     "Rollout",
     "ScoreFunction",
     "SurrogateTerm",
     "TruncatedBackprop",
+    "backward_terms",
     "compute_advantages",
     "derive_seed",
     "estimate_gradient",

@@ -10,7 +10,7 @@ from rlr_lightning.estimators.base import (
     SurrogateTerm,
     perturbations_for,
 )
-from rlr_lightning.memory import GraphShape
+from rlr_lightning.memory.plan import GraphShape
 from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -27,7 +29,7 @@ from rlr_lightning.estimators.baselines import (
     resolve_step_baselines,
     step_baseline_values,
 )
-from rlr_lightning.memory import GraphShape, MemoryPlan
+from rlr_lightning.memory.plan import GraphShape, MemoryPlan, PlannedMemory
 from rlr_lightning.sampling import Conditioning, Perturbation, Plan, Sampler, Trajectory
 
 #: ``reward_fn(final_latents, prompts) -> (B,)`` rewards; differentiable in the latents when FO needs it.
@@ -356,6 +358,16 @@ class GradientEstimator(ABC):
         """The longest half-order block ``T`` steps leave room for (the memory planner's cap on ``h="auto"``)."""
         return num_steps - 1
 
+    @property
+    def block_length(self) -> int | Literal["auto"] | None:
+        """The half-order block length the memory planner prices: a number, ``"auto"`` (the planner chooses
+        it) or ``None`` for estimators without a block (every one but ``RLR``)."""
+        return None
+
+    def apply_memory_plan(self, planned: PlannedMemory, num_steps: int, eta: float, reward_differentiable: bool) -> None:
+        """Adopt what the memory planner chose for this estimator (``RLR(h="auto")``: the block length); the
+        arguments are those of :meth:`setup`, which runs again when a choice changes the plan's checks."""
+
     def uses_likelihood_ratios(self, num_steps: int) -> bool:
         return False
 
@@ -392,6 +404,17 @@ class GradientEstimator(ABC):
 
     #: Optimizer steps taken on each sampled batch (GRPO's inner updates; 1 for the unbiased estimators).
     inner_updates: int = 1
+    #: The estimator's own KL penalty weight (GRPO's ``beta``); 0 for those without one.
+    kl_coefficient: float = 0.0
+
+    def check_accumulation(self, gradient_accumulation_steps: int) -> None:
+        """Refuse gradient accumulation with several optimizer steps per batch (``inner_updates``)."""
+        if self.inner_updates > 1 and gradient_accumulation_steps > 1:
+            raise ValueError(
+                f"the estimator takes {self.inner_updates} optimizer steps per batch (inner_updates), which cannot "
+                f"be combined with gradient_accumulation_steps={gradient_accumulation_steps}: raise data.batch_size "
+                "or the estimator's group_size instead, or set inner_updates to 1"
+            )
 
     def shape_advantages(self, advantages: Tensor, rewards: Tensor) -> Tensor:
         """A last transformation of the advantages ``r - b`` (local, detached); the identity here.

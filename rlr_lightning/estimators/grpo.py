@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm
-from rlr_lightning.memory import GraphShape
+from rlr_lightning.memory.plan import GraphShape
 from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 

@@ -84,3 +84,39 @@ def kl_terms(
         return SurrogateTerm(KL_TERM, loss)
 
     return [make(k) for k in drawn]
+
+
+class KLPenalty:
+    """The KL penalty's settings, checked once, and its terms for a batch (none when it is off).
+
+    Args:
+        coefficient: ``beta`` (0 turns the penalty off).
+        steps: Stochastic steps drawn per batch.
+        eta: The sampler's noise level (the penalty needs stochastic transitions).
+        estimator_coefficient: The estimator's own KL coefficient (GRPO's), which must not also be set.
+    """
+
+    def __init__(self, coefficient: float, steps: int, eta: float, estimator_coefficient: float = 0.0) -> None:
+        if not coefficient >= 0:
+            raise ValueError(f"kl_coefficient must be >= 0 (0 turns the KL penalty off), got {coefficient!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"kl_steps must be an integer >= 1, got {steps!r}")
+        if coefficient > 0 and eta == 0:
+            raise ValueError(
+                "kl_coefficient > 0 needs a stochastic sampler: eta is 0, and deterministic transitions have no KL "
+                "divergence; set eta > 0, or kl_coefficient 0 (weight decay on the LoRA regularises any sampler)"
+            )
+        if coefficient > 0 and estimator_coefficient > 0:
+            raise ValueError(
+                "both model.kl_coefficient and the GRPO estimator's kl_coefficient are set: the penalty would count "
+                "twice; keep one (model.kl_coefficient works with every estimator)"
+            )
+        self.coefficient = float(coefficient)
+        self.steps = steps
+
+    def terms(self, rollout: Rollout, sampler: Sampler, seed: int) -> list[SurrogateTerm]:
+        """The penalty's terms for ``rollout`` (none when off); ``seed`` draws the steps, the same on every rank
+        and inner update."""
+        if self.coefficient == 0:
+            return []
+        return kl_terms(rollout, sampler, rollout.embeds, self.coefficient, self.steps, seed)

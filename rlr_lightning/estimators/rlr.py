@@ -18,7 +18,7 @@ from rlr_lightning.estimators.base import (
     WindowView,
     perturbations_for,
 )
-from rlr_lightning.memory import GraphShape
+from rlr_lightning.memory.plan import GraphShape, PlannedMemory
 from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 logger = logging.getLogger(__name__)
@@ -244,6 +244,15 @@ class RLR(GradientEstimator):
     def max_block_length(self, num_steps: int) -> int:
         """The longest block that leaves room for the tail (the memory planner's cap for ``h="auto"``)."""
         return num_steps - (self.tail_steps or 1)
+
+    @property
+    def block_length(self) -> int | Literal["auto"]:
+        return self.h
+
+    def apply_memory_plan(self, planned: PlannedMemory, num_steps: int, eta: float, reward_differentiable: bool) -> None:
+        if self.h == "auto" and planned.h is not None:
+            self.h = planned.h
+            self.setup(num_steps, eta, reward_differentiable)
 
     def _block_starts(self, num_steps: int) -> int:
         """The number of block starts, ``T - K - h + 1``; running norms kept for another number (a state restored

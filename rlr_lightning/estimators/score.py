@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlr_lightning.estimators.base import GradientEstimator, Rollout, SurrogateTerm
-from rlr_lightning.memory import GraphShape
+from rlr_lightning.memory.plan import GraphShape
 from rlr_lightning.sampling import Conditioning, Plan, Sampler
 
 

@@ -16,6 +16,7 @@ import torch
 
 from rlr_lightning.builtin import resolve_model
 from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
+from rlr_lightning.dtypes import DTYPES
 from rlr_lightning.models.base import DiffusionBackbone
 from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.models.flux import FluxBackbone
@@ -98,6 +99,7 @@ def load_backbone(
 
 
 __all__ = [
+    "DTYPES",
     "FAMILIES",
     "DiffusionBackbone",
     "FlowMatchingBackbone",

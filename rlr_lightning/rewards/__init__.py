@@ -42,3 +42,28 @@ __all__ = [
     "WorldCountReward",
     "WorldPositionReward",
 ]
+
+
+def reward_class_names() -> list[str]:
+    """The reward models this package offers (class names for ``model.reward``)."""
+    return sorted(
+        name for name, cls in globals().items()
+        if isinstance(cls, type) and issubclass(cls, RewardModel) and cls is not RewardModel
+    )
+
+
+def missing_reward_message(model: str, action: str, checkpoint_reward: str | None = None) -> str:
+    """What to do when there is no reward to ``action`` (``train`` or ``validate``) ``model`` with.
+
+    Args:
+        model: The model's name or path.
+        action: ``train`` or ``validate``.
+        checkpoint_reward: The reward class a loaded checkpoint was trained with, if known.
+    """
+    trained = f" (this checkpoint was trained with {checkpoint_reward})" if checkpoint_reward else ""
+    return (
+        f"model.reward is required to {action} {model!r}: choose one of rlr_lightning.rewards "
+        f"({', '.join(reward_class_names())}), e.g. --model.reward rlr_lightning.rewards.AestheticReward on the "
+        f"command line, or RLRModule(reward=...) from Python. Checkpoints hold no reward{trained}: give it to "
+        "RLRModule.load_from_checkpoint(path, reward=...). Sampling (generate) and export_lora need none."
+    )

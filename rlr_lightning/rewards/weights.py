@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from rlr_lightning.hub import cache_dir as project_cache_dir
+from rlr_lightning.paths import cache_dir as project_cache_dir
 from rlr_lightning.hub import is_offline
 
 logger = logging.getLogger(__name__)

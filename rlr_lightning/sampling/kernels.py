@@ -135,7 +135,7 @@ class DDIMSchedule:
 
     def predict_x0(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
         """DDIM's ``pred_original_sample`` (clipped as the scheduler clips it)."""
-        return _ddim_x0_eps(self, step_index, latents.to(_compute_dtype(latents)), model_output)[0]
+        return _ddim_x0_eps(self, step_index, latents.to(compute_dtype(latents)), model_output)[0]
 
     def to(self, device: torch.device | str) -> DDIMSchedule:
         return replace(
@@ -147,12 +147,12 @@ class DDIMSchedule:
         )
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """At least float32: the DDIM update and the log-density are never computed in half precision."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _per_sample(values: Tensor, step_index: Tensor, like: Tensor) -> Tensor:
+def per_sample(values: Tensor, step_index: Tensor, like: Tensor) -> Tensor:
     """Gather one coefficient per sample and shape it to broadcast over ``like``'s non-batch dims."""
     return values[step_index].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -160,7 +160,7 @@ def _per_sample(values: Tensor, step_index: Tensor, like: Tensor) -> Tensor:
 def _ddim_x0_eps(schedule: DDIMSchedule, step_index: Tensor, x: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
     """The predicted clean sample (clipped as the scheduler clips it) and noise of each sample."""
     out = model_output.to(x.dtype)
-    a_t = _per_sample(schedule.alpha, step_index, x)
+    a_t = per_sample(schedule.alpha, step_index, x)
     if schedule.prediction_type == "epsilon":
         x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
         eps = out
@@ -180,10 +180,10 @@ def ddim_mean(schedule: DDIMSchedule, step_index: Tensor, latents: Tensor, model
 
     Matches ``DDIMScheduler.step(..., eta=schedule.eta)`` with zero variance noise.
     """
-    x = latents.to(_compute_dtype(latents))
+    x = latents.to(compute_dtype(latents))
     x0, eps = _ddim_x0_eps(schedule, step_index, x, model_output)
-    a_prev = _per_sample(schedule.alpha_prev, step_index, x)
-    sigma = _per_sample(schedule.sigma, step_index, x)
+    a_prev = per_sample(schedule.alpha_prev, step_index, x)
+    sigma = per_sample(schedule.sigma, step_index, x)
     return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
 
 
@@ -194,7 +194,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
     is off because ``(x - m)^2 / sigma^2`` with a small sigma is numerically poor in half precision.
     """
     with torch.autocast(device_type=sample.device.type, enabled=False):
-        dtype = _compute_dtype(sample)
+        dtype = compute_dtype(sample)
         x = sample.to(dtype)
         m = mean.to(dtype)
         s = sigma.to(dtype).reshape(-1)
@@ -329,17 +329,17 @@ class FlowMatchSDE:
 
     def mean(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
         """The Euler-Maruyama mean ``m_k`` of each sample at its own step, at least float32, differentiable."""
-        dtype = _compute_dtype(latents)
+        dtype = compute_dtype(latents)
         x = latents.to(dtype)
         v = model_output.to(dtype)
-        t = _per_sample(self.times, step_index, x)
-        dt = _per_sample(self.times, step_index + 1, x) - t
+        t = per_sample(self.times, step_index, x)
+        dt = per_sample(self.times, step_index + 1, x) - t
         # s^2 = sigma_k^2 / (-dt): the SDE's squared diffusion coefficient at t_k (0 on ODE steps).
-        s2 = _per_sample(self.sigma, step_index, x).pow(2) / (-dt)
+        s2 = per_sample(self.sigma, step_index, x).pow(2) / (-dt)
         return x * (1 + s2 * dt / (2 * t)) + v * (1 + s2 * (1 - t) / (2 * t)) * dt
 
     def predict_x0(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
         """``x0_hat = x_t - t v``: the end of the straight path through ``x_t`` with velocity ``v = eps - x_0``."""
-        dtype = _compute_dtype(latents)
+        dtype = compute_dtype(latents)
         x = latents.to(dtype)
-        return x - _per_sample(self.times, step_index, x) * model_output.to(dtype)
+        return x - per_sample(self.times, step_index, x) * model_output.to(dtype)

@@ -28,8 +28,8 @@ from rlr_lightning.sampling.denoisers import Denoiser, UNetDenoiser
 from rlr_lightning.sampling.kernels import (
     DDIMSchedule,
     TransitionKernel,
-    _compute_dtype,
-    _per_sample,
+    compute_dtype,
+    per_sample,
     gaussian_log_prob,
 )
 from rlr_lightning.sampling.plan import (
@@ -213,7 +213,7 @@ class DiffusionSampler:
         checkpoint: bool = False,
     ) -> Tensor:
         t = self.kernel_on(latents.device).timesteps[step_index]
-        dtype = _compute_dtype(latents)
+        dtype = compute_dtype(latents)
         if not self.uses_guidance:
             return self._call_denoiser(latents, t, embeds.cond, embeds.added, params, checkpoint).to(dtype)
         if embeds.uncond is None:
@@ -268,7 +268,7 @@ class DiffusionSampler:
         elif noise is not None:
             if noise.shape != latents.shape:
                 raise ValueError(f"noise shape {tuple(noise.shape)} != latents shape {tuple(latents.shape)}")
-            next_latents = mean + _per_sample(kernel.sigma, index, mean) * noise.to(mean.dtype)
+            next_latents = mean + per_sample(kernel.sigma, index, mean) * noise.to(mean.dtype)
         elif not any_stochastic:
             next_latents = mean
         else:
@@ -434,7 +434,7 @@ class DiffusionSampler:
                 f"batch sizes differ: {B} prompts, initial latents {tuple(initial_latents.shape)}, noises "
                 f"{tuple(noises.shape)} (expected ({T}, {B}, ...))"
             )
-        x = initial_latents.detach().to(_compute_dtype(initial_latents))
+        x = initial_latents.detach().to(compute_dtype(initial_latents))
         latents = [x]
         log_probs = []
         window_means: dict[int, Tensor] = {}

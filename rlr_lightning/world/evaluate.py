@@ -13,12 +13,15 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlr_lightning.rewards.base import RewardModel
 from rlr_lightning.world.checker import CHECKS, check
 from rlr_lightning.world.scenes import COUNTS, parse_caption
+
+if TYPE_CHECKING:
+    from rlr_lightning.rewards.base import RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +172,9 @@ def grid_tiles(captions: Sequence[str], image_side: int, scale: int = 4) -> list
     """Per caption, the pixel boxes ``(left, top, right, bottom)`` of its ``before`` and ``after`` images in
     :func:`before_after_grid`'s picture: bands of :data:`GRID_BAND` captions, one under the other, each laid out
     as :class:`~rlr_lightning.callbacks.BeforeAfterGrid` lays out a run's."""
-    from rlr_lightning.callbacks import BeforeAfterGrid
+    from rlr_lightning.grids import BeforeAfterLayout
 
-    layout, tiles, top = BeforeAfterGrid(scale=scale), [], 0
+    layout, tiles, top = BeforeAfterLayout(scale=scale), [], 0
     for start in range(0, len(captions), GRID_BAND):
         band = layout.tile_boxes(list(captions[start:start + GRID_BAND]), image_side)
         for before, after in zip(*band):
@@ -201,7 +204,7 @@ def before_after_grid(
     Returns the PIL image and the checker's ``all_ok`` verdicts, ``{"before": [...], "after": [...]}``."""
     from PIL import Image, ImageDraw
 
-    from rlr_lightning.callbacks import BeforeAfterGrid, to_uint8
+    from rlr_lightning.grids import BeforeAfterLayout, to_uint8
     from rlr_lightning.sampling import Plan
 
     captions = list(captions)
@@ -216,7 +219,7 @@ def before_after_grid(
         before = draw()
     after = draw()
     verdicts = {name: check(images, captions)["all_ok"].tolist() for name, images in (("before", before), ("after", after))}
-    layout = BeforeAfterGrid(scale=scale)
+    layout = BeforeAfterLayout(scale=scale)
     bands = [layout.grid(to_uint8(before[i:i + GRID_BAND]), to_uint8(after[i:i + GRID_BAND]), captions[i:i + GRID_BAND])
              for i in range(0, len(captions), GRID_BAND)]
     canvas = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands) + GRID_GAP * (len(bands) - 1)),
@@ -233,19 +236,7 @@ def before_after_grid(
     return canvas, verdicts
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m rlr_lightning.world.evaluate [PIPELINE] [options]``: the same as ``rlr eval [--model PIPELINE]
-    [options]`` (kept for older command lines)."""
-    import sys
+if __name__ == "__main__":  # python -m rlr_lightning.world.evaluate: the older form of `rlr eval`
+    from rlr_lightning.eval_cli import legacy_main
 
-    from rlr_lightning.eval_cli import evaluate_command
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--model", *argv]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    evaluate_command(argv)
-
-
-if __name__ == "__main__":
-    main()
+    legacy_main()

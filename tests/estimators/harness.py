@@ -13,7 +13,7 @@ from torch import Tensor
 from rlr_lightning.estimators import GradientEstimator, SurrogateTerm, estimate_gradient
 from rlr_lightning.estimators.base import perturbations_for
 from rlr_lightning.sampling import DDIMSampler, DiffusionSampler, Plan, PromptEmbeds
-from rlr_lightning.tiny import toy_denoiser_with_lora
+from tests.toy_denoiser import toy_denoiser_with_lora
 
 
 def toy_scheduler(timestep_spacing: str = "trailing"):

@@ -144,8 +144,8 @@ def test_module_gradient_through_the_vae_is_the_same_chunked_and_checkpointed(ti
     prompts = ["a cat", "a dog", "an owl"]
     reference = gradient_samples(module, prompts, num_samples=2)
     for memory in (MemoryPlan(chunk_samples=1, activation_checkpointing=True), MemoryPlan(chunk_samples=2)):
-        module.memory_plan = memory
-        module.set_activation_checkpointing(memory.activation_checkpointing)
+        module.task.memory_plan = memory
+        module.task.set_activation_checkpointing(memory.activation_checkpointing)
         chunked = gradient_samples(module, prompts, num_samples=2)
         torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 

@@ -20,7 +20,7 @@ from rlr_lightning.estimators import (
     estimate_gradient,
 )
 from rlr_lightning.sampling import DDIMSampler, PromptEmbeds
-from rlr_lightning.tiny import toy_denoiser_with_lora
+from tests.toy_denoiser import toy_denoiser_with_lora
 from tests.estimators.harness import ToyProblem, toy_scheduler
 
 T = 6
