@@ -35,8 +35,13 @@ from common import RESULTS, machine
 ROOT = Path(__file__).resolve().parents[1]
 RENDERS_ONLY = ROOT / "benchmarks" / "data" / "counter_renders"
 SAMPLERS = {
-    "base": [("10", "1", "3", "trailing"), ("10", "1", "1", "trailing"), ("20", "0", "3", "default"),
-             ("10", "0", "3", "trailing"), ("20", "1", "3", "default")],
+    "base": [
+        ("10", "1", "3", "trailing"),
+        ("10", "1", "1", "trailing"),
+        ("20", "0", "3", "default"),
+        ("10", "0", "3", "trailing"),
+        ("20", "1", "3", "default"),
+    ],
     "lora": [("10", "1", "3", "trailing"), ("10", "0", "3", "trailing")],
 }
 MARKS = (15, 30, 60)
@@ -61,13 +66,25 @@ def adversarial_loras(work: Path) -> list[Path]:
             if trainer.global_step in MARKS:
                 module.backbone.export_lora(work / f"lora_step{trainer.global_step}")
 
-    module = world_module(FullBackprop(), 10, timestep_spacing="trailing", reward=WorldCountReward(str(RENDERS_ONLY)),
-                          optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=1e-4),
-                          export_dir=str(work / "lora_final"))
+    module = world_module(
+        FullBackprop(),
+        10,
+        timestep_spacing="trailing",
+        reward=WorldCountReward(str(RENDERS_ONLY)),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=1e-4),
+        export_dir=str(work / "lora_final"),
+    )
     data = PromptDataModule(prompts=world_prompts("train"), batch_size=16, seed=0)
-    L.Trainer(accelerator="cpu", max_steps=max(MARKS), logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, default_root_dir=work,
-              callbacks=[Export()]).fit(module, datamodule=data)
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=max(MARKS),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=work,
+        callbacks=[Export()],
+    ).fit(module, datamodule=data)
     return out
 
 
@@ -75,15 +92,25 @@ def sample_sets(work: Path, loras: list[Path]) -> dict[str, list[Path]]:
     """Step 2: labelled model samples, training and held-out captions."""
     sets: dict[str, list[Path]] = {"train": [], "held_out": []}
     jobs = [("base", None, SAMPLERS["base"], [])] + [
-        (lora.name, lora, SAMPLERS["lora"], ["--lora-strengths", "0.5", "1", "1.5"]) for lora in loras]
+        (lora.name, lora, SAMPLERS["lora"], ["--lora-strengths", "0.5", "1", "1.5"]) for lora in loras
+    ]
     for name, lora, samplers, extra in jobs:
         for split, seed in (("train", 100), ("held_out", 200)):
             path = work / f"{name}_{split}.pt"
             sets[split].append(path)
             if path.is_file():
                 continue
-            command = [sys.executable, "-m", "rlr_lightning.world.model_samples", "--out", str(path), "--split", split,
-                       "--seed", str(seed + (0 if lora is None else 200))]
+            command = [
+                sys.executable,
+                "-m",
+                "rlr_lightning.world.model_samples",
+                "--out",
+                str(path),
+                "--split",
+                split,
+                "--seed",
+                str(seed + (0 if lora is None else 200)),
+            ]
             if lora is None:
                 command += ["--samples-per-caption", "2"]
             else:
@@ -96,9 +123,32 @@ def sample_sets(work: Path, loras: list[Path]) -> dict[str, list[Path]]:
 
 def train(out: Path, train_sets: list[Path]) -> None:
     """Step 3: the counter."""
-    subprocess.run([sys.executable, "-m", "rlr_lightning.world.counter", "--out", str(out), "--steps", "3000",
-                    "--channels", "16", "--dilations", "1", "1", "2", "4", "8", "--inputs", "mask_per_colour",
-                    "--model-fraction", "0.75", "--model-samples", *map(str, train_sets)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlr_lightning.world.counter",
+            "--out",
+            str(out),
+            "--steps",
+            "3000",
+            "--channels",
+            "16",
+            "--dilations",
+            "1",
+            "1",
+            "2",
+            "4",
+            "8",
+            "--inputs",
+            "mask_per_colour",
+            "--model-fraction",
+            "0.75",
+            "--model-samples",
+            *map(str, train_sets),
+        ],
+        check=True,
+    )
 
 
 def agreement(counter: Path, held_out: list[Path]) -> dict:
@@ -111,8 +161,11 @@ def agreement(counter: Path, held_out: list[Path]) -> dict:
     rows = []
     for i, source in enumerate(data["sources"]):
         mask = data["source_index"] == i
-        part = dict(images=data["images"][mask], counts=data["counts"][mask],
-                    captions=[c for c, m in zip(data["captions"], mask.tolist()) if m])
+        part = dict(
+            images=data["images"][mask],
+            counts=data["counts"][mask],
+            captions=[c for c, m in zip(data["captions"], mask.tolist()) if m],
+        )
         row = dict(source)
         for name, network in networks.items():
             row[name] = checker_agreement(network, part)
@@ -126,10 +179,19 @@ def agreement(counter: Path, held_out: list[Path]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to save the counter in")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/rlr_counter_build"),
-                        help="where the LoRAs and sample sets go (reused when present)")
-    parser.add_argument("--measure-only", type=Path, default=None, metavar="COUNTER",
-                        help="skip training: measure this counter directory on the held-out samples")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/rlr_counter_build"),
+        help="where the LoRAs and sample sets go (reused when present)",
+    )
+    parser.add_argument(
+        "--measure-only",
+        type=Path,
+        default=None,
+        metavar="COUNTER",
+        help="skip training: measure this counter directory on the held-out samples",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -142,8 +204,13 @@ def main() -> None:
     result = agreement(counter, sets["held_out"])
     (RESULTS / "counter_agreement.json").write_text(json.dumps(result, indent=1))
     for name, value in result["pooled"].items():
-        logger.info("%s: asked colour %.1f%%, every colour %.1f%% of %d held-out model samples", name,
-                    100 * value["asked"], 100 * value["all_colours"], value["n"])
+        logger.info(
+            "%s: asked colour %.1f%%, every colour %.1f%% of %d held-out model samples",
+            name,
+            100 * value["asked"],
+            100 * value["all_colours"],
+            value["n"],
+        )
 
 
 if __name__ == "__main__":

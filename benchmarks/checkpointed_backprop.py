@@ -126,10 +126,20 @@ def measure(module, prompts: list[str], draws: int, repeats: int, num_steps: int
     started = time.perf_counter()
     samples = gradient_samples(module, prompts, FullBackprop(), draws)
     norms = dict(steps=num_steps, **norm_stats(samples), seconds=time.perf_counter() - started)
-    logger.info("T=%d: ||g|| mean %.4g +- %.2g (median %.4g, max/median %.2f), ||mean g|| %.4g "
-                "(debiased %.4g), tr Cov %.3g, %d draws in %.0f s", num_steps, norms["norm_mean"],
-                norms["norm_se"], norms["norm_median"], norms["max_over_median"], norms["mean_norm"],
-                norms["mean_norm_debiased"], norms["total_variance"], draws, norms["seconds"])
+    logger.info(
+        "T=%d: ||g|| mean %.4g +- %.2g (median %.4g, max/median %.2f), ||mean g|| %.4g "
+        "(debiased %.4g), tr Cov %.3g, %d draws in %.0f s",
+        num_steps,
+        norms["norm_mean"],
+        norms["norm_se"],
+        norms["norm_median"],
+        norms["max_over_median"],
+        norms["mean_norm"],
+        norms["mean_norm_debiased"],
+        norms["total_variance"],
+        draws,
+        norms["seconds"],
+    )
     # Checkpointing recomputes; the gradient must be the plain one (draw 0).
     scale = float(samples[0].abs().max())
     for name, estimator, plan in made:
@@ -142,52 +152,97 @@ def measure(module, prompts: list[str], draws: int, repeats: int, num_steps: int
         use(module, estimator, plan)
         rows[name]["activation_mb"] = activation_mb(module, prompts)
         logger.info("T=%d %s: %.2f MB", num_steps, name, rows[name]["activation_mb"])
-    times = interleaved_times(module, [(name, estimator, prompts, plan) for name, estimator, plan in made], repeats)
+    times = interleaved_times(
+        module, [(name, estimator, prompts, plan) for name, estimator, plan in made], repeats
+    )
     for name in rows:
         rows[name].update(time_s=statistics.median(times[name]), times_s=times[name])
     base = {key: rows[key]["time_s"] for key in (PLAIN, RLR_NAME)}
     for row in rows.values():
-        row.update(vs_plain=row["time_s"] / base[PLAIN], vs_rlr=row["time_s"] / base[RLR_NAME],
-                   mb_vs_plain=row["activation_mb"] / rows[PLAIN]["activation_mb"])
-        logger.info("T=%d %s: median %.3f s (%.2f x plain, %.2f x RLR) over %d round-robin estimates",
-                    num_steps, row["name"], row["time_s"], row["vs_plain"], row["vs_rlr"], repeats)
+        row.update(
+            vs_plain=row["time_s"] / base[PLAIN],
+            vs_rlr=row["time_s"] / base[RLR_NAME],
+            mb_vs_plain=row["activation_mb"] / rows[PLAIN]["activation_mb"],
+        )
+        logger.info(
+            "T=%d %s: median %.3f s (%.2f x plain, %.2f x RLR) over %d round-robin estimates",
+            num_steps,
+            row["name"],
+            row["time_s"],
+            row["vs_plain"],
+            row["vs_rlr"],
+            repeats,
+        )
     use(module, FullBackprop(), MemoryPlan())
     return list(rows.values()), norms
 
 
-COST_COLUMNS = [("steps", "T", "d"), ("name", "estimator", "s"), ("activation_mb", "activation MB", ".1f"),
-                ("mb_vs_plain", "MB / plain", ".3f"), ("time_s", "time / estimate (s, median)", ".3f"),
-                ("vs_plain", "time / plain", ".2f"), ("vs_rlr", "time / RLR", ".2f"),
-                ("grad_max_rel_diff", "gradient vs plain (max rel. diff.)", ".1e")]
-NORM_COLUMNS = [("steps", "T", "d"), ("draws", "draws", "d"), ("norm_mean", "mean ‖g‖", ".4g"),
-                ("norm_se", "its SE", ".2g"), ("norm_median", "median ‖g‖", ".4g"),
-                ("max_over_median", "max / median", ".2f"), ("mean_norm", "‖mean g‖", ".4g"),
-                ("mean_norm_debiased", "‖mean g‖ debiased", ".4g"), ("total_variance", "tr Cov", ".3g")]
+COST_COLUMNS = [
+    ("steps", "T", "d"),
+    ("name", "estimator", "s"),
+    ("activation_mb", "activation MB", ".1f"),
+    ("mb_vs_plain", "MB / plain", ".3f"),
+    ("time_s", "time / estimate (s, median)", ".3f"),
+    ("vs_plain", "time / plain", ".2f"),
+    ("vs_rlr", "time / RLR", ".2f"),
+    ("grad_max_rel_diff", "gradient vs plain (max rel. diff.)", ".1e"),
+]
+NORM_COLUMNS = [
+    ("steps", "T", "d"),
+    ("draws", "draws", "d"),
+    ("norm_mean", "mean ‖g‖", ".4g"),
+    ("norm_se", "its SE", ".2g"),
+    ("norm_median", "median ‖g‖", ".4g"),
+    ("max_over_median", "max / median", ".2f"),
+    ("mean_norm", "‖mean g‖", ".4g"),
+    ("mean_norm_debiased", "‖mean g‖ debiased", ".4g"),
+    ("total_variance", "tr Cov", ".3g"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problem", choices=("world", "tiny"), default="world")
-    parser.add_argument("--model", default=None,
-                        help=f"world pipeline: a model name or directory (default {WORLD_MODEL}); with "
-                             "--problem tiny, the tiny pipeline (default: the built-in tiny model)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50],
-                        help="the T values (default %(default)s)")
-    parser.add_argument("--draws", type=int, default=32,
-                        help="full-backprop draws per T for the gradient norm (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed estimates per configuration and T, round-robin; the time is their median")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"world pipeline: a model name or directory (default {WORLD_MODEL}); with "
+        "--problem tiny, the tiny pipeline (default: the built-in tiny model)",
+    )
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[10, 20, 50], help="the T values (default %(default)s)"
+    )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=32,
+        help="full-backprop draws per T for the gradient norm (default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed estimates per configuration and T, round-robin; the time is their median",
+    )
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: as torch has it)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS,
-                        help="where the results JSON is written (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: as torch has it)"
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where the results JSON is written (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.draws < 2 or args.repeats < 1 or args.batch < 2 or min(args.steps) < 4:
-        parser.error(f"need --draws >= 2, --repeats >= 1, --batch >= 2 (chunk_samples=1 must chunk) and "
-                     f"every --steps >= 4 (RLR h=2 tail=2 needs T >= h + tail), got {args.draws}, "
-                     f"{args.repeats}, {args.batch}, {args.steps}")
+        parser.error(
+            f"need --draws >= 2, --repeats >= 1, --batch >= 2 (chunk_samples=1 must chunk) and "
+            f"every --steps >= 4 (RLR h=2 tail=2 needs T >= h + tail), got {args.draws}, "
+            f"{args.repeats}, {args.batch}, {args.steps}"
+        )
     if args.problem == "world":
         args.model = args.model or WORLD_MODEL
         check_world_model(parser, args.model)
@@ -219,9 +274,21 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python", "benchmarks/checkpointed_backprop.py", *given])
     name = "checkpointed_backprop" if args.problem == "world" else "checkpointed_backprop_tiny"
     args_record = {k: v for k, v in vars(args).items() if k != "results_dir"}
-    path = save(name, dict(command=command, machine=machine(), args=args_record, prompts=prompts,
-                           wall_s=time.perf_counter() - started, cost=cost_rows, norms=norm_rows,
-                           cost_table=cost_table, norm_table=norm_table), args.results_dir)
+    path = save(
+        name,
+        dict(
+            command=command,
+            machine=machine(),
+            args=args_record,
+            prompts=prompts,
+            wall_s=time.perf_counter() - started,
+            cost=cost_rows,
+            norms=norm_rows,
+            cost_table=cost_table,
+            norm_table=norm_table,
+        ),
+        args.results_dir,
+    )
     logger.info("wrote %s in %.0f s", path, time.perf_counter() - started)
     print(f"{cost_table}\n\n{norm_table}")
 

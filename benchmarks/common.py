@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from rlr_lightning.memory import AutogradMemoryMeter
 from rlr_lightning.estimators import derive_seed, estimate_gradient
+from rlr_lightning.memory import AutogradMemoryMeter
 from rlr_lightning.module import RLRModule
-from rlr_lightning.task import Task
 from rlr_lightning.rewards import ColorBalance
 from rlr_lightning.sampling import Plan
+from rlr_lightning.task import Task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The count reward's counter before issue 21 (trained on renders only): what docs/benchmarks.md section 6 measured.
@@ -28,7 +28,11 @@ QUICKSTART_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out",
 
 
 def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     return f"{platform.node() or 'host'}: {device}, torch {torch.__version__}, {date.today().isoformat()}"
 
 
@@ -36,9 +40,15 @@ def tiny_module(estimator, num_steps: int, pretrained: str = "tiny", **kwargs) -
     """The quickstart problem: tiny model, trailing spacing, red-minus-blue reward, wide LoRA targets."""
     from rlr_lightning.models import LoraSettings
 
-    defaults = dict(pretrained_model_name_or_path=pretrained, estimator=estimator, reward=ColorBalance(),
-                    num_steps=num_steps, eta=1.0, timestep_spacing="trailing",
-                    lora=LoraSettings(rank=4, alpha=4.0, target_modules=QUICKSTART_TARGETS))
+    defaults = dict(
+        pretrained_model_name_or_path=pretrained,
+        estimator=estimator,
+        reward=ColorBalance(),
+        num_steps=num_steps,
+        eta=1.0,
+        timestep_spacing="trailing",
+        lora=LoraSettings(rank=4, alpha=4.0, target_modules=QUICKSTART_TARGETS),
+    )
     defaults.update(kwargs)
     module = RLRModule(**defaults)
     module.configure_model()
@@ -87,9 +97,11 @@ def check_world_model(parser, model: str) -> None:
     except FileNotFoundError as error:
         parser.error(str(error))
     if not (path / "model_index.json").is_file():
-        parser.error(f"--model {model!r} is not a diffusers pipeline directory (no model_index.json there); "
-                     f"give {WORLD_MODEL} or the directory of a trained world pipeline "
-                     "(python -m rlr_lightning.world.train)")
+        parser.error(
+            f"--model {model!r} is not a diffusers pipeline directory (no model_index.json there); "
+            f"give {WORLD_MODEL} or the directory of a trained world pipeline "
+            "(python -m rlr_lightning.world.train)"
+        )
 
 
 def world_module(estimator, num_steps: int = WORLD_STEPS, model: str = WORLD_MODEL, **kwargs) -> RLRModule:
@@ -102,9 +114,15 @@ def world_module(estimator, num_steps: int = WORLD_STEPS, model: str = WORLD_MOD
     """
     from rlr_lightning.models import LoraSettings
 
-    defaults = dict(pretrained_model_name_or_path=model, estimator=estimator, reward=world_reward(),
-                    num_steps=num_steps, eta=1.0, guidance_scale=WORLD_GUIDANCE,
-                    lora=LoraSettings(rank=4, alpha=4.0))
+    defaults = dict(
+        pretrained_model_name_or_path=model,
+        estimator=estimator,
+        reward=world_reward(),
+        num_steps=num_steps,
+        eta=1.0,
+        guidance_scale=WORLD_GUIDANCE,
+        lora=LoraSettings(rank=4, alpha=4.0),
+    )
     defaults.update(kwargs)
     module = RLRModule(**defaults)
     module.configure_model()
@@ -131,10 +149,21 @@ def world_accuracy(
     from rlr_lightning.world.evaluate import evaluate
 
     reward = world_reward()
-    return {name: evaluate(model, samples_per_caption=samples_per_caption, num_steps=num_steps,
-                           guidance_scale=guidance_scale, eta=eta, seed=seed, lora=lora, batch_size=batch_size,
-                           captions=captions, reward=reward)
-            for name, captions in caption_sets.items()}
+    return {
+        name: evaluate(
+            model,
+            samples_per_caption=samples_per_caption,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            seed=seed,
+            lora=lora,
+            batch_size=batch_size,
+            captions=captions,
+            reward=reward,
+        )
+        for name, captions in caption_sets.items()
+    }
 
 
 def world_accuracy_seeds(
@@ -156,9 +185,18 @@ def world_accuracy_seeds(
     reward = world_reward()
     out = {}
     for name, captions in caption_sets.items():
-        result = evaluate_seeds(model, seeds, samples_per_caption=samples_per_caption, num_steps=num_steps,
-                                guidance_scale=guidance_scale, eta=eta, lora=lora, batch_size=batch_size,
-                                captions=captions, reward=reward)
+        result = evaluate_seeds(
+            model,
+            seeds,
+            samples_per_caption=samples_per_caption,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            lora=lora,
+            batch_size=batch_size,
+            captions=captions,
+            reward=reward,
+        )
         out[name] = dict(result, **result["mean"])
     return out
 
@@ -182,8 +220,16 @@ def synchronize() -> None:
 def estimator_step(module: RLRModule, embeds, prompts, draw: int) -> None:
     """One gradient estimate: rollout plus every term's backward (no optimizer step), run as the module's
     memory plan says (chunks, activation checkpointing)."""
-    estimate_gradient(module.estimator, module.task.sampler, embeds, prompts, module.task.latent_reward,
-                      derive_seed(0, draw, 0), derive_seed(0, draw, 1), memory=module.task.memory_plan)
+    estimate_gradient(
+        module.estimator,
+        module.task.sampler,
+        embeds,
+        prompts,
+        module.task.latent_reward,
+        derive_seed(0, draw, 0),
+        derive_seed(0, draw, 1),
+        memory=module.task.memory_plan,
+    )
 
 
 def measure_step(module: RLRModule, prompts, repeats: int = 5, warmup: int = 1) -> dict:
@@ -211,8 +257,9 @@ def measure_step(module: RLRModule, prompts, repeats: int = 5, warmup: int = 1) 
     return out
 
 
-def interleaved_times(module: RLRModule, jobs: list[tuple], repeats: int = 7,
-                      warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+    module: RLRModule, jobs: list[tuple], repeats: int = 7, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds of one gradient estimate of every ``(name, estimator, prompts)`` job, ``repeats`` times each,
     round-robin: round ``r`` times every job once (on draw ``r``), starting from job ``r mod len(jobs)``, so
     slow phases of a shared machine fall on every estimator alike instead of on whichever ran then. Report the
@@ -227,7 +274,9 @@ def interleaved_times(module: RLRModule, jobs: list[tuple], repeats: int = 7,
     prepared = []
     for name, estimator, prompts, *plan in jobs:
         module.task.prepare(estimator)
-        prepared.append((name, estimator, prompts, module.task.conditioning_for(prompts), plan[0] if plan else None))
+        prepared.append(
+            (name, estimator, prompts, module.task.conditioning_for(prompts), plan[0] if plan else None)
+        )
 
     def run(estimator, prompts, embeds, plan, draw: int) -> float:
         module.estimator = estimator
@@ -323,17 +372,45 @@ def sd15_pipeline_dir(
 
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD 1.x defaults
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
-                            down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                            num_hidden_layers=12, vocab_size=514, max_position_embeddings=77,
-                                            bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_clip_tokenizer(77), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            latent_channels=4,
+            sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                vocab_size=514,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tiny_clip_tokenizer(77),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     verbosity = diffusers_logging.get_verbosity()
     # Its note on casting with to() is for checkpoints with float32-only modules; these random ones have none.
     diffusers_logging.set_verbosity_error()
@@ -381,32 +458,68 @@ def sd35_medium_components(
 
     def clip(width: int, layers: int, heads: int, act: str) -> CLIPTextModelWithProjection:
         # The tiny tokenizers' special tokens (start 0, end 1, which also pads) and CLIP's 49,408-token table.
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-            num_attention_heads=heads, projection_dim=width, hidden_act=act, max_position_embeddings=77,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ))
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=width,
+                intermediate_size=4 * width,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                projection_dim=width,
+                hidden_act=act,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
 
     builders = {
         "transformer": lambda: SD3Transformer2DModel(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-            caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
         ),
         "vae": lambda: AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16,
-            sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=16,
+            sample_size=1024,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
             use_post_quant_conv=False,
         ),
         "text_encoder": lambda: clip(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14's text tower
         "text_encoder_2": lambda: clip(1280, 32, 20, "gelu"),  # OpenCLIP ViT-bigG/14's text tower
-        "text_encoder_3": lambda: T5EncoderModel(T5Config(
-            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-            relative_attention_num_buckets=32, relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        )),
+        "text_encoder_3": lambda: T5EncoderModel(
+            T5Config(
+                vocab_size=32128,
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=24,
+                num_heads=64,
+                relative_attention_num_buckets=32,
+                relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ),
     }
     torch.manual_seed(seed)
     components = {}

@@ -16,7 +16,14 @@ import argparse
 
 import torch
 from common import (
-    floor_parts, machine, markdown_table, measure_step, save, sd15_pipeline_dir, synchronize, tiny_module,
+    floor_parts,
+    machine,
+    markdown_table,
+    measure_step,
+    save,
+    sd15_pipeline_dir,
+    synchronize,
+    tiny_module,
 )
 
 from rlr_lightning.estimators import RLR, FullBackprop, TruncatedBackprop
@@ -60,16 +67,27 @@ def main() -> None:
         pretrained, dtype, suffix = sd15_pipeline_dir(tempfile.mkdtemp()), "bfloat16", "_sd15"
     configs = []
     for T in (10, 20, 50):
-        configs += [(f"RLR h=2 zo=parameter", RLR(h=2, zo_mode="parameter"), T, 2),
-                    (f"RLR h=2 zo=score", RLR(h=2, zo_mode="score"), T, 2),
-                    ("full backprop", FullBackprop(), T, None), ("truncated K=2", TruncatedBackprop(k=2), T, None)]
+        configs += [
+            ("RLR h=2 zo=parameter", RLR(h=2, zo_mode="parameter"), T, 2),
+            ("RLR h=2 zo=score", RLR(h=2, zo_mode="score"), T, 2),
+            ("full backprop", FullBackprop(), T, None),
+            ("truncated K=2", TruncatedBackprop(k=2), T, None),
+        ]
     for h in (1, 4, 8):
-        configs += [(f"RLR h={h} zo=parameter", RLR(h=h, zo_mode="parameter"), 20, h),
-                    (f"RLR h={h} zo=score", RLR(h=h, zo_mode="score"), 20, h)]
+        configs += [
+            (f"RLR h={h} zo=parameter", RLR(h=h, zo_mode="parameter"), 20, h),
+            (f"RLR h={h} zo=score", RLR(h=h, zo_mode="score"), 20, h),
+        ]
     rows = run(configs, prompts, pretrained, dtype, "")
-    columns = [("name", "estimator", "s"), ("T", "T", "d"), ("time_s", "step time (s)", ".3f"),
-               ("activation_mb", "activation MB", ".1f"), ("cuda_peak_mb", "CUDA peak MB", ".0f"),
-               ("floor_s", "floor (s)", ".3f"), ("ratio", "time / floor", ".2f")]
+    columns = [
+        ("name", "estimator", "s"),
+        ("T", "T", "d"),
+        ("time_s", "step time (s)", ".3f"),
+        ("activation_mb", "activation MB", ".1f"),
+        ("cuda_peak_mb", "CUDA peak MB", ".0f"),
+        ("floor_s", "floor (s)", ".3f"),
+        ("ratio", "time / floor", ".2f"),
+    ]
     table = markdown_table(rows, columns)
     print(table)
     save("cost_scaling" + suffix, dict(machine=machine(), args=vars(args), rows=rows, table=table))

@@ -1,7 +1,8 @@
 """Estimator quality: bias, variance, cosine to full backprop, and cost, side by side, on the trained shapes
 world with the count reward (default) or on the tiny model with the quickstart's colour reward.
 
-    python benchmarks/estimator_quality.py [--problem world] [--sampler world] [--model shapes-world] [--draws 96] [--batch 4]
+    python benchmarks/estimator_quality.py [--problem world] [--sampler world] [--model shapes-world] \
+        [--draws 96] [--batch 4]
     python benchmarks/estimator_quality.py --sampler quickstart   # the quickstart's trailing spacing, no guidance
     python benchmarks/estimator_quality.py --problem tiny --draws 32
     python benchmarks/estimator_quality.py --estimators "score function, group baseline (G=4)"   # one row, merged
@@ -97,8 +98,12 @@ def estimators(num_steps: int = 10) -> list[tuple[str, object]]:
     for h in (1, 2, 4):
         rows.append((f"RLR h={h} zo=score", RLR(h=h, zo_mode="score")))
         if h == 2:
-            rows.append((f"RLR h=2 zo=score, group baseline (G={GROUP_SIZE})",
-                         RLR(h=2, zo_mode="score", baseline="group", group_size=GROUP_SIZE)))
+            rows.append(
+                (
+                    f"RLR h=2 zo=score, group baseline (G={GROUP_SIZE})",
+                    RLR(h=2, zo_mode="score", baseline="group", group_size=GROUP_SIZE),
+                )
+            )
         rows.append((f"RLR h={h} zo=parameter (antithetic)", RLR(h=h, zo_mode="parameter", zo_scale=1e-3)))
         rows.append((f"RLR h={h} zo=none", RLR(h=h, zo_mode="none")))
         if h == 2:
@@ -110,24 +115,44 @@ def estimators(num_steps: int = 10) -> list[tuple[str, object]]:
                 rows.append((f"RLR h=2 tail=2, {label} baselines", RLR(h=2, tail=2, step_baseline=kind)))
             late = ["none"] * 4 + ["muprop"] * (num_steps - 4)
             rows.append((LATE_MUPROP, RLR(h=2, tail=2, step_baseline=late)))
-            rows.append((SIGMA_RULE, RLR(h=2, tail="auto", step_baseline="muprop", step_baseline_sigma_ratio=0.75)))
+            rows.append(
+                (SIGMA_RULE, RLR(h=2, tail="auto", step_baseline="muprop", step_baseline_sigma_ratio=0.75))
+            )
             rows.append((RECOMMENDED, None))  # built from the variance map at run time
     for k in (1, 2, 5):
         rows.append((f"truncated K={k}", TruncatedBackprop(k=k)))
     rows.append(("score function", ScoreFunction()))
     rows.append(("score function, MuProp baselines", ScoreFunction(step_baseline="muprop")))
-    rows.append((f"score function, group baseline (G={GROUP_SIZE})", ScoreFunction(baseline="group",
-                                                                                  group_size=GROUP_SIZE)))
+    rows.append(
+        (
+            f"score function, group baseline (G={GROUP_SIZE})",
+            ScoreFunction(baseline="group", group_size=GROUP_SIZE),
+        )
+    )
     rows.append(("full backprop", FullBackprop()))
     rows.append((GROUP_REFERENCE, FullBackprop()))
     return rows
 
 
 #: The rows a plain run measures (``--estimators`` picks others, e.g. the group rows).
-DEFAULT_ROWS = ["RLR h=1 zo=score", "RLR h=2 zo=score", "RLR h=2 zo=parameter (antithetic)", "RLR h=2 zo=none",
-                "RLR h=2 tail=2 zo=score", "RLR h=2 tail=3 zo=score", "RLR h=2 tail=2, value baselines",
-                "RLR h=2 tail=2, MuProp baselines", LATE_MUPROP, SIGMA_RULE, RECOMMENDED, "truncated K=1", "truncated K=2",
-                "score function", "score function, MuProp baselines", "full backprop"]
+DEFAULT_ROWS = [
+    "RLR h=1 zo=score",
+    "RLR h=2 zo=score",
+    "RLR h=2 zo=parameter (antithetic)",
+    "RLR h=2 zo=none",
+    "RLR h=2 tail=2 zo=score",
+    "RLR h=2 tail=3 zo=score",
+    "RLR h=2 tail=2, value baselines",
+    "RLR h=2 tail=2, MuProp baselines",
+    LATE_MUPROP,
+    SIGMA_RULE,
+    RECOMMENDED,
+    "truncated K=1",
+    "truncated K=2",
+    "score function",
+    "score function, MuProp baselines",
+    "full backprop",
+]
 #: The samplers: the world's (leading spacing, guidance 3) and the quickstart's (trailing spacing, no guidance).
 SAMPLERS = {"world": dict(), "quickstart": dict(timestep_spacing="trailing", guidance_scale=1.0)}
 
@@ -140,7 +165,7 @@ def caption_slices(prompts: list[str], group_size: int) -> list[list[str]]:
     samples slice ``i mod len(slices)``, each caption ``group_size`` times, so it generates as many images as
     the other rows and its mean over the draws estimates the gradient of the whole batch."""
     per_draw = len(prompts) // group_size
-    return [prompts[i:i + per_draw] for i in range(0, len(prompts), per_draw)]
+    return [prompts[i : i + per_draw] for i in range(0, len(prompts), per_draw)]
 
 
 def layout_samples(module, prompt_sets: list[list[str]], estimator, draws: int, seed: int = 0):
@@ -151,9 +176,16 @@ def layout_samples(module, prompt_sets: list[list[str]], estimator, draws: int, 
     rows, rewards = [], []
     for i in range(draws):
         prompts = prompt_sets[i % len(prompt_sets)]
-        estimate = estimate_gradient(estimator, module.task.sampler, module.task.conditioning_for(prompts), prompts,
-                                     module.task.latent_reward, step_seed=derive_seed(seed, i, 0),
-                                     rank_seed=derive_seed(seed, i, 1), memory=module.task.memory_plan)
+        estimate = estimate_gradient(
+            estimator,
+            module.task.sampler,
+            module.task.conditioning_for(prompts),
+            prompts,
+            module.task.latent_reward,
+            step_seed=derive_seed(seed, i, 0),
+            rank_seed=derive_seed(seed, i, 1),
+            memory=module.task.memory_plan,
+        )
         rows.append(estimate.total)
         rewards.append(estimate.rollout.rewards.detach().double())
     return torch.stack(rows), torch.stack(rewards)
@@ -169,7 +201,9 @@ def reward_spread(rewards, prompt_sets: list[list[str]], baseline: str) -> dict:
             per_caption.setdefault(caption, []).append(value)
         a = compute_advantages(r, r, baseline, group_size=GROUP_SIZE if baseline == "group" else 1)
         squares.append(float(a.pow(2).mean()))
-    captions = {c: dict(mean=statistics.mean(v), std=statistics.stdev(v), n=len(v)) for c, v in per_caption.items()}
+    captions = {
+        c: dict(mean=statistics.mean(v), std=statistics.stdev(v), n=len(v)) for c, v in per_caption.items()
+    }
     return dict(baseline=baseline, advantage_rms=statistics.mean(squares) ** 0.5, captions=captions)
 
 
@@ -193,8 +227,14 @@ def along_gradient(samples, reference, direction) -> dict:
     mean, se = float(diff.mean()), float(diff.std() / n**0.5)
     z = mean / se if se > 0 else 0.0
     share_of = float(truth.mean())
-    return dict(along_z=z, along_bias=mean, along_bias_se=se, along_truth=share_of, along_share=mean / share_of,
-                along_share_se=se / abs(share_of))
+    return dict(
+        along_z=z,
+        along_bias=mean,
+        along_bias_se=se,
+        along_truth=share_of,
+        along_share=mean / share_of,
+        along_share_se=se / abs(share_of),
+    )
 
 
 def stored_results(path, settings: dict, prompts: list[str]) -> dict:
@@ -204,22 +244,33 @@ def stored_results(path, settings: dict, prompts: list[str]) -> dict:
     stored = json.loads(path.read_text())
     same = {k: stored["args"].get(k) for k in settings} == settings and stored.get("prompts") == prompts
     if not same:
-        raise SystemExit(f"{path} holds a run with other settings ({stored['args']}); run every estimator "
-                         "(no --estimators) to replace it")
+        raise SystemExit(
+            f"{path} holds a run with other settings ({stored['args']}); run every estimator "
+            "(no --estimators) to replace it"
+        )
     for row in stored["rows"]:
         row.setdefault("measured", stored["machine"])
     return stored
 
 
-COLUMNS = [("name", "estimator", "s"), ("images", "images / estimate", "d"), ("bias_se", "bias (SE)", ".2f"),
-           ("along_z", "z along gradient", ".1f"), ("along_share", "bias along gradient (share)", ".2f"),
-           ("along_share_se", "its SE", ".2f"),
-           ("max_abs_z", "max abs z", ".1f"), ("variance", "total variance", ".3g"),
-           ("variance_se", "its SE", ".2g"), ("mse", "MSE to the true gradient", ".3g"),
-           ("cosine", "cosine of mean", ".3f"),
-           ("mean_cosine", "mean single cosine", ".3f"), ("time_s", "time / estimate (s, median)", ".3f"),
-           ("activation_mb", "activation MB", ".1f"), ("mse_time_vs_truncated", "MSE x s / truncated K=1's", ".3g"),
-           ("mse_time_vs_full", "MSE x s / full backprop's", ".3g")]
+COLUMNS = [
+    ("name", "estimator", "s"),
+    ("images", "images / estimate", "d"),
+    ("bias_se", "bias (SE)", ".2f"),
+    ("along_z", "z along gradient", ".1f"),
+    ("along_share", "bias along gradient (share)", ".2f"),
+    ("along_share_se", "its SE", ".2f"),
+    ("max_abs_z", "max abs z", ".1f"),
+    ("variance", "total variance", ".3g"),
+    ("variance_se", "its SE", ".2g"),
+    ("mse", "MSE to the true gradient", ".3g"),
+    ("cosine", "cosine of mean", ".3f"),
+    ("mean_cosine", "mean single cosine", ".3f"),
+    ("time_s", "time / estimate (s, median)", ".3f"),
+    ("activation_mb", "activation MB", ".1f"),
+    ("mse_time_vs_truncated", "MSE x s / truncated K=1's", ".3g"),
+    ("mse_time_vs_full", "MSE x s / full backprop's", ".3g"),
+]
 
 
 def draw_prompts(row_name: str, estimator, prompts: list[str], slices: list[list[str]]) -> list[str]:
@@ -229,18 +280,31 @@ def draw_prompts(row_name: str, estimator, prompts: list[str], slices: list[list
     return slices[0] if estimator.group_size > 1 else prompts
 
 
-def time_rows(module, rows: list[dict], made: dict, prompts: list[str], slices: list[list[str]],
-              repeats: int) -> None:
+def time_rows(
+    module, rows: list[dict], made: dict, prompts: list[str], slices: list[list[str]], repeats: int
+) -> None:
     """Median time of one estimate of every row's estimator, timed round-robin (``interleaved_times``); sets
     ``time_s``, ``time_repeats``, ``times_s`` (every timed estimate) and ``timed`` (machine and date)."""
-    jobs = [(row["name"], made[row["name"]], draw_prompts(row["name"], made[row["name"]], prompts, slices))
-            for row in rows]
+    jobs = [
+        (row["name"], made[row["name"]], draw_prompts(row["name"], made[row["name"]], prompts, slices))
+        for row in rows
+    ]
     times = interleaved_times(module, jobs, repeats)
     for row in rows:
-        row.update(time_s=statistics.median(times[row["name"]]), time_repeats=repeats, times_s=times[row["name"]],
-                   timed=machine())
-        logger.info("%s: median %.3f s over %d round-robin estimates (%.3f to %.3f)", row["name"], row["time_s"],
-                    repeats, min(times[row["name"]]), max(times[row["name"]]))
+        row.update(
+            time_s=statistics.median(times[row["name"]]),
+            time_repeats=repeats,
+            times_s=times[row["name"]],
+            timed=machine(),
+        )
+        logger.info(
+            "%s: median %.3f s over %d round-robin estimates (%.3f to %.3f)",
+            row["name"],
+            row["time_s"],
+            repeats,
+            min(times[row["name"]]),
+            max(times[row["name"]]),
+        )
 
 
 def mean_squared_error(samples, reference) -> dict:
@@ -259,7 +323,13 @@ def efficiency(rows: list[dict]) -> None:
     for key, ref in (("mse_time_vs_truncated", "truncated K=1"), ("mse_time_vs_full", "full backprop")):
         base = by_name.get(ref)
         for row in rows:
-            ok = base and row.get("mse") is not None and base.get("mse") and row.get("time_s") and base.get("time_s")
+            ok = (
+                base
+                and row.get("mse") is not None
+                and base.get("mse")
+                and row.get("time_s")
+                and base.get("time_s")
+            )
             row[key] = row["mse"] * row["time_s"] / (base["mse"] * base["time_s"]) if ok else None
 
 
@@ -268,48 +338,90 @@ def recommended_estimator(recommendation: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problem", choices=("world", "tiny"), default="world")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="world",
-                        help="world: the world's leading spacing with guidance 3 (estimator_quality_world.json); "
-                             "quickstart: the quickstart's trailing spacing without guidance "
-                             "(estimator_quality_world_trailing.json)")
+    parser.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        default="world",
+        help="world: the world's leading spacing with guidance 3 (estimator_quality_world.json); "
+        "quickstart: the quickstart's trailing spacing without guidance "
+        "(estimator_quality_world_trailing.json)",
+    )
     parser.add_argument("--model", default=WORLD_MODEL, help="world pipeline: a model name or directory")
     parser.add_argument("--num-steps", type=int, default=10)
-    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS,
-                        help="estimates per estimator, N (default %(default)s: heavy-tailed likelihood-ratio "
-                             "variances are understated by fewer)")
-    parser.add_argument("--direction-draws", type=int, default=DEFAULT_DRAWS,
-                        help="full-backprop draws (other than the compared ones) whose mean gives the true-gradient "
-                             "direction of the 'z along gradient' column (default %(default)s)")
-    parser.add_argument("--map-draws", type=int, default=24,
-                        help="draws of the variance map (seed 1: other draws than the compared ones) whose "
-                             "recommendation the row %r measures, as `rlr diagnose` would give it (default "
-                             "%%(default)s)" % RECOMMENDED)
-    parser.add_argument("--no-step-table", action="store_true",
-                        help="skip the per-step variance table (a variance map on the compared draws)")
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=DEFAULT_DRAWS,
+        help="estimates per estimator, N (default %(default)s: heavy-tailed likelihood-ratio "
+        "variances are understated by fewer)",
+    )
+    parser.add_argument(
+        "--direction-draws",
+        type=int,
+        default=DEFAULT_DRAWS,
+        help="full-backprop draws (other than the compared ones) whose mean gives the true-gradient "
+        "direction of the 'z along gradient' column (default %(default)s)",
+    )
+    parser.add_argument(
+        "--map-draws",
+        type=int,
+        default=24,
+        help="draws of the variance map (seed 1: other draws than the compared ones) whose "
+        f"recommendation the row {RECOMMENDED!r} measures, as `rlr diagnose` would give it (default "
+        "%(default)s)",
+    )
+    parser.add_argument(
+        "--no-step-table",
+        action="store_true",
+        help="skip the per-step variance table (a variance map on the compared draws)",
+    )
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--estimators", nargs="+", choices=NAMES, default=None, metavar="NAME",
-                        help="run only these rows and merge them into the stored results of the same settings "
-                             f"(default: {len(DEFAULT_ROWS)} rows); names: {', '.join(repr(n) for n in NAMES)}")
-    parser.add_argument("--time-repeats", type=int, default=TIME_REPEATS,
-                        help="timed estimates per estimator, round-robin; the time column is their median")
-    parser.add_argument("--timing-only", action="store_true",
-                        help="only re-time the stored rows of the same problem, model, steps and batch (or the "
-                             "--estimators among them) and rewrite their time columns; run it on a quiet machine")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS,
-                        help="where the results JSON is read (merging, --timing-only) and written (default: %(default)s)")
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        choices=NAMES,
+        default=None,
+        metavar="NAME",
+        help="run only these rows and merge them into the stored results of the same settings "
+        f"(default: {len(DEFAULT_ROWS)} rows); names: {', '.join(repr(n) for n in NAMES)}",
+    )
+    parser.add_argument(
+        "--time-repeats",
+        type=int,
+        default=TIME_REPEATS,
+        help="timed estimates per estimator, round-robin; the time column is their median",
+    )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only re-time the stored rows of the same problem, model, steps and batch (or the "
+        "--estimators among them) and rewrite their time columns; run it on a quiet machine",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where the results JSON is read (merging, --timing-only) and written (default: %(default)s)",
+    )
     args = parser.parse_args()
     if args.draws < 2 or args.direction_draws < 1 or args.map_draws < 4:
-        parser.error(f"--draws must be >= 2 (bias and variance need several draws), --direction-draws >= 1 and "
-                     f"--map-draws >= 4, got {args.draws}, {args.direction_draws} and {args.map_draws}")
+        parser.error(
+            f"--draws must be >= 2 (bias and variance need several draws), --direction-draws >= 1 and "
+            f"--map-draws >= 4, got {args.draws}, {args.direction_draws} and {args.map_draws}"
+        )
     if args.time_repeats < 1:
         parser.error(f"--time-repeats must be >= 1, got {args.time_repeats}")
     made = dict(estimators(args.num_steps))
     group_rows = [n for n, e in made.items() if (e is not None and e.group_size > 1) or n == GROUP_REFERENCE]
     if args.batch % GROUP_SIZE and args.estimators and set(args.estimators) & set(group_rows):
-        parser.error(f"--batch must be a multiple of the group rows' G = {GROUP_SIZE} (they sample batch / G "
-                     f"captions {GROUP_SIZE} times each), got {args.batch}")
+        parser.error(
+            f"--batch must be a multiple of the group rows' G = {GROUP_SIZE} (they sample batch / G "
+            f"captions {GROUP_SIZE} times each), got {args.batch}"
+        )
     if args.problem == "world":
         check_world_model(parser, args.model)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -343,14 +455,19 @@ def main() -> None:
         time_rows(module, rows, made, prompts, slices, args.time_repeats)
         efficiency(stored["rows"])
         stored["table"] = markdown_table(stored["rows"], COLUMNS)
-        stored["timing"] = dict(machine=machine(), repeats=args.time_repeats, rows=[row["name"] for row in rows])
+        stored["timing"] = dict(
+            machine=machine(), repeats=args.time_repeats, rows=[row["name"] for row in rows]
+        )
         save(name, stored, args.results_dir)
         logger.info("%s\nre-timed %d rows; wrote %s", stored["table"], len(rows), path)
         return
 
     if slices and args.draws % len(slices):
-        logger.warning("--draws %d is not a multiple of %d: the group rows' draws cover the captions unevenly",
-                       args.draws, len(slices))
+        logger.warning(
+            "--draws %d is not a multiple of %d: the group rows' draws cover the captions unevenly",
+            args.draws,
+            len(slices),
+        )
     settings = {k: getattr(args, k) for k in (*settings_keys, "draws", "direction_draws")}
     selected = args.estimators or DEFAULT_ROWS
     if args.batch % GROUP_SIZE:
@@ -366,10 +483,15 @@ def main() -> None:
 
         # As a user gets it: `rlr diagnose` on draws of its own (seed 1), then measured on the compared draws.
         vmap = variance_map(module, prompts, args.map_draws, seed=1)
-        extra["recommendation"] = dict(tail=vmap.tail, step_baseline=vmap.step_baseline, map_draws=args.map_draws,
-                                       map_table=vmap.table())
-        logger.info("rlr diagnose's recommendation (%d draws): tail %d, step baselines %s", args.map_draws, vmap.tail,
-                    vmap.step_baseline)
+        extra["recommendation"] = dict(
+            tail=vmap.tail, step_baseline=vmap.step_baseline, map_draws=args.map_draws, map_table=vmap.table()
+        )
+        logger.info(
+            "rlr diagnose's recommendation (%d draws): tail %d, step baselines %s",
+            args.map_draws,
+            vmap.tail,
+            vmap.step_baseline,
+        )
     if "recommendation" in extra:
         made[RECOMMENDED] = recommended_estimator(extra["recommendation"])
     if not args.no_step_table and args.estimators is None:
@@ -389,8 +511,12 @@ def main() -> None:
             references[grouped], rewards = layout_samples(module, sets, FullBackprop(), args.draws)
             key = "group layout" if grouped else "fixed batch"
             spreads[key] = reward_spread(rewards, sets, "group" if grouped else "leave_one_out")
-            logger.info("%s: advantage RMS %.3f (%s baseline)", key, spreads[key]["advantage_rms"],
-                        spreads[key]["baseline"])
+            logger.info(
+                "%s: advantage RMS %.3f (%s baseline)",
+                key,
+                spreads[key]["advantage_rms"],
+                spreads[key]["baseline"],
+            )
         return references[grouped]
 
     rows = []
@@ -412,27 +538,66 @@ def main() -> None:
         # How well N draws pin the total variance down (heavy-tailed likelihood-ratio estimates: loosely).
         spread = (samples - samples.mean(0)).pow(2).sum(1)
         variance_se = float(spread.std() / len(spread) ** 0.5)
-        rows.append(dict(name=row_name, images=images, measured=machine(), variance_se=variance_se, **vars(diag),
-                         **along, **mean_squared_error(samples, reference(grouped)),
-                         activation_mb=activation_mb(module, estimate_prompts)))
-        logger.info("%s: bias %.2f SE, z along gradient %.1f (share %.3f), variance %.3g (SE %.2g), MSE %.3g, "
-                    "cosine %.3f, %.1f MB", row_name, diag.bias_se, along["along_z"], along["along_share"],
-                    diag.variance, variance_se, rows[-1]["mse"], diag.cosine, rows[-1]["activation_mb"])
+        rows.append(
+            dict(
+                name=row_name,
+                images=images,
+                measured=machine(),
+                variance_se=variance_se,
+                **vars(diag),
+                **along,
+                **mean_squared_error(samples, reference(grouped)),
+                activation_mb=activation_mb(module, estimate_prompts),
+            )
+        )
+        logger.info(
+            "%s: bias %.2f SE, z along gradient %.1f (share %.3f), variance %.3g (SE %.2g), MSE %.3g, "
+            "cosine %.3f, %.1f MB",
+            row_name,
+            diag.bias_se,
+            along["along_z"],
+            along["along_share"],
+            diag.variance,
+            variance_se,
+            rows[-1]["mse"],
+            diag.cosine,
+            rows[-1]["activation_mb"],
+        )
     time_rows(module, rows, made, prompts, slices, args.time_repeats)
     order = {n: i for i, n in enumerate(NAMES)}
     rows = sorted(kept + rows, key=lambda row: order.get(row["name"], len(order)))
     efficiency(rows)
     table = markdown_table(rows, COLUMNS)
     reference_mean = references[False].mean(0) if False in references else None
-    direction_cosine = (float(torch.nn.functional.cosine_similarity(direction, reference_mean, dim=0))
-                        if reference_mean is not None else None)
+    direction_cosine = (
+        float(torch.nn.functional.cosine_similarity(direction, reference_mean, dim=0))
+        if reference_mean is not None
+        else None
+    )
     args_record = {k: v for k, v in vars(args).items() if k != "results_dir"}
-    path = save(name, dict(machine=machine(), args=args_record, prompts=prompts, rows=rows, table=table,
-                           reward_spread=spreads, direction_cosine=direction_cosine, **extra,
-                           timing=dict(machine=machine(), repeats=args.time_repeats, rows=[r["name"] for r in rows])),
-                args.results_dir)
-    logger.info("%s\nthe true-gradient direction (%d other draws) has cosine %s to the mean of the compared "
-                "reference draws\nwrote %s", table, args.direction_draws, direction_cosine, path)
+    path = save(
+        name,
+        dict(
+            machine=machine(),
+            args=args_record,
+            prompts=prompts,
+            rows=rows,
+            table=table,
+            reward_spread=spreads,
+            direction_cosine=direction_cosine,
+            **extra,
+            timing=dict(machine=machine(), repeats=args.time_repeats, rows=[r["name"] for r in rows]),
+        ),
+        args.results_dir,
+    )
+    logger.info(
+        "%s\nthe true-gradient direction (%d other draws) has cosine %s to the mean of the compared "
+        "reference draws\nwrote %s",
+        table,
+        args.direction_draws,
+        direction_cosine,
+        path,
+    )
 
 
 if __name__ == "__main__":

@@ -96,24 +96,45 @@ def fit(args, name: str, seed: int, out: Path) -> dict:
     prompts_per_batch = args.batch // estimator.samples_per_prompt
     run_dir = out / slug(name) / f"seed{seed}"
     if args.problem == "world":
-        module = world_module(estimator, args.num_steps, model=args.model, seed=seed, optimizer=optimizer,
-                              export_dir=str(run_dir / "lora"))
+        module = world_module(
+            estimator,
+            args.num_steps,
+            model=args.model,
+            seed=seed,
+            optimizer=optimizer,
+            export_dir=str(run_dir / "lora"),
+        )
         data = PromptDataModule(prompts=world_prompts("train"), batch_size=prompts_per_batch, seed=seed)
     else:
-        module = tiny_module(estimator, args.num_steps, seed=seed, optimizer=optimizer,
-                             export_dir=str(run_dir / "lora"))
+        module = tiny_module(
+            estimator, args.num_steps, seed=seed, optimizer=optimizer, export_dir=str(run_dir / "lora")
+        )
         data = PromptDataModule(prompt_set="animals", batch_size=prompts_per_batch, seed=seed)
     # max_steps counts optimizer steps: GRPO takes inner_updates of them on each sampled batch.
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps * estimator.inner_updates,
-                        logger=CSVLogger(run_dir, name="log"), log_every_n_steps=1, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps * estimator.inner_updates,
+        logger=CSVLogger(run_dir, name="log"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
     with next((run_dir / "log").rglob("metrics.csv")).open() as f:
         rewards = [float(r["train/reward"]) for r in csv.DictReader(f) if r.get("train/reward")]
-    return dict(estimator=name, seed=seed, rewards=rewards, seconds=seconds, lora=str(module.exported_lora),
-                prompts_per_batch=prompts_per_batch, inner_updates=estimator.inner_updates)
+    return dict(
+        estimator=name,
+        seed=seed,
+        rewards=rewards,
+        seconds=seconds,
+        lora=str(module.exported_lora),
+        prompts_per_batch=prompts_per_batch,
+        inner_updates=estimator.inner_updates,
+    )
 
 
 def evaluate_world(args, lora: str | None) -> dict:
@@ -132,11 +153,19 @@ def reward_rows(runs: list[dict], batch: int) -> list[dict]:
         finals = [statistics.mean(r["rewards"][-LAST:]) for r in mine]
         per_batch = mine[0].get("prompts_per_batch", batch)  # runs stored before groups: one image per prompt
         start = statistics.mean(statistics.mean(r["rewards"][:FIRST]) for r in mine)
-        rows.append(dict(name=name, seeds=len(mine), start=start, final=statistics.mean(finals),
-                         spread=max(finals) - min(finals), images=len(mine[0]["rewards"]) * batch,
-                         layout=f"{per_batch} x {batch // per_batch}",
-                         updates=len(mine[0]["rewards"]) * mine[0].get("inner_updates", 1),
-                         step_s=statistics.mean(r["seconds"] / max(len(r["rewards"]), 1) for r in mine)))
+        rows.append(
+            dict(
+                name=name,
+                seeds=len(mine),
+                start=start,
+                final=statistics.mean(finals),
+                spread=max(finals) - min(finals),
+                images=len(mine[0]["rewards"]) * batch,
+                layout=f"{per_batch} x {batch // per_batch}",
+                updates=len(mine[0]["rewards"]) * mine[0].get("inner_updates", 1),
+                step_s=statistics.mean(r["seconds"] / max(len(r["rewards"]), 1) for r in mine),
+            )
+        )
     return rows
 
 
@@ -144,7 +173,9 @@ def evaluate_before(args) -> dict:
     """The base model's checker accuracies on both splits, over the sampling seeds ``--before-seeds`` (pooled:
     mean and standard error over them, and each seed's)."""
     captions = {split: world_prompts(split) for split in ("held_out", "train")}
-    return world_accuracy_seeds(args.model, captions, args.before_seeds, None, args.eval_samples, args.num_steps)
+    return world_accuracy_seeds(
+        args.model, captions, args.before_seeds, None, args.eval_samples, args.num_steps
+    )
 
 
 def _mean_se(values: list[float], percent: bool) -> str:
@@ -164,6 +195,7 @@ def accuracy_rows(payload: dict) -> list[dict]:
     """``before`` (over its sampling seeds, when it was evaluated on several) and one row per estimator (over
     its training seeds, each evaluated on the ``--eval-seed`` noise) of the checker's accuracies: mean and
     standard error of the mean over those seeds, in percent (the reward as it is)."""
+
     def row(name: str, evaluations: list[dict], seeds: str) -> dict:
         out = dict(name=name, seeds=seeds)
         for split in ("held_out", "train"):
@@ -176,10 +208,17 @@ def accuracy_rows(payload: dict) -> list[dict]:
     if before:
         per_seed = before["held_out"].get("per_seed")
         if per_seed:  # several sampling seeds of the one base model
-            evaluations = [{split: before[split]["per_seed"][i] for split in ("held_out", "train")}
-                           for i in range(len(per_seed))]
-            rows.append(row("before fine-tuning", evaluations,
-                            f"{len(per_seed)} sampling ({', '.join(str(r['seed']) for r in per_seed)})"))
+            evaluations = [
+                {split: before[split]["per_seed"][i] for split in ("held_out", "train")}
+                for i in range(len(per_seed))
+            ]
+            rows.append(
+                row(
+                    "before fine-tuning",
+                    evaluations,
+                    f"{len(per_seed)} sampling ({', '.join(str(r['seed']) for r in per_seed)})",
+                )
+            )
         else:
             rows.append(row("before fine-tuning", [before], "1 sampling"))
     for name in ESTIMATORS:
@@ -189,16 +228,29 @@ def accuracy_rows(payload: dict) -> list[dict]:
     return rows
 
 
-REWARD_COLUMNS = [("name", "estimator", "s"), ("seeds", "seeds", "d"), ("start", f"reward, first {FIRST} steps", ".3f"),
-                  ("final", f"reward, last {LAST} steps", ".3f"), ("spread", "seed spread (final)", ".3f"),
-                  ("images", "images generated", "d"), ("layout", "prompts x samples per batch", "s"),
-                  ("updates", "optimizer steps", "d"), ("step_s", "s / sampled batch", ".2f")]
-ACCURACY_COLUMNS = [("name", "LoRA", "s"), ("seeds", "seeds", "s"),
-                    ("held_out_position_ok", "held-out position %", "s"),
-                    ("held_out_count_ok", "held-out count %", "s"), ("held_out_all_ok", "held-out all %", "s"),
-                    ("held_out_reward", "held-out reward", "s"),
-                    ("train_position_ok", "train position %", "s"), ("train_count_ok", "train count %", "s"),
-                    ("train_all_ok", "train all %", "s"), ("train_reward", "train reward", "s")]
+REWARD_COLUMNS = [
+    ("name", "estimator", "s"),
+    ("seeds", "seeds", "d"),
+    ("start", f"reward, first {FIRST} steps", ".3f"),
+    ("final", f"reward, last {LAST} steps", ".3f"),
+    ("spread", "seed spread (final)", ".3f"),
+    ("images", "images generated", "d"),
+    ("layout", "prompts x samples per batch", "s"),
+    ("updates", "optimizer steps", "d"),
+    ("step_s", "s / sampled batch", ".2f"),
+]
+ACCURACY_COLUMNS = [
+    ("name", "LoRA", "s"),
+    ("seeds", "seeds", "s"),
+    ("held_out_position_ok", "held-out position %", "s"),
+    ("held_out_count_ok", "held-out count %", "s"),
+    ("held_out_all_ok", "held-out all %", "s"),
+    ("held_out_reward", "held-out reward", "s"),
+    ("train_position_ok", "train position %", "s"),
+    ("train_count_ok", "train count %", "s"),
+    ("train_all_ok", "train all %", "s"),
+    ("train_reward", "train reward", "s"),
+]
 
 
 def render(payload: dict) -> str:
@@ -222,7 +274,9 @@ def plot(payload: dict, path: Path) -> None:
             continue
         # The batch mean of a few images is noisy: running means over 10 steps show the trend, per seed
         # (faint) and averaged over seeds (bold).
-        smoothed = [[statistics.mean(rewards[max(0, k - 9):k + 1]) for k in range(len(rewards))] for rewards in runs]
+        smoothed = [
+            [statistics.mean(rewards[max(0, k - 9) : k + 1]) for k in range(len(rewards))] for rewards in runs
+        ]
         length = min(len(curve) for curve in smoothed)
         images = [batch * (k + 1) for k in range(length)]
         for curve in smoothed:
@@ -236,8 +290,10 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_ylabel(ylabel[payload["args"]["problem"]])
     seeds = len(payload["args"]["seeds"])
     title = {"world": "Shapes world, count reward", "tiny": "Quickstart problem"}[payload["args"]["problem"]]
-    ax.set_title(f"{title}: 10-step running mean, up to {seeds} seed{'s' if seeds > 1 else ''} (faint) and their "
-                 "mean", fontsize=9)
+    ax.set_title(
+        f"{title}: 10-step running mean, up to {seeds} seed{'s' if seeds > 1 else ''} (faint) and their mean",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -254,40 +310,77 @@ def stored_results(path: Path, args) -> dict | None:
         logger.warning("--merge: no stored results at %s, starting new ones", path)
         return None
     stored = json.loads(path.read_text())
-    differ = {k: (stored["args"].get(k), getattr(args, k)) for k in MERGE_KEYS
-              if stored["args"].get(k) != getattr(args, k)}
+    differ = {
+        k: (stored["args"].get(k), getattr(args, k))
+        for k in MERGE_KEYS
+        if stored["args"].get(k) != getattr(args, k)
+    }
     if differ:
-        raise SystemExit(f"--merge: {path} was run with other settings (stored, now): {differ}; run without --merge "
-                         "to replace it, or with the stored settings")
+        raise SystemExit(
+            f"--merge: {path} was run with other settings (stored, now): {differ}; run without --merge "
+            "to replace it, or with the stored settings"
+        )
     return stored
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problem", choices=tuple(DEFAULTS), default="world")
     parser.add_argument("--model", default=WORLD_MODEL, help="world pipeline: a model name or directory")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per problem)")
-    parser.add_argument("--batch", type=int, default=None, help="prompts (images) per step (default per problem)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default per problem)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="prompts (images) per step (default per problem)"
+    )
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default per problem)")
     parser.add_argument("--num-steps", type=int, default=None, help="DDIM steps T (default per problem)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--estimators", nargs="+", choices=tuple(ESTIMATORS), default=list(ESTIMATORS),
-                        metavar="NAME", help=f"a subset of: {', '.join(repr(n) for n in ESTIMATORS)}")
-    parser.add_argument("--eval-samples", type=int, default=2,
-                        help="world: samples per caption in the checker's evaluation")
-    parser.add_argument("--eval-seed", type=int, default=0,
-                        help="world: sampling seed of the checker's evaluation of each run's LoRA")
-    parser.add_argument("--before-seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="world: sampling seeds of the base model's evaluation (mean and standard error over them)")
-    parser.add_argument("--before-only", action="store_true",
-                        help="world: only (re-)evaluate the base model on --before-seeds and write it into the stored "
-                             "results of the same settings")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the stored results of the same settings (the base model's evaluation and the "
-                             "runs of other estimators or seeds) and add this run's to them")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="a new directory for the runs' logs and LoRA exports (default: a temporary one); "
-                             "its path is saved in the results")
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        choices=tuple(ESTIMATORS),
+        default=list(ESTIMATORS),
+        metavar="NAME",
+        help=f"a subset of: {', '.join(repr(n) for n in ESTIMATORS)}",
+    )
+    parser.add_argument(
+        "--eval-samples", type=int, default=2, help="world: samples per caption in the checker's evaluation"
+    )
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=0,
+        help="world: sampling seed of the checker's evaluation of each run's LoRA",
+    )
+    parser.add_argument(
+        "--before-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="world: sampling seeds of the base model's evaluation (mean and standard error over them)",
+    )
+    parser.add_argument(
+        "--before-only",
+        action="store_true",
+        help="world: only (re-)evaluate the base model on --before-seeds and write it into the stored "
+        "results of the same settings",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the stored results of the same settings (the base model's evaluation and the "
+        "runs of other estimators or seeds) and add this run's to them",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a new directory for the runs' logs and LoRA exports (default: a temporary one); "
+        "its path is saved in the results",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_lightning("fit")
@@ -304,11 +397,14 @@ def main() -> None:
     for estimator in args.estimators:
         per_prompt = ESTIMATORS[estimator]().samples_per_prompt
         if args.batch % per_prompt:
-            parser.error(f"--batch {args.batch} is not a multiple of the {per_prompt} samples per prompt of "
-                         f"{estimator!r}: every estimator must generate --batch images per sampled batch")
+            parser.error(
+                f"--batch {args.batch} is not a multiple of the {per_prompt} samples per prompt of "
+                f"{estimator!r}: every estimator must generate --batch images per sampled batch"
+            )
     if args.steps < LAST:
-        logger.warning("--steps %d is below %d: the 'last %d steps' column averages fewer steps",
-                       args.steps, LAST, LAST)
+        logger.warning(
+            "--steps %d is below %d: the 'last %d steps' column averages fewer steps", args.steps, LAST, LAST
+        )
     name = "sample_efficiency" if args.problem == "tiny" else f"sample_efficiency_{args.problem}"
     if args.before_only:
         if args.problem != "world":
@@ -319,8 +415,12 @@ def main() -> None:
         stored["before"] = dict(evaluate_before(args), measured=machine())
         (RESULTS / f"{name}.json").write_text(json.dumps(stored, indent=2))
         (RESULTS / f"{name}.md").write_text(render(stored))
-        logger.info("%s\nwrote the base model's evaluation (seeds %s) into %s", render(stored), args.before_seeds,
-                    RESULTS / f"{name}.json")
+        logger.info(
+            "%s\nwrote the base model's evaluation (seeds %s) into %s",
+            render(stored),
+            args.before_seeds,
+            RESULTS / f"{name}.json",
+        )
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
     header = dict(machine=machine(), args={**vars(args), "out": str(out)})
@@ -332,8 +432,11 @@ def main() -> None:
     log = ResultLog(RESULTS, name, header, render)
     started = time.perf_counter()
     if stored is not None:
-        log.write(merged_from=dict(machine=stored["machine"], args=stored["args"],
-                                   total_seconds=stored.get("total_seconds")))
+        log.write(
+            merged_from=dict(
+                machine=stored["machine"], args=stored["args"], total_seconds=stored.get("total_seconds")
+            )
+        )
         for run in stored["rows"]:
             if not (run["estimator"] in args.estimators and run["seed"] in args.seeds):
                 log.add(dict(run, measured=run.get("measured", stored["machine"])))
@@ -349,11 +452,18 @@ def main() -> None:
             if args.problem == "world":
                 run["after"] = evaluate_world(args, run["lora"])
             log.add(dict(run, measured=machine()))
-            logger.info("%s, seed %d: %.0f s, last reward %.3f", estimator, seed, run["seconds"],
-                        statistics.mean(run["rewards"][-LAST:]))
+            logger.info(
+                "%s, seed %d: %.0f s, last reward %.3f",
+                estimator,
+                seed,
+                run["seconds"],
+                statistics.mean(run["rewards"][-LAST:]),
+            )
     log.write(total_seconds=time.perf_counter() - started)
     plot(log.payload, RESULTS / f"{name}.png")
-    logger.info("%s\nwrote %s, %s and %s", render(log.payload), log.json, log.markdown, RESULTS / f"{name}.png")
+    logger.info(
+        "%s\nwrote %s, %s and %s", render(log.payload), log.json, log.markdown, RESULTS / f"{name}.png"
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,14 @@ from common import (
 )
 from torch import Tensor
 
-from rlr_lightning.estimators import FullBackprop, ScoreFunction, derive_seed, estimate_gradient, flat_grad, rollout
+from rlr_lightning.estimators import (
+    FullBackprop,
+    ScoreFunction,
+    derive_seed,
+    estimate_gradient,
+    flat_grad,
+    rollout,
+)
 from rlr_lightning.sampling import Perturbation
 
 logger = logging.getLogger("step_share")
@@ -76,8 +83,10 @@ def step_gradients(module, prompts: list[str], draw: int) -> Tensor:
     embeds = module.task.conditioning_for(prompts)
     generator = torch.Generator().manual_seed(derive_seed(0, draw, 1))
     x, noises = sampler.initial_noise(len(prompts), generator, embeds.device)
-    offsets = [{n: torch.zeros_like(p, requires_grad=True) for n, p in params.items()}
-               for _ in range(sampler.num_steps)]
+    offsets = [
+        {n: torch.zeros_like(p, requires_grad=True) for n, p in params.items()}
+        for _ in range(sampler.num_steps)
+    ]
     with torch.enable_grad():
         for k in range(sampler.num_steps):
             copy = _StepCopy(seed=0, scale=1.0, offsets=offsets[k])
@@ -87,17 +96,30 @@ def step_gradients(module, prompts: list[str], draw: int) -> Tensor:
         grads = torch.autograd.grad(reward, flat, allow_unused=True)
     rows = []
     for k in range(sampler.num_steps):
-        chunk = grads[k * len(params):(k + 1) * len(params)]
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double()
-                               for g, p in zip(chunk, params.values(), strict=True)]))
+        chunk = grads[k * len(params) : (k + 1) * len(params)]
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten().double()
+                    for g, p in zip(chunk, params.values(), strict=True)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
 def check_against_full_backprop(module, prompts: list[str], per_step: Tensor, draw: int) -> float:
     """Relative difference between ``sum_k g_k`` and full backprop's estimate of the same draw; a mismatch
     means the per-step split is wrong, and the run stops rather than report it."""
-    full = estimate_gradient(FullBackprop(), module.task.sampler, module.task.conditioning_for(prompts), prompts,
-                             module.task.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1)).total
+    full = estimate_gradient(
+        FullBackprop(),
+        module.task.sampler,
+        module.task.conditioning_for(prompts),
+        prompts,
+        module.task.latent_reward,
+        derive_seed(0, draw, 0),
+        derive_seed(0, draw, 1),
+    ).total
     error = float((per_step.sum(0) - full).norm() / full.norm().clamp(min=1e-30))
     if error > 1e-3:
         raise RuntimeError(f"sum of per-step gradients differs from full backprop by {error:.2e} (relative)")
@@ -112,7 +134,7 @@ def _jackknife(statistic, samples: Tensor) -> tuple[Tensor, Tensor]:
     """``statistic(samples)`` and its jackknife standard error over the first dimension (draws)."""
     n = samples.shape[0]
     value = statistic(samples)
-    leave_one_out = torch.stack([statistic(torch.cat([samples[:i], samples[i + 1:]])) for i in range(n)])
+    leave_one_out = torch.stack([statistic(torch.cat([samples[:i], samples[i + 1 :]])) for i in range(n)])
     se = ((n - 1) / n * (leave_one_out - leave_one_out.mean(0)).pow(2).sum(0)).sqrt()
     return value, se
 
@@ -129,19 +151,34 @@ def summarize(G: Tensor, timesteps: list[int]) -> tuple[list[dict], list[dict]]:
         return (m_k @ m) / m.dot(m)
 
     of_mean, of_mean_se = _jackknife(mean_share, G)
-    steps = [dict(step=k, timestep=timesteps[k], share=float(per_draw[:, k].mean()),
-                  share_se=float(per_draw[:, k].std() / N**0.5), share_of_mean=float(of_mean[k]),
-                  share_of_mean_se=float(of_mean_se[k])) for k in range(T)]
+    steps = [
+        dict(
+            step=k,
+            timestep=timesteps[k],
+            share=float(per_draw[:, k].mean()),
+            share_se=float(per_draw[:, k].std() / N**0.5),
+            share_of_mean=float(of_mean[k]),
+            share_of_mean_se=float(of_mean_se[k]),
+        )
+        for k in range(T)
+    ]
     truncations = []
     for K in TRUNCATIONS:
         if K > T:
             continue
-        last = G[:, T - K:].sum(1)  # what truncated backprop computes on each draw
+        last = G[:, T - K :].sum(1)  # what truncated backprop computes on each draw
         single = _cos(last, g)
-        value, se = _jackknife(lambda x, K=K: _cos(x[:, T - K:].sum(1).mean(0), x.sum(1).mean(0)), G)
-        truncations.append(dict(K=K, cosine_of_mean=float(value), cosine_of_mean_se=float(se),
-                                single_cosine=float(single.mean()), single_cosine_se=float(single.std() / N**0.5),
-                                share=float(per_draw[:, T - K:].sum(1).mean())))
+        value, se = _jackknife(lambda x, K=K: _cos(x[:, T - K :].sum(1).mean(0), x.sum(1).mean(0)), G)
+        truncations.append(
+            dict(
+                K=K,
+                cosine_of_mean=float(value),
+                cosine_of_mean_se=float(se),
+                single_cosine=float(single.mean()),
+                single_cosine_se=float(single.std() / N**0.5),
+                share=float(per_draw[:, T - K :].sum(1).mean()),
+            )
+        )
     return steps, truncations
 
 
@@ -155,8 +192,16 @@ def score_step_terms(module, prompts: list[str], draw: int) -> Tensor:
     params = list(sampler.trainable_parameters().values())
     saved = [p.grad for p in params]
     embeds = module.task.conditioning_for(prompts)
-    result = rollout(estimator, sampler, embeds, prompts, module.task.latent_reward, derive_seed(0, draw, 0),
-                     derive_seed(0, draw, 1), memory=module.task.memory_plan)
+    result = rollout(
+        estimator,
+        sampler,
+        embeds,
+        prompts,
+        module.task.latent_reward,
+        derive_seed(0, draw, 0),
+        derive_seed(0, draw, 1),
+        memory=module.task.memory_plan,
+    )
     rows = []
     try:
         for k in range(sampler.num_steps):
@@ -179,12 +224,21 @@ def check_score_terms(module, prompts: list[str], per_step: Tensor, draw: int) -
     draw; a mismatch stops the run."""
     estimator = ScoreFunction()
     module.task.prepare(estimator)
-    whole = estimate_gradient(estimator, module.task.sampler, module.task.conditioning_for(prompts), prompts,
-                              module.task.latent_reward, derive_seed(0, draw, 0), derive_seed(0, draw, 1),
-                              memory=module.task.memory_plan).total
+    whole = estimate_gradient(
+        estimator,
+        module.task.sampler,
+        module.task.conditioning_for(prompts),
+        prompts,
+        module.task.latent_reward,
+        derive_seed(0, draw, 0),
+        derive_seed(0, draw, 1),
+        memory=module.task.memory_plan,
+    ).total
     error = float((per_step.sum(0) - whole).norm() / whole.norm().clamp(min=1e-30))
     if error > 1e-3:
-        raise RuntimeError(f"sum of per-step score terms differs from the score function by {error:.2e} (relative)")
+        raise RuntimeError(
+            f"sum of per-step score terms differs from the score function by {error:.2e} (relative)"
+        )
     return error
 
 
@@ -201,31 +255,58 @@ def summarize_score_variance(S: Tensor, timesteps: list[int], sigmas: list[float
     # Standard error of a total variance: spread of the per-draw squared deviations (loose for heavy tails).
     squares = (S - S.mean(0)).pow(2).sum(-1)  # (N, T)
     _, share_se = _jackknife(lambda x: _total_variance(x) / _total_variance(x.sum(1)), S)
-    rows = [dict(step=k, timestep=timesteps[k], sigma=sigmas[k], variance=float(per_step[k]),
-                 variance_se=float(squares[:, k].std() / N**0.5), share=float(per_step[k]) / total,
-                 share_se=float(share_se[k]), share_of_sum=float(per_step[k] / per_step.sum()))
-            for k in range(T)]
+    rows = [
+        dict(
+            step=k,
+            timestep=timesteps[k],
+            sigma=sigmas[k],
+            variance=float(per_step[k]),
+            variance_se=float(squares[:, k].std() / N**0.5),
+            share=float(per_step[k]) / total,
+            share_se=float(share_se[k]),
+            share_of_sum=float(per_step[k] / per_step.sum()),
+        )
+        for k in range(T)
+    ]
     whole = (S.sum(1) - S.sum(1).mean(0)).pow(2).sum(-1)
-    return rows, dict(total_variance=total, total_variance_se=float(whole.std() / N**0.5),
-                      sum_of_step_variances=float(per_step.sum()))
+    return rows, dict(
+        total_variance=total,
+        total_variance_se=float(whole.std() / N**0.5),
+        sum_of_step_variances=float(per_step.sum()),
+    )
 
 
 def run_score_variance(problem: str, args) -> dict:
     module, prompts, timesteps, S = collect_draws(
-        problem, args, score_step_terms, check_score_terms, "sum of per-step score terms matches the score function")
+        problem,
+        args,
+        score_step_terms,
+        check_score_terms,
+        "sum of per-step score terms matches the score function",
+    )
     sigmas = [float(v) for v in module.task.sampler.kernel.sigma]
     steps, whole = summarize_score_variance(S, timesteps, sigmas)
     return dict(problem=problem, prompts=prompts, timesteps=timesteps, steps=steps, **whole)
 
 
 def score_variance_table(result: dict) -> str:
-    table = markdown_table(result["steps"], [
-        ("step", "step", "d"), ("timestep", "timestep", "d"), ("sigma", "sigma", ".3f"),
-        ("variance", "variance of its term", ".3g"), ("variance_se", "SE", ".2g"),
-        ("share", "share of the estimate's variance", ".3f"), ("share_se", "SE", ".3f")])
-    return (f"### {result['problem']}: the score function's variance by step\n\n{table}\n\nwhole estimate: "
-            f"{result['total_variance']:.4g} (SE {result['total_variance_se']:.2g}); sum of the steps' "
-            f"{result['sum_of_step_variances']:.4g}\n")
+    table = markdown_table(
+        result["steps"],
+        [
+            ("step", "step", "d"),
+            ("timestep", "timestep", "d"),
+            ("sigma", "sigma", ".3f"),
+            ("variance", "variance of its term", ".3g"),
+            ("variance_se", "SE", ".2g"),
+            ("share", "share of the estimate's variance", ".3f"),
+            ("share_se", "SE", ".3f"),
+        ],
+    )
+    return (
+        f"### {result['problem']}: the score function's variance by step\n\n{table}\n\nwhole estimate: "
+        f"{result['total_variance']:.4g} (SE {result['total_variance_se']:.2g}); sum of the steps' "
+        f"{result['sum_of_step_variances']:.4g}\n"
+    )
 
 
 def problem_module(problem: str, model: str, num_steps: int, lora_noise: float):
@@ -256,20 +337,39 @@ def collect_draws(problem: str, args, measure, check, checked: str):
 
 def run_problem(problem: str, args) -> dict:
     _, prompts, timesteps, G = collect_draws(
-        problem, args, step_gradients, check_against_full_backprop, "sum of per-step gradients matches full backprop")
+        problem,
+        args,
+        step_gradients,
+        check_against_full_backprop,
+        "sum of per-step gradients matches full backprop",
+    )
     steps, truncations = summarize(G, timesteps)
     return dict(problem=problem, prompts=prompts, timesteps=timesteps, steps=steps, truncations=truncations)
 
 
 def tables(result: dict) -> str:
-    step_table = markdown_table(result["steps"], [
-        ("step", "step", "d"), ("timestep", "timestep", "d"), ("share", "share per draw", ".3f"),
-        ("share_se", "SE", ".3f"), ("share_of_mean", "share of mean gradient", ".3f"),
-        ("share_of_mean_se", "SE", ".3f")])
-    truncation_table = markdown_table(result["truncations"], [
-        ("K", "last K steps", "d"), ("share", "share per draw", ".3f"),
-        ("cosine_of_mean", "cosine of mean", ".3f"), ("cosine_of_mean_se", "SE", ".3f"),
-        ("single_cosine", "cosine per draw", ".3f"), ("single_cosine_se", "SE", ".3f")])
+    step_table = markdown_table(
+        result["steps"],
+        [
+            ("step", "step", "d"),
+            ("timestep", "timestep", "d"),
+            ("share", "share per draw", ".3f"),
+            ("share_se", "SE", ".3f"),
+            ("share_of_mean", "share of mean gradient", ".3f"),
+            ("share_of_mean_se", "SE", ".3f"),
+        ],
+    )
+    truncation_table = markdown_table(
+        result["truncations"],
+        [
+            ("K", "last K steps", "d"),
+            ("share", "share per draw", ".3f"),
+            ("cosine_of_mean", "cosine of mean", ".3f"),
+            ("cosine_of_mean_se", "SE", ".3f"),
+            ("single_cosine", "cosine per draw", ".3f"),
+            ("single_cosine_se", "SE", ".3f"),
+        ],
+    )
     return f"### {result['problem']}\n\n{step_table}\n\n{truncation_table}\n"
 
 
@@ -283,10 +383,22 @@ def plot(results: list[dict], path) -> None:
     for ax, result in zip(axes[0], results, strict=True):
         steps = result["steps"]
         x = torch.arange(len(steps)).float()
-        ax.bar(x - 0.2, [s["share"] for s in steps], 0.4, yerr=[2 * s["share_se"] for s in steps],
-               label="per draw (mean, 2 SE)", color="C0")
-        ax.bar(x + 0.2, [s["share_of_mean"] for s in steps], 0.4, yerr=[2 * s["share_of_mean_se"] for s in steps],
-               label="of the mean gradient (2 SE)", color="C1")
+        ax.bar(
+            x - 0.2,
+            [s["share"] for s in steps],
+            0.4,
+            yerr=[2 * s["share_se"] for s in steps],
+            label="per draw (mean, 2 SE)",
+            color="C0",
+        )
+        ax.bar(
+            x + 0.2,
+            [s["share_of_mean"] for s in steps],
+            0.4,
+            yerr=[2 * s["share_of_mean_se"] for s in steps],
+            label="of the mean gradient (2 SE)",
+            color="C1",
+        )
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xticks(x.tolist(), [f"{s['step']}\nt={s['timestep']}" for s in steps], fontsize=7)
         ax.set_xlabel("DDIM step (sampling order) and timestep")
@@ -299,19 +411,32 @@ def plot(results: list[dict], path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problems", nargs="+", choices=("world", "tiny"), default=["world", "tiny"])
     parser.add_argument("--model", default=WORLD_MODEL, help="world pipeline: a model name or directory")
     parser.add_argument("--num-steps", type=int, default=10, help="DDIM steps T of both problems")
     parser.add_argument("--draws", type=int, default=32, help="independent draws (noise) per problem")
     parser.add_argument("--batch", type=int, default=4, help="prompts per draw (a fixed set)")
-    parser.add_argument("--lora-noise", type=float, default=0.05,
-                        help="std of the noise added to the LoRA weights (a mid-training adapter; 0 keeps B = 0)")
-    parser.add_argument("--score-variance", action="store_true",
-                        help="measure the variance of the score function's per-step terms instead of the shares "
-                             "(writes step_share_score_variance.json)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS,
-                        help="where the results are written (default: %(default)s)")
+    parser.add_argument(
+        "--lora-noise",
+        type=float,
+        default=0.05,
+        help="std of the noise added to the LoRA weights (a mid-training adapter; 0 keeps B = 0)",
+    )
+    parser.add_argument(
+        "--score-variance",
+        action="store_true",
+        help="measure the variance of the score function's per-step terms instead of the shares "
+        "(writes step_share_score_variance.json)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where the results are written (default: %(default)s)",
+    )
     args = parser.parse_args()
     if args.draws < 2:
         parser.error(f"--draws must be >= 2 for standard errors, got {args.draws}")
@@ -324,14 +449,19 @@ def main() -> None:
         results = [run_score_variance(problem, args) for problem in args.problems]
         text = "\n".join(score_variance_table(r) for r in results)
         logger.info("%s", text)
-        path = save("step_share_score_variance", dict(machine=machine(), args=record, results=results, tables=text),
-                    args.results_dir)
+        path = save(
+            "step_share_score_variance",
+            dict(machine=machine(), args=record, results=results, tables=text),
+            args.results_dir,
+        )
         logger.info("wrote %s", path)
         return
     results = [run_problem(problem, args) for problem in args.problems]
     text = "\n".join(tables(r) for r in results)
     logger.info("%s", text)
-    path = save("step_share", dict(machine=machine(), args=record, results=results, tables=text), args.results_dir)
+    path = save(
+        "step_share", dict(machine=machine(), args=record, results=results, tables=text), args.results_dir
+    )
     plot(results, path.with_suffix(".png"))
     logger.info("wrote %s and %s", path, path.with_suffix(".png"))
 

@@ -1,6 +1,6 @@
 """Model names that need no download: ``tiny``, ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` (random weights, built
-in code into the cache on first use) and ``shapes-world`` (a small Stable Diffusion pipeline trained on the shapes world, shipped with
-the package). Anything else is a hub id or a diffusers directory, passed on as it is.
+in code into the cache on first use) and ``shapes-world`` (a small Stable Diffusion pipeline trained on the shapes
+world, shipped with the package). Anything else is a hub id or a diffusers directory, passed on as it is.
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ BUILTIN_MODELS: tuple[str, ...] = (*TINY_MODELS, WORLD_MODEL)
 #: The shapes-world LoRA aligned to its captions (configs/world_align.yaml), shipped with the package: a
 #: diffusers LoRA directory (``pytorch_lora_weights.safetensors``) of ``shapes-world``.
 ALIGNED_WORLD_LORA = "shapes-world-aligned"
-BUILTIN_LORAS = {ALIGNED_WORLD_LORA: Path(__file__).resolve().parent / "world" / "pretrained" / ALIGNED_WORLD_LORA}
+BUILTIN_LORAS = {
+    ALIGNED_WORLD_LORA: Path(__file__).resolve().parent / "world" / "pretrained" / ALIGNED_WORLD_LORA
+}
 
 
 def describe_builtin_loras() -> str:
     """The built-in LoRA names and what each is, for help texts."""
-    return (f"{ALIGNED_WORLD_LORA} (shapes-world fine-tuned toward its captions by configs/world_align.yaml, shipped "
-            "with the package)")
+    return (
+        f"{ALIGNED_WORLD_LORA} (shapes-world fine-tuned toward its captions by configs/world_align.yaml, shipped "
+        "with the package)"
+    )
 
 
 def resolve_lora(name_or_path: str) -> str:
@@ -39,6 +43,7 @@ def resolve_lora(name_or_path: str) -> str:
         return str(directory)
     return name_or_path
 
+
 #: The model family of each tiny model's code in :data:`rlr_lightning.tiny.TINY_MODELS`, in words.
 _FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1"}
 
@@ -46,8 +51,10 @@ _FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 
 def describe_builtin_models() -> str:
     """The built-in names and what each is, for help texts (``tiny (Stable Diffusion 1.x / 2.x), ...``)."""
     tiny = ", ".join(f"{name} ({_FAMILY_NAMES.get(family, family)})" for name, family in TINY_MODELS.items())
-    return (f"{tiny}: random weights, built offline on first use; {WORLD_MODEL} (Stable Diffusion, trained on "
-            "the shapes world, shipped with the package)")
+    return (
+        f"{tiny}: random weights, built offline on first use; {WORLD_MODEL} (Stable Diffusion, trained on "
+        "the shapes world, shipped with the package)"
+    )
 
 
 def builtin_models_hint(name: str) -> str:

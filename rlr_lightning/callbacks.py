@@ -20,12 +20,16 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def render_samples(pl_module: L.LightningModule, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[float]]:
+def render_samples(
+    pl_module: L.LightningModule, prompts: list[str], seed: int
+) -> tuple[torch.Tensor, list[float]]:
     """The module's images of ``prompts`` from ``seed`` as ``uint8`` (what every sink gets) and their rewards."""
     # The backbone warns once about cut prompts, for the training prompts: rendered first, a grid's captions
     # would take that warning, and the training prompts would go unnamed (see warn_if_cut for the grid's).
     with pl_module.backbone.prompt_limit_unchecked():
-        images = pl_module.task.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+        images = pl_module.task.generate(
+            PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed)
+        )
     return to_uint8(images), pl_module.reward(images, prompts).float().cpu().tolist()
 
 
@@ -41,7 +45,13 @@ def warn_if_cut(pl_module: L.LightningModule, prompts: list[str], owner: str) ->
             named = "; ".join(repr(textwrap.shorten(p, width=60, placeholder=" ...")) for p in cut[:3])
             logger.warning(
                 "%s: %d of its %d prompts are longer than the text encoder reads (%d tokens) and are rendered cut: "
-                "%s%s", owner, len(cut), len(prompts), limit, named, "; ..." if len(cut) > 3 else "",
+                "%s%s",
+                owner,
+                len(cut),
+                len(prompts),
+                limit,
+                named,
+                "; ..." if len(cut) > 3 else "",
             )
             return
 
@@ -82,8 +92,11 @@ class SampleImageLogger(L.Callback):
             datamodule = trainer.datamodule
             # The run's own prompts: a reward may only score its prompt set (the shapes world's count reward
             # parses captions), so a fixed fallback set would fail such runs.
-            records = (getattr(datamodule, "val_records", None) or getattr(datamodule, "records", None)
-                       or PROMPT_SETS["simple"])
+            records = (
+                getattr(datamodule, "val_records", None)
+                or getattr(datamodule, "records", None)
+                or PROMPT_SETS["simple"]
+            )
             self.prompts = [r.prompt for r in records[: self.num_prompts]]
         return self.prompts
 
@@ -116,7 +129,9 @@ class SampleImageLogger(L.Callback):
                 # images in [0, 1] would arrive as 0s and 1s (black).
                 pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
                 run_logger.log_image(key="samples", images=pil_images, step=step, caption=captions)
-                run_logger.log_table(key="samples_table", columns=["step", "prompt", "reward"], data=rows, step=step)
+                run_logger.log_table(
+                    key="samples_table", columns=["step", "prompt", "reward"], data=rows, step=step
+                )
             elif isinstance(run_logger, TensorBoardLogger):
                 # uint8 NCHW is taken as 0-255 as is, so TensorBoard shows the same pixels as the other sinks.
                 run_logger.experiment.add_images("samples", pixels, step)
@@ -159,7 +174,9 @@ class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
         scale: Enlargement of each image in the grid (nearest neighbour).
     """
 
-    def __init__(self, prompts: list[str] | None = None, num_prompts: int = 8, seed: int = 0, scale: int = 4) -> None:
+    def __init__(
+        self, prompts: list[str] | None = None, num_prompts: int = 8, seed: int = 0, scale: int = 4
+    ) -> None:
         if prompts is not None and not prompts:
             raise ValueError("prompts is empty; give at least one prompt or leave it unset")
         if num_prompts < 1:
@@ -198,5 +215,9 @@ class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
             writer.writerow(["prompt", "reward_before", "reward_after"])
             writer.writerows(zip(self._prompts(trainer), self._before[1], after[1]))
         mean = lambda values: sum(values) / len(values)  # noqa: E731
-        logger.info("Before/after images written to %s (mean reward %.3f before, %.3f after)", path,
-                    mean(self._before[1]), mean(after[1]))
+        logger.info(
+            "Before/after images written to %s (mean reward %.3f before, %.3f after)",
+            path,
+            mean(self._before[1]),
+            mean(after[1]),
+        )

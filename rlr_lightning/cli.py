@@ -22,7 +22,6 @@ import torch
 from rlr_lightning.argparsing import HelpFormatter, SampleArgumentParser
 from rlr_lightning.dtypes import DTYPES
 
-
 logger = logging.getLogger("rlr_lightning")
 
 DEFAULT_PROMPTS = ("a photo of a cat", "a watercolour of a fox", "a red bicycle", "a lighthouse at dusk")
@@ -42,15 +41,17 @@ def _sample_parser() -> SampleArgumentParser:
     p.add_argument(
         "--model",
         default="tiny",
-        help="a built-in model (no download): " + describe_builtin_models() + "; default tiny. Or the hub id or "
+        help="a built-in model (no download): "
+        + describe_builtin_models()
+        + "; default tiny. Or the hub id or "
         "diffusers pipeline directory of a Stable Diffusion 1.x / 2.x, SDXL, SD 3 / 3.5 or FLUX.1 pipeline",
     )
     p.add_argument(
         "--lora",
         default=None,
-        help="LoRA weights exported by training (directory or .safetensors), another diffusers LoRA of the model's family, "
-        "or a built-in one (shapes-world-aligned, for --model shapes-world); rank, alpha and adapted layers are read "
-        "from the file",
+        help="LoRA weights exported by training (directory or .safetensors), another diffusers LoRA of the "
+        "model's family, or a built-in one (shapes-world-aligned, for --model shapes-world); rank, alpha and "
+        "adapted layers are read from the file",
     )
     p.add_argument(
         "--lora-alpha",
@@ -64,12 +65,18 @@ def _sample_parser() -> SampleArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--steps", type=int, default=20, help="number of sampling steps T (>= 1)")
     p.add_argument(
-        "--eta", type=float, default=1.0,
+        "--eta",
+        type=float,
+        default=1.0,
         help="the sampler's noise level (> 0 for log-probabilities): DDIM eta for Stable Diffusion and SDXL, the SDE "
         "noise level for SD 3 and FLUX (0 = the ODE sampler)",
     )
     p.add_argument(
-        "--resolution", type=int, nargs="+", default=None, metavar="PIXELS",
+        "--resolution",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PIXELS",
         help="image size: one number (square) or height and width (default: the model's own)",
     )
     p.add_argument(
@@ -81,14 +88,19 @@ def _sample_parser() -> SampleArgumentParser:
         "(model.timestep_spacing, e.g. trailing in configs/quickstart.yaml)",
     )
     p.add_argument(
-        "--guidance", type=float, default=5.0,
-        help="guidance scale: classifier-free (1 = off), or the guidance embedding of a guidance-distilled model (FLUX.1-dev)",
+        "--guidance",
+        type=float,
+        default=5.0,
+        help="guidance scale: classifier-free (1 = off), or the guidance embedding of a guidance-distilled "
+        "model (FLUX.1-dev)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial latents and step noises")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the frozen weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--out", type=Path, default=Path("samples.png"),
+        "--out",
+        type=Path,
+        default=Path("samples.png"),
         help="where to write the image grid (.png, .jpg, ...; checked before sampling)",
     )
     return p
@@ -116,7 +128,9 @@ def _check_sample_args(parser: SampleArgumentParser, args: argparse.Namespace) -
         except FileNotFoundError as err:
             parser.error(f"--lora {args.lora}: {err}")
         if not Path(args.lora).expanduser().exists():
-            parser.error(f"--lora {args.lora}: no such file or directory (built-in LoRAs: {', '.join(BUILTIN_LORAS)})")
+            parser.error(
+                f"--lora {args.lora}: no such file or directory (built-in LoRAs: {', '.join(BUILTIN_LORAS)})"
+            )
     problem = image_file_problem(args.out)
     if problem is not None:
         parser.error(f"--out {args.out} cannot be written: {problem}")
@@ -126,16 +140,18 @@ def sample(argv: list[str]) -> Path:
     """Run ``rlr sample``; returns the path of the written image grid."""
     from torchvision.utils import save_image
 
-    from rlr_lightning.models import load_backbone
     from rlr_lightning.builtin import resolve_model
     from rlr_lightning.hub import ModelNotAvailableError
+    from rlr_lightning.models import load_backbone
     from rlr_lightning.sampling import Plan
 
     parser = _sample_parser()
     args = parser.parse_args(argv)
     _check_sample_args(parser, args)
     if args.lora_rank is not None:
-        logger.warning("--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option")
+        logger.warning(
+            "--lora-rank is deprecated and ignored: the rank is read from the --lora file; drop the option"
+        )
     try:
         # The family is read from model_index.json before any weights load: a wrong directory fails at once.
         backbone = load_backbone(resolve_model(args.model), dtype=DTYPES[args.dtype]).to(args.device)
@@ -164,8 +180,13 @@ def sample(argv: list[str]) -> Path:
     for k in range(sampler.num_steps):
         t, sigma = float(sampler.kernel.timesteps[k]), float(trajectory.sigmas[k])
         if sigma > 0:
-            logger.info("step %2d  t=%7.2f  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
-                        k, t, sigma, float(trajectory.log_probs[k].mean()))
+            logger.info(
+                "step %2d  t=%7.2f  sigma=%.4f  mean log p(s_k+1 | s_k)=%.1f",
+                k,
+                t,
+                sigma,
+                float(trajectory.log_probs[k].mean()),
+            )
         else:  # no transition density: a deterministic step (eta 0, or outside a flow model's SDE steps)
             logger.info("step %2d  t=%7.2f  deterministic", k, t)
     args.out.parent.mkdir(parents=True, exist_ok=True)

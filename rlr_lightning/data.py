@@ -45,7 +45,9 @@ class PromptRecord:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError(f"a prompt must be a non-empty string, got {quote_prompt(self.prompt)}")
-        if self.dcot is not None and (len(self.dcot) != 3 or not all(isinstance(p, str) and p for p in self.dcot)):
+        if self.dcot is not None and (
+            len(self.dcot) != 3 or not all(isinstance(p, str) and p for p in self.dcot)
+        ):
             raise ValueError(
                 f"DCoT rewrites of {quote_prompt(self.prompt)} must be three non-empty strings (coarse, mid, fine), "
                 f"got {quote_prompt(self.dcot)}"
@@ -86,7 +88,9 @@ class PromptBatch:
 
 
 def collate_prompts(records: Sequence[PromptRecord]) -> PromptBatch:
-    return PromptBatch([r.prompt for r in records], [r.dcot for r in records], [dict(r.metadata) for r in records])
+    return PromptBatch(
+        [r.prompt for r in records], [r.dcot for r in records], [dict(r.metadata) for r in records]
+    )
 
 
 def _records(prompts: Sequence[str]) -> tuple[PromptRecord, ...]:
@@ -97,46 +101,144 @@ def _records(prompts: Sequence[str]) -> tuple[PromptRecord, ...]:
 #: (a common animal as the whole prompt); ``styles`` covers the four styles of human-preference benchmarks;
 #: ``dcot_hands`` pairs hand prompts with coarse/mid/fine rewrites, the paper's DCoT use case.
 PROMPT_SETS: dict[str, tuple[PromptRecord, ...]] = {
-    "animals": _records((
-        "cat", "dog", "horse", "cow", "sheep", "pig", "goat", "rabbit", "fox", "wolf", "bear", "deer",
-        "lion", "tiger", "zebra", "giraffe", "elephant", "monkey", "panda", "koala", "kangaroo", "camel",
-        "owl", "eagle", "parrot", "penguin", "duck", "swan", "frog", "turtle", "dolphin", "whale",
-        "octopus", "crab", "butterfly", "bee", "squirrel", "hedgehog", "otter", "raccoon", "llama", "goose",
-    )),
-    "simple": _records((
-        "a photo of a cat", "a red bicycle", "a lighthouse at dusk", "a bowl of fruit on a table",
-        "a mountain lake in the morning", "a city street in the rain", "a cup of coffee", "a sailing boat",
-    )),
+    "animals": _records(
+        (
+            "cat",
+            "dog",
+            "horse",
+            "cow",
+            "sheep",
+            "pig",
+            "goat",
+            "rabbit",
+            "fox",
+            "wolf",
+            "bear",
+            "deer",
+            "lion",
+            "tiger",
+            "zebra",
+            "giraffe",
+            "elephant",
+            "monkey",
+            "panda",
+            "koala",
+            "kangaroo",
+            "camel",
+            "owl",
+            "eagle",
+            "parrot",
+            "penguin",
+            "duck",
+            "swan",
+            "frog",
+            "turtle",
+            "dolphin",
+            "whale",
+            "octopus",
+            "crab",
+            "butterfly",
+            "bee",
+            "squirrel",
+            "hedgehog",
+            "otter",
+            "raccoon",
+            "llama",
+            "goose",
+        )
+    ),
+    "simple": _records(
+        (
+            "a photo of a cat",
+            "a red bicycle",
+            "a lighthouse at dusk",
+            "a bowl of fruit on a table",
+            "a mountain lake in the morning",
+            "a city street in the rain",
+            "a cup of coffee",
+            "a sailing boat",
+        )
+    ),
     "styles": tuple(
         PromptRecord(prompt, metadata={"style": style})
         for style, prompts in (
-            ("photo", ("a portrait of an old fisherman, natural light", "a bowl of ramen on a wooden table",
-                       "a foggy pine forest at sunrise", "a vintage car parked on a cobblestone street")),
-            ("anime", ("a girl with a red umbrella in the rain, anime style", "a cozy anime cafe at night",
-                       "an anime dragon flying over a castle", "a schoolyard under cherry blossoms, anime")),
-            ("concept-art", ("a floating city above the clouds, concept art", "a desert outpost on an alien planet",
-                             "a giant mech in a ruined city, concept art", "an underwater research station")),
-            ("painting", ("a field of sunflowers, oil painting", "a harbour at dusk in impressionist style",
-                          "a still life with lemons and a jug, oil on canvas", "a winter village, watercolour")),
+            (
+                "photo",
+                (
+                    "a portrait of an old fisherman, natural light",
+                    "a bowl of ramen on a wooden table",
+                    "a foggy pine forest at sunrise",
+                    "a vintage car parked on a cobblestone street",
+                ),
+            ),
+            (
+                "anime",
+                (
+                    "a girl with a red umbrella in the rain, anime style",
+                    "a cozy anime cafe at night",
+                    "an anime dragon flying over a castle",
+                    "a schoolyard under cherry blossoms, anime",
+                ),
+            ),
+            (
+                "concept-art",
+                (
+                    "a floating city above the clouds, concept art",
+                    "a desert outpost on an alien planet",
+                    "a giant mech in a ruined city, concept art",
+                    "an underwater research station",
+                ),
+            ),
+            (
+                "painting",
+                (
+                    "a field of sunflowers, oil painting",
+                    "a harbour at dusk in impressionist style",
+                    "a still life with lemons and a jug, oil on canvas",
+                    "a winter village, watercolour",
+                ),
+            ),
         )
         for prompt in prompts
     ),
     "dcot_hands": tuple(
         PromptRecord(prompt, dcot=rewrites, metadata={"focus": "hands"})
         for prompt, rewrites in (
-            ("a woman waving her hand", ("a woman standing, one arm raised", "a raised arm with an open palm facing forward",
-                                         "a hand with five separate fingers, natural knuckles and nails")),
-            ("two hands holding a cup of tea", ("a cup of tea held at chest height", "two hands wrapped around a cup",
-                                                "ten fingers curled around the cup, thumbs on the rim")),
-            ("a pianist playing the piano", ("a person seated at a grand piano", "both hands resting on the keys",
-                                             "fingers pressing separate keys, each finger distinct")),
-            ("a child counting on her fingers", ("a child in a classroom looking at her hand",
-                                                 "one hand held up with some fingers extended",
-                                                 "three extended fingers and two folded, clear fingertips")),
+            (
+                "a woman waving her hand",
+                (
+                    "a woman standing, one arm raised",
+                    "a raised arm with an open palm facing forward",
+                    "a hand with five separate fingers, natural knuckles and nails",
+                ),
+            ),
+            (
+                "two hands holding a cup of tea",
+                (
+                    "a cup of tea held at chest height",
+                    "two hands wrapped around a cup",
+                    "ten fingers curled around the cup, thumbs on the rim",
+                ),
+            ),
+            (
+                "a pianist playing the piano",
+                (
+                    "a person seated at a grand piano",
+                    "both hands resting on the keys",
+                    "fingers pressing separate keys, each finger distinct",
+                ),
+            ),
+            (
+                "a child counting on her fingers",
+                (
+                    "a child in a classroom looking at her hand",
+                    "one hand held up with some fingers extended",
+                    "three extended fingers and two folded, clear fingertips",
+                ),
+            ),
         )
     ),
 }
-
 
 
 def _shapes_world_sets() -> dict[str, tuple[PromptRecord, ...]]:
@@ -153,6 +255,7 @@ def _shapes_world_sets() -> dict[str, tuple[PromptRecord, ...]]:
 
 
 PROMPT_SETS.update(_shapes_world_sets())
+
 
 def _parse_jsonl_line(line: str, where: str) -> PromptRecord:
     try:
@@ -330,7 +433,9 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"unknown prompt_set {prompt_set!r}; choose one of {sorted(PROMPT_SETS)}")
 
         if val_prompt_set is not None and val_prompt_set not in PROMPT_SETS:
-            raise ValueError(f"unknown val_prompt_set {val_prompt_set!r}; choose one of {sorted(PROMPT_SETS)}")
+            raise ValueError(
+                f"unknown val_prompt_set {val_prompt_set!r}; choose one of {sorted(PROMPT_SETS)}"
+            )
         if sum(v is not None for v in (val_prompts, val_prompt_file, val_prompt_set)) > 1:
             raise ValueError("give at most one of val_prompts, val_prompt_file and val_prompt_set")
         if val_prompt_file is not None:

@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     from rlr_lightning.estimators.baselines import STEP_BASELINES
 
     p = SampleArgumentParser(
-        prog="rlr diagnose", formatter_class=HelpFormatter, add_help=False,
+        prog="rlr diagnose",
+        formatter_class=HelpFormatter,
+        add_help=False,
         description="Measure, step by step, where the gradient noise of a training config lives: each step's sigma, "
         "its share of the true gradient, the variance of its pathwise share and of its likelihood-ratio term under "
         "each step baseline; the variances of full backprop, truncated backprop, the score function and an exact "
@@ -33,17 +35,40 @@ def _parser() -> argparse.ArgumentParser:
         "per-step baselines, measured on the same draws. Every other option (--config, --model.*, --data.*) is read "
         "as rlr fit reads it.",
     )
-    p.add_argument("-h", "--help", action="store_true", help="show this help and the config options, then exit")
-    p.add_argument("--draws", type=int, default=24,
-                   help="paired draws (default %(default)s; likelihood-ratio variances are heavy-tailed: fewer "
-                   "understate them)")
-    p.add_argument("--batch", type=int, default=4, help="training prompts per draw, one image each (default "
-                   "%(default)s); likelihood-ratio variances fall as 1 / batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the draws (default %(default)s)")
-    p.add_argument("--baselines", nargs="+", default=list(STEP_BASELINES), choices=STEP_BASELINES, metavar="NAME",
-                   help=f"step baselines to measure (default: all of {', '.join(STEP_BASELINES)})")
-    p.add_argument("--no-measure", dest="measure", action="store_false",
-                   help="skip measuring the recommended RLR and the config's estimator on the same draws")
+    p.add_argument(
+        "-h", "--help", action="store_true", help="show this help and the config options, then exit"
+    )
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=24,
+        help="paired draws (default %(default)s; likelihood-ratio variances are heavy-tailed: fewer "
+        "understate them)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="training prompts per draw, one image each (default "
+        "%(default)s); likelihood-ratio variances fall as 1 / batch",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the prompts and the draws (default %(default)s)"
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        default=list(STEP_BASELINES),
+        choices=STEP_BASELINES,
+        metavar="NAME",
+        help=f"step baselines to measure (default: all of {', '.join(STEP_BASELINES)})",
+    )
+    p.add_argument(
+        "--no-measure",
+        dest="measure",
+        action="store_false",
+        help="skip measuring the recommended RLR and the config's estimator on the same draws",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the map as JSON to this file")
     return p
 
@@ -56,9 +81,13 @@ def diagnose(argv: list[str]) -> None:
         print("\nconfig options: those of rlr fit (rlr fit --help)")
         return
     if args.draws < 4:
-        parser.error(f"--draws must be >= 4 (a variance needs several draws; a few dozen are better), got {args.draws}")
+        parser.error(
+            f"--draws must be >= 4 (a variance needs several draws; a few dozen are better), got {args.draws}"
+        )
     if args.batch < 2:
-        parser.error(f"--batch must be >= 2 (the leave-one-out baseline needs another sample), got {args.batch}")
+        parser.error(
+            f"--batch must be >= 2 (the leave-one-out baseline needs another sample), got {args.batch}"
+        )
     if args.out is not None and args.out.parent and not args.out.parent.exists():
         parser.error(f"--out {args.out}: its directory {args.out.parent} does not exist")
     if not any(a == "--config" or a.startswith("--config=") for a in rest):
@@ -75,7 +104,9 @@ def diagnose(argv: list[str]) -> None:
         module, data = cli.model, cli.datamodule
         prompts = data.prompts
         if len(prompts) < args.batch:
-            parser.error(f"--batch {args.batch} needs as many training prompts; the config has {len(prompts)}")
+            parser.error(
+                f"--batch {args.batch} needs as many training prompts; the config has {len(prompts)}"
+            )
         module.configure_model()
         module.task.prepare(module.estimator)
         from rlr_lightning.variance_map import check_task
@@ -91,7 +122,9 @@ def diagnose(argv: list[str]) -> None:
     report(module, prompts, args.draws, args.seed, args.baselines, args.measure, args.out)
 
 
-def report(module, prompts: list[str], draws: int, seed: int, baselines, measure: bool, out: Path | None) -> dict:
+def report(
+    module, prompts: list[str], draws: int, seed: int, baselines, measure: bool, out: Path | None
+) -> dict:
     """Measure the map, print it with the recommendation (and, with ``measure``, the recommended RLR measured on
     the same draws), and write the JSON to ``out``. Returns what was written."""
     from rlr_lightning.diagnostics import gradient_samples

@@ -30,8 +30,11 @@ from rlr_lightning.estimators import (
 
 
 def gradient_samples(
-    task: Task | RLRModule, prompts: Sequence[str], estimator: GradientEstimator | None = None,
-    num_samples: int = 16, seed: int = 0,
+    task: Task | RLRModule,
+    prompts: Sequence[str],
+    estimator: GradientEstimator | None = None,
+    num_samples: int = 16,
+    seed: int = 0,
 ) -> Tensor:
     """``num_samples`` independent estimates of ``grad J`` (ascent direction), one flattened LoRA row each.
 
@@ -54,15 +57,24 @@ def gradient_samples(
     prompts = list(prompts)
     embeds = task.conditioning_for(prompts)
     rows = [
-        estimate_gradient(estimator, task.sampler, embeds, prompts, task.latent_reward,
-                          step_seed=derive_seed(seed, i, 0), rank_seed=derive_seed(seed, i, 1),
-                          memory=task.memory_plan).total
+        estimate_gradient(
+            estimator,
+            task.sampler,
+            embeds,
+            prompts,
+            task.latent_reward,
+            step_seed=derive_seed(seed, i, 0),
+            rank_seed=derive_seed(seed, i, 1),
+            memory=task.memory_plan,
+        ).total
         for i in range(num_samples)
     ]
     return torch.stack(rows)
 
 
-def reference_gradient(task: Task | RLRModule, prompts: Sequence[str], num_samples: int = 16, seed: int = 0) -> Tensor:
+def reference_gradient(
+    task: Task | RLRModule, prompts: Sequence[str], num_samples: int = 16, seed: int = 0
+) -> Tensor:
     """The full-backprop samples (exact per draw): their mean is the reference gradient."""
     return gradient_samples(task, prompts, FullBackprop(), num_samples, seed)
 
@@ -94,14 +106,17 @@ class GradientDiagnostics:
 def compare(samples: Tensor, reference: Tensor, projections: int = 16, seed: int = 0) -> GradientDiagnostics:
     """Diagnostics of ``samples`` against paired full-backprop ``reference`` samples (same draws, same order)."""
     if samples.shape != reference.shape or samples.shape[0] < 2:
-        raise ValueError(f"need paired samples of equal shape with N >= 2, got {tuple(samples.shape)} and "
-                         f"{tuple(reference.shape)}")
+        raise ValueError(
+            f"need paired samples of equal shape with N >= 2, got {tuple(samples.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
     n = samples.shape[0]
     diff = samples - reference
     mean_diff = diff.mean(0)
     se = (diff.var(0).sum() / n).sqrt()
-    direction = torch.randn(samples.shape[1], projections, dtype=samples.dtype,
-                            generator=torch.Generator().manual_seed(seed))
+    direction = torch.randn(
+        samples.shape[1], projections, dtype=samples.dtype, generator=torch.Generator().manual_seed(seed)
+    )
     projected = diff @ direction
     z = projected.mean(0) / (projected.std(0) / n**0.5).clamp(min=1e-300)
     ref_mean = reference.mean(0)
@@ -117,8 +132,13 @@ def compare(samples: Tensor, reference: Tensor, projections: int = 16, seed: int
     )
 
 
-def diagnose(task: Task | RLRModule, prompts: Sequence[str], estimator: GradientEstimator | None = None,
-             num_samples: int = 16, seed: int = 0) -> GradientDiagnostics:
+def diagnose(
+    task: Task | RLRModule,
+    prompts: Sequence[str],
+    estimator: GradientEstimator | None = None,
+    num_samples: int = 16,
+    seed: int = 0,
+) -> GradientDiagnostics:
     """Sample ``estimator`` and full backprop on the same ``num_samples`` draws and compare them."""
     samples = gradient_samples(task, prompts, estimator, num_samples, seed)
     return compare(samples, reference_gradient(task, prompts, num_samples, seed), seed=seed)
@@ -135,7 +155,9 @@ class GradientDiagnosticsCallback(L.Callback):
         seed: Seed of the draws (the same every time, so the numbers track the model, not the noise).
     """
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 500, num_samples: int = 16, seed: int = 0) -> None:
+    def __init__(
+        self, prompts: list[str], every_n_steps: int = 500, num_samples: int = 16, seed: int = 0
+    ) -> None:
         if every_n_steps < 1 or num_samples < 2 or not prompts:
             raise ValueError("need prompts, every_n_steps >= 1 and num_samples >= 2")
         self.prompts = prompts
@@ -150,7 +172,11 @@ class GradientDiagnosticsCallback(L.Callback):
             return
         strategy = trainer.strategy
         # Local backward passes only: never arm DDP's gradient all-reduce from one rank.
-        no_sync = strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else contextlib.nullcontext()
+        no_sync = (
+            strategy.block_backward_sync()
+            if hasattr(strategy, "block_backward_sync")
+            else contextlib.nullcontext()
+        )
         with no_sync:
             result = diagnose(pl_module, self.prompts, None, self.num_samples, self.seed)
         self.history.append((step, result))

@@ -38,7 +38,9 @@ def quote_prompt(prompt: Any, limit: int = PROMPT_QUOTE_LIMIT) -> str:
             return repr(prompt)
         return f"{prompt[:limit]!r}... ({len(prompt)} characters)"
     text = repr(prompt)
-    return text if len(text) <= limit else f"{text[:limit]}... ({type(prompt).__name__}, {len(text)} characters)"
+    return (
+        text if len(text) <= limit else f"{text[:limit]}... ({type(prompt).__name__}, {len(text)} characters)"
+    )
 
 
 # -- jsonargparse errors -----------------------------------------------------------------------------------
@@ -51,12 +53,18 @@ _GOT_IMPORT_PATH = re.compile(r"Got value: ([\w.]+)\s*$")
 _SUBTYPES = re.compile(r"^Subtypes: \[(.*)\]$", re.M)
 _EXPECTED = re.compile(r"^Expected a (.+?)\. Got value: (.*)$", re.S)
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
-_NOT_A_SUBCLASS = re.compile(r"^Import path (\S+) does not (?:correspond to a subclass of|implement protocol)")
+_NOT_A_SUBCLASS = re.compile(
+    r"^Import path (\S+) does not (?:correspond to a subclass of|implement protocol)"
+)
 _CLASS = re.compile(r"^<class '([\w.]+)'>$")
 #: The most classes an error lists (Lightning exports some twenty callbacks).
 _MAX_LISTED = 15
 _BUILTIN_TYPES = {
-    "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "NoneType": "null",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "NoneType": "null",
 }
 
 
@@ -65,7 +73,11 @@ def _chain(err: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     while err is not None and not any(err is seen for seen in chain):
         chain.append(err)
-        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+        err = (
+            err.__cause__
+            if err.__cause__ is not None
+            else (None if err.__suppress_context__ else err.__context__)
+        )
     return chain
 
 
@@ -161,8 +173,11 @@ def _union_base(chain: list[BaseException]) -> type | None:
 def _key_of_class_path(config: Any, class_path: str) -> str | None:
     """The config key whose ``class_path`` is ``class_path``, if exactly one is."""
     try:
-        keys = [key[: -len(".class_path")] for key, value in config.items()
-                if key.endswith(".class_path") and value == class_path]
+        keys = [
+            key[: -len(".class_path")]
+            for key, value in config.items()
+            if key.endswith(".class_path") and value == class_path
+        ]
     except (AttributeError, TypeError):
         return None
     return keys[0] if len(keys) == 1 else None
@@ -212,8 +227,10 @@ def short_config_error(err: BaseException, config: Any = None) -> str | None:
         options = _class_options(class_path)
         close = difflib.get_close_matches(name, options, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        return (f"{flag}.init_args.{name}: {class_path} has no option {name!r}{hint}; "
-                f"its options: {', '.join(options) or 'none'}")
+        return (
+            f"{flag}.init_args.{name}: {class_path} has no option {name!r}{hint}; "
+            f"its options: {', '.join(options) or 'none'}"
+        )
 
     expected = _EXPECTED.match(leaf)
     if expected:
@@ -222,19 +239,27 @@ def short_config_error(err: BaseException, config: Any = None) -> str | None:
             (i for i, t in enumerate(texts) if _PARSER_KEY.match(t)), default=-1
         ):
             subtypes = _SUBTYPES.search(nested_union)
-            valid = " or ".join(_describe_type(t) for t in _split_top_level(subtypes.group(1))) if subtypes else ""
+            valid = (
+                " or ".join(_describe_type(t) for t in _split_top_level(subtypes.group(1)))
+                if subtypes
+                else ""
+            )
         else:
             valid = _describe_type(expected.group(1))
         return f"{flag} {value}: expected {valid}"
 
     base = _union_base(chain)
     known = _known_subclasses(base) if base is not None else []
-    listed = ", ".join(known[:_MAX_LISTED]) + (f" and {len(known) - _MAX_LISTED} more" if len(known) > _MAX_LISTED else "")
+    listed = ", ".join(known[:_MAX_LISTED]) + (
+        f" and {len(known) - _MAX_LISTED} more" if len(known) > _MAX_LISTED else ""
+    )
     valid_classes = f"; {base.__name__} classes: {listed}" if known else ""
     not_a_subclass = _NOT_A_SUBCLASS.match(leaf)
     if not_a_subclass and base is not None:
         return f"{flag} {not_a_subclass.group(1)}: not a {base.__name__}{valid_classes}"
-    if class_path is None and isinstance(chain[-1], (ImportError, AttributeError)):  # e.g. an optimizer callable
+    if class_path is None and isinstance(
+        chain[-1], (ImportError, AttributeError)
+    ):  # e.g. an optimizer callable
         class_path = next((m.group(1) for m in map(_GOT_IMPORT_PATH.search, texts) if m), None)
     if class_path is not None and isinstance(chain[-1], (ImportError, AttributeError)):
         # Suggest by class name: the package part of every candidate is alike.
@@ -244,7 +269,9 @@ def short_config_error(err: BaseException, config: Any = None) -> str | None:
         return f"{flag} {class_path}: no such class ({leaf.splitlines()[0]}){hint}{valid_classes}"
     if class_path is not None:
         if _UNION in leaf or _PARSER_KEY.match(leaf):  # no error of the class's own: the last readable line
-            leaf = next((t for t in reversed(texts) if not (t.startswith(_UNION) or _PARSER_KEY.match(t))), leaf)
+            leaf = next(
+                (t for t in reversed(texts) if not (t.startswith(_UNION) or _PARSER_KEY.match(t))), leaf
+            )
         return f"{flag} {class_path}: {leaf}"
     first_line = next((line.strip(" -") for line in leaf.splitlines() if line.strip(" -")), leaf)
     return f"{flag}: {first_line}"
@@ -273,7 +300,11 @@ def yaml_syntax_error(path: str | os.PathLike) -> str | None:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
         context = ""
-        if err.context and err.context_mark is not None and (mark is None or err.context_mark.line != mark.line):
+        if (
+            err.context
+            and err.context_mark is not None
+            and (mark is None or err.context_mark.line != mark.line)
+        ):
             context = f" ({err.context} at line {err.context_mark.line + 1})"
         return f"--config {path}, {where}: not valid YAML: {err.problem}{context}"
     except yaml.YAMLError:

@@ -23,20 +23,33 @@ logger = logging.getLogger(__name__)
 #: Sampler settings without a config: the ones docs/world.md reports the base model under.
 DEFAULTS = dict(model="shapes-world", steps=20, eta=0.0, guidance=3.0, timestep_spacing=None)
 #: ``model:`` keys of a training config and the options they fill.
-CONFIG_KEYS = {"pretrained_model_name_or_path": "model", "num_steps": "steps", "eta": "eta",
-               "guidance_scale": "guidance", "timestep_spacing": "timestep_spacing"}
+CONFIG_KEYS = {
+    "pretrained_model_name_or_path": "model",
+    "num_steps": "steps",
+    "eta": "eta",
+    "guidance_scale": "guidance",
+    "timestep_spacing": "timestep_spacing",
+}
 #: Rows of the table: the checker's verdict and its name.
-ROWS = (("color_ok", "colour"), ("count_ok", "count"), ("count_ok@1", "  asked one"), ("count_ok@2", "  asked two"),
-        ("count_ok@3", "  asked three"), ("count_ok@4", "  asked four"), ("position_ok", "position"),
-        ("all_ok", "all (count and position)"))
+ROWS = (
+    ("color_ok", "colour"),
+    ("count_ok", "count"),
+    ("count_ok@1", "  asked one"),
+    ("count_ok@2", "  asked two"),
+    ("count_ok@3", "  asked three"),
+    ("count_ok@4", "  asked four"),
+    ("position_ok", "position"),
+    ("all_ok", "all (count and position)"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from rlr_lightning.builtin import describe_builtin_loras
     from rlr_lightning.argparsing import HelpFormatter, SampleArgumentParser
+    from rlr_lightning.builtin import describe_builtin_loras
 
     p = SampleArgumentParser(
-        prog="rlr eval", formatter_class=HelpFormatter,
+        prog="rlr eval",
+        formatter_class=HelpFormatter,
         description="Sample every caption of a shapes-world split once per sampling seed, judge each image with the "
         "exact checker and print a GenEval-style table: colour, count (and by the asked number), position and all "
         "(every asked attribute right in the same image), each as the mean over the seeds +- its standard error, "
@@ -44,29 +57,64 @@ def _parser() -> argparse.ArgumentParser:
         "it was trained); options given explicitly win.",
     )
     p.add_argument("--model", default=None, help="the world pipeline: shapes-world (default) or a directory")
-    p.add_argument("--lora", default=None,
-                   help=f"LoRA weights to evaluate: a directory or .safetensors file, or {describe_builtin_loras()}")
-    p.add_argument("--config", type=Path, default=None,
-                   help="a training config (YAML) whose model: sampler settings (num_steps, eta, guidance_scale, "
-                   "timestep_spacing, pretrained_model_name_or_path) are used: evaluate a LoRA as it was trained")
-    p.add_argument("--split", choices=("held_out", "train"), default="held_out",
-                   help="caption split: held_out (combinations never seen in the world's training; default) or train")
-    p.add_argument("--samples-per-caption", type=int, default=2, help="samples of each caption per seed (default 2)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
-                   help="sampling seeds, each a full pass over the captions (default: 0 1 2)")
+    p.add_argument(
+        "--lora",
+        default=None,
+        help=f"LoRA weights to evaluate: a directory or .safetensors file, or {describe_builtin_loras()}",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a training config (YAML) whose model: sampler settings (num_steps, eta, guidance_scale, "
+        "timestep_spacing, pretrained_model_name_or_path) are used: evaluate a LoRA as it was trained",
+    )
+    p.add_argument(
+        "--split",
+        choices=("held_out", "train"),
+        default="held_out",
+        help="caption split: held_out (combinations never seen in the world's training; default) or train",
+    )
+    p.add_argument(
+        "--samples-per-caption", type=int, default=2, help="samples of each caption per seed (default 2)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        metavar="SEED",
+        help="sampling seeds, each a full pass over the captions (default: 0 1 2)",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps T (default 20, or the config's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0, or the config's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 3, or the config's)")
-    p.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), default=None,
-                   help="DDIM timestep spacing (default: the model's scheduler, or the config's)")
+    p.add_argument(
+        "--timestep-spacing",
+        choices=("leading", "trailing", "linspace"),
+        default=None,
+        help="DDIM timestep spacing (default: the model's scheduler, or the config's)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling call (memory only)")
-    p.add_argument("--json", type=Path, default=None, help="also write the per-seed results and the table to this file")
-    p.add_argument("--grid", type=Path, default=None, metavar="PNG",
-                   help="with --lora, also write a before/after grid: --grid-captions captions of the split, the base "
-                   "model above and the LoRA below from the first seed's noise, framed green where the checker finds "
-                   "every asked attribute right, red where not")
-    p.add_argument("--grid-captions", type=int, default=24, metavar="N",
-                   help="captions in the grid, spread evenly over the split (default 24, in bands of 8)")
+    p.add_argument(
+        "--json", type=Path, default=None, help="also write the per-seed results and the table to this file"
+    )
+    p.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="with --lora, also write a before/after grid: --grid-captions captions of the split, the base "
+        "model above and the LoRA below from the first seed's noise, framed green where the checker finds "
+        "every asked attribute right, red where not",
+    )
+    p.add_argument(
+        "--grid-captions",
+        type=int,
+        default=24,
+        metavar="N",
+        help="captions in the grid, spread evenly over the split (default 24, in bands of 8)",
+    )
     return p
 
 
@@ -142,30 +190,53 @@ def evaluate_command(argv: list[str]) -> dict:
             parser.error(f"--lora {args.lora}: no such file or directory (nor a built-in LoRA name)")
     try:
         result = evaluate_seeds(
-            settings["model"], args.seeds, args.split, args.samples_per_caption, int(settings["steps"]),
-            float(settings["guidance"]), float(settings["eta"]), lora=lora, batch_size=args.batch_size,
+            settings["model"],
+            args.seeds,
+            args.split,
+            args.samples_per_caption,
+            int(settings["steps"]),
+            float(settings["guidance"]),
+            float(settings["eta"]),
+            lora=lora,
+            batch_size=args.batch_size,
             timestep_spacing=settings["timestep_spacing"],
         )
     except (OSError, ValueError) as err:  # a model or LoRA that does not load, or does not fit
         raise SystemExit(f"rlr eval: error: {err}") from None
     spacing = f", {settings['timestep_spacing']} spacing" if settings["timestep_spacing"] else ""
-    title = (f"{settings['model']}{' + LoRA ' + args.lora if args.lora else ''}: {args.split} captions, "
-             f"{settings['steps']} steps, eta {float(settings['eta']):g}, guidance {float(settings['guidance']):g}"
-             f"{spacing}; {result['n_per_seed']} samples per seed, mean +- standard error over {len(args.seeds)} "
-             f"seed{'s' if len(args.seeds) > 1 else ''}")
+    title = (
+        f"{settings['model']}{' + LoRA ' + args.lora if args.lora else ''}: {args.split} captions, "
+        f"{settings['steps']} steps, eta {float(settings['eta']):g}, guidance {float(settings['guidance']):g}"
+        f"{spacing}; {result['n_per_seed']} samples per seed, mean +- standard error over {len(args.seeds)} "
+        f"seed{'s' if len(args.seeds) > 1 else ''}"
+    )
     table = format_table(result, title)
     print(table)
-    payload = dict(result, settings=dict(settings, lora=args.lora, split=args.split,
-                                         samples_per_caption=args.samples_per_caption), table=table)
+    payload = dict(
+        result,
+        settings=dict(
+            settings, lora=args.lora, split=args.split, samples_per_caption=args.samples_per_caption
+        ),
+        table=table,
+    )
     if args.grid is not None:
         captions = grid_captions(args.split, args.grid_captions)
         image, verdicts = before_after_grid(
-            settings["model"], lora, captions, args.seeds[0], int(settings["steps"]), float(settings["guidance"]),
-            float(settings["eta"]), settings["timestep_spacing"])
+            settings["model"],
+            lora,
+            captions,
+            args.seeds[0],
+            int(settings["steps"]),
+            float(settings["guidance"]),
+            float(settings["eta"]),
+            settings["timestep_spacing"],
+        )
         image.save(args.grid)
         payload["grid"] = dict(path=str(args.grid), captions=captions, seed=args.seeds[0], **verdicts)
-        print(f"Before/after grid written to {args.grid} (all right: {sum(verdicts['before'])} of "
-              f"{len(verdicts['before'])} before, {sum(verdicts['after'])} after)")
+        print(
+            f"Before/after grid written to {args.grid} (all right: {sum(verdicts['before'])} of "
+            f"{len(verdicts['before'])} before, {sum(verdicts['after'])} after)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(payload, indent=1))
         logger.info("Results written to %s", args.json)

@@ -56,9 +56,13 @@ class LoraExport(L.Callback):
         self.target: Path | None = None
 
     def _base(self, trainer: L.Trainer, log_dir: str | None) -> Path:
-        return Path(self.export_dir) if self.export_dir else Path(log_dir or trainer.default_root_dir) / "lora"
+        return (
+            Path(self.export_dir) if self.export_dir else Path(log_dir or trainer.default_root_dir) / "lora"
+        )
 
-    def _directory(self, trainer: L.Trainer, log_dir: str | None, run_id: str, explicit_conflict: str) -> Path:
+    def _directory(
+        self, trainer: L.Trainer, log_dir: str | None, run_id: str, explicit_conflict: str
+    ) -> Path:
         """Where this run's export goes. Runs on rank zero only (no collectives).
 
         Args:
@@ -98,8 +102,11 @@ class LoraExport(L.Callback):
             except ExportConflictError as conflict:
                 error = str(conflict)
             if target is not None and target != self._base(trainer, log_dir):
-                logger.info("%s holds another run's LoRA export: this run will export to %s",
-                            self._base(trainer, log_dir), target)
+                logger.info(
+                    "%s holds another run's LoRA export: this run will export to %s",
+                    self._base(trainer, log_dir),
+                    target,
+                )
         target, error = trainer.strategy.broadcast((target, error))
         if error is not None:
             raise ExportConflictError(error)
@@ -113,7 +120,9 @@ class LoraExport(L.Callback):
         # Decided at the start of training; checked again, since another run may have exported there since.
         directory = self._directory(trainer, log_dir, pl_module.run_id, explicit_conflict="fallback")
         if self.target is not None and directory != self.target:
-            logger.warning("%s now holds another run's LoRA export: exporting to %s instead", self.target, directory)
+            logger.warning(
+                "%s now holds another run's LoRA export: exporting to %s instead", self.target, directory
+            )
         # The backbone logs where the file went (once).
         pl_module.exported_lora = pl_module.backbone.export_lora(directory)
         record = {

@@ -39,9 +39,18 @@ class BeforeAfterLayout:
         """``[row][column]`` pixel boxes ``(left, top, right, bottom)`` of the enlarged images in :meth:`grid`."""
         side = image_side * self.scale
         header = self._LINE * max(len(w) for w in self._lines(prompts, side)) + 4
-        return [[(self._LABEL + col * (side + self._PAD), header + row * (side + self._PAD),
-                  self._LABEL + col * (side + self._PAD) + side, header + row * (side + self._PAD) + side)
-                 for col in range(len(prompts))] for row in range(2)]
+        return [
+            [
+                (
+                    self._LABEL + col * (side + self._PAD),
+                    header + row * (side + self._PAD),
+                    self._LABEL + col * (side + self._PAD) + side,
+                    header + row * (side + self._PAD) + side,
+                )
+                for col in range(len(prompts))
+            ]
+            for row in range(2)
+        ]
 
     def grid(self, before: torch.Tensor, after: torch.Tensor, prompts: list[str]) -> Image.Image:
         """The two rows of ``uint8`` images under their prompts, with a row label on the left."""
@@ -55,7 +64,9 @@ class BeforeAfterLayout:
         for row, (name, images) in enumerate((("before", before), ("after", after))):
             draw.text((4, boxes[row][0][1] + side // 2 - 6), name, fill="black", font=font)
             for box, image in zip(boxes[row], images):
-                canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST), box)
+                canvas.paste(
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST), box
+                )
         for box, wrapped in zip(boxes[0], self._lines(prompts, side)):
             for i, text in enumerate(wrapped):
                 draw.text((box[0], 2 + self._LINE * i), text, fill="black", font=font)

@@ -11,9 +11,7 @@ import json
 import os
 from pathlib import Path
 
-
 _TRUE = ("1", "true", "yes", "on")
-
 
 
 class ModelNotAvailableError(OSError):
@@ -156,7 +154,10 @@ def read_model_index(
 
     try:
         index = hf_hub_download(
-            name, "model_index.json", revision=revision, local_files_only=offline,
+            name,
+            "model_index.json",
+            revision=revision,
+            local_files_only=offline,
             cache_dir=None if cache_dir is None else str(cache_dir),
         )
     except Exception as err:  # offline cache miss, HTTP error, no network: one clear error instead

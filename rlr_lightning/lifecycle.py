@@ -43,7 +43,8 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     callback = trainer.checkpoint_callback
     if callback is not None and getattr(callback, "dirpath", None):
         name = callback.format_checkpoint_name(
-            {"epoch": trainer.current_epoch, "step": trainer.global_step}, filename=callback.CHECKPOINT_NAME_LAST
+            {"epoch": trainer.current_epoch, "step": trainer.global_step},
+            filename=callback.CHECKPOINT_NAME_LAST,
         )
         return Path(callback.dirpath) / Path(name).name
     return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
@@ -92,7 +93,9 @@ class InterruptCheckpoint(Callback):
 
         signal.signal(signal.SIGINT, on_sigint)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if isinstance(exception, StoppedAtOnce):
             # As Lightning does on Ctrl+C: processes it launched (DDP ranks) would otherwise wait for this one.
             launcher = trainer.strategy.launcher
@@ -106,7 +109,11 @@ class InterruptCheckpoint(Callback):
         if trainer.is_global_zero and path.is_symlink():
             path.unlink()  # ModelCheckpoint(save_last="link"): write a file, not through the link
         callback = trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath) == path.parent:
+        if (
+            isinstance(callback, ModelCheckpoint)
+            and callback.dirpath
+            and Path(callback.dirpath) == path.parent
+        ):
             # Saved as the ModelCheckpoint's own last checkpoint (its path is part of the saved state): the
             # resumed run, in this directory, then replaces it instead of writing last-v1.ckpt beside it.
             callback.last_model_path = os.path.join(callback.dirpath, path.name)
@@ -114,7 +121,10 @@ class InterruptCheckpoint(Callback):
         if trainer.is_global_zero:
             logger.warning(
                 "Stopped by %s at step %d. Checkpoint saved to %s; resume with --ckpt_path %s",
-                signum.name, trainer.global_step, path, path,
+                signum.name,
+                trainer.global_step,
+                path,
+                path,
             )
         # Lightning's SIGTERMException is a SystemExit without a status (0: success for a scheduler). The
         # conventional status of a process stopped by a signal is 128 + its number.
@@ -174,7 +184,9 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the whole run, not one per epoch
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         bar = self.train_progress_bar
         if bar is not None and self._should_update(trainer.global_step, bar.total):
             bar.n = trainer.global_step
@@ -207,8 +219,9 @@ def run_directory(run_logger: Logger, default_root_dir: str) -> str:
     checkpoints go to (``ModelCheckpoint``'s ``<save_dir>/<name>/<version>``), one per run."""
     if isinstance(run_logger, (CSVLogger, TensorBoardLogger)):
         return run_logger.log_dir
-    return os.path.join(run_logger.save_dir or default_root_dir, str(run_logger.name),
-                        _version_dir(run_logger.version))
+    return os.path.join(
+        run_logger.save_dir or default_root_dir, str(run_logger.name), _version_dir(run_logger.version)
+    )
 
 
 def _version_dir(version: int | str) -> str:
@@ -246,8 +259,11 @@ class RunDirectory(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Plain strings and numbers: the resume reads them with torch.load(weights_only=True).
         checkpoint[RUN_RECORD] = [
-            {"logger": _qualified_name(type(run_logger)), "version": run_logger.version,
-             "run_dir": os.path.abspath(run_directory(run_logger, trainer.default_root_dir))}
+            {
+                "logger": _qualified_name(type(run_logger)),
+                "version": run_logger.version,
+                "run_dir": os.path.abspath(run_directory(run_logger, trainer.default_root_dir)),
+            }
             for run_logger in trainer.loggers
         ]
 
@@ -329,7 +345,11 @@ def continue_run(trainer_config: Any, ckpt_path: str, record: list[dict] | None)
         version = None
         for logged in record or []:
             logged_cls = import_class(logged["logger"])
-            if logged_cls is not None and _kind(logged_cls) is _kind(cls) and Path(logged["run_dir"]).parent == root:
+            if (
+                logged_cls is not None
+                and _kind(logged_cls) is _kind(cls)
+                and Path(logged["run_dir"]).parent == root
+            ):
                 version = logged["version"]
                 break
         if version is None and record is None and issubclass(cls, (CSVLogger, TensorBoardLogger)):

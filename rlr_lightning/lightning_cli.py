@@ -66,7 +66,9 @@ NOT_ACTIONABLE_WARNINGS = (
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 #: The same for ``rlr validate``, which only reads the LoRA weights of a training checkpoint.
-NOT_ACTIONABLE_WHEN_VALIDATING = (r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",)
+NOT_ACTIONABLE_WHEN_VALIDATING = (
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
+)
 #: Lightning's info lines that tell an rlr user nothing: its advertisements for its cloud services, and which
 #: accelerators exist (the config says which one the run uses; an unused GPU still gets Lightning's warning).
 _NOT_ACTIONABLE_INFO = ("💡 Tip:", "GPU available: ", "TPU available: ")
@@ -125,7 +127,9 @@ class SaveAndLogConfig(SaveConfigCallback):
                 names = [self.config_filename] + [f"{stem}_{n}{suffix}" for n in range(1, 10_000)]
                 name = next(n for n in names if not (log_dir / n).exists())
                 if name != self.config_filename:  # e.g. a resumed run in its run directory: say where it went
-                    rank_zero_info(f"{log_dir} already holds {self.config_filename}: this run's config is {name}")
+                    rank_zero_info(
+                        f"{log_dir} already holds {self.config_filename}: this run's config is {name}"
+                    )
             self.config_filename = trainer.strategy.broadcast(name)
             self.overwrite = True  # the name is free: nothing to overwrite
         super().setup(trainer, pl_module, stage)
@@ -141,7 +145,9 @@ def quiet_lightning(subcommand: str | None) -> None:
     messages = NOT_ACTIONABLE_WARNINGS + (NOT_ACTIONABLE_WHEN_VALIDATING if subcommand == "validate" else ())
     for message in messages:
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_not_actionable)  # once: same object
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        _drop_not_actionable
+    )  # once: same object
 
 
 def _drop_not_actionable(record: logging.LogRecord) -> bool:
@@ -269,7 +275,9 @@ class RLRCLI(LightningCLI):
             self._continue_resumed_run()
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "validate" and not (
-            config.data.val_prompts or config.data.val_prompt_file or config.data.get("val_prompt_set")
+            config.data.val_prompts
+            or config.data.val_prompt_file
+            or config.data.get("val_prompt_set")
             or config.data.val_fraction
         ):
             raise UsageError(
@@ -279,8 +287,11 @@ class RLRCLI(LightningCLI):
         from rlr_lightning.rewards import reward_class_names  # imported late like RLRModule below
         from rlr_lightning.tiny import is_tiny_model
 
-        if (self.subcommand in ("fit", "validate") and config.model.get("reward") is None
-                and not is_tiny_model(str(config.model.pretrained_model_name_or_path))):
+        if (
+            self.subcommand in ("fit", "validate")
+            and config.model.get("reward") is None
+            and not is_tiny_model(str(config.model.pretrained_model_name_or_path))
+        ):
             # Checked here rather than in RLRModule.setup so that it costs no model load and exits 2 like
             # every other command-line mistake (the tiny test model has a toy default reward).
 
@@ -328,7 +339,9 @@ class RLRCLI(LightningCLI):
             extra.append(StepProgressBar())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": extra}
         if self.subcommand == "fit" and not self.datamodule.val_records:
-            kwargs["limit_val_batches"] = 0  # no held-out prompts: no validation loop (and no empty-loader warning)
+            kwargs["limit_val_batches"] = (
+                0  # no held-out prompts: no validation loop (and no empty-loader warning)
+            )
         if self.subcommand == "validate":
             # The training config's checkpoint callbacks have nothing to save (and would warn about their state).
             kwargs["callbacks"] = [c for c in configured if not isinstance(c, Checkpoint)]

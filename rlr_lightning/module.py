@@ -194,7 +194,9 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
             return
         if task is None:
             name, settings = self.pretrained_model_name_or_path, self.settings
-            task = Task.build(name, settings, self.lora_settings, self.reward, self.weight_dtype, self.seed, self.device)
+            task = Task.build(
+                name, settings, self.lora_settings, self.reward, self.weight_dtype, self.seed, self.device
+            )
         task.memory_plan = self.memory.initial_plan()  # until the planner runs (first step)
         self.estimator.configure_schedule(task.sampler.kernel.sigma.tolist())
         self.backbone, self._task = task.backbone, task

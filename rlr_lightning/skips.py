@@ -38,7 +38,9 @@ class UpdateSkips:
         #: Why an earlier micro-batch of the current optimizer step was dropped (``None``: none was).
         self.window_cause: str | None = None
 
-    def rewards_finite(self, rewards: Tensor, optimizer: torch.optim.Optimizer, last_micro: bool, step: int) -> bool:
+    def rewards_finite(
+        self, rewards: Tensor, optimizer: torch.optim.Optimizer, last_micro: bool, step: int
+    ) -> bool:
         """Whether every (gathered) reward is finite; if not, the whole optimizer step is dropped, at its last
         micro-batch (every rank sees the same rewards, so every rank drops it)."""
         if bool(torch.isfinite(rewards).all()):
@@ -68,18 +70,27 @@ class UpdateSkips:
             self.log("train/skipped_updates", float(self.total))
         if self.consecutive >= self.max_consecutive:
             if reward_at_fault:
-                advice = ("check the reward model (model.reward): it returns NaN or inf for these images; if it "
-                          "did so only after training started, the model diverged: lower the learning rate")
+                advice = (
+                    "check the reward model (model.reward): it returns NaN or inf for these images; if it "
+                    "did so only after training started, the model diverged: lower the learning rate"
+                )
             else:
-                advice = ("lower the learning rate (model.optimizer, e.g. --model.optimizer.init_args.lr) or set "
-                          "model.gradient_clip_val; check that the reward has a finite gradient")
+                advice = (
+                    "lower the learning rate (model.optimizer, e.g. --model.optimizer.init_args.lr) or set "
+                    "model.gradient_clip_val; check that the reward has a finite gradient"
+                )
             raise TrainingStalledError(
                 f"Stopped at step {step}: the last {self.consecutive} updates were all skipped (last cause: {why}); "
                 f"{advice}. The LoRA weights are those of the last real update. model.max_consecutive_skips="
                 f"{self.max_consecutive} sets how many skips in a row are tolerated."
             )
-        logger.warning("Skipping update at step %d: %s (%d in a row; the run stops at %d)",
-                       step, why, self.consecutive, self.max_consecutive)
+        logger.warning(
+            "Skipping update at step %d: %s (%d in a row; the run stops at %d)",
+            step,
+            why,
+            self.consecutive,
+            self.max_consecutive,
+        )
 
     def stepped(self) -> None:
         """A real update was made: the run of skips ends."""

@@ -12,7 +12,10 @@ from rlr_lightning.estimators import Rollout, TermBackward
 
 
 def log_step(
-    module: L.LightningModule, result: Rollout, done: TermBackward, started: float,
+    module: L.LightningModule,
+    result: Rollout,
+    done: TermBackward,
+    started: float,
     norms: dict[str, float] | None = None,
 ) -> None:
     """Log one step's metrics under ``train/``.
@@ -26,8 +29,13 @@ def log_step(
     """
     r = result.all_rewards
     module.log("train/reward", r.mean(), prog_bar=True)
-    module.log_dict({"train/reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
-                     "train/reward_min": r.min(), "train/reward_max": r.max()})
+    module.log_dict(
+        {
+            "train/reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
+            "train/reward_min": r.min(),
+            "train/reward_max": r.max(),
+        }
+    )
     # Per-term statistics are rank-local before the gradient all-reduce: log their mean over ranks. Every rank
     # logs the same keys here (the plan, hence the terms, is shared), so the reductions line up.
     for name, value in done.losses.items():

@@ -153,7 +153,11 @@ class Task:
 
     @classmethod
     def from_backbone(
-        cls, backbone: DiffusionBackbone, settings: SamplingSettings, reward: RewardModel | None = None, name: str = ""
+        cls,
+        backbone: DiffusionBackbone,
+        settings: SamplingSettings,
+        reward: RewardModel | None = None,
+        name: str = "",
     ) -> Task:
         """A task on a loaded backbone (LoRA added): its sampler made from ``settings``. Benchmarks share one
         backbone between many configurations this way.
@@ -165,7 +169,10 @@ class Task:
             name: The model's name, for messages.
         """
         sampler = backbone.make_sampler(
-            settings.num_steps, settings.eta, settings.guidance_scale, settings.timestep_spacing,
+            settings.num_steps,
+            settings.eta,
+            settings.guidance_scale,
+            settings.timestep_spacing,
             stochastic_steps=settings.stochastic_steps,
         )
         # What trains and what is frozen (Lightning's model summary lists every submodule instead).
@@ -227,7 +234,9 @@ class Task:
     @torch.no_grad()
     def generate(self, batch: PromptBatch, generator: torch.Generator) -> Tensor:
         """Images in [0, 1] for a batch of prompts, without gradient (evaluation and sample logging)."""
-        final = self.sampler.run(Plan(self.settings.num_steps), self.conditioning(batch), generator=generator).final
+        final = self.sampler.run(
+            Plan(self.settings.num_steps), self.conditioning(batch), generator=generator
+        ).final
         return self.backbone.decode(final)
 
 

@@ -82,13 +82,18 @@ def tiny_t5_tokenizer(model_max_length: int = 32):
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
     return T5TokenizerFast(
-        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        tokenizer_object=backend,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
         model_max_length=model_max_length,
     )
 
 
-def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215, flow: bool = False,
-              shift_factor: float | None = None):
+def _tiny_vae(
+    sample_size: int, scaling_factor: float = 0.18215, flow: bool = False, shift_factor: float | None = None
+):
     """A two-level ``AutoencoderKL``: images twice the latent size.
 
     Args:
@@ -203,17 +208,35 @@ def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 8) -> dict:
 
     def text_config(**extra) -> CLIPTextConfig:
         return CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=text_width, intermediate_size=37,
-            layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=3, vocab_size=514,
-            max_position_embeddings=77, hidden_act="gelu", **extra,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=text_width,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=514,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            **extra,
         )
 
     # SDXL base ships an Euler scheduler whose config also carries the DDIM keys of the SD training schedule
     # (clip_sample, set_alpha_to_one); the sampler reads it as DDIM.
-    scheduler = EulerDiscreteScheduler.from_config(dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-        clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0,
-    ))
+    scheduler = EulerDiscreteScheduler.from_config(
+        dict(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            sample_max_value=1.0,
+        )
+    )
     return dict(
         unet=unet.eval(),
         vae=vae.eval(),
@@ -266,18 +289,40 @@ def build_tiny_sd3_components(seed: int = 0, sample_size: int = 8) -> dict:
     vae = _tiny_vae(sample_size, scaling_factor=1.5305, flow=True, shift_factor=0.0609)
 
     def clip(width: int) -> CLIPTextModelWithProjection:
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width, intermediate_size=37,
-            layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=514,
-            max_position_embeddings=77, hidden_act="gelu", projection_dim=width,
-        )).eval()
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                hidden_size=width,
+                intermediate_size=37,
+                layer_norm_eps=1e-05,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                vocab_size=514,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                projection_dim=width,
+            )
+        ).eval()
 
     text_encoder, text_encoder_2 = clip(clip_widths[0]), clip(clip_widths[1])
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_3), d_model=t5_width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )).eval()
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
     return dict(
         transformer=transformer.eval(),
         vae=vae.eval(),
@@ -320,23 +365,52 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
         joint_attention_dim=text_width,
         pooled_projection_dim=text_width,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),  # rotary dimensions of (text index, row, column); they add up to the head width
+        axes_dims_rope=(
+            4,
+            6,
+            6,
+        ),  # rotary dimensions of (text index, row, column); they add up to the head width
     )
     # FLUX.1's latent scale and shift.
     vae = _tiny_vae(image_size // 2, scaling_factor=0.3611, flow=True, shift_factor=0.1159)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=text_width, intermediate_size=37,
-        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=text_width,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=514,
+            max_position_embeddings=77,
+        )
+    )
     tokenizer_2 = tiny_t5_tokenizer()
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=text_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=text_width,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     # FLUX.1-dev's scheduler: timesteps shifted by the image's token count (use_dynamic_shifting).
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     return dict(
         transformer=transformer.eval(),
@@ -377,7 +451,9 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd
     build, pipeline_name, _ = TINY_FAMILIES[family]
     path = Path(path)
     extra = (
-        dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family == "sd" else {}
+        dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if family == "sd"
+        else {}
     )
     pipe = getattr(diffusers, pipeline_name)(**build(seed=seed), **extra)
     pipe.save_pretrained(path, safe_serialization=True)
@@ -386,7 +462,9 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd
     return path
 
 
-def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = 0, family: str = "sd") -> Path:
+def ensure_tiny_pipeline(
+    cache_dir: str | os.PathLike | None = None, seed: int = 0, family: str = "sd"
+) -> Path:
     """Return the directory of a tiny pipeline, building it there first if it is missing or stale.
 
     This is what the CPU quickstart uses, so a fresh clone needs no download at all.
@@ -410,7 +488,9 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
         return path
     import shutil
 
-    logger.info("Building the tiny offline %s pipeline in %s (first use only)", TINY_FAMILIES[family][2], path)
+    logger.info(
+        "Building the tiny offline %s pipeline in %s (first use only)", TINY_FAMILIES[family][2], path
+    )
     # Build into a temporary sibling and rename, so an interrupted build never leaves a half-written model
     # that a later run would trust.
     tmp = root / f".{path.name}.tmp-{os.getpid()}"

@@ -32,7 +32,12 @@ from torch import Tensor
 
 from rlr_lightning.estimators import derive_seed
 from rlr_lightning.estimators.base import GradientEstimator, compute_advantages
-from rlr_lightning.estimators.baselines import STEP_BASELINES, PromptRewardMeans, prompt_keys, step_baseline_values
+from rlr_lightning.estimators.baselines import (
+    STEP_BASELINES,
+    PromptRewardMeans,
+    prompt_keys,
+    step_baseline_values,
+)
 from rlr_lightning.sampling import Plan
 from rlr_lightning.task import Task, as_task
 
@@ -124,33 +129,56 @@ class VarianceMap:
 
     def table(self) -> str:
         """The per-step map and the estimators, as markdown."""
-        head = ["step", "sigma", "share of gradient", "pathwise var"] + [f"LR var, {b}" for b in self.baselines] + [
-            "best"]
+        head = (
+            ["step", "sigma", "share of gradient", "pathwise var"]
+            + [f"LR var, {b}" for b in self.baselines]
+            + ["best"]
+        )
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.steps:
             lr = [(f"{row.lr_variance[b]:.3g}" if row.lr_variance else "-") for b in self.baselines]
-            cells = [str(row.step), f"{row.sigma:.3g}", f"{row.share:.3f} ± {row.share_se:.3f}",
-                     f"{row.pathwise_variance:.3g}", *lr, row.best or "-"]
+            cells = [
+                str(row.step),
+                f"{row.sigma:.3g}",
+                f"{row.share:.3f} ± {row.share_se:.3f}",
+                f"{row.pathwise_variance:.3g}",
+                *lr,
+                row.best or "-",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         full = self.estimators["full backprop"]["variance"]
-        lines += ["", "| estimator | total variance | x full backprop | squared bias | MSE |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| estimator | total variance | x full backprop | squared bias | MSE |",
+            "|---|---|---|---|---|",
+        ]
         for name, v in self.estimators.items():
-            lines.append(f"| {name} | {v['variance']:.3g} | {v['variance'] / full:.3g} | {v['bias_sq']:.3g} | "
-                         f"{v['mse']:.3g} |")
+            lines.append(
+                f"| {name} | {v['variance']:.3g} | {v['variance'] / full:.3g} | {v['bias_sq']:.3g} | "
+                f"{v['mse']:.3g} |"
+            )
         return "\n".join(lines)
 
     def recommendation(self) -> str:
         """The recommended settings of ``RLR`` (and ``ScoreFunction``'s step baselines), as config lines."""
         names = ", ".join(self.step_baseline)
-        return (f"tail: {self.tail}\nstep_baseline: [{names}]")
+        return f"tail: {self.tail}\nstep_baseline: [{names}]"
 
 
 def composed_name(tail: int, schedule: str) -> str:
     return f"exact tail K={tail} + likelihood ratios ({schedule} baselines)"
 
 
-def _draw(task: Task, prompts: list[str], seed: int, draw: int, baselines: Sequence[str], sketch: CountSketch,
-          prompt_means: PromptRewardMeans, reward_mean: float | None):
+def _draw(
+    task: Task,
+    prompts: list[str],
+    seed: int,
+    draw: int,
+    baselines: Sequence[str],
+    sketch: CountSketch,
+    prompt_means: PromptRewardMeans,
+    reward_mean: float | None,
+):
     """One draw: sketched per-step pathwise shares ``(T, m)`` and likelihood-ratio terms per baseline, and the
     rewards."""
     sampler, reward_fn = task.sampler, task.latent_reward
@@ -175,11 +203,28 @@ def _draw(task: Task, prompts: list[str], seed: int, draw: int, baselines: Seque
         if kind == "none":
             values[kind] = {k: torch.zeros_like(r) for k in range(T)}
         else:
-            means_b = prompt_means.lookup(prompt_keys(prompts), reward_mean) if kind == "prompt_mean" else None
-            values[kind] = step_baseline_values({k: kind for k in range(T)}, trajectory, sampler, embeds, prompts,
-                                                reward_fn, task.memory_plan.chunk_samples or B, means_b)
-    advantages = {kind: [compute_advantages(r - values[kind][k].to(r.device), r - values[kind][k].to(r.device),
-                                            "leave_one_out") for k in range(T)] for kind in baselines}
+            means_b = (
+                prompt_means.lookup(prompt_keys(prompts), reward_mean) if kind == "prompt_mean" else None
+            )
+            values[kind] = step_baseline_values(
+                {k: kind for k in range(T)},
+                trajectory,
+                sampler,
+                embeds,
+                prompts,
+                reward_fn,
+                task.memory_plan.chunk_samples or B,
+                means_b,
+            )
+    advantages = {
+        kind: [
+            compute_advantages(
+                r - values[kind][k].to(r.device), r - values[kind][k].to(r.device), "leave_one_out"
+            )
+            for k in range(T)
+        ]
+        for kind in baselines
+    }
     pathwise, lr = [], {kind: [] for kind in baselines}
     stochastic = (sampler.kernel.sigma > 0).tolist()
     for k in range(T):
@@ -187,8 +232,13 @@ def _draw(task: Task, prompts: list[str], seed: int, draw: int, baselines: Seque
         # against the reward's adjoint) and its likelihood-ratio term under every baseline (its log-probability).
         with torch.enable_grad():
             index = torch.full((B,), k, dtype=torch.long, device=device)
-            out = sampler.step(index, trajectory.latents[k], embeds.at(k),
-                               prev_latents=trajectory.latents[k + 1] if stochastic[k] else None, checkpoint=checkpoint)
+            out = sampler.step(
+                index,
+                trajectory.latents[k],
+                embeds.at(k),
+                prev_latents=trajectory.latents[k + 1] if stochastic[k] else None,
+                checkpoint=checkpoint,
+            )
             objectives = [(adjoints[k].to(out.mean.dtype) * out.mean).sum()]
             if stochastic[k]:
                 objectives += [(advantages[kind][k] * out.log_prob).sum() / B for kind in baselines]
@@ -203,17 +253,29 @@ def _vector_jacobian(objectives: Tensor, params: list[Tensor]) -> list[Tensor]:
     """The flat gradient of each entry of ``objectives`` with respect to ``params``: one batched backward."""
     rows = objectives.numel()
     try:
-        grads = torch.autograd.grad(objectives, params, grad_outputs=torch.eye(rows, dtype=objectives.dtype,
-                                    device=objectives.device), is_grads_batched=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            objectives,
+            params,
+            grad_outputs=torch.eye(rows, dtype=objectives.dtype, device=objectives.device),
+            is_grads_batched=True,
+            allow_unused=True,
+        )
         return [_flat([g[i] if g is not None else None for g in grads], params) for i in range(rows)]
     except RuntimeError:
         # An operation without a batching rule: one backward per objective instead.
-        return [_flat(torch.autograd.grad(objectives[i], params, retain_graph=i < rows - 1, allow_unused=True), params)
-                for i in range(rows)]
+        return [
+            _flat(
+                torch.autograd.grad(objectives[i], params, retain_graph=i < rows - 1, allow_unused=True),
+                params,
+            )
+            for i in range(rows)
+        ]
 
 
 def _flat(grads, params) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten() for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).detach().flatten() for g, p in zip(grads, params)]
+    )
 
 
 def _variance(x: Tensor) -> float:
@@ -221,9 +283,15 @@ def _variance(x: Tensor) -> float:
     return float(x.var(0).sum())
 
 
-def variance_map(task: Task | Any, prompts: Sequence[str], num_samples: int = 32, seed: int = 0,
-                 baselines: Sequence[str] = STEP_BASELINES, sketch_dim: int = 8192,
-                 estimator: GradientEstimator | None = None) -> VarianceMap:
+def variance_map(
+    task: Task | Any,
+    prompts: Sequence[str],
+    num_samples: int = 32,
+    seed: int = 0,
+    baselines: Sequence[str] = STEP_BASELINES,
+    sketch_dim: int = 8192,
+    estimator: GradientEstimator | None = None,
+) -> VarianceMap:
     """Measure the per-step variance map of ``task`` on a fixed batch of prompts.
 
     Args:
@@ -279,8 +347,17 @@ def variance_map(task: Task | Any, prompts: Sequence[str], num_samples: int = 32
         projected = path[:, k] @ truth / scale
         variances = {b: _variance(lr[b][k]) for b in baselines} if stochastic[k] else None
         best = _best({b: lr[b][k] for b in baselines}) if stochastic[k] else None
-        rows.append(StepRow(k, sigmas[k], float(projected.mean()), float(projected.std() / len(projected) ** 0.5),
-                            _variance(path[:, k]), variances, best))
+        rows.append(
+            StepRow(
+                k,
+                sigmas[k],
+                float(projected.mean()),
+                float(projected.std() / len(projected) ** 0.5),
+                _variance(path[:, k]),
+                variances,
+                best,
+            )
+        )
     tail, schedule = recommend(rows, estimator)
     estimators = _composed(path, lr, rows, tail, schedule, baselines, truth)
     return VarianceMap(num_samples, len(prompts), rows, estimators, tail, schedule, list(baselines))
@@ -335,8 +412,9 @@ def recommend(rows: Sequence[StepRow], estimator=None) -> tuple[int, list[str]]:
     return tail, schedule
 
 
-def _composed(path: Tensor, lr: dict, rows, tail: int, schedule: list[str], baselines: list[str],
-              truth: Tensor) -> dict[str, dict[str, float]]:
+def _composed(
+    path: Tensor, lr: dict, rows, tail: int, schedule: list[str], baselines: list[str], truth: Tensor
+) -> dict[str, dict[str, float]]:
     """Estimators composed draw by draw from the per-step terms: variance, squared bias and MSE."""
     T = path.shape[1]
 

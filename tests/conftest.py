@@ -38,8 +38,16 @@ for _name in ("lightning.pytorch", "lightning.fabric"):
 
 #: Loggers that code under test configures (``rlr`` commands run in-process set up the package's logger; the
 #: libraries set their verbosity), created here if nothing has created them yet, so they are snapshotted too.
-_CONFIGURED_LOGGERS = ("rlr_lightning", "lightning", "lightning.pytorch", "lightning.fabric", "diffusers",
-                       "transformers", "huggingface_hub", "py.warnings")
+_CONFIGURED_LOGGERS = (
+    "rlr_lightning",
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "py.warnings",
+)
 
 _LOOPBACK = ("127.", "::1", "localhost")
 

@@ -43,10 +43,20 @@ class RankProbe(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         lora = {n: p.detach().double().sum().item() for n, p in pl_module.backbone.lora_parameters().items()}
-        report = dict(rank=trainer.global_rank, world=trainer.world_size, global_step=trainer.global_step,
-                      prompts=self.prompts, block_starts=self.block_starts, noise_sums=self.noise_sums,
-                      lora=lora, prompt_means=sorted(pl_module.estimator.prompt_means.means.values()),
-                      lora_norm=float(torch.cat([p.detach().flatten() for p in
-                                                            pl_module.backbone.lora_parameters().values()]).norm()))
+        report = dict(
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+            global_step=trainer.global_step,
+            prompts=self.prompts,
+            block_starts=self.block_starts,
+            noise_sums=self.noise_sums,
+            lora=lora,
+            prompt_means=sorted(pl_module.estimator.prompt_means.means.values()),
+            lora_norm=float(
+                torch.cat(
+                    [p.detach().flatten() for p in pl_module.backbone.lora_parameters().values()]
+                ).norm()
+            ),
+        )
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

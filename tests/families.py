@@ -48,7 +48,9 @@ def check_rescoring_reproduces_the_sampling_log_probs(backbone, sampler, negativ
         with torch.no_grad():
             picked = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, rows_samples))
             swapped = sampler.log_probs(index, x, x_next, embeds.rows(rows_steps, 1 - rows_samples))
-        torch.testing.assert_close(picked, trajectory.log_probs[rows_steps, rows_samples], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(
+            picked, trajectory.log_probs[rows_steps, rows_samples], rtol=1e-4, atol=1e-3
+        )
         assert not torch.allclose(swapped, picked, rtol=1e-4, atol=1e-3)
 
 
@@ -66,11 +68,29 @@ def fit_and_sample_through_the_cli(
 
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "rlr_lightning", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-         "--model.pretrained_model_name_or_path", str(model_dir), *fit_args, "--data.batch_size", "2",
-         "--trainer.max_steps", "2", "--trainer.default_root_dir", str(out),
-         "--trainer.logger.init_args.save_dir", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "rlr_lightning",
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--model.pretrained_model_name_or_path",
+            str(model_dir),
+            *fit_args,
+            "--data.batch_size",
+            "2",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert family in proc.stderr + proc.stdout  # the family was detected, and said so
@@ -80,7 +100,21 @@ def fit_and_sample_through_the_cli(
     assert json.loads((exported.parent / "rlr_export.json").read_text())["run_id"]
     # The export is a LoRA of this family that `rlr sample` draws with, on the model it was trained on.
     png = tmp_path / "samples.png"
-    main(["sample", "--model", str(model_dir), "--lora", str(exported.parent), *sample_args,
-          "--prompt", "a cat", "--prompt", "a fox", "--out", str(png)])
+    main(
+        [
+            "sample",
+            "--model",
+            str(model_dir),
+            "--lora",
+            str(exported.parent),
+            *sample_args,
+            "--prompt",
+            "a cat",
+            "--prompt",
+            "a fox",
+            "--out",
+            str(png),
+        ]
+    )
     image = Image.open(png)
     assert image.size[0] >= 2 * 16 and any(lo < hi for lo, hi in image.getextrema())  # two samples, not blank

@@ -33,7 +33,11 @@ def backbone(tiny_pipeline_dir):
 def pipeline_backbone(pipe) -> StableDiffusionBackbone:
     """Our backbone around a diffusers pipeline's own components."""
     return StableDiffusionBackbone(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
     )
 
 
@@ -89,7 +93,9 @@ def library_warnings():
 
 
 def test_loaded_backbone_is_frozen_eval_with_fp32_lora_only(tiny_pipeline_dir):
-    bb = StableDiffusionBackbone.from_pretrained(tiny_pipeline_dir, dtype=torch.bfloat16, local_files_only=True)
+    bb = StableDiffusionBackbone.from_pretrained(
+        tiny_pipeline_dir, dtype=torch.bfloat16, local_files_only=True
+    )
     assert not any(p.requires_grad for p in bb.parameters())
     bb.add_lora(LoraSettings(rank=2, alpha=2.0, target_modules=("to_q", "to_v")))
     bb.train()  # Lightning calls this during fit: the backbone must stay in eval mode
@@ -114,8 +120,11 @@ def test_add_lora_is_idempotent_and_refuses_conflicting_settings(backbone):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(rank=0), "rank must be >= 1, got 0"), (dict(alpha=0.0), "alpha must be > 0"),
-     (dict(target_modules=()), "target_modules is empty")],
+    [
+        (dict(rank=0), "rank must be >= 1, got 0"),
+        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(target_modules=()), "target_modules is empty"),
+    ],
 )
 def test_lora_settings_validate(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -178,10 +187,14 @@ def test_exported_lora_loads_completely_in_a_plain_diffusers_pipeline(targets, t
     # alpha != rank: diffusers must apply the same alpha / rank scale, read from the file's metadata.
     ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=4, alpha=8.0, target_modules=targets))
     adapted = lora_layers(ours.unet)
-    assert all(any(n == t or n.endswith(f".{t}") for n in adapted) for t in targets)  # every target type adapted
+    assert all(
+        any(n == t or n.endswith(f".{t}") for n in adapted) for t in targets
+    )  # every target type adapted
     ours.export_lora(tmp_path)
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_pipeline_dir, local_files_only=True, safety_checker=None
+    )
     before = unet_out(pipeline_backbone(pipe))
     with library_warnings() as messages:
         pipe.load_lora_weights(tmp_path, adapter_name="rlr")
@@ -256,7 +269,9 @@ def test_a_lora_of_another_model_is_refused_naming_the_file_and_the_shapes(tiny_
         bare.load_lora(path)
     message = str(info.value)
     assert str(path) in message
-    assert re.search(r"attn2\.to_[kv]\.lora_A\.weight is \(4, 16\) in the file but \(4, 32\) in this unet", message)
+    assert re.search(
+        r"attn2\.to_[kv]\.lora_A\.weight is \(4, 16\) in the file but \(4, 32\) in this unet", message
+    )
     # Nothing changed: no adapter layers are left behind, and a fitting file still loads.
     assert bare.lora_settings is None and not lora_layers(bare.unet)
     ours = trained_backbone(tiny_pipeline_dir, LoraSettings(rank=2, alpha=3.0))

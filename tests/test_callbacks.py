@@ -26,7 +26,11 @@ def test_sample_images_written_for_configured_prompts_with_csv_logger(tiny_pipel
     trainer = make_trainer(tmp_path, max_steps=4, logger=logger, callbacks=[callback])
     trainer.fit(module, datamodule=data())
     samples = tmp_path / "run" / "version_0" / "samples"
-    assert sorted(p.name for p in samples.glob("*.png")) == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert sorted(p.name for p in samples.glob("*.png")) == [
+        "step_000000.png",
+        "step_000002.png",
+        "step_000004.png",
+    ]
     grid = np.asarray(Image.open(samples / "step_000000.png"))
     assert grid.shape[:2] == (16 + 4, 3 * 16 + 4 * 2)  # three 16 px images in one row, save_image padding
     with (samples / "samples.csv").open() as f:
@@ -49,11 +53,13 @@ def expected_pixels(tiny_pipeline_dir, prompts: list[str], seed: int) -> list[np
 
 def grid_tiles(grid: np.ndarray, count: int, size: int = 16, padding: int = 2) -> list[np.ndarray]:
     """The images of a one-row ``make_grid`` PNG."""
-    return [grid[padding:padding + size, padding + i * (size + padding):][:, :size] for i in range(count)]
+    return [grid[padding : padding + size, padding + i * (size + padding) :][:, :size] for i in range(count)]
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_the_generated_pixels_and_the_reward_table(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_generated_pixels_and_the_reward_table(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WANDB_MODE", "offline")  # conftest disables W&B; offline writes files, reaches no one
     prompts, seed = ["a cat", "a dog"], 3
     wandb_logger = WandbLogger(mode="offline", save_dir=tmp_path)
@@ -112,7 +118,9 @@ def test_sample_logger_validates_its_settings():
 
 def generated(module, prompts: list[str], seed: int) -> torch.Tensor:
     with torch.no_grad():
-        return to_uint8(module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed)))
+        return to_uint8(
+            module.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+        )
 
 
 def test_lora_disabled_is_the_base_model_and_keeps_the_adapter_trainable(tiny_pipeline_dir):
@@ -143,8 +151,13 @@ def test_before_after_grid_shows_the_base_model_and_the_trained_one(tiny_pipelin
             p.add_(torch.randn_like(p) * 0.5)
     with module.backbone.lora_disabled():
         base_images = generated(module, prompts, seed)
-    trainer = make_trainer(tmp_path, max_steps=2, logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
-                           log_every_n_steps=1)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=2,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[callback],
+        log_every_n_steps=1,
+    )
     trainer.fit(module, datamodule=data())
     run = tmp_path / "run" / "version_0"
     assert (run / "metrics.csv").is_file()

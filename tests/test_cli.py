@@ -11,16 +11,29 @@ import pytest
 import torch
 from PIL import Image
 
-from rlr_lightning.models import LoraSettings
 from rlr_lightning.cli import main
+from rlr_lightning.models import LoraSettings
 from rlr_lightning.sampling import Plan
 
 
 def test_rlr_sample_writes_a_grid_and_logs_log_probs(tiny_pipeline_dir, tmp_path, caplog):
     out = tmp_path / "grid.png"
     with caplog.at_level("INFO", logger="rlr_lightning"):
-        main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "3", "--prompt", "a cat",
-              "--prompt", "a dog", "--out", str(out)])
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_pipeline_dir),
+                "--steps",
+                "3",
+                "--prompt",
+                "a cat",
+                "--prompt",
+                "a dog",
+                "--out",
+                str(out),
+            ]
+        )
     assert Image.open(out).size == (2 * 16 + 3 * 2, 16 + 2 * 2)  # two 16 px images with save_image padding
     steps = [r.getMessage() for r in caplog.records if "log p" in r.getMessage()]
     assert len(steps) == 3
@@ -46,7 +59,10 @@ def test_rlr_rejects_unknown_commands_and_bad_settings(tiny_pipeline_dir, tmp_pa
     with pytest.raises(SystemExit, match="commands:"):
         main(["train"])
     # A bad sampler setting is a usage error naming the value, not a traceback.
-    for args, message in ((["--eta", "-1"], "eta must be >= 0"), (["--resolution", "15"], "resolution 15x15")):
+    for args, message in (
+        (["--eta", "-1"], "eta must be >= 0"),
+        (["--resolution", "15"], "resolution 15x15"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["sample", "--model", str(tiny_pipeline_dir), *args, "--out", str(tmp_path / "x.png")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -59,7 +75,9 @@ def sample_grid(argv: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(out)).copy())
 
 
-def test_rlr_sample_applies_an_exported_lora_with_its_own_rank_alpha_and_targets(tiny_pipeline_dir, tmp_path, caplog):
+def test_rlr_sample_applies_an_exported_lora_with_its_own_rank_alpha_and_targets(
+    tiny_pipeline_dir, tmp_path, caplog
+):
     from torchvision.utils import save_image
 
     from tests.test_backbone import TARGET_SETS, trained_backbone
@@ -71,8 +89,22 @@ def test_rlr_sample_applies_an_exported_lora_with_its_own_rank_alpha_and_targets
     trained.export_lora(lora_dir)
 
     prompts = ["a cat", "a dog"]
-    args = ["--model", str(tiny_pipeline_dir), "--steps", "3", "--eta", "1.0", "--guidance", "5.0", "--seed", "3",
-            "--prompt", prompts[0], "--prompt", prompts[1]]
+    args = [
+        "--model",
+        str(tiny_pipeline_dir),
+        "--steps",
+        "3",
+        "--eta",
+        "1.0",
+        "--guidance",
+        "5.0",
+        "--seed",
+        "3",
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+    ]
     tuned = sample_grid(args + ["--lora", str(lora_dir), "--out", str(tmp_path / "tuned.png")])
     base = sample_grid(args + ["--out", str(tmp_path / "base.png")])
     assert not torch.equal(tuned, base)
@@ -80,14 +112,18 @@ def test_rlr_sample_applies_an_exported_lora_with_its_own_rank_alpha_and_targets
     # The same images as the trained backbone draws itself: the LoRA is applied on every layer, at alpha / rank.
     sampler = trained.make_sampler(3, eta=1.0, guidance_scale=5.0)
     with torch.no_grad():
-        trajectory = sampler.run(Plan(3), trained.encode_prompts(prompts), generator=torch.Generator().manual_seed(3))
+        trajectory = sampler.run(
+            Plan(3), trained.encode_prompts(prompts), generator=torch.Generator().manual_seed(3)
+        )
         save_image(trained.decode(trajectory.final), tmp_path / "reference.png", nrow=2)
     reference = torch.from_numpy(np.asarray(Image.open(tmp_path / "reference.png")).copy())
     assert torch.equal(tuned, reference)
 
     # --lora-rank is no longer needed; old command lines still run and are told to drop it.
     with caplog.at_level("WARNING", logger="rlr_lightning"):
-        again = sample_grid(args + ["--lora", str(lora_dir), "--lora-rank", "4", "--out", str(tmp_path / "again.png")])
+        again = sample_grid(
+            args + ["--lora", str(lora_dir), "--lora-rank", "4", "--out", str(tmp_path / "again.png")]
+        )
     assert torch.equal(again, tuned)
     assert any("--lora-rank is deprecated and ignored" in r.getMessage() for r in caplog.records)
 
@@ -99,11 +135,29 @@ def test_rlr_sample_timestep_spacing_sets_the_logged_timesteps(tiny_pipeline_dir
     for spacing in ("leading", "trailing"):
         caplog.clear()
         with caplog.at_level("INFO", logger="rlr_lightning"):
-            main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "3", "--prompt", "a cat",
-                  "--timestep-spacing", spacing, "--out", str(tmp_path / "x.png")])
-        logged[spacing] = [int(re.search(r"t=\s*(\d+)", r.getMessage()).group(1))
-                           for r in caplog.records if "log p" in r.getMessage()]
-        expected = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler", timestep_spacing=spacing)
+            main(
+                [
+                    "sample",
+                    "--model",
+                    str(tiny_pipeline_dir),
+                    "--steps",
+                    "3",
+                    "--prompt",
+                    "a cat",
+                    "--timestep-spacing",
+                    spacing,
+                    "--out",
+                    str(tmp_path / "x.png"),
+                ]
+            )
+        logged[spacing] = [
+            int(re.search(r"t=\s*(\d+)", r.getMessage()).group(1))
+            for r in caplog.records
+            if "log p" in r.getMessage()
+        ]
+        expected = DDIMScheduler.from_pretrained(
+            tiny_pipeline_dir, subfolder="scheduler", timestep_spacing=spacing
+        )
         expected.set_timesteps(3)
         assert logged[spacing] == expected.timesteps.tolist(), spacing
     assert logged["leading"] != logged["trailing"]
@@ -114,7 +168,17 @@ def test_rlr_sample_refuses_a_lora_of_another_model_naming_the_file(tiny_pipelin
 
     path = export_lora_of_another_model(tiny_pipeline_dir, tmp_path / "other")
     with pytest.raises(SystemExit) as info:
-        main(["sample", "--model", str(tiny_pipeline_dir), "--lora", str(path), "--out", str(tmp_path / "x.png")])
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_pipeline_dir),
+                "--lora",
+                str(path),
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
     message = str(info.value.code)
     assert message.startswith("rlr sample: cannot apply --lora: ") and str(path) in message
     assert "in the file but" in message and "in this unet" in message
@@ -128,9 +192,21 @@ def test_rlr_sample_bad_lora_exits_with_one_clear_line(tiny_pipeline_dir, tmp_pa
 
     path = export_lora_of_another_model(tiny_pipeline_dir, tmp_path / "other")
     proc = subprocess.run(
-        [sys.executable, "-m", "rlr_lightning", "sample", "--model", str(tiny_pipeline_dir), "--lora", str(path),
-         "--out", str(tmp_path / "x.png")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rlr_lightning",
+            "sample",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--lora",
+            str(path),
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1
     assert f"rlr sample: cannot apply --lora: {path} does not fit this unet" in proc.stderr

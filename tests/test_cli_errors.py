@@ -29,8 +29,12 @@ def one_error_line(stderr: str, prog: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith(f"{prog}: error: ")]
     assert len(errors) == 1, lines
-    after = lines[lines.index(errors[0]) + 1:]
-    assert after in ([], [f"({prog} --help lists the options)"], ["(set RLR_DEBUG=1 for the full traceback)"]), lines
+    after = lines[lines.index(errors[0]) + 1 :]
+    assert after in (
+        [],
+        [f"({prog} --help lists the options)"],
+        ["(set RLR_DEBUG=1 for the full traceback)"],
+    ), lines
     assert not any(wall in stderr for wall in WALLS), stderr
     return errors[0]
 
@@ -62,9 +66,22 @@ def no_model_load(monkeypatch):
 def fit_args(tmp_path: Path, *extra: str) -> list[str]:
     """The quickstart made tiny (should an error not fire, the run is short) with its files under ``tmp_path``."""
     out = str(tmp_path / "run")
-    return ["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", out,
-            "--trainer.logger.init_args.save_dir", out, "--trainer.max_steps", "1", "--data.batch_size", "2",
-            "--model.num_steps", "4", *extra]
+    return [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.default_root_dir",
+        out,
+        "--trainer.logger.init_args.save_dir",
+        out,
+        "--trainer.max_steps",
+        "1",
+        "--data.batch_size",
+        "2",
+        "--model.num_steps",
+        "4",
+        *extra,
+    ]
 
 
 # -- rlr sample ----------------------------------------------------------------------------------------------
@@ -148,7 +165,11 @@ def test_load_backbone_of_an_impossible_name_lists_the_built_in_names():
     with pytest.raises(FileNotFoundError) as info:
         load_backbone("shapes world")
     message = str(info.value)
-    assert "'shapes world'" in message and "did you mean shapes-world?" in message and "hf download" not in message
+    assert (
+        "'shapes world'" in message
+        and "did you mean shapes-world?" in message
+        and "hf download" not in message
+    )
 
 
 # -- rlr fit: options, classes, files ------------------------------------------------------------------------
@@ -157,28 +178,72 @@ def test_load_backbone_of_an_impossible_name_lists_the_built_in_names():
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (("--model.estimator.init_args.zo_mode", "bogus"),
-         ["--model.estimator.init_args.zo_mode bogus: expected one of score, parameter, none"]),
-        (("--model.estimator.init_args.h", "x"),
-         ["--model.estimator.init_args.h x: expected an integer or auto"]),
-        (("--model.estimator.init_args.hh", "3"),
-         ["--model.estimator.init_args.hh: rlr_lightning.estimators.RLR has no option 'hh' (did you mean h?)",
-          "its options: h, tail, tail_sigma_ratio, block_law"]),
-        (("--model.reward.init_args.weight", "2"),
-         ["--model.reward.init_args.weight: rlr_lightning.rewards.WorldCountReward has no option 'weight'",
-          "its options: counter"]),
-        (("--model.reward", "rlr_lightning.rewards.JpegCompressibility", "--model.reward.init_args.quality", "0"),
-         ["--model.reward rlr_lightning.rewards.JpegCompressibility: quality must be in [1, 100], got 0"]),
-        (("--model.estimator", "rlr_lightning.estimators.RLRR"),
-         ["--model.estimator rlr_lightning.estimators.RLRR: no such class",
-          "did you mean rlr_lightning.estimators.RLR?", "rlr_lightning.estimators.GRPO"]),
-        (("--model.estimator", "torch.nn.Linear"),
-         ["--model.estimator torch.nn.Linear: not a GradientEstimator", "rlr_lightning.estimators.TruncatedBackprop"]),
-        (("--model.estimator", "rlr_lightning.estimators.GRPO", "--model.estimator.init_args.group_size", "1"),
-         ["--model.estimator rlr_lightning.estimators.GRPO: ", "group_size must be >= 2, got 1"]),
+        (
+            ("--model.estimator.init_args.zo_mode", "bogus"),
+            ["--model.estimator.init_args.zo_mode bogus: expected one of score, parameter, none"],
+        ),
+        (
+            ("--model.estimator.init_args.h", "x"),
+            ["--model.estimator.init_args.h x: expected an integer or auto"],
+        ),
+        (
+            ("--model.estimator.init_args.hh", "3"),
+            [
+                "--model.estimator.init_args.hh: rlr_lightning.estimators.RLR has no option 'hh' (did you mean h?)",
+                "its options: h, tail, tail_sigma_ratio, block_law",
+            ],
+        ),
+        (
+            ("--model.reward.init_args.weight", "2"),
+            [
+                "--model.reward.init_args.weight: rlr_lightning.rewards.WorldCountReward has no option 'weight'",
+                "its options: counter",
+            ],
+        ),
+        (
+            (
+                "--model.reward",
+                "rlr_lightning.rewards.JpegCompressibility",
+                "--model.reward.init_args.quality",
+                "0",
+            ),
+            ["--model.reward rlr_lightning.rewards.JpegCompressibility: quality must be in [1, 100], got 0"],
+        ),
+        (
+            ("--model.estimator", "rlr_lightning.estimators.RLRR"),
+            [
+                "--model.estimator rlr_lightning.estimators.RLRR: no such class",
+                "did you mean rlr_lightning.estimators.RLR?",
+                "rlr_lightning.estimators.GRPO",
+            ],
+        ),
+        (
+            ("--model.estimator", "torch.nn.Linear"),
+            [
+                "--model.estimator torch.nn.Linear: not a GradientEstimator",
+                "rlr_lightning.estimators.TruncatedBackprop",
+            ],
+        ),
+        (
+            (
+                "--model.estimator",
+                "rlr_lightning.estimators.GRPO",
+                "--model.estimator.init_args.group_size",
+                "1",
+            ),
+            ["--model.estimator rlr_lightning.estimators.GRPO: ", "group_size must be >= 2, got 1"],
+        ),
     ],
-    ids=["literal", "union", "unknown-estimator-option", "unknown-reward-option", "reward-value", "unknown-class",
-         "not-a-subclass", "grpo-group-size-1"],
+    ids=[
+        "literal",
+        "union",
+        "unknown-estimator-option",
+        "unknown-reward-option",
+        "reward-value",
+        "unknown-class",
+        "not-a-subclass",
+        "grpo-group-size-1",
+    ],
 )
 def test_fit_bad_estimator_or_reward_is_one_line_naming_option_value_and_valid(
     extra, expected, tmp_path, capsys, monkeypatch
@@ -220,12 +285,15 @@ def test_alignprop_overlay_at_fewer_steps_names_k_range(tmp_path, capsys, monkey
 
 @pytest.mark.parametrize(
     "val_option, expected",
-    [((), "give some with --data.val_prompts, --data.val_prompt_file, --data.val_prompt_set"),
-     (("--data.val_prompt_set", "shapes_held_out"), "needs a reward")],
+    [
+        ((), "give some with --data.val_prompts, --data.val_prompt_file, --data.val_prompt_set"),
+        (("--data.val_prompt_set", "shapes_held_out"), "needs a reward"),
+    ],
     ids=["no-val-prompts", "val-prompt-set-counts"],
 )
-def test_validate_accepts_every_way_of_giving_held_out_prompts(val_option, expected, tmp_path, capsys,
-                                                               monkeypatch):
+def test_validate_accepts_every_way_of_giving_held_out_prompts(
+    val_option, expected, tmp_path, capsys, monkeypatch
+):
     args = fit_args(tmp_path, *val_option, "--model.reward", "null")
     args[0] = "validate"
     args = [a for a in args if a not in ("--trainer.max_steps", "1")]
@@ -249,7 +317,9 @@ def test_an_error_about_a_prompt_quotes_at_most_80_characters():
     with pytest.raises(ValueError) as info:
         parse_caption(long_prompt)
     message = str(info.value)
-    assert message.startswith(repr(long_prompt[:80]) + "...") and f"({len(long_prompt)} characters)" in message
+    assert (
+        message.startswith(repr(long_prompt[:80]) + "...") and f"({len(long_prompt)} characters)" in message
+    )
     assert max(quoted_prompt_lengths(message.split(" is not")[0])) <= 80
     with pytest.raises(ValueError) as info:
         PromptRecord("a cat", dcot=(long_prompt, long_prompt, ""))
@@ -266,12 +336,24 @@ def test_console_shows_one_line_and_exit_status_2(tmp_path):
     not_a_pipeline.mkdir()
     commands = {
         "sample": ["sample", "--model", str(not_a_pipeline), "--out", str(tmp_path / "x.png")],
-        "fit": fit_args(tmp_path, "--model.estimator", "rlr_lightning.estimators.GRPO",
-                        "--model.estimator.init_args.group_size", "1"),
+        "fit": fit_args(
+            tmp_path,
+            "--model.estimator",
+            "rlr_lightning.estimators.GRPO",
+            "--model.estimator.init_args.group_size",
+            "1",
+        ),
     }
-    started = {name: subprocess.Popen([sys.executable, "-m", "rlr_lightning", *args], cwd=tmp_path, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for name, args in commands.items()}
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "rlr_lightning", *args],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, args in commands.items()
+    }
     for name, proc in started.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, (name, err)

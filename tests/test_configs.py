@@ -56,7 +56,7 @@ def resolved(*configs: Path) -> dict:
     return yaml.safe_load(_printed_config(*configs))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _printed_config(*configs: Path) -> str:
     out = io.StringIO()
     args = [arg for config in configs for arg in ("--config", str(config))]
@@ -100,8 +100,14 @@ def test_one_base_per_model_and_the_overlays_exist():
 def test_every_config_path_the_docs_and_configs_name_exists():
     """Composition replaced the per-combination files: no README line, doc, sbatch or comment may still send
     a user to one."""
-    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "notebooks").glob("*.ipynb"),
-             *CONFIG_DIR.rglob("*.yaml"), *CONFIG_DIR.rglob("*.sbatch"), *(ROOT / "benchmarks").glob("*")]
+    texts = [
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "notebooks").glob("*.ipynb"),
+        *CONFIG_DIR.rglob("*.yaml"),
+        *CONFIG_DIR.rglob("*.sbatch"),
+        *(ROOT / "benchmarks").glob("*"),
+    ]
     named = {}
     for text in texts:
         if text.is_file():
@@ -117,8 +123,16 @@ def test_every_config_path_the_docs_and_configs_name_exists():
 
 
 @pytest.mark.parametrize(
-    "overlay", [None, "rewards/hpsv2.yaml", "rewards/pickscore.yaml", "estimators/alignprop.yaml",
-                "estimators/ddpo.yaml"], ids=str)
+    "overlay",
+    [
+        None,
+        "rewards/hpsv2.yaml",
+        "rewards/pickscore.yaml",
+        "estimators/alignprop.yaml",
+        "estimators/ddpo.yaml",
+    ],
+    ids=str,
+)
 def test_sd15_recipes_keep_the_paper_settings(overlay):
     """The base alone and the four recipes that used to be files of their own."""
     cfg = resolved(SD15, *([CONFIG_DIR / overlay] if overlay else []))
@@ -168,7 +182,9 @@ def test_flow_recipes_follow_flow_grpo_and_compare_rlr_with_grpo_on_equal_terms(
         model = cfg["model"]
         assert model["resolution"] == 512 and model["num_steps"] == 10 and model["eta"] == 0.7
         assert model["timestep_spacing"] is None and model["memory_budget_gb"] == "auto"
-        assert {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= set(model["lora"]["target_modules"])
+        assert {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= set(
+            model["lora"]["target_modules"]
+        )
     assert rlr["model"]["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
     assert flux["model"]["pretrained_model_name_or_path"] == "black-forest-labs/FLUX.1-dev"
     assert rlr["model"]["guidance_scale"] == 4.5 and flux["model"]["guidance_scale"] == 3.5
@@ -183,9 +199,13 @@ def test_flow_recipes_follow_flow_grpo_and_compare_rlr_with_grpo_on_equal_terms(
     assert estimator["class_path"] == "rlr_lightning.estimators.GRPO"
     assert (estimator["init_args"]["group_size"], estimator["init_args"]["clip_range"]) == (8, 1e-4)
     assert grpo["model"]["gradient_accumulation_steps"] == 1  # inner updates cannot accumulate
-    differ = {k for k in flatten(rlr).keys() | flatten(grpo).keys() if flatten(rlr).get(k) != flatten(grpo).get(k)}
+    differ = {
+        k for k in flatten(rlr).keys() | flatten(grpo).keys() if flatten(rlr).get(k) != flatten(grpo).get(k)
+    }
     assert {k for k in differ if not k.startswith("model.estimator.")} == {
-        "model.gradient_accumulation_steps", "trainer.logger.init_args.name"}
+        "model.gradient_accumulation_steps",
+        "trainer.logger.init_args.name",
+    }
 
 
 @pytest.mark.parametrize("config", [*BASES, *ESTIMATORS, *REWARDS], ids=name)
@@ -209,8 +229,11 @@ def test_an_overlay_changes_only_what_it_names(base, overlay):
     # Everything else is the base's.
     owned = tuple(flatten(own))
     subtrees = tuple(k.rsplit(".class_path", 1)[0] + "." for k in owned if k.endswith(".class_path"))
-    changed = {k for k in flatten(before).keys() | flatten(after).keys()
-               if flatten(before).get(k, "<absent>") != flatten(after).get(k, "<absent>")}
+    changed = {
+        k
+        for k in flatten(before).keys() | flatten(after).keys()
+        if flatten(before).get(k, "<absent>") != flatten(after).get(k, "<absent>")
+    }
     assert {k for k in changed if k not in owned and not k.startswith(subtrees)} == set()
 
 
@@ -256,7 +279,9 @@ def test_sample_images_overlay_adds_its_callback_and_keeps_the_base_checkpointin
     callbacks = cfg["trainer"]["callbacks"]
     assert callbacks[: len(base_callbacks)] == base_callbacks  # the ModelCheckpoint and its settings survive
     assert [c["class_path"] for c in callbacks] == [
-        *(c["class_path"] for c in base_callbacks), "rlr_lightning.callbacks.SampleImageLogger"]
+        *(c["class_path"] for c in base_callbacks),
+        "rlr_lightning.callbacks.SampleImageLogger",
+    ]
     assert callbacks[0]["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
     assert callbacks[-1]["init_args"]["every_n_steps"] == 50
     assert cfg["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
@@ -285,12 +310,25 @@ def test_sbatch_composes_its_config_arguments_and_gives_each_job_its_checkpoint_
     (bin_dir / "rlr").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m rlr_lightning "$@"\n')
     for tool in ("srun", "rlr"):
         (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+    }
     proc = subprocess.run(
-        ["bash", "configs/slurm/rlr_multinode.sbatch",
-         "configs/sdxl_aesthetic_rlr.yaml", "configs/estimators/ddpo.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            "bash",
+            "configs/slurm/rlr_multinode.sbatch",
+            "configs/sdxl_aesthetic_rlr.yaml",
+            "configs/estimators/ddpo.yaml",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load(proc.stdout)

@@ -20,9 +20,13 @@ from rlr_lightning.rewards import TargetColor
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Longer than the tiny model's text encoder reads (16 tokens): cut when trained on.
-LONG_TRAINING_PROMPT = "a watercolour painting of a red fox asleep under a tall pine tree beside a frozen lake at dawn"
+LONG_TRAINING_PROMPT = (
+    "a watercolour painting of a red fox asleep under a tall pine tree beside a frozen lake at dawn"
+)
 #: Longer too, but only a before/after grid caption: never trained on.
-LONG_GRID_CAPTION = "an oil painting of three sailing boats in a harbour at sunset with seagulls and fishermen"
+LONG_GRID_CAPTION = (
+    "an oil painting of three sailing boats in a harbour at sunset with seagulls and fishermen"
+)
 
 
 class NaNOnceReward(TargetColor):
@@ -46,14 +50,24 @@ def tiny_fit_console(tmp_path_factory):
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "max_steps": 2, "log_every_n_steps": 1, "default_root_dir": str(tmp / "run"),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(tmp / "run"), "name": "rlr"}},
-            "callbacks": [{"class_path": "rlr_lightning.callbacks.BeforeAfterGrid",
-                           "init_args": {"prompts": [LONG_GRID_CAPTION, "a red circle"], "scale": 1}}],
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(tmp / "run"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp / "run"), "name": "rlr"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "rlr_lightning.callbacks.BeforeAfterGrid",
+                    "init_args": {"prompts": [LONG_GRID_CAPTION, "a red circle"], "scale": 1},
+                }
+            ],
         },
         "model": {
-            "pretrained_model_name_or_path": "tiny", "num_steps": 2,
+            "pretrained_model_name_or_path": "tiny",
+            "num_steps": 2,
             "estimator": {"class_path": "rlr_lightning.estimators.RLR", "init_args": {"h": 1}},
             "reward": {"class_path": "tests.test_console.NaNOnceReward"},
         },
@@ -62,8 +76,14 @@ def tiny_fit_console(tmp_path_factory):
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RLR_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "rlr_lightning", "fit", "--config", str(path)], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlr_lightning", "fit", "--config", str(path)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, tmp / "run" / "rlr" / "version_0"
 
@@ -73,8 +93,14 @@ def test_fit_console_shows_no_other_librarys_bars_or_accelerator_lines(tiny_fit_
     proc, _ = tiny_fit_console
     console = proc.stdout + proc.stderr
     assert "Backbone tiny" in console  # the model was built and loaded in this run
-    for noise in ("Loading weights", "Writing model shards", "Loading pipeline components", "GPU available",
-                  "TPU available", "💡 Tip"):
+    for noise in (
+        "Loading weights",
+        "Writing model shards",
+        "Loading pipeline components",
+        "GPU available",
+        "TPU available",
+        "💡 Tip",
+    ):
         assert noise not in console, noise
 
 
@@ -96,17 +122,28 @@ def test_truncation_warning_names_the_cut_training_prompt_not_a_grid_caption(tin
     assert "an oil painting" not in training[0]
     # The grid says itself that its caption is drawn cut, as the grid's.
     grid = [line for line in lines if line.startswith("WARNING rlr_lightning.callbacks: BeforeAfterGrid")]
-    assert len(grid) == 1 and "1 of its 2 prompts" in grid[0] and "an oil painting of three sailing" in grid[0]
+    assert (
+        len(grid) == 1 and "1 of its 2 prompts" in grid[0] and "an oil painting of three sailing" in grid[0]
+    )
     assert (run_dir / "before_after.png").is_file()
 
 
 def test_grpo_logs_sampled_batches_beside_optimizer_steps(tiny_pipeline_dir, tmp_path):
     from tests.test_module import data, make_module
 
-    module = make_module(tiny_pipeline_dir, num_steps=2, estimator=GRPO(group_size=2, inner_updates=2, clip_range=0.2))
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, log_every_n_steps=1, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        logger=CSVLogger(tmp_path, name="grpo"))
+    module = make_module(
+        tiny_pipeline_dir, num_steps=2, estimator=GRPO(group_size=2, inner_updates=2, clip_range=0.2)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="grpo"),
+    )
     trainer.fit(module, datamodule=data(batch_size=1))
     assert trainer.global_step == 4  # max_steps: optimizer steps, two per sampled batch
     with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:

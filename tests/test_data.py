@@ -35,9 +35,13 @@ def test_jsonl_carries_dcot_rewrites_and_metadata(tmp_path):
 
 @pytest.mark.parametrize(
     "content, match",
-    [("", "holds no prompts"), ("# only a comment\n\n", "holds no prompts"),
-     ('{"text": "a cat"}', r'p\.jsonl:1: .*"prompt"'), ('{"prompt": "a"}\nnot json', r"p\.jsonl:2: not valid JSON"),
-     ('{"prompt": "a", "coarse": "b"}', "need all of coarse, mid and fine")],
+    [
+        ("", "holds no prompts"),
+        ("# only a comment\n\n", "holds no prompts"),
+        ('{"text": "a cat"}', r'p\.jsonl:1: .*"prompt"'),
+        ('{"prompt": "a"}\nnot json', r"p\.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "coarse": "b"}', "need all of coarse, mid and fine"),
+    ],
 )
 def test_bad_prompt_files_fail_with_file_and_line(tmp_path, content, match):
     suffix = ".jsonl" if "{" in content else ".txt"
@@ -64,8 +68,12 @@ def test_validation_split_is_held_out_and_seeded():
     dm = PromptDataModule(prompt_set="animals", val_fraction=0.25, seed=3)
     train, val = set(dm.prompts), {r.prompt for r in dm.val_records}
     assert train.isdisjoint(val) and len(train) + len(val) == len(PROMPT_SETS["animals"])
-    assert {r.prompt for r in PromptDataModule(prompt_set="animals", val_fraction=0.25, seed=3).val_records} == val
-    assert {r.prompt for r in PromptDataModule(prompt_set="animals", val_fraction=0.25, seed=4).val_records} != val
+    assert {
+        r.prompt for r in PromptDataModule(prompt_set="animals", val_fraction=0.25, seed=3).val_records
+    } == val
+    assert {
+        r.prompt for r in PromptDataModule(prompt_set="animals", val_fraction=0.25, seed=4).val_records
+    } != val
     batches = list(dm.val_dataloader())
     assert [p for b in batches for p in b.prompts] == [r.prompt for r in dm.val_records]  # fixed order, once
 
@@ -82,15 +90,18 @@ def test_train_batches_are_prompt_batches_reproducible_by_seed():
 
 def test_dcot_fine_prompt_conditions_only_the_late_steps(tiny_pipeline_dir):
     """Swapping the fine rewrite leaves every latent before the fine scale bit-identical, and changes after."""
-    module = RLRModule(pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=6, dcot_split=(1 / 3, 2 / 3))
+    module = RLRModule(
+        pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=6, dcot_split=(1 / 3, 2 / 3)
+    )
     module.configure_model()
     assert module.settings.dcot_ranges() == [(0, 2), (2, 4), (4, 6)]
 
     def latents(fine: str):
         batch = PromptBatch(["a hand"], [("a person", "an arm", fine)], [{}])
         with torch.no_grad():
-            trajectory = module.task.sampler.run(Plan(6), module.task.conditioning(batch),
-                                            generator=torch.Generator().manual_seed(0))
+            trajectory = module.task.sampler.run(
+                Plan(6), module.task.conditioning(batch), generator=torch.Generator().manual_seed(0)
+            )
         return trajectory.latents
 
     a, b = latents("five fingers"), latents("a fist")

@@ -77,14 +77,18 @@ def test_diagnostics_callback_logs_during_training(tiny_pipeline_dir, tmp_path):
 
 
 def rlr_step_peak_bytes(tiny_pipeline_dir, num_steps: int, h: int, zo_mode: str = "score") -> int:
-    from rlr_lightning.memory import AutogradMemoryMeter
     from rlr_lightning.estimators import estimate_gradient
+    from rlr_lightning.memory import AutogradMemoryMeter
 
-    module = make_module(tiny_pipeline_dir, num_steps=num_steps, estimator=RLR(h=h, zo_mode=zo_mode, zo_scale=1e-3))
+    module = make_module(
+        tiny_pipeline_dir, num_steps=num_steps, estimator=RLR(h=h, zo_mode=zo_mode, zo_scale=1e-3)
+    )
     module.configure_model()
     embeds = module.backbone.encode_prompts(PROMPTS, negative=False)
     with AutogradMemoryMeter(exclude=module.parameters()) as meter:
-        estimate = estimate_gradient(module.estimator, module.task.sampler, embeds, PROMPTS, module.task.latent_reward, 1, 2)
+        estimate = estimate_gradient(
+            module.estimator, module.task.sampler, embeds, PROMPTS, module.task.latent_reward, 1, 2
+        )
         del estimate
         gc.collect()  # the terms' closures and the rollout reference each other
     assert meter.live == 0  # nothing outlives the step

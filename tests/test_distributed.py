@@ -16,14 +16,36 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_two_process_ddp_keeps_lora_identical_and_block_starts_shared(tiny_pipeline_dir, tmp_path):
     probe = tmp_path / "probe"
-    cmd = [sys.executable, "-m", "rlr_lightning", "fit", "--config", "configs/quickstart.yaml",
-           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4",
-           "--model.num_steps", "6", "--data.batch_size", "2",
-           "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
-           "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-           "--trainer.callbacks+=tests.ddp_probe.RankProbe", "--trainer.callbacks.directory", str(probe),
-           # Per-step baselines whose statistics are gathered over ranks (the prompts' running means).
-           "--model.estimator.init_args.step_baseline", "[prompt_mean, prompt_mean, muprop, muprop, none, none]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlr_lightning",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "4",
+        "--model.num_steps",
+        "6",
+        "--data.batch_size",
+        "2",
+        "--model.pretrained_model_name_or_path",
+        str(tiny_pipeline_dir),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "run"),
+        "--trainer.callbacks+=tests.ddp_probe.RankProbe",
+        "--trainer.callbacks.directory",
+        str(probe),
+        # Per-step baselines whose statistics are gathered over ranks (the prompts' running means).
+        "--model.estimator.init_args.step_baseline",
+        "[prompt_mean, prompt_mean, muprop, muprop, none, none]",
+    ]
     # From the repository root, so the launcher's re-run of this command imports the tests package too.
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -50,15 +72,38 @@ def test_simulated_slurm_environment_is_detected_with_requeue(monkeypatch, tiny_
 
     from rlr_lightning.cli import build_cli
 
-    env = dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1",
-               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_ID="4242", SLURM_JOB_NAME="rlr",
-               SLURM_NODELIST="node1", MASTER_PORT="29533")
+    env = dict(
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_NNODES="1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="rlr",
+        SLURM_NODELIST="node1",
+        MASTER_PORT="29533",
+    )
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    cli = build_cli(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs/slurm/ddp.yaml"),
-                     "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp_path),
-                     "--trainer.logger.init_args.save_dir", str(tmp_path),
-                     "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir)], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--config",
+            str(ROOT / "configs/slurm/ddp.yaml"),
+            "--trainer.devices",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--model.pretrained_model_name_or_path",
+            str(tiny_pipeline_dir),
+        ],
+        run=False,
+    )
     environment = cli.trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and SLURMEnvironment.detect()
     assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1

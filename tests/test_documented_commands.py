@@ -35,7 +35,19 @@ CONFIG_DIR = ROOT / "configs"
 
 #: Programs a documented command starts with; inline code and comments that start otherwise are prose.
 PROGRAMS = frozenset(
-    {"rlr", "python", "pip", "hf", "huggingface-cli", "sbatch", "srun", "torchrun", "jupyter", "wandb", "bash"}
+    {
+        "rlr",
+        "python",
+        "pip",
+        "hf",
+        "huggingface-cli",
+        "sbatch",
+        "srun",
+        "torchrun",
+        "jupyter",
+        "wandb",
+        "bash",
+    }
 )
 
 #: Documented commands not run here, and why. Keys are the commands as written (whitespace collapsed, ``a && b``
@@ -46,81 +58,58 @@ SKIPPED = {
     'pip install -e ".[dev]"': "installs the package with the test tools (the suite runs in them)",
     'pip install -e ".[notebook]"': "installs Jupyter (network)",
     "python -m pytest": "the test suite itself (CI runs exactly this command)",
-    "jupyter notebook notebooks/quickstart.ipynb":
-        "starts an interactive server; tests/test_notebook.py executes the notebook",
+    "jupyter notebook notebooks/quickstart.ipynb": "starts an interactive server; tests/test_notebook.py executes the notebook",
     # Rebuilds of shipped artifacts, too long for the suite; their parts run in tests/world/.
-    "python benchmarks/build_counter.py --out DIR":
-        "rebuilds the packaged counter (about 30 minutes on 2 cores); its sampling, labelling and training run in "
-        "tests/world/test_model_samples.py and test_counter.py",
+    "python benchmarks/build_counter.py --out DIR": "rebuilds the packaged counter (about 30 minutes on 2 cores); its sampling, labelling and training run in "
+    "tests/world/test_model_samples.py and test_counter.py",
     # Prose: an option named in a sentence, not a command.
     "rlr sample --model": "prose ('`rlr sample --model` draws with it'): names the option, not a command",
     # Network only.
-    "hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir models/sd15":
-        "downloads Stable Diffusion 1.5 from the Hugging Face Hub (network; the suite is offline)",
+    "hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir models/sd15": "downloads Stable Diffusion 1.5 from the Hugging Face Hub (network; the suite is offline)",
     "wandb sync outputs/wandb/wandb/offline-run-*": "uploads an offline run to W&B (network and an account)",
     # Real models: downloaded from the hub (the suite is offline) and sized for a GPU; tests/test_configs.py
     # composes every config through the real CLI, and the tiny models of every family run the same code.
     "rlr sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/sd15/rlr/version_0/lora "
     '--steps 50 --eta 0.05 --guidance 5 --prompt "a photo of a cat" --device cuda --dtype bfloat16 '
-    "--out cat.png":
-        "GPU (--device cuda), Stable Diffusion 1.5 from the hub, and the LoRA of a GPU run",
+    "--out cat.png": "GPU (--device cuda), Stable Diffusion 1.5 from the hub, and the LoRA of a GPU run",
     "rlr sample --model stabilityai/stable-diffusion-3.5-medium --lora outputs/sd35/rlr/version_0/lora "
     '--steps 40 --eta 0 --guidance 4.5 --resolution 512 --prompt "a photo of a cat" --device cuda '
-    "--dtype bfloat16 --out cat.png":
-        "GPU (--device cuda), SD 3.5 Medium from the hub (gated), and the LoRA of a GPU run",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml":
-        "GPU: Stable Diffusion 1.5 and the aesthetic predictor from the hub",
+    "--dtype bfloat16 --out cat.png": "GPU (--device cuda), SD 3.5 Medium from the hub (gated), and the LoRA of a GPU run",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml": "GPU: Stable Diffusion 1.5 and the aesthetic predictor from the hub",
     "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/hpsv2.yaml "
-    "--config configs/gpu/24gb.yaml":
-        "GPU (24 GB budget): Stable Diffusion 1.5 and HPSv2 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/gpu/24gb.yaml":
-        "GPU (24 GB budget): Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/gpu/40gb.yaml":
-        "GPU (40 GB budget): Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/gpu/80gb.yaml":
-        "GPU (80 GB budget): Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/estimators/alignprop.yaml":
-        "GPU: Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/estimators/draft.yaml":
-        "GPU: Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/estimators/ddpo.yaml":
-        "GPU: Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/aesthetic.yaml":
-        "GPU: Stable Diffusion 1.5 and the aesthetic predictor from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/hpsv2.yaml":
-        "GPU: Stable Diffusion 1.5 and HPSv2 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/pickscore.yaml":
-        "GPU: Stable Diffusion 1.5 and PickScore from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/wandb.yaml":
-        "GPU: Stable Diffusion 1.5 from the hub, and W&B online (network)",
+    "--config configs/gpu/24gb.yaml": "GPU (24 GB budget): Stable Diffusion 1.5 and HPSv2 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/gpu/24gb.yaml": "GPU (24 GB budget): Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/gpu/40gb.yaml": "GPU (40 GB budget): Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/gpu/80gb.yaml": "GPU (80 GB budget): Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/estimators/alignprop.yaml": "GPU: Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/estimators/draft.yaml": "GPU: Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/estimators/ddpo.yaml": "GPU: Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/aesthetic.yaml": "GPU: Stable Diffusion 1.5 and the aesthetic predictor from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/hpsv2.yaml": "GPU: Stable Diffusion 1.5 and HPSv2 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/rewards/pickscore.yaml": "GPU: Stable Diffusion 1.5 and PickScore from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/wandb.yaml": "GPU: Stable Diffusion 1.5 from the hub, and W&B online (network)",
     "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/wandb.yaml "
-    "--config configs/sample_images.yaml":
-        "GPU: Stable Diffusion 1.5 from the hub, and W&B online (network); the overlay is run on CPU with the "
-        "quickstart",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/slurm/ddp.yaml":
-        "GPUs (DDP over NCCL): Stable Diffusion 1.5 from the hub",
-    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/slurm/ddp.yaml --trainer.devices 8":
-        "8 GPUs (DDP over NCCL): Stable Diffusion 1.5 from the hub",
-    "sbatch configs/slurm/rlr_multinode.sbatch configs/sd15_aesthetic_rlr.yaml [overlays ...]":
-        "a SLURM cluster with GPUs",
+    "--config configs/sample_images.yaml": "GPU: Stable Diffusion 1.5 from the hub, and W&B online (network); the overlay is run on CPU with the "
+    "quickstart",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/slurm/ddp.yaml": "GPUs (DDP over NCCL): Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/slurm/ddp.yaml --trainer.devices 8": "8 GPUs (DDP over NCCL): Stable Diffusion 1.5 from the hub",
+    "sbatch configs/slurm/rlr_multinode.sbatch configs/sd15_aesthetic_rlr.yaml [overlays ...]": "a SLURM cluster with GPUs",
     "sbatch configs/slurm/rlr_multinode.sbatch configs/sd15_aesthetic_rlr.yaml "
-    "[configs/estimators/ddpo.yaml ...]":
-        "a SLURM cluster with GPUs",
+    "[configs/estimators/ddpo.yaml ...]": "a SLURM cluster with GPUs",
     "rlr fit --config configs/sdxl_aesthetic_rlr.yaml": "GPU: SDXL base 1.0 at 1024 px from the hub",
     "rlr fit --config configs/sdxl_aesthetic_rlr.yaml --config configs/rewards/hpsv2.yaml "
-    "--config configs/estimators/ddpo.yaml":
-        "GPU: SDXL base 1.0 and HPSv2 from the hub",
-    "rlr fit --config configs/sd35_medium_pickscore_rlr.yaml":
-        "GPU: SD 3.5 Medium (gated) and PickScore from the hub",
+    "--config configs/estimators/ddpo.yaml": "GPU: SDXL base 1.0 and HPSv2 from the hub",
+    "rlr fit --config configs/sd35_medium_pickscore_rlr.yaml": "GPU: SD 3.5 Medium (gated) and PickScore from the hub",
     "rlr fit --config configs/sd35_medium_grpo.yaml": "GPU: SD 3.5 Medium (gated) and PickScore from the hub",
-    "rlr fit --config configs/flux1_dev_hpsv2_rlr.yaml":
-        "an 80 GB GPU: FLUX.1-dev (gated) and HPSv2 from the hub",
+    "rlr fit --config configs/flux1_dev_hpsv2_rlr.yaml": "an 80 GB GPU: FLUX.1-dev (gated) and HPSv2 from the hub",
 }
 
 #: Output directories that documented commands read, and the documented command that writes them: it runs
 #: once per session, shortened, and the commands that read its output run in its directory after it.
-PRODUCERS = {"outputs/quickstart/": "rlr fit --config configs/quickstart.yaml",
-             "outputs/world_align/": "rlr fit --config configs/world_align.yaml"}
+PRODUCERS = {
+    "outputs/quickstart/": "rlr fit --config configs/quickstart.yaml",
+    "outputs/world_align/": "rlr fit --config configs/world_align.yaml",
+}
 
 
 @dataclass
@@ -223,7 +212,14 @@ def shortened(argv: list[str]) -> tuple[list[str], bool] | None:
     if argv[:2] == ["rlr", "diagnose"]:
         return argv + ["--draws", "4", "--batch", "2", "--model.num_steps", "4", "--no-measure"], False
     if argv[:2] == ["rlr", "eval"] or argv[:3] == ["python", "-m", "rlr_lightning.world.evaluate"]:
-        return argv + ["--samples-per-caption", "1", "--steps", "2", "--seeds", "0"], "--grid" in argv or "--json" in argv
+        return argv + [
+            "--samples-per-caption",
+            "1",
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+        ], "--grid" in argv or "--json" in argv
     if argv[:3] == ["python", "-m", "rlr_lightning.world.counter"]:
         return argv + ["--steps", "2", "--scenes", "8", "--validation-scenes", "8"], True
     return None
@@ -264,15 +260,18 @@ class Ran:
     output: str  # stdout and stderr, without colour codes
 
     def report(self) -> str:
-        return (f"`{self.command.text}` (documented at {', '.join(self.command.sources)}) run as\n  "
-                f"{shlex.join(self.argv)}\nin {self.cwd} exited with {self.returncode}; its output ends:\n"
-                f"{self.output[-4000:]}")
+        return (
+            f"`{self.command.text}` (documented at {', '.join(self.command.sources)}) run as\n  "
+            f"{shlex.join(self.argv)}\nin {self.cwd} exited with {self.returncode}; its output ends:\n"
+            f"{self.output[-4000:]}"
+        )
 
 
 def _run(command: Command, argv: list[str], cwd: Path) -> Ran:
     # The environment is the suite's (offline: HF_HUB_OFFLINE=1, set in conftest.py).
-    proc = subprocess.run(_executable(argv), cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ))
+    proc = subprocess.run(
+        _executable(argv), cwd=cwd, capture_output=True, text=True, timeout=900, env=dict(os.environ)
+    )
     return Ran(command, argv, cwd, proc.returncode, _ANSI.sub("", proc.stdout + proc.stderr))
 
 
@@ -322,9 +321,11 @@ def test_documented_command_runs(command: Command, tmp_path, produced):
         pytest.skip("names a command in a sentence; its documented uses with options are run")
     short = shortened(command.argv)
     if short is None:
-        pytest.fail(f"`{command.text}` (documented at {', '.join(command.sources)}) is neither run nor "
-                    "skipped: add a rule to shortened() that runs it cheaply, or an entry with the reason to "
-                    "SKIPPED")
+        pytest.fail(
+            f"`{command.text}` (documented at {', '.join(command.sources)}) is neither run nor "
+            "skipped: add a rule to shortened() that runs it cheaply, or an entry with the reason to "
+            "SKIPPED"
+        )
     argv, writes_files = short
     if command.text in PRODUCERS.values():
         ran = produced(command.text)  # the same run the commands reading its output use

@@ -16,15 +16,18 @@ def test_mean_pairwise_distance_is_zero_for_collapsed_samples():
     assert mean_pairwise_distance(image_features(same)) == 0
     varied = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     two_modes = torch.cat([varied[:1].expand(2, -1, -1, -1), varied[1:2].expand(2, -1, -1, -1)])
-    assert 0 < mean_pairwise_distance(image_features(two_modes)) < mean_pairwise_distance(image_features(varied))
+    assert (
+        0 < mean_pairwise_distance(image_features(two_modes)) < mean_pairwise_distance(image_features(varied))
+    )
     with pytest.raises(ValueError, match="at least two"):
         mean_pairwise_distance(torch.ones(1, 5))
 
 
 def test_validation_reports_reward_metrics_and_diversity_reproducibly(tiny_pipeline_dir, tmp_path):
     module = make_module(tiny_pipeline_dir, reward=TargetColor(), metrics=[ColorBalance()])
-    data = PromptDataModule(prompt_set="animals", batch_size=2, val_prompts=["cat", "dog", "owl", "fox"],
-                            val_batch_size=2)
+    data = PromptDataModule(
+        prompt_set="animals", batch_size=2, val_prompts=["cat", "dog", "owl", "fox"], val_batch_size=2
+    )
     trainer = make_trainer(tmp_path, max_steps=1, num_sanity_val_steps=0)
     first = trainer.validate(module, datamodule=data, verbose=False)[0]
     assert {"val/reward_mean", "val/reward_std", "val/ColorBalance_mean", "val/diversity"} <= set(first)
@@ -55,7 +58,9 @@ def test_validation_diversity_is_measured_in_the_clip_rewards_embedding(tiny_pip
     files = save_tiny_open_clip(tmp_path / "clip")
     reward = CLIPScoreReward(clip_model=files["config"], pretrained=files["checkpoint"])
     module = make_module(tiny_pipeline_dir, reward=reward)
-    data = PromptDataModule(prompt_set="animals", batch_size=2, val_prompts=["cat", "dog", "owl"], val_batch_size=3)
+    data = PromptDataModule(
+        prompt_set="animals", batch_size=2, val_prompts=["cat", "dog", "owl"], val_batch_size=3
+    )
     result = make_trainer(tmp_path, max_steps=1).validate(module, datamodule=data, verbose=False)[0]
 
     batch = next(iter(data.val_dataloader()))
@@ -64,4 +69,6 @@ def test_validation_diversity_is_measured_in_the_clip_rewards_embedding(tiny_pip
     with torch.no_grad():
         clip = F.normalize(reward.clip.encode_image(reward.preprocess(images)), dim=-1)
     assert result["val/diversity"] == pytest.approx(mean_pairwise_distance(clip).item(), rel=1e-5)
-    assert result["val/diversity"] != pytest.approx(mean_pairwise_distance(image_features(images)).item(), rel=0.01)
+    assert result["val/diversity"] != pytest.approx(
+        mean_pairwise_distance(image_features(images)).item(), rel=0.01
+    )

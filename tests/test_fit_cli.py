@@ -20,17 +20,30 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def rlr(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlr_lightning", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "rlr_lightning", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def rlr_many(commands: dict[str, tuple], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
     """Run several short ``rlr`` commands at once (each mostly waits for imports)."""
     started = {
-        name: subprocess.Popen([sys.executable, "-m", "rlr_lightning", *args], cwd=cwd, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, **env} if env else None)
-        for name, (args, env) in ((n, c if isinstance(c[-1], dict) else (c, None)) for n, c in commands.items())
+        name: subprocess.Popen(
+            [sys.executable, "-m", "rlr_lightning", *args],
+            cwd=cwd,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **env} if env else None,
+        )
+        for name, (args, env) in (
+            (n, c if isinstance(c[-1], dict) else (c, None)) for n, c in commands.items()
+        )
     }
     done = {}
     for name, proc in started.items():
@@ -42,8 +55,18 @@ def rlr_many(commands: dict[str, tuple], cwd: Path) -> dict[str, subprocess.Comp
 def quickstart_args(out: Path) -> list[str]:
     """The quickstart (its shapes-world model) made small: the model options a resumed or validated run must
     repeat, and where files go."""
-    return ["--config", str(QUICKSTART), "--model.num_steps", "4", "--data.batch_size", "2",
-            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)]
+    return [
+        "--config",
+        str(QUICKSTART),
+        "--model.num_steps",
+        "4",
+        "--data.batch_size",
+        "2",
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +92,9 @@ def test_fit_quickstart_writes_checkpoint_and_lora_a_pipeline_loads(quickstart_r
     ckpt = torch.load(checkpoints[0], weights_only=False)
     assert ckpt["global_step"] == 3 and all("lora_" in k for k in ckpt["state_dict"])
 
-    pipe = StableDiffusionPipeline.from_pretrained(WORLD_PIPELINE_DIR, local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        WORLD_PIPELINE_DIR, local_files_only=True, safety_checker=None
+    )
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     context = torch.randn(1, 12, 64)
     with torch.no_grad():
@@ -83,8 +108,13 @@ def test_fit_quickstart_writes_checkpoint_and_lora_a_pipeline_loads(quickstart_r
     with Image.open(run_dir / "before_after.png") as grid:
         assert grid.size[0] > 8 * 32 * 4 and grid.size[1] > 2 * 32 * 4
     assert len((run_dir / "before_after.csv").read_text().splitlines()) == 1 + 8
-    for column in ("train/reward", "train/grad_norm_fo", "train/grad_norm_ho", "train/block_start",
-                   "train/images_per_sec"):
+    for column in (
+        "train/reward",
+        "train/grad_norm_fo",
+        "train/grad_norm_ho",
+        "train/block_start",
+        "train/images_per_sec",
+    ):
         assert column in metrics
 
 
@@ -96,8 +126,19 @@ def test_fit_console_says_where_things_go_once_and_nothing_unactionable(quicksta
     export = run_dir / "lora" / "pytorch_lora_weights.safetensors"
     assert f"Run directory {run_dir}\n" in console.replace("\r", "\n")
     assert console.count(str(export)) == 1
-    for noise in ("LeafSpec", "Total length of", "smaller than the logging interval", "in eval mode",
-                  "AFTER optimization", "FLOPs", "Epoch", "/-2", "v_num", "litlogger", "0.00it/s"):
+    for noise in (
+        "LeafSpec",
+        "Total length of",
+        "smaller than the logging interval",
+        "in eval mode",
+        "AFTER optimization",
+        "FLOPs",
+        "Epoch",
+        "/-2",
+        "v_num",
+        "litlogger",
+        "0.00it/s",
+    ):
         assert noise not in console, noise
     # One progress bar over the run's optimizer steps.
     assert re.search(r"Training: 100%\S* *\S* 3/3 ", console)
@@ -127,8 +168,9 @@ def test_resume_refuses_changed_model_options_and_applies_harmless_ones(quicksta
     ckpt = out / "rlr" / "version_0" / "checkpoints" / "last.ckpt"
     elsewhere = quickstart_args(tmp_path / "resumed")
     with pytest.raises(UsageError) as refused:
-        build_cli(["fit", *elsewhere, "--ckpt_path", str(ckpt), "--model.num_steps", "8",
-                   "--model.lora.rank", "8"])
+        build_cli(
+            ["fit", *elsewhere, "--ckpt_path", str(ckpt), "--model.num_steps", "8", "--model.lora.rank", "8"]
+        )
     message = str(refused.value)
     assert "model.num_steps: checkpoint 4, requested 8" in message
     assert re.search(r"model\.lora: checkpoint \{.*'rank': 4.*\}, requested \{.*'rank': 8.*\}", message)
@@ -136,8 +178,18 @@ def test_resume_refuses_changed_model_options_and_applies_harmless_ones(quicksta
 
     # A new export_dir is harmless: the resumed run takes it (Lightning would restore the checkpoint's null).
     export = tmp_path / "export"
-    cli = build_cli(["fit", *elsewhere, "--ckpt_path", str(ckpt), "--trainer.max_steps", "4",
-                     "--model.export_dir", str(export)])
+    cli = build_cli(
+        [
+            "fit",
+            *elsewhere,
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.max_steps",
+            "4",
+            "--model.export_dir",
+            str(export),
+        ]
+    )
     assert cli.trainer.global_step == 4 and cli.model.hparams.num_steps == 4
     assert (export / "pytorch_lora_weights.safetensors").is_file()
 
@@ -161,8 +213,13 @@ def test_validate_scores_the_checkpoints_lora_weights(quickstart_run, tmp_path):
         module.configure_model()
         if load_export:  # the diffusers file the same run exported, not the checkpoint
             module.backbone.load_lora(out / "rlr" / "version_0" / "lora")
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         data = PromptDataModule(batch_size=2, val_prompts=prompts)
         return trainer.validate(module, datamodule=data, verbose=False)[0]["val/reward_mean"]
 
@@ -175,12 +232,15 @@ def test_command_line_errors_are_short_and_exit_2(tmp_path):
     garbage = tmp_path / "last.ckpt"
     garbage.write_text("not a checkpoint\n")
     q = ("--config", str(QUICKSTART))
-    procs = rlr_many({
-        "h": ("fit", *q, "--model.estimator.init_args.h", "10"),  # raised while building the module
-        "unknown": ("fit", *q, "--model.foo", "1"),  # raised by the parser
-        "garbage": ("fit", *q, "--ckpt_path", str(garbage)),
-        "version": ("--version",),
-    }, cwd=tmp_path)
+    procs = rlr_many(
+        {
+            "h": ("fit", *q, "--model.estimator.init_args.h", "10"),  # raised while building the module
+            "unknown": ("fit", *q, "--model.foo", "1"),  # raised by the parser
+            "garbage": ("fit", *q, "--ckpt_path", str(garbage)),
+            "version": ("--version",),
+        },
+        cwd=tmp_path,
+    )
     expected = {
         "h": "h=10 must be <= T-1=9",
         "unknown": "unrecognized arguments: --model.foo 1",
@@ -190,10 +250,15 @@ def test_command_line_errors_are_short_and_exit_2(tmp_path):
         proc = procs[name]
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) <= 3 and any(line.startswith("rlr fit: error: ") and text in line for line in lines), lines
+        assert len(lines) <= 3 and any(
+            line.startswith("rlr fit: error: ") and text in line for line in lines
+        ), lines
         assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
     assert "RLR_DEBUG=1" in procs["h"].stderr
-    assert procs["version"].returncode == 0 and procs["version"].stdout.strip() == f"rlr {version('rlr_lightning')}"
+    assert (
+        procs["version"].returncode == 0
+        and procs["version"].stdout.strip() == f"rlr {version('rlr_lightning')}"
+    )
 
 
 @pytest.mark.parametrize(

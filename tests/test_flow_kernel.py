@@ -23,7 +23,11 @@ def flux_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
         max_image_seq_len=4096,
     )
 
@@ -95,8 +99,11 @@ def test_the_sampler_log_probs_re_score_its_own_transitions():
 # -- the marginals: a one-dimensional flow whose velocity is known exactly ---------------------------------------
 
 #: A two-component Gaussian mixture: weights, means, standard deviations.
-MIXTURE = (torch.tensor([0.4, 0.6], dtype=torch.float64), torch.tensor([-2.0, 1.5], dtype=torch.float64),
-           torch.tensor([0.3, 0.5], dtype=torch.float64))
+MIXTURE = (
+    torch.tensor([0.4, 0.6], dtype=torch.float64),
+    torch.tensor([-2.0, 1.5], dtype=torch.float64),
+    torch.tensor([0.3, 0.5], dtype=torch.float64),
+)
 
 
 def mixture_at(t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,7 +204,9 @@ def test_the_marginal_test_detects_a_drift_without_the_score_correction():
 def test_stochastic_steps_keep_the_sde_to_a_window_and_the_rest_deterministic():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    kernel = FlowMatchSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), 10, 0.7, stochastic_steps=(0, 3))
+    kernel = FlowMatchSDE.from_scheduler(
+        FlowMatchEulerDiscreteScheduler(shift=3.0), 10, 0.7, stochastic_steps=(0, 3)
+    )
     full = FlowMatchSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), 10, 0.7)
     assert torch.equal(kernel.sigma[:3], full.sigma[:3]) and bool((kernel.sigma[3:] == 0).all())
     # An ODE step's mean is the Euler step, whatever the noise level.

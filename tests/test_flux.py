@@ -58,8 +58,9 @@ def schnell_backbone(seed: int = 0) -> FluxBackbone:
     from rlr_lightning.tiny import build_tiny_flux_components
 
     components = build_tiny_flux_components(seed=seed, guidance_embeds=False)
-    components["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0,
-                                                              use_dynamic_shifting=False)
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
+    )
     return FluxBackbone(**components)
 
 
@@ -70,11 +71,14 @@ def transformer_call(bb, x, t, embeds, guidance):
     B, C, h, w = x.shape
     with torch.no_grad():
         v = bb.transformer(
-            hidden_states=FluxPipeline._pack_latents(x, B, C, h, w), timestep=t.expand(B) / 1000,
+            hidden_states=FluxPipeline._pack_latents(x, B, C, h, w),
+            timestep=t.expand(B) / 1000,
             guidance=None if guidance is None else torch.full([B], guidance),
-            pooled_projections=embeds.added["pooled_projections"], encoder_hidden_states=embeds.cond,
-            txt_ids=torch.zeros(embeds.cond.shape[1], 3), img_ids=FluxPipeline._prepare_latent_image_ids(
-                B, h // 2, w // 2, "cpu", x.dtype), return_dict=False,
+            pooled_projections=embeds.added["pooled_projections"],
+            encoder_hidden_states=embeds.cond,
+            txt_ids=torch.zeros(embeds.cond.shape[1], 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, "cpu", x.dtype),
+            return_dict=False,
         )[0]
     return FluxPipeline._unpack_latents(v, h, w, vae_scale_factor=1)
 
@@ -82,11 +86,18 @@ def transformer_call(bb, x, t, embeds, guidance):
 def test_load_backbone_picks_flux_and_loads_every_component(tiny_flux_dir):
     bb = backbone(tiny_flux_dir, lora=False)
     assert isinstance(bb, FluxBackbone)
-    assert {name: type(getattr(bb, name)).__name__ for name in ("transformer", "text_encoder_2", "scheduler")} == {
-        "transformer": "FluxTransformer2DModel", "text_encoder_2": "T5EncoderModel",
-        "scheduler": "FlowMatchEulerDiscreteScheduler"}
+    assert {
+        name: type(getattr(bb, name)).__name__ for name in ("transformer", "text_encoder_2", "scheduler")
+    } == {
+        "transformer": "FluxTransformer2DModel",
+        "text_encoder_2": "T5EncoderModel",
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+    }
     assert bb.guidance_distilled and bb.vae.config.latent_channels == 16
-    assert bb.resolution == (16, 16) and bb.latent_size == (8, 8)  # the VAE's sample_size, latents twice smaller
+    assert bb.resolution == (16, 16) and bb.latent_size == (
+        8,
+        8,
+    )  # the VAE's sample_size, latents twice smaller
     assert bb.max_sequence_length == T5_TOKENS
     assert not any(p.requires_grad for p in bb.parameters())
     # A shorter T5 prompt length is the sequence the transformer attends to; a bad one is refused.
@@ -100,7 +111,9 @@ def test_load_backbone_picks_flux_and_loads_every_component(tiny_flux_dir):
 def test_conditioning_equals_the_pipelines(pipe, tiny_flux_dir, negative):
     bb = backbone(tiny_flux_dir, lora=False)
     ours = bb.encode_prompts(PROMPTS, negative=negative)
-    with torch.no_grad():  # as in the pipeline's __call__ (with gradient, T5's attention takes another kernel)
+    with (
+        torch.no_grad()
+    ):  # as in the pipeline's __call__ (with gradient, T5's attention takes another kernel)
         sequence, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=T5_TOKENS)
     assert ours.cond.shape == (2, T5_TOKENS, 32)
     torch.testing.assert_close(ours.cond, sequence, rtol=0, atol=0)
@@ -108,16 +121,21 @@ def test_conditioning_equals_the_pipelines(pipe, tiny_flux_dir, negative):
     assert not torch.equal(ours.cond[0], ours.cond[1])
     if negative:  # the empty prompt, as the pipeline's optional true CFG encodes its default negative prompt
         with torch.no_grad():
-            uncond, uncond_pooled, _ = pipe.encode_prompt([""] * 2, device="cpu", max_sequence_length=T5_TOKENS)
+            uncond, uncond_pooled, _ = pipe.encode_prompt(
+                [""] * 2, device="cpu", max_sequence_length=T5_TOKENS
+            )
         torch.testing.assert_close(ours.uncond, uncond, rtol=0, atol=1e-6)
         torch.testing.assert_close(ours.uncond_added["pooled_projections"], uncond_pooled, rtol=0, atol=1e-6)
     else:
         assert ours.uncond is None
 
 
-@pytest.mark.parametrize("model, guidance", [("dev", 3.5), ("schnell", 1.0)], ids=["guidance-embedding", "schnell"])
-def test_step_at_noise_level_zero_equals_the_scheduler_step_on_the_same_transformer_call(tiny_flux_dir, model,
-                                                                                          guidance):
+@pytest.mark.parametrize(
+    "model, guidance", [("dev", 3.5), ("schnell", 1.0)], ids=["guidance-embedding", "schnell"]
+)
+def test_step_at_noise_level_zero_equals_the_scheduler_step_on_the_same_transformer_call(
+    tiny_flux_dir, model, guidance
+):
     """Our step against FlowMatchEulerDiscreteScheduler.step on the pipeline's timesteps (sigmas linspace(1, 1/T),
     shifted by mu), fed by a hand-written transformer call, with the guidance embedding (FLUX.1-dev) and without
     (FLUX.1-schnell, whose transformer has none)."""
@@ -139,8 +157,11 @@ def test_step_at_noise_level_zero_equals_the_scheduler_step_on_the_same_transfor
         x = expected
     if model == "dev":  # the guidance value reaches the transformer
         other = bb.make_sampler(4, eta=0.0, guidance_scale=1.0).step(0, x, embeds).next_latents
-        assert not torch.allclose(other, bb.make_sampler(4, eta=0.0, guidance_scale=guidance).step(0, x, embeds)
-                                  .next_latents, atol=1e-4)
+        assert not torch.allclose(
+            other,
+            bb.make_sampler(4, eta=0.0, guidance_scale=guidance).step(0, x, embeds).next_latents,
+            atol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("resolution", [None, (16, 24)], ids=["default", "16x24"])
@@ -156,17 +177,33 @@ def test_sampling_equals_the_pipeline_with_guidance(pipe, tiny_flux_dir, resolut
     sampler = bb.make_sampler(4, eta=0.0, guidance_scale=3.5)
     x0, noises = sampler.initial_noise(2, torch.Generator().manual_seed(1))
     assert x0.shape == (2, 16, height // 2, width // 2)
-    ours = sampler.run(Plan(4), bb.encode_prompts(PROMPTS, negative=False), initial_latents=x0, noises=noises).final
-    packed = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=3.5, height=height, width=width,
-                  latents=FluxPipeline._pack_latents(x0, 2, 16, height // 2, width // 2), output_type="latent",
-                  max_sequence_length=T5_TOKENS).images
+    ours = sampler.run(
+        Plan(4), bb.encode_prompts(PROMPTS, negative=False), initial_latents=x0, noises=noises
+    ).final
+    packed = pipe(
+        prompt=PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=height,
+        width=width,
+        latents=FluxPipeline._pack_latents(x0, 2, 16, height // 2, width // 2),
+        output_type="latent",
+        max_sequence_length=T5_TOKENS,
+    ).images
     theirs = FluxPipeline._unpack_latents(packed, height, width, pipe.vae_scale_factor)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - x0).abs().mean() > 0.1  # the transformer moved the latents: the comparison is not vacuous
     # The pixels: our decode (FLUX's latent scale and shift) gives the pipeline's images from the same latents.
-    pixels = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=3.5, height=height, width=width,
-                  latents=FluxPipeline._pack_latents(x0, 2, 16, height // 2, width // 2), output_type="pt",
-                  max_sequence_length=T5_TOKENS).images
+    pixels = pipe(
+        prompt=PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=height,
+        width=width,
+        latents=FluxPipeline._pack_latents(x0, 2, 16, height // 2, width // 2),
+        output_type="pt",
+        max_sequence_length=T5_TOKENS,
+    ).images
     with torch.no_grad():
         torch.testing.assert_close(bb.decode(ours), pixels, rtol=0, atol=1e-5)
 
@@ -188,11 +225,14 @@ def test_bad_resolution_guidance_and_timestep_spacing_fail_early_with_what_would
 def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_flux_dir):
     """The pooled projections and the guidance embedding follow each re-scored row of the flow SDE."""
     bb = backbone(tiny_flux_dir)
-    check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=3.5), False)
+    check_rescoring_reproduces_the_sampling_log_probs(
+        bb, bb.make_sampler(4, eta=1.0, guidance_scale=3.5), False
+    )
 
 
 def test_lora_on_every_attention_projection_loads_in_the_flux_pipeline_and_round_trips_exactly(
-        pipe, tiny_flux_dir, tmp_path):
+    pipe, tiny_flux_dir, tmp_path
+):
     import warnings
 
     from diffusers import FluxPipeline
@@ -226,13 +266,19 @@ def test_lora_on_every_attention_projection_loads_in_the_flux_pipeline_and_round
     messages = records.messages + [str(w.message) for w in caught]
     complaints = [m for m in messages if "unexpected keys" in m or "missing keys" in m]
     assert not complaints, complaints
-    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in theirs.transformer.named_parameters() if ".lora_A.rlr" in n}
-    assert adapted == {n.rsplit(".lora_A", 1)[0] for n, _ in ours.transformer.named_parameters() if ".lora_A." in n}
+    adapted = {
+        n.rsplit(".lora_A", 1)[0] for n, _ in theirs.transformer.named_parameters() if ".lora_A.rlr" in n
+    }
+    assert adapted == {
+        n.rsplit(".lora_A", 1)[0] for n, _ in ours.transformer.named_parameters() if ".lora_A." in n
+    }
     # Both streams of the double block and the single block's query, key and value are adapted.
     assert {name.rsplit(".", 1)[-1] for name in adapted} >= {"add_q_proj", "to_add_out", "to_q"}
     assert any(name.startswith("single_transformer_blocks.") for name in adapted)
     torch.testing.assert_close(transformer_out(theirs), transformer_out(ours), rtol=0, atol=1e-5)
-    assert not torch.allclose(transformer_out(theirs), before, atol=1e-3)  # the LoRA is off its initialisation
+    assert not torch.allclose(
+        transformer_out(theirs), before, atol=1e-3
+    )  # the LoRA is off its initialisation
 
 
 class FluxProblem:
@@ -262,8 +308,15 @@ class FluxProblem:
         return estimator
 
     def gradient(self, estimator, draw):
-        estimate = estimate_gradient(estimator, self.sampler, self.embeds, self.prompts, self.reward,
-                                     step_seed=draw, rank_seed=50_000 + draw)
+        estimate = estimate_gradient(
+            estimator,
+            self.sampler,
+            self.embeds,
+            self.prompts,
+            self.reward,
+            step_seed=draw,
+            rank_seed=50_000 + draw,
+        )
         estimator.observe(estimate.rollout, {})
         return estimate.total
 
@@ -282,30 +335,49 @@ def test_rlr_mean_gradient_matches_full_backprop_and_truncation_shows_its_bias_o
     full = problem.setup(FullBackprop())
     direction = torch.stack([problem.gradient(full, 10_000 + i) for i in range(40)]).mean(0)
     direction /= direction.norm()
-    random_direction = torch.randn(direction.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    random_direction = torch.randn(
+        direction.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     random_direction /= random_direction.norm()
     pairs = {
         "score": (RLR(h=1, zo_mode="score"), full),
-        "parameter": (RLR(h=1, zo_mode="parameter", zo_scale=scale, zo_antithetic=True, perturb_backprop_steps=True),
-                      FullBackprop(perturbation_scale=scale, antithetic=True)),
+        "parameter": (
+            RLR(h=1, zo_mode="parameter", zo_scale=scale, zo_antithetic=True, perturb_backprop_steps=True),
+            FullBackprop(perturbation_scale=scale, antithetic=True),
+        ),
         "truncated": (TruncatedBackprop(k=1), full),
     }
     z = {}
     for name, (estimator, reference) in pairs.items():
         problem.setup(estimator), problem.setup(reference)
-        d = torch.stack([problem.gradient(estimator, i) - problem.gradient(reference, i) for i in range(draws)])
+        d = torch.stack(
+            [problem.gradient(estimator, i) - problem.gradient(reference, i) for i in range(draws)]
+        )
         z[name] = (_z(d @ direction), _z(d @ random_direction))
     for name in ("score", "parameter"):
-        assert max(abs(v) for v in z[name]) < 4, f"RLR ({name} mode) differs from full backprop on FLUX: z = {z}"
+        assert max(abs(v) for v in z[name]) < 4, (
+            f"RLR ({name} mode) differs from full backprop on FLUX: z = {z}"
+        )
     assert abs(z["truncated"][0]) > 6, f"truncated backprop's bias is not seen: z = {z}"
 
 
 @pytest.mark.slow
 def test_rlr_fit_on_the_tiny_flux_through_the_cli(tiny_flux_dir, tmp_path):
     fit_and_sample_through_the_cli(
-        tiny_flux_dir, tmp_path, "FluxBackbone",
-        ["--model.num_steps", "3", "--model.eta", "0.7", "--model.guidance_scale", "3.5",
-         "--model.timestep_spacing", "null", "--model.lora.target_modules", json.dumps(list(ATTENTION))],
-        ["--steps", "3", "--eta", "0.7", "--guidance", "3.5"])
-
-
+        tiny_flux_dir,
+        tmp_path,
+        "FluxBackbone",
+        [
+            "--model.num_steps",
+            "3",
+            "--model.eta",
+            "0.7",
+            "--model.guidance_scale",
+            "3.5",
+            "--model.timestep_spacing",
+            "null",
+            "--model.lora.target_modules",
+            json.dumps(list(ATTENTION)),
+        ],
+        ["--steps", "3", "--eta", "0.7", "--guidance", "3.5"],
+    )

@@ -32,13 +32,19 @@ def test_rlr_offline_stops_a_backbone_download_with_what_to_get(only_rlr_offline
         with pytest.raises(ModelNotAvailableError) as info:
             load(repo, cache_dir=tmp_path)
         message = str(info.value)
-        assert "downloads are off" in message and f"hf download {repo}" in message and "RLR_OFFLINE" in message
+        assert (
+            "downloads are off" in message and f"hf download {repo}" in message and "RLR_OFFLINE" in message
+        )
 
 
 def test_rlr_offline_stops_a_reward_weights_download(only_rlr_offline, tmp_path):
     with pytest.raises(MissingRewardWeightsError) as info:
-        fetch_hub_file("yuvalkirstain/PickScore_v1", "model.safetensors", "model.reward.init_args.checkpoint",
-                       cache_dir=tmp_path)
+        fetch_hub_file(
+            "yuvalkirstain/PickScore_v1",
+            "model.safetensors",
+            "model.reward.init_args.checkpoint",
+            cache_dir=tmp_path,
+        )
     assert "model.reward.init_args.checkpoint" in str(info.value)
 
 
@@ -48,7 +54,9 @@ def test_family_is_read_from_model_index(tiny_pipeline_dir, tiny_sdxl_dir, tmp_p
     other = tmp_path / "qwen"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
-    with pytest.raises(ValueError, match="QwenImagePipeline pipeline; supported pipelines: StableDiffusionPipeline"):
+    with pytest.raises(
+        ValueError, match="QwenImagePipeline pipeline; supported pipelines: StableDiffusionPipeline"
+    ):
         backbone_class(other)
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         backbone_class(tmp_path)

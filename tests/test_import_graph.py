@@ -105,7 +105,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -144,9 +144,22 @@ def test_the_package_exports_what_users_import():
     import importlib
 
     exported = set(rlr_lightning.__all__)
-    assert {"RLRModule", "Task", "RLR", "FullBackprop", "TruncatedBackprop", "ScoreFunction", "GRPO",
-            "StableDiffusionBackbone", "StableDiffusionXLBackbone", "StableDiffusion3Backbone", "FluxBackbone",
-            "AestheticReward", "WeightedSum", "WorldCountReward"} <= exported
+    assert {
+        "RLRModule",
+        "Task",
+        "RLR",
+        "FullBackprop",
+        "TruncatedBackprop",
+        "ScoreFunction",
+        "GRPO",
+        "StableDiffusionBackbone",
+        "StableDiffusionXLBackbone",
+        "StableDiffusion3Backbone",
+        "FluxBackbone",
+        "AestheticReward",
+        "WeightedSum",
+        "WorldCountReward",
+    } <= exported
     for name in exported:
         defined = importlib.import_module(rlr_lightning._EXPORTS[name])
         assert getattr(rlr_lightning, name) is getattr(defined, name), name

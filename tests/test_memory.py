@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rlr_lightning.models import load_backbone
-from rlr_lightning.memory import AutogradMemoryMeter
 from rlr_lightning.memory import (
+    AutogradMemoryMeter,
     GraphShape,
     MemoryBudgetError,
     MemoryCosts,
@@ -22,6 +21,7 @@ from rlr_lightning.memory import (
     predicted_peak,
     resolve_budget,
 )
+from rlr_lightning.models import load_backbone
 from tests.conftest import perturb_lora_
 
 GIB = 2**30
@@ -41,8 +41,9 @@ T = 50
 
 def rlr_shape(h: int | None = 2, samples: int = 4) -> GraphShape:
     """RLR in score mode: the half-order block, then the first-order last step; T - 1 - h re-scored steps."""
-    return GraphShape(samples=samples, windows=(h, 1), reward_window=1, rescoring_steps=T - 1 - h,
-                      rescore_steps_per_call=4)
+    return GraphShape(
+        samples=samples, windows=(h, 1), reward_window=1, rescoring_steps=T - 1 - h, rescore_steps_per_call=4
+    )
 
 
 def peak_gib(shape: GraphShape, chunk: int | None, ck: bool) -> float:
@@ -93,8 +94,11 @@ def test_predicted_peak_by_hand_chunked():
 
 
 @pytest.mark.parametrize("ck", [False, True])
-@pytest.mark.parametrize("shape", [rlr_shape(2, 6), GraphShape(6, (50,), 0), GraphShape(6, (), None, 50, 4)],
-                         ids=["rlr", "full-backprop", "score-function"])
+@pytest.mark.parametrize(
+    "shape",
+    [rlr_shape(2, 6), GraphShape(6, (50,), 0), GraphShape(6, (), None, 50, 4)],
+    ids=["rlr", "full-backprop", "score-function"],
+)
 def test_predicted_peak_grows_with_the_chunk(shape, ck):
     peaks = [peak_gib(shape, c, ck) for c in (1, 2, 3, 4, 5, None)]
     assert peaks == sorted(peaks)
@@ -149,8 +153,10 @@ def test_plan_headroom_and_description():
     planned = plan_memory(COSTS, 26 * GIB, rlr_shape, h=2, headroom=0.1, num_steps=T)
     assert planned.usable_budget == int(26 * GIB * 0.9)
     assert planned.plan == MemoryPlan(1, True)  # 20 GiB; checkpointed chunks of 2 (30) exceed 23.4 usable
-    assert planned.describe() == ("memory plan: budget 26.0 GiB (23.4 GiB usable), chunks of 1 sample, "
-                                  "activation checkpointing on, h = 2: predicted peak 20.0 GiB")
+    assert planned.describe() == (
+        "memory plan: budget 26.0 GiB (23.4 GiB usable), chunks of 1 sample, "
+        "activation checkpointing on, h = 2: predicted peak 20.0 GiB"
+    )
     with pytest.raises(MemoryBudgetError, match=r"26.0 GiB \(23.4 GiB usable after 10% headroom\)"):
         plan_memory(COSTS, 26 * GIB, rlr_shape, h=2, headroom=0.1, activation_checkpointing=False)
 
@@ -193,11 +199,15 @@ def test_model_that_does_not_fit():
         # Unchecked chunks of 1 peak at 38; checkpointed chunks of 2 fit (30).
         (dict(activation_checkpointing=False, budget=37), ["`model.activation_checkpointing`"]),
         # h = 4 unchecked needs 42: h = 3 fits (38), and so do checkpointed chunks of 2 at h = 4 (34).
-        (dict(h=4, activation_checkpointing=False, budget=40),
-         ["`model.activation_checkpointing`", "the estimator's `h`"]),
+        (
+            dict(h=4, activation_checkpointing=False, budget=40),
+            ["`model.activation_checkpointing`", "the estimator's `h`"],
+        ),
         # Neither alone is enough: chunks of 3 checkpointed need 40, unchecked chunks of 1 need 38.
-        (dict(chunk_samples=3, activation_checkpointing=False, budget=37),
-         ["`model.chunk_samples` and `model.activation_checkpointing`"]),
+        (
+            dict(chunk_samples=3, activation_checkpointing=False, budget=37),
+            ["`model.chunk_samples` and `model.activation_checkpointing`"],
+        ),
     ],
 )
 def test_a_fixed_choice_that_does_not_fit_is_named(kwargs, options):
@@ -340,20 +350,26 @@ def test_measured_costs_predict_real_windows(tiny, costs):
 def test_measure_costs_needs_trainable_weights(tiny):
     backbone, sampler = tiny
     with pytest.raises(ValueError, match="trainable parameters"):
-        measure_costs(lambda n, g, c: torch.zeros(n), lambda z: z, lambda on: None, models=[backbone.vae],
-                      device="cpu")
+        measure_costs(
+            lambda n, g, c: torch.zeros(n), lambda z: z, lambda on: None, models=[backbone.vae], device="cpu"
+        )
     with pytest.raises(ValueError, match="n1 < n2"):
-        measure_costs(lambda n, g, c: torch.zeros(n), lambda z: z, lambda on: None, models=[backbone],
-                      device="cpu", samples=(2, 2))
+        measure_costs(
+            lambda n, g, c: torch.zeros(n),
+            lambda z: z,
+            lambda on: None,
+            models=[backbone],
+            device="cpu",
+            samples=(2, 2),
+        )
 
 
 # -- the module plans before its first step ---------------------------------------------------------------
 
 
 def test_module_plans_at_its_first_step_and_trains_with_the_plan(tiny_pipeline_dir, tmp_path, caplog):
-    from tests.test_module import data, make_module, make_trainer
-
     from rlr_lightning.estimators import RLR
+    from tests.test_module import data, make_module, make_trainer
 
     # On a CPU a budget counts the process's resident memory; a few MiB above it leave room for one chunk.
     budget_gib = (psutil.Process().memory_info().rss + 400 * 2**20) / GIB
@@ -366,10 +382,9 @@ def test_module_plans_at_its_first_step_and_trains_with_the_plan(tiny_pipeline_d
 
 
 def test_a_step_that_cannot_fit_fails_before_any_sampling(tiny_pipeline_dir, tmp_path):
-    from tests.test_module import data, make_module, make_trainer
-
     from rlr_lightning.memory import MemoryBudgetError
     from rlr_lightning.rewards import TargetColor
+    from tests.test_module import data, make_module, make_trainer
 
     calls = []
 
@@ -386,9 +401,8 @@ def test_a_step_that_cannot_fit_fails_before_any_sampling(tiny_pipeline_dir, tmp
 
 
 def test_h_auto_without_a_budget_is_refused(tiny_pipeline_dir):
-    from tests.test_module import make_module
-
     from rlr_lightning.estimators import RLR
+    from tests.test_module import make_module
 
     with pytest.raises(ValueError, match="h='auto'.*memory_budget_gb"):
         make_module(tiny_pipeline_dir, estimator=RLR(h="auto"))
@@ -406,19 +420,31 @@ def test_the_planner_prices_an_exact_tail_like_the_backprop_window_it_is():
         rlr = RLR(h=2, tail=tail)
         rlr.setup(T, 1.0)
         shape = rlr.graph_shape(T, prompts=4)
-        assert shape == GraphShape(samples=4, windows=(2, tail), reward_window=1, rescoring_steps=T - tail - 2,
-                                   rescore_steps_per_call=4)
+        assert shape == GraphShape(
+            samples=4,
+            windows=(2, tail),
+            reward_window=1,
+            rescoring_steps=T - tail - 2,
+            rescore_steps_per_call=4,
+        )
         assert peak_gib(shape, None, False) == 10 + (2 + tail) * 8 * 4 + 20 * 4
         truncated = TruncatedBackprop(k=tail).graph_shape(T, prompts=4)
         # Without its block, RLR's tail costs what truncated backprop's window costs.
-        assert peak_gib(replace(shape, windows=(tail,), reward_window=0, rescoring_steps=0), None, False) == \
-            peak_gib(truncated, None, False)
+        assert peak_gib(
+            replace(shape, windows=(tail,), reward_window=0, rescoring_steps=0), None, False
+        ) == peak_gib(truncated, None, False)
 
 
 def test_h_auto_leaves_room_for_the_tail():
     from rlr_lightning.estimators import RLR
 
     rlr = RLR(h="auto", tail=4)
-    planned = plan_memory(COSTS, 10_000 * GIB, lambda h: rlr.graph_shape(5, 1, h), h="auto", num_steps=5,
-                          max_block=rlr.max_block_length(5))
+    planned = plan_memory(
+        COSTS,
+        10_000 * GIB,
+        lambda h: rlr.graph_shape(5, 1, h),
+        h="auto",
+        num_steps=5,
+        max_block=rlr.max_block_length(5),
+    )
     assert planned.h == 1  # T - K = 1, although the budget would allow the default cap of 2

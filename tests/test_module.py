@@ -30,15 +30,29 @@ class InfiniteGradientReward(RewardModel):
 
 
 def make_module(tiny_pipeline_dir, **kwargs) -> RLRModule:
-    defaults = dict(pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=4, eta=1.0,
-                    estimator=RLR(h=1), reward=TargetColor(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    defaults = dict(
+        pretrained_model_name_or_path=str(tiny_pipeline_dir),
+        num_steps=4,
+        eta=1.0,
+        estimator=RLR(h=1),
+        reward=TargetColor(),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
     defaults.update(kwargs)
     return RLRModule(**defaults)
 
 
 def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -65,7 +79,9 @@ def test_one_step_changes_only_lora_weights(tiny_pipeline_dir, tmp_path):
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("reward", [NaNReward(), InfiniteGradientReward()], ids=["nan-reward", "inf-gradient"])
+@pytest.mark.parametrize(
+    "reward", [NaNReward(), InfiniteGradientReward()], ids=["nan-reward", "inf-gradient"]
+)
 def test_non_finite_reward_or_gradient_skips_the_update(tiny_pipeline_dir, tmp_path, reward):
     module = make_module(tiny_pipeline_dir, reward=reward, gradient_clip_val=None)
     module.configure_model()
@@ -92,8 +108,12 @@ def test_lora_only_checkpoint_and_resume_continue_step_and_optimizer_state(tiny_
     assert "rlr_estimator" in saved
 
     resumed = make_module(tiny_pipeline_dir)
-    trainer = make_trainer(tmp_path, 4, enable_checkpointing=True,
-                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True)])
+    trainer = make_trainer(
+        tmp_path,
+        4,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True)],
+    )
     trainer.fit(resumed, datamodule=data(), ckpt_path=ckpt_dir / "last.ckpt")
     assert trainer.global_step == 4
     state = resumed.optimizers().optimizer.state
@@ -103,10 +123,16 @@ def test_lora_only_checkpoint_and_resume_continue_step_and_optimizer_state(tiny_
     # (the data loader continues mid-epoch, seeds derive from checkpointed counters), deterministic on CPU.
     straight = make_module(tiny_pipeline_dir)
     make_trainer(tmp_path, 4).fit(straight, datamodule=data())
-    for (name, a), b in zip(straight.backbone.lora_parameters().items(), resumed.backbone.lora_parameters().values()):
+    for (name, a), b in zip(
+        straight.backbone.lora_parameters().items(), resumed.backbone.lora_parameters().values()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
-    assert any(not torch.equal(a, b) for a, b in zip(straight.backbone.lora_parameters().values(),
-                                                      first.backbone.lora_parameters().values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            straight.backbone.lora_parameters().values(), first.backbone.lora_parameters().values()
+        )
+    )
 
     # The estimator's running statistics (reward EMA, per-start gradient norms) travel with the checkpoint.
     assert saved["rlr_estimator"]["reward_stats"]["mean"] is not None
@@ -149,14 +175,18 @@ def test_impossible_settings_fail_at_construction(tiny_pipeline_dir, kwargs, mat
 
 def test_optimizer_sees_only_lora_and_clipping_bounds_the_update(tiny_pipeline_dir, tmp_path):
     # Plain SGD with lr 1: the weight change equals the (clipped) gradient, so the clip is visible.
-    module = make_module(tiny_pipeline_dir, gradient_clip_val=1e-4, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    module = make_module(
+        tiny_pipeline_dir, gradient_clip_val=1e-4, optimizer=lambda p: torch.optim.SGD(p, lr=1.0)
+    )
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.backbone.lora_parameters().items()}
     trainer = make_trainer(tmp_path, 1)
     trainer.fit(module, datamodule=data())
     (group,) = module.optimizers().optimizer.param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in module.backbone.lora_parameters().values()}
-    delta = torch.cat([(p.detach() - before[n]).flatten() for n, p in module.backbone.lora_parameters().items()])
+    delta = torch.cat(
+        [(p.detach() - before[n]).flatten() for n, p in module.backbone.lora_parameters().items()]
+    )
     assert 0 < delta.norm() <= 1e-4 * (1 + 1e-4)
 
 
@@ -181,7 +211,13 @@ def test_progress_bar_shows_reward_and_throughput_and_logs_every_term(tiny_pipel
     logged = set(trainer.callback_metrics)
     for name in ("fo", "ho", "zo"):
         assert {f"train/loss_{name}", f"train/grad_norm_{name}"} <= logged
-    assert {"train/reward_std", "train/reward_min", "train/reward_max", "train/block_start", "train/grad_norm"} <= logged
+    assert {
+        "train/reward_std",
+        "train/reward_min",
+        "train/reward_max",
+        "train/block_start",
+        "train/grad_norm",
+    } <= logged
 
 
 def test_grpo_takes_its_inner_updates_on_each_sampled_batch(tiny_pipeline_dir, tmp_path):
@@ -196,19 +232,31 @@ def test_grpo_takes_its_inner_updates_on_each_sampled_batch(tiny_pipeline_dir, t
             assert images.shape[0] == 6  # each prompt sampled group_size times
             return super().score(images, prompts)
 
-    module = make_module(tiny_pipeline_dir, estimator=GRPO(group_size=3, inner_updates=2, clip_range=0.2),
-                         reward=CountingReward())
+    module = make_module(
+        tiny_pipeline_dir,
+        estimator=GRPO(group_size=3, inner_updates=2, clip_range=0.2),
+        reward=CountingReward(),
+    )
     trainer = make_trainer(tmp_path, max_steps=4, log_every_n_steps=1)
     trainer.fit(module, datamodule=data())
     assert trainer.global_step == 4 and CountingReward.calls == 2
     metrics = trainer.callback_metrics
     assert metrics["train/inner_update"] == 1.0
-    assert float(metrics["train/approx_kl"]) > 0 and "train/clip_fraction" in metrics and "train/loss_grpo" in metrics
+    assert (
+        float(metrics["train/approx_kl"]) > 0
+        and "train/clip_fraction" in metrics
+        and "train/loss_grpo" in metrics
+    )
 
 
-@pytest.mark.parametrize("estimator", [FullBackprop(), GRPO(group_size=2, inner_updates=2)],
-                         ids=["full_backprop", "grpo_inner_updates"])
-def test_the_kl_penalty_trains_with_any_estimator_and_pulls_toward_the_base(tiny_pipeline_dir, tmp_path, estimator):
+@pytest.mark.parametrize(
+    "estimator",
+    [FullBackprop(), GRPO(group_size=2, inner_updates=2)],
+    ids=["full_backprop", "grpo_inner_updates"],
+)
+def test_the_kl_penalty_trains_with_any_estimator_and_pulls_toward_the_base(
+    tiny_pipeline_dir, tmp_path, estimator
+):
     """With a reward that carries no signal (constant), a LoRA moved off the base model is pulled back by the KL
     penalty alone: the logged KL falls, and the penalty's term is logged with its gradient norm."""
 
@@ -216,8 +264,14 @@ def test_the_kl_penalty_trains_with_any_estimator_and_pulls_toward_the_base(tiny
         def score(self, images, prompts):
             return 0 * images.mean(dim=(1, 2, 3))
 
-    module = make_module(tiny_pipeline_dir, estimator=estimator, reward=Constant(), kl_coefficient=10.0, kl_steps=4,
-                         optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    module = make_module(
+        tiny_pipeline_dir,
+        estimator=estimator,
+        reward=Constant(),
+        kl_coefficient=10.0,
+        kl_steps=4,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+    )
     module.configure_model()
     with torch.no_grad():
         for name, p in module.backbone.lora_parameters().items():
@@ -258,7 +312,9 @@ def test_a_ddim_model_refuses_stochastic_steps_naming_the_families_they_are_for(
 
 def test_inner_updates_refuse_gradient_accumulation(tiny_pipeline_dir):
     with pytest.raises(ValueError, match="inner_updates"):
-        make_module(tiny_pipeline_dir, estimator=GRPO(group_size=2, inner_updates=2), gradient_accumulation_steps=2)
+        make_module(
+            tiny_pipeline_dir, estimator=GRPO(group_size=2, inner_updates=2), gradient_accumulation_steps=2
+        )
 
 
 class ScheduledNaNReward(RewardModel):
@@ -292,15 +348,27 @@ def test_consecutive_skipped_updates_stop_the_run_with_the_cause(tiny_pipeline_d
 def test_skipped_steps_log_nan_and_a_real_update_resets_the_count(tiny_pipeline_dir, tmp_path):
     # Two skips in all but never two in a row: a cap of 2 only holds if a real update resets the count.
     module = make_module(tiny_pipeline_dir, reward=ScheduledNaNReward("ynyny"), max_consecutive_skips=2)
-    trainer = make_trainer(tmp_path, max_steps=3, max_epochs=1, limit_train_batches=6, log_every_n_steps=1,
-                           logger=CSVLogger(tmp_path, name="run"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=3,
+        max_epochs=1,
+        limit_train_batches=6,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="run"),
+    )
     trainer.fit(module, datamodule=data())
     assert trainer.global_step == 3 and module.skips.total == 2
     rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
     train = [r for r in rows if r["train/reward"]]
     assert len(train) == 5
     for row, pattern in zip(train, "ynyny"):
-        for key in ("train/reward", "train/reward_std", "train/loss_fo", "train/grad_norm_ho", "train/grad_norm"):
+        for key in (
+            "train/reward",
+            "train/reward_std",
+            "train/loss_fo",
+            "train/grad_norm_ho",
+            "train/grad_norm",
+        ):
             assert (row[key] == "nan") == (pattern == "n"), (row["step"], key, row[key])
     assert [float(r["train/skipped_updates"]) for r in train] == [0, 1, 1, 2, 2]
     checkpoint: dict = {"state_dict": {}}
@@ -312,7 +380,9 @@ def test_a_dropped_micro_batch_drops_its_whole_optimizer_step(tiny_pipeline_dir,
     """Stepping on the other micro-batches' partial sum would be a biased update: the step is skipped, once."""
     # Accumulation 2, the reward NaN on every other call from the first: the first optimizer step loses its
     # first micro-batch (the second, finite one must not step alone), the later ones their second.
-    module = make_module(tiny_pipeline_dir, reward=ScheduledNaNReward("ny" * 3), gradient_accumulation_steps=2)
+    module = make_module(
+        tiny_pipeline_dir, reward=ScheduledNaNReward("ny" * 3), gradient_accumulation_steps=2
+    )
     module.configure_model()
     before = snapshot(module)
     trainer = make_trainer(tmp_path, max_steps=3, max_epochs=1, limit_train_batches=6)
@@ -342,12 +412,16 @@ def test_runs_with_the_logger_off_never_overwrite_each_others_export(tiny_pipeli
     make_trainer(tmp_path, 1).fit(first, datamodule=data())
     before = _exported(tmp_path / "lora")
     make_trainer(tmp_path, 1).fit(second, datamodule=data())
-    assert first.exported_lora.parent == tmp_path / "lora" and second.exported_lora.parent == tmp_path / "lora_1"
+    assert (
+        first.exported_lora.parent == tmp_path / "lora" and second.exported_lora.parent == tmp_path / "lora_1"
+    )
     assert _exported(tmp_path / "lora") == before
     assert _exported(tmp_path / "lora_1")[0] != before[0]
 
 
-def test_an_explicit_export_dir_is_refused_to_another_run_and_replaced_by_a_resumed_one(tiny_pipeline_dir, tmp_path):
+def test_an_explicit_export_dir_is_refused_to_another_run_and_replaced_by_a_resumed_one(
+    tiny_pipeline_dir, tmp_path
+):
     export = tmp_path / "export"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = make_module(tiny_pipeline_dir, export_dir=str(export))
@@ -364,15 +438,18 @@ def test_an_explicit_export_dir_is_refused_to_another_run_and_replaced_by_a_resu
     resumed = make_module(tiny_pipeline_dir, export_dir=str(export))
     make_trainer(tmp_path, 2).fit(resumed, datamodule=data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     new_weights, new_record = _exported(export)
-    assert new_record["run_id"] == record["run_id"] and new_record["global_step"] == 2 and new_weights != weights
+    assert (
+        new_record["run_id"] == record["run_id"] and new_record["global_step"] == 2 and new_weights != weights
+    )
 
 
 def test_auto_tail_is_read_from_the_loaded_sampler_and_trains(tiny_pipeline_dir, tmp_path, caplog):
     from rlr_lightning.estimators.rlr import auto_tail
 
     # Leading spacing at T = 6 ends with sharp steps; the module resolves the tail when the model loads.
-    module = make_module(tiny_pipeline_dir, num_steps=6, timestep_spacing="leading",
-                         estimator=RLR(h=1, tail="auto"))
+    module = make_module(
+        tiny_pipeline_dir, num_steps=6, timestep_spacing="leading", estimator=RLR(h=1, tail="auto")
+    )
     with caplog.at_level("INFO", logger="rlr_lightning"):
         module.configure_model()
     sigmas = module.task.sampler.kernel.sigma.tolist()
@@ -390,8 +467,12 @@ def test_step_baselines_train_and_their_running_means_resume(tiny_pipeline_dir, 
     estimator = RLR(h=1, step_baseline=["prompt_mean", "muprop", "value", "none"])
     module = make_module(tiny_pipeline_dir, estimator=estimator)
     before = snapshot(module.configure_model() or module)
-    trainer = make_trainer(tmp_path, max_steps=2, enable_checkpointing=True,
-                           callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=2,
+        enable_checkpointing=True,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
     trainer.fit(module, datamodule=data())
     changed = [k for k, v in module.backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("lora" in k for k in changed)

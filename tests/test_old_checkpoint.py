@@ -32,8 +32,14 @@ def test_an_old_checkpoint_loads_its_lora_weights_and_counters():
 def test_a_run_resumes_from_an_old_checkpoint(tmp_path):
     module = RLRModule("tiny", estimator=RLR(h=1), num_steps=3, seed=0, export_dir=str(tmp_path / "lora"))
     data = PromptDataModule(prompts=["a cat", "a dog"], batch_size=2)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=OLD)
     assert trainer.global_step == 3  # two restored steps and one more
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

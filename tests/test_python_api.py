@@ -48,8 +48,22 @@ def test_load_backbone_takes_every_builtin_name_as_rlr_sample_does(
 
     monkeypatch.setenv("RLR_CACHE", str(builtin_cache))
     caplog.set_level(logging.INFO, logger="rlr_lightning")
-    sample(["--model", name, "--steps", "1", "--guidance", "1", "--prompt", "a red circle", "--device", "cpu",
-            "--out", str(tmp_path / "sample.png")])
+    sample(
+        [
+            "--model",
+            name,
+            "--steps",
+            "1",
+            "--guidance",
+            "1",
+            "--prompt",
+            "a red circle",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "sample.png"),
+        ]
+    )
     by_cli = loaded_from(caplog)
     caplog.clear()
 
@@ -72,10 +86,27 @@ def fitted_run(tmp_path_factory) -> Path:
     only_checkpoints = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
     ]
-    build_cli(["fit", "--config", str(QUICKSTART), "--model.num_steps", "3", "--data.batch_size", "2",
-               "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
-               "--trainer.callbacks", json.dumps(only_checkpoints),
-               "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)])
+    build_cli(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--model.num_steps",
+            "3",
+            "--data.batch_size",
+            "2",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks",
+            json.dumps(only_checkpoints),
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+        ]
+    )
     (run_dir,) = out.glob("rlr/version_*")
     return run_dir
 
@@ -111,9 +142,30 @@ def test_a_checkpoint_loads_without_a_reward_and_samples_as_its_runs_export(fitt
     save_image(images, tmp_path / "checkpoint.png")
 
     # The same images as `rlr sample` with the LoRA the run exported, sampled as trained.
-    sample(["--model", WORLD_MODEL, "--lora", str(fitted_run / "lora"), "--steps", "3", "--eta", "1",
-            "--guidance", "1", "--timestep-spacing", "trailing", "--seed", "0", "--device", "cpu",
-            "--out", str(tmp_path / "export.png"), "--prompt", PROMPTS[0]])
+    sample(
+        [
+            "--model",
+            WORLD_MODEL,
+            "--lora",
+            str(fitted_run / "lora"),
+            "--steps",
+            "3",
+            "--eta",
+            "1",
+            "--guidance",
+            "1",
+            "--timestep-spacing",
+            "trailing",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "export.png"),
+            "--prompt",
+            PROMPTS[0],
+        ]
+    )
     assert np.abs(png_pixels(tmp_path / "checkpoint.png") - png_pixels(tmp_path / "export.png")).max() <= 1
 
     # ... and not those of the base model: the checkpoint's LoRA weights are applied.
@@ -129,8 +181,9 @@ def test_a_checkpoint_loaded_without_a_reward_exports_a_lora_the_pipeline_loads(
     module = loaded
     exported = module.backbone.export_lora(tmp_path / "lora")
 
-    pipe = StableDiffusionPipeline.from_pretrained(WORLD_PIPELINE_DIR, local_files_only=True,
-                                                   safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        WORLD_PIPELINE_DIR, local_files_only=True, safety_checker=None
+    )
     gen = torch.Generator().manual_seed(0)
     x, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 12, 64, generator=gen)
     t = torch.tensor([500])
@@ -144,14 +197,20 @@ def test_a_checkpoint_loaded_without_a_reward_exports_a_lora_the_pipeline_loads(
 
 
 @pytest.mark.slow
-def test_training_or_validating_a_checkpoint_without_a_reward_says_to_give_one(fitted_run, loaded,
-                                                                              tmp_path):
+def test_training_or_validating_a_checkpoint_without_a_reward_says_to_give_one(fitted_run, loaded, tmp_path):
     module = loaded
     lora = {k: v.clone() for k, v in module.backbone.lora_parameters().items()}
     data = PromptDataModule(prompt_set="shapes", batch_size=1, val_prompts=PROMPTS)
     for run, action in (("fit", "train"), ("validate", "validate")):
-        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         with pytest.raises(ValueError) as refused:
             getattr(trainer, run)(module, datamodule=data)
         message = str(refused.value)
@@ -166,8 +225,13 @@ def test_training_or_validating_a_checkpoint_without_a_reward_says_to_give_one(f
     from rlr_lightning.rewards import WorldCountReward
 
     module = load_checkpoint(fitted_run, reward=WorldCountReward())
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
     assert np.isfinite(metrics["val/reward_mean"])
 
@@ -177,8 +241,19 @@ def test_rlr_fit_without_a_reward_fails_before_loading_the_model(tmp_path, capsy
 
     caplog.set_level(logging.INFO, logger="rlr_lightning")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(QUICKSTART), "--model.reward", "null", "--trainer.default_root_dir",
-              str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                "--model.reward",
+                "null",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+            ]
+        )
     assert exit_info.value.code == 2  # a command-line mistake, found before anything runs
     err = capsys.readouterr().err
     error = err.strip().splitlines()[-2]

@@ -27,9 +27,22 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_exits_143(tmp_path):
     log = tmp_path / "console.txt"
     with open(log, "w") as console:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rlr_lightning", "fit", *args, "--trainer.max_steps", "100000",
-             "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.flush_logs_every_n_steps", "1"],
-            cwd=tmp_path, stdout=console, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "rlr_lightning",
+                "fit",
+                *args,
+                "--trainer.max_steps",
+                "100000",
+                "--trainer.log_every_n_steps",
+                "1",
+                "--trainer.logger.init_args.flush_logs_every_n_steps",
+                "1",
+            ],
+            cwd=tmp_path,
+            stdout=console,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300
         while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -72,9 +85,15 @@ class CtrlCAt(Callback):
 def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_130(tiny_pipeline_dir, tmp_path):
     default_sigint = signal.getsignal(signal.SIGINT)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=50, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[checkpoints, InterruptCheckpoint(), CtrlCAt(batch_idx=1)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=50,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[checkpoints, InterruptCheckpoint(), CtrlCAt(batch_idx=1)],
+    )
     with pytest.raises(SystemExit) as stopped:
         trainer.fit(make_module(tiny_pipeline_dir), datamodule=data())
     assert stopped.value.code == 128 + signal.SIGINT
@@ -84,9 +103,15 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_130(tiny_pipeline
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 2
     resumed = make_module(tiny_pipeline_dir)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(resumed, datamodule=data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert trainer.global_step == 3
     assert {int(s["step"]) for s in resumed.optimizers().optimizer.state.values()} == {3}
-

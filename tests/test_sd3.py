@@ -125,8 +125,11 @@ def test_a_cut_prompt_is_reported_once_however_often_it_is_encoded(tiny_sd3_dir,
         for name in ("diffusers", "transformers"):
             logging.getLogger(name).removeHandler(records)
     assert records.messages == []
-    ours = [r.getMessage() for r in caplog.records
-            if r.name.startswith("rlr_lightning") and r.levelno >= logging.WARNING]
+    ours = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("rlr_lightning") and r.levelno >= logging.WARNING
+    ]
     assert len(ours) == 1 and "longer prompts are cut" in ours[0] and "a red fox" in ours[0], ours
 
 
@@ -147,25 +150,36 @@ def test_step_at_noise_level_zero_equals_the_flow_match_scheduler_step(tiny_sd3_
         with torch.no_grad():
             if guidance > 1:  # as StableDiffusion3Pipeline does it: both branches in one call, negative first
                 both = bb.transformer(
-                    hidden_states=torch.cat([x, x]), timestep=t.expand(4),
+                    hidden_states=torch.cat([x, x]),
+                    timestep=t.expand(4),
                     encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
-                    pooled_projections=torch.cat([embeds.uncond_added["pooled_projections"],
-                                                  embeds.added["pooled_projections"]]),
+                    pooled_projections=torch.cat(
+                        [embeds.uncond_added["pooled_projections"], embeds.added["pooled_projections"]]
+                    ),
                 ).sample
                 uncond, cond = both.chunk(2)
                 velocity = uncond + guidance * (cond - uncond)
             else:
-                velocity = bb.transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds.cond,
-                                          pooled_projections=embeds.added["pooled_projections"]).sample
+                velocity = bb.transformer(
+                    hidden_states=x,
+                    timestep=t.expand(2),
+                    encoder_hidden_states=embeds.cond,
+                    pooled_projections=embeds.added["pooled_projections"],
+                ).sample
             expected = reference.step(velocity, t, x).prev_sample
         torch.testing.assert_close(ours.next_latents, expected, rtol=0, atol=1e-6)
         assert ours.log_prob is None  # a deterministic step has no log-probability
         x = expected
 
 
-@pytest.mark.parametrize(("resolution", "dynamic_shift"), [(None, False), ((24, 32), False), ((24, 32), True)],
-                         ids=["default", "24x32", "24x32-dynamic-shift"])
-def test_sampling_at_noise_level_zero_equals_the_pipeline_with_guidance(pipe, tiny_sd3_dir, resolution, dynamic_shift):
+@pytest.mark.parametrize(
+    ("resolution", "dynamic_shift"),
+    [(None, False), ((24, 32), False), ((24, 32), True)],
+    ids=["default", "24x32", "24x32-dynamic-shift"],
+)
+def test_sampling_at_noise_level_zero_equals_the_pipeline_with_guidance(
+    pipe, tiny_sd3_dir, resolution, dynamic_shift
+):
     """The same initial latents: our whole chain ends where StableDiffusion3Pipeline's does, at the default
     resolution and at a larger non-square one (the transformer crops its position embeddings there), and with a
     scheduler that shifts its times by the number of image patches (``use_dynamic_shifting``)."""
@@ -178,7 +192,8 @@ def test_sampling_at_noise_level_zero_equals_the_pipeline_with_guidance(pipe, ti
     scheduler = pipe.scheduler
     if dynamic_shift:  # a sequence-length range around the tiny model's 16 to 48 patches
         bb.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            bb.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+            bb.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+        )
     sampler = bb.make_sampler(4, eta=0.0, guidance_scale=4.5)
     assert torch.equal(sampler.kernel.times, fixed_times) != dynamic_shift
     x0, noises = sampler.initial_noise(2, torch.Generator().manual_seed(1))
@@ -186,8 +201,16 @@ def test_sampling_at_noise_level_zero_equals_the_pipeline_with_guidance(pipe, ti
     ours = sampler.run(Plan(4), bb.encode_prompts(PROMPTS), initial_latents=x0, noises=noises).final
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler.config)
     try:
-        theirs = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=4.5, height=height, width=width,
-                      latents=x0, max_sequence_length=32, output_type="latent").images
+        theirs = pipe(
+            prompt=PROMPTS,
+            num_inference_steps=4,
+            guidance_scale=4.5,
+            height=height,
+            width=width,
+            latents=x0,
+            max_sequence_length=32,
+            output_type="latent",
+        ).images
     finally:
         pipe.scheduler = scheduler
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -213,10 +236,14 @@ def test_timestep_spacing_is_refused_with_the_reason(tiny_sd3_dir):
 def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_sd3_dir):
     """The pooled projections follow each re-scored row of the flow SDE, with guidance."""
     bb = backbone(tiny_sd3_dir)
-    check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=2.0), True)
+    check_rescoring_reproduces_the_sampling_log_probs(
+        bb, bb.make_sampler(4, eta=1.0, guidance_scale=2.0), True
+    )
 
 
-def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_round_trips(tiny_sd3_dir, tmp_path):
+def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_round_trips(
+    tiny_sd3_dir, tmp_path
+):
     import warnings
 
     from diffusers import StableDiffusion3Pipeline
@@ -229,10 +256,16 @@ def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_roun
 
     def transformer_out(transformer):
         with torch.no_grad():
-            return transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds.cond,
-                               pooled_projections=embeds.added["pooled_projections"]).sample
+            return transformer(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=embeds.cond,
+                pooled_projections=embeds.added["pooled_projections"],
+            ).sample
 
-    ours_adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in ours.transformer.named_parameters() if ".lora_A." in n}
+    ours_adapted = {
+        n.rsplit(".lora_A", 1)[0] for n, _ in ours.transformer.named_parameters() if ".lora_A." in n
+    }
     # Both streams of both blocks, and SD 3.5's second image attention: every projection the targets name.
     assert {re.sub(r"^.*\.attn2?\.", "", name) for name in ours_adapted} == set(ALL_ATTENTION)
     assert any(".attn2." in name for name in ours_adapted)
@@ -247,7 +280,9 @@ def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_roun
     theirs = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, local_files_only=True)
     before = transformer_out(theirs.transformer)
     records = WarningRecords()
-    diffusers_logger = logging.getLogger("diffusers")  # diffusers' loggers do not propagate to the root logger
+    diffusers_logger = logging.getLogger(
+        "diffusers"
+    )  # diffusers' loggers do not propagate to the root logger
     diffusers_logger.addHandler(records)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -259,11 +294,16 @@ def test_lora_on_every_attention_projection_exports_to_the_sd3_pipeline_and_roun
     # diffusers notes that the file has no text-encoder LoRA (true, and harmless): the handler hears diffusers.
     assert any("No LoRA keys associated to CLIPTextModelWithProjection" in m for m in messages)
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], messages
-    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in theirs.transformer.named_parameters() if ".lora_A.rlr" in n}
+    adapted = {
+        n.rsplit(".lora_A", 1)[0] for n, _ in theirs.transformer.named_parameters() if ".lora_A.rlr" in n
+    }
     assert adapted == ours_adapted
-    torch.testing.assert_close(transformer_out(theirs.transformer), transformer_out(ours.transformer), rtol=0,
-                               atol=1e-5)
-    assert not torch.allclose(transformer_out(theirs.transformer), before, atol=1e-3)  # the LoRA is off its init
+    torch.testing.assert_close(
+        transformer_out(theirs.transformer), transformer_out(ours.transformer), rtol=0, atol=1e-5
+    )
+    assert not torch.allclose(
+        transformer_out(theirs.transformer), before, atol=1e-3
+    )  # the LoRA is off its init
 
 
 #: Paired draws per estimator in the mean-gradient tests (each about 0.1-0.2 s of the tiny SD 3 in float64).
@@ -282,7 +322,9 @@ class SD3Problem:
 
     T, eta, guidance = 4, 1.0, 2.0
 
-    def __init__(self, tiny_sd3_dir, batch: int = 4, eta: float | None = None, guidance: float | None = None) -> None:
+    def __init__(
+        self, tiny_sd3_dir, batch: int = 4, eta: float | None = None, guidance: float | None = None
+    ) -> None:
         self.eta = self.eta if eta is None else eta
         self.guidance = self.guidance if guidance is None else guidance
         bb = backbone(tiny_sd3_dir, targets=LoraSettings().target_modules, dtype=torch.float64)
@@ -298,8 +340,15 @@ class SD3Problem:
     def gradient(self, estimator, draw: int, copies: int = 1) -> torch.Tensor:
         """One draw; ``copies`` samples every prompt that many times (how a group estimator lays out its batch,
         so a reference drawn with the same seeds sees the same images)."""
-        estimate = estimate_gradient(estimator, self.sampler, self.embeds.repeat(copies), self.prompts * copies,
-                                     self.reward, step_seed=draw, rank_seed=50_000 + draw)
+        estimate = estimate_gradient(
+            estimator,
+            self.sampler,
+            self.embeds.repeat(copies),
+            self.prompts * copies,
+            self.reward,
+            step_seed=draw,
+            rank_seed=50_000 + draw,
+        )
         estimator.observe(estimate.rollout, {})
         return estimate.total
 
@@ -316,7 +365,9 @@ def sd3_problem(tiny_sd3_dir):
     full = problem.setup(FullBackprop())
     direction = torch.stack([problem.gradient(full, 10_000 + i) for i in range(20)]).mean(0)
     direction /= direction.norm()
-    random_direction = torch.randn(direction.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    random_direction = torch.randn(
+        direction.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     random_direction /= random_direction.norm()
     directions = torch.stack([direction, random_direction], dim=1)
     reference = torch.stack([problem.gradient(full, draw) @ directions for draw in range(DRAWS)])
@@ -328,16 +379,22 @@ def paired_z(sd3_problem, estimator) -> tuple[float, float]:
     gradient and along the random direction."""
     problem, directions, reference = sd3_problem
     problem.setup(estimator)
-    differences = torch.stack([problem.gradient(estimator, draw) @ directions for draw in range(DRAWS)]) - reference
+    differences = (
+        torch.stack([problem.gradient(estimator, draw) @ directions for draw in range(DRAWS)]) - reference
+    )
     z = differences.mean(0) / (differences.std(0) / DRAWS**0.5)
     return float(z[0]), float(z[1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [
-    lambda: RLR(h=2, zo_mode="score"),
-    lambda: RLR(h=1, zo_mode="parameter", zo_antithetic=True, perturb_backprop_steps=True),
-], ids=["rlr-score-h2", "rlr-parameter-antithetic"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RLR(h=2, zo_mode="score"),
+        lambda: RLR(h=1, zo_mode="parameter", zo_antithetic=True, perturb_backprop_steps=True),
+    ],
+    ids=["rlr-score-h2", "rlr-parameter-antithetic"],
+)
 def test_rlr_mean_gradient_matches_full_backprop_on_the_flow_sde(sd3_problem, make):
     """Paired draws: RLR minus full backprop has mean zero along the true gradient and a random direction, with
     guidance on (both branches carry their pooled projections) and likelihood ratios of the flow SDE."""
@@ -364,17 +421,24 @@ def test_rlr_with_a_group_baseline_at_the_recipes_settings_matches_full_backprop
     problem = SD3Problem(tiny_sd3_dir, batch=1, eta=0.7, guidance=4.5)
     full = problem.setup(FullBackprop())
     truth = torch.stack([problem.gradient(full, 10_000 + i, copies=2) for i in range(20)]).mean(0)
-    random_direction = torch.randn(truth.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    random_direction = torch.randn(
+        truth.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     directions = torch.stack([truth / truth.norm(), random_direction / random_direction.norm()], dim=1)
     draws = 60
     reference = torch.stack([problem.gradient(full, draw, copies=2) @ directions for draw in range(draws)])
 
     def z(estimator, copies: int) -> torch.Tensor:
         problem.setup(estimator)
-        d = torch.stack([problem.gradient(estimator, draw, copies) @ directions for draw in range(draws)]) - reference
+        d = (
+            torch.stack([problem.gradient(estimator, draw, copies) @ directions for draw in range(draws)])
+            - reference
+        )
         return d.mean(0) / (d.std(0) / draws**0.5)
 
-    rlr = z(RLR(h=2, zo_mode="score", baseline="group", group_size=2), copies=1)  # it repeats the prompt itself
+    rlr = z(
+        RLR(h=2, zo_mode="score", baseline="group", group_size=2), copies=1
+    )  # it repeats the prompt itself
     assert float(rlr.abs().max()) < 4, rlr
     truncated = z(TruncatedBackprop(k=1), copies=2)
     assert float(truncated[0]) < -6, truncated
@@ -384,9 +448,21 @@ def test_rlr_with_a_group_baseline_at_the_recipes_settings_matches_full_backprop
 def test_rlr_fit_on_the_tiny_sd3_through_the_cli(tiny_sd3_dir, tmp_path):
     # The quickstart's DDIM spacing does not apply: SD 3 takes its times from its scheduler's shift.
     fit_and_sample_through_the_cli(
-        tiny_sd3_dir, tmp_path, "StableDiffusion3",
-        ["--model.num_steps", "4", "--model.eta", "0.7", "--model.guidance_scale", "2", "--model.timestep_spacing", "null"],
-        ["--steps", "4", "--guidance", "2", "--eta", "0"])
+        tiny_sd3_dir,
+        tmp_path,
+        "StableDiffusion3",
+        [
+            "--model.num_steps",
+            "4",
+            "--model.eta",
+            "0.7",
+            "--model.guidance_scale",
+            "2",
+            "--model.timestep_spacing",
+            "null",
+        ],
+        ["--steps", "4", "--guidance", "2", "--eta", "0"],
+    )
 
 
 def test_grpo_trains_the_sde_window_of_a_mixed_sde_ode_sampler(tiny_sd3_dir, tmp_path):
@@ -400,16 +476,32 @@ def test_grpo_trains_the_sde_window_of_a_mixed_sde_ode_sampler(tiny_sd3_dir, tmp
     from rlr_lightning.rewards import TargetColor
 
     def fit(estimator):
-        module = RLRModule(str(tiny_sd3_dir), estimator=estimator, reward=TargetColor(), num_steps=4, eta=0.7,
-                           stochastic_steps=(0, 2), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        module = RLRModule(
+            str(tiny_sd3_dir),
+            estimator=estimator,
+            reward=TargetColor(),
+            num_steps=4,
+            eta=0.7,
+            stochastic_steps=(0, 2),
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(module, datamodule=PromptDataModule(prompt_set="animals", batch_size=2))
         return module
 
     module = fit(GRPO(group_size=2, step_range=(0, 2), clip_range=0.2))
     sigma = module.task.sampler.kernel.sigma
     assert bool((sigma[:2] > 0).all()) and bool((sigma[2:] == 0).all())
-    assert max(float(p.abs().max()) for n, p in module.backbone.lora_parameters().items() if "lora_B" in n) > 0
+    assert (
+        max(float(p.abs().max()) for n, p in module.backbone.lora_parameters().items() if "lora_B" in n) > 0
+    )
     with pytest.raises(ValueError, match="stochastic_steps"):
         fit(RLR(h=1))

@@ -55,7 +55,9 @@ def test_conditioning_equals_the_pipelines(pipe, tiny_sdxl_dir, zeros):
     bb.force_zeros_for_empty_prompt = zeros
     pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
     ours = bb.encode_prompts(PROMPTS)
-    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+        PROMPTS, device="cpu", do_classifier_free_guidance=True
+    )
     torch.testing.assert_close(ours.cond, cond, rtol=0, atol=0)
     torch.testing.assert_close(ours.added["text_embeds"], pooled, rtol=0, atol=0)
     # The pipeline encodes the negative prompt once per prompt, we once for all: equal up to batched float sums.
@@ -63,8 +65,13 @@ def test_conditioning_equals_the_pipelines(pipe, tiny_sdxl_dir, zeros):
     torch.testing.assert_close(ours.uncond_added["text_embeds"], uncond_pooled, rtol=0, atol=1e-6)
     assert bool((ours.uncond == 0).all()) == zeros
     height = width = pipe.default_sample_size * pipe.vae_scale_factor
-    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
-                                      text_encoder_projection_dim=bb.text_encoder_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids(
+        (height, width),
+        (0, 0),
+        (height, width),
+        dtype=cond.dtype,
+        text_encoder_projection_dim=bb.text_encoder_2.config.projection_dim,
+    )
     for added in (ours.added, ours.uncond_added):
         torch.testing.assert_close(added["time_ids"], time_ids.expand(len(PROMPTS), -1), rtol=0, atol=0)
     pipe.register_to_config(force_zeros_for_empty_prompt=True)
@@ -86,10 +93,16 @@ def test_step_equals_ddim_scheduler_step_on_the_same_sdxl_unet_call(tiny_sdxl_di
         noise = torch.randn(x.shape, generator=gen)
         ours = sampler.step(k, x, embeds, noise=noise)
         with torch.no_grad():
-            if guidance > 1:  # as StableDiffusionXLPipeline does it: both branches in one call, negative first
+            if (
+                guidance > 1
+            ):  # as StableDiffusionXLPipeline does it: both branches in one call, negative first
                 both = bb.unet(
-                    torch.cat([x, x]), t, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
-                    added_cond_kwargs={n: torch.cat([embeds.uncond_added[n], v]) for n, v in embeds.added.items()},
+                    torch.cat([x, x]),
+                    t,
+                    encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
+                    added_cond_kwargs={
+                        n: torch.cat([embeds.uncond_added[n], v]) for n, v in embeds.added.items()
+                    },
                 ).sample
                 uncond, cond = both.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
@@ -106,8 +119,14 @@ def test_sampling_equals_the_pipeline_with_guidance(pipe, tiny_sdxl_dir):
     sampler = bb.make_sampler(4, eta=0.0, guidance_scale=3.0)
     x0, noises = sampler.initial_noise(2, torch.Generator().manual_seed(1))
     ours = sampler.run(Plan(4), bb.encode_prompts(PROMPTS), initial_latents=x0, noises=noises).final
-    theirs = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=3.0, eta=0.0,
-                  latents=x0 * pipe.scheduler.init_noise_sigma, output_type="latent").images
+    theirs = pipe(
+        prompt=PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        eta=0.0,
+        latents=x0 * pipe.scheduler.init_noise_sigma,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - x0).abs().mean() > 0.1  # the UNet moved the latents: the comparison is not vacuous
 
@@ -115,7 +134,9 @@ def test_sampling_equals_the_pipeline_with_guidance(pipe, tiny_sdxl_dir):
 def test_rescoring_stacked_rows_reproduces_the_sampling_log_probs(tiny_sdxl_dir):
     """The added conditioning (pooled embeddings, time ids) follows each re-scored row, with guidance."""
     bb = backbone(tiny_sdxl_dir)
-    check_rescoring_reproduces_the_sampling_log_probs(bb, bb.make_sampler(4, eta=1.0, guidance_scale=2.0), True)
+    check_rescoring_reproduces_the_sampling_log_probs(
+        bb, bb.make_sampler(4, eta=1.0, guidance_scale=2.0), True
+    )
 
 
 def test_lora_export_loads_in_the_sdxl_pipeline_and_round_trips_exactly(pipe, tiny_sdxl_dir, tmp_path):
@@ -134,7 +155,11 @@ def test_lora_export_loads_in_the_sdxl_pipeline_and_round_trips_exactly(pipe, ti
     # Import: a fresh backbone rebuilds the adapter from the file and gives the same outputs, bit for bit.
     fresh = load_backbone(tiny_sdxl_dir, local_files_only=True)
     settings = fresh.load_lora(path)
-    assert (settings.rank, settings.alpha, set(settings.target_modules)) == (2, 4.0, set(LoraSettings().target_modules))
+    assert (settings.rank, settings.alpha, set(settings.target_modules)) == (
+        2,
+        4.0,
+        set(LoraSettings().target_modules),
+    )
     assert torch.equal(unet_out(fresh.unet), unet_out(ours.unet))
     # Export: diffusers' SDXL pipeline loads every key without complaint and computes the same UNet.
     theirs = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, local_files_only=True)
@@ -152,31 +177,47 @@ def test_lora_export_loads_in_the_sdxl_pipeline_and_round_trips_exactly(pipe, ti
 class SDXLProblem:
     """The tiny SDXL with LoRA off its initialisation, guidance on, and a smooth reward of the final latent."""
 
-    def __init__(self, tiny_sdxl_dir, batch: int = 8, num_steps: int = 4, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, tiny_sdxl_dir, batch: int = 8, num_steps: int = 4, dtype: torch.dtype = torch.float32
+    ) -> None:
         bb = backbone(tiny_sdxl_dir)
         self.T = num_steps
         self.prompts = [f"prompt number {i}" for i in range(batch)]
         self.embeds = bb.encode_prompts(self.prompts).map(lambda t: t.to(dtype))
         if dtype != torch.float32:
             bb.unet.to(dtype)
-        self.sampler = DDIMSampler(UNetDenoiser(bb.unet, dtype), bb.scheduler, num_steps, eta=1.0, guidance_scale=2.0)
+        self.sampler = DDIMSampler(
+            UNetDenoiser(bb.unet, dtype), bb.scheduler, num_steps, eta=1.0, guidance_scale=2.0
+        )
         self.weight = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(9)).to(dtype)
 
     def reward(self, latents, _prompts):
         return (torch.tanh(latents) * self.weight).flatten(1).mean(1)
 
     def gradient(self, estimator, draw, memory=None, embeds=None):
-        estimate = estimate_gradient(estimator, self.sampler, self.embeds if embeds is None else embeds, self.prompts,
-                                     self.reward, step_seed=draw, rank_seed=50_000 + draw, memory=memory)
+        estimate = estimate_gradient(
+            estimator,
+            self.sampler,
+            self.embeds if embeds is None else embeds,
+            self.prompts,
+            self.reward,
+            step_seed=draw,
+            rank_seed=50_000 + draw,
+            memory=memory,
+        )
         estimator.observe(estimate.rollout, {})
         return estimate.total
 
 
-@pytest.mark.parametrize("make", [
-    lambda: RLR(h=2, block_law="range", block_range=(1, 1)),
-    lambda: RLR(h=1, block_law="range", block_range=(0, 0), zo_mode="parameter", zo_scale=0.01),
-    ScoreFunction,
-], ids=["rlr-score", "rlr-parameter-antithetic", "score-function"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RLR(h=2, block_law="range", block_range=(1, 1)),
+        lambda: RLR(h=1, block_law="range", block_range=(0, 0), zo_mode="parameter", zo_scale=0.01),
+        ScoreFunction,
+    ],
+    ids=["rlr-score", "rlr-parameter-antithetic", "score-function"],
+)
 def test_chunked_replay_and_rescoring_give_the_same_gradient_on_sdxl(tiny_sdxl_dir, make):
     """Chunked windows and re-scoring select rows of the added conditioning (pooled embeddings, time ids) for
     every sample chunk, in both guidance branches and for DCoT scales; any misplaced row changes the gradient.
@@ -184,11 +225,15 @@ def test_chunked_replay_and_rescoring_give_the_same_gradient_on_sdxl(tiny_sdxl_d
     In float64: the tiny SDXL's chain amplifies float32 rounding (batched against per-sample calls) to about 1e-2
     after four steps, which would hide a misplaced row between similar prompts; in float64 they agree to 1e-10."""
     problem = SDXLProblem(tiny_sdxl_dir, batch=4, dtype=torch.float64)
-    scaled = ScaledPromptEmbeds(((0, 2, problem.embeds), (2, 4, problem.embeds.select(torch.tensor([2, 3, 0, 1])))))
+    scaled = ScaledPromptEmbeds(
+        ((0, 2, problem.embeds), (2, 4, problem.embeds.select(torch.tensor([2, 3, 0, 1]))))
+    )
     for embeds in (problem.embeds, scaled):
         whole = problem.gradient(_setup(make(), problem), 0, embeds=embeds)
-        for memory in (MemoryPlan(chunk_samples=1, rescore_samples=3), MemoryPlan(chunk_samples=3,
-                                                                                  activation_checkpointing=True)):
+        for memory in (
+            MemoryPlan(chunk_samples=1, rescore_samples=3),
+            MemoryPlan(chunk_samples=3, activation_checkpointing=True),
+        ):
             chunked = problem.gradient(_setup(make(), problem), 0, memory=memory, embeds=embeds)
             torch.testing.assert_close(chunked, whole, rtol=1e-7, atol=1e-9 * float(whole.abs().max()))
         assert float(whole.norm()) > 0
@@ -211,7 +256,9 @@ def test_rlr_mean_gradient_matches_full_backprop_on_sdxl(tiny_sdxl_dir):
     reference, rlr = _setup(FullBackprop(), problem), _setup(RLR(h=1), problem)
     direction = torch.stack([problem.gradient(reference, 10_000 + i) for i in range(30)]).mean(0)
     direction /= direction.norm()
-    random_direction = torch.randn(direction.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    random_direction = torch.randn(
+        direction.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     random_direction /= random_direction.norm()
     along, across = [], []
     for draw in range(60):
@@ -226,7 +273,9 @@ def test_rlr_mean_gradient_matches_full_backprop_on_sdxl(tiny_sdxl_dir):
 @pytest.mark.slow
 def test_rlr_fit_on_the_tiny_sdxl_through_the_cli(tiny_sdxl_dir, tmp_path):
     fit_and_sample_through_the_cli(
-        tiny_sdxl_dir, tmp_path, "StableDiffusionXL", ["--model.num_steps", "4", "--model.guidance_scale", "2"],
-        ["--steps", "4", "--guidance", "2"])
-
-
+        tiny_sdxl_dir,
+        tmp_path,
+        "StableDiffusionXL",
+        ["--model.num_steps", "4", "--model.guidance_scale", "2"],
+        ["--steps", "4", "--guidance", "2"],
+    )

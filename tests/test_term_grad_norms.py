@@ -19,7 +19,6 @@ from rlr_lightning.estimators import RLR, ScoreFunction
 from rlr_lightning.module import RLRModule
 from rlr_lightning.rewards import TargetColor
 
-
 # Chunked and unchunked gradients differ by float32 summation order only (~1e-7 relative); the bug this guards
 # against logged one chunk's norm, off by tens of percent.
 TOLERANCE = 1e-4
@@ -27,13 +26,25 @@ TOLERANCE = 1e-4
 
 def fit(tiny_pipeline_dir, tmp_path, estimator, steps: int, chunk_samples: int | None, num_steps: int):
     module = RLRModule(
-        pretrained_model_name_or_path=str(tiny_pipeline_dir), num_steps=num_steps, eta=1.0, estimator=estimator,
-        reward=TargetColor(), chunk_samples=chunk_samples, log_term_grad_norms=True,
+        pretrained_model_name_or_path=str(tiny_pipeline_dir),
+        num_steps=num_steps,
+        eta=1.0,
+        estimator=estimator,
+        reward=TargetColor(),
+        chunk_samples=chunk_samples,
+        log_term_grad_norms=True,
         optimizer=lambda p: torch.optim.SGD(p, lr=1e-3),
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, log_every_n_steps=1,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=PromptDataModule(prompt_set="animals", batch_size=4))
     norms = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/grad_norm_")}
@@ -45,8 +56,9 @@ def test_rlr_term_norms_and_block_law_do_not_depend_on_sample_chunks(tiny_pipeli
     runs = {}
     for chunk in (None, 1):
         estimator = RLR(h=1, block_law="grad_norm", score_chunk_steps=1)
-        runs[chunk] = fit(tiny_pipeline_dir, tmp_path / str(chunk), estimator, steps=2, chunk_samples=chunk,
-                          num_steps=4)
+        runs[chunk] = fit(
+            tiny_pipeline_dir, tmp_path / str(chunk), estimator, steps=2, chunk_samples=chunk, num_steps=4
+        )
     (whole, whole_module), (chunked, chunked_module) = runs[None], runs[1]
     assert set(whole) == {"train/grad_norm_fo", "train/grad_norm_ho", "train/grad_norm_zo"}
     assert chunked.keys() == whole.keys()
@@ -66,8 +78,9 @@ def test_score_function_norm_is_that_of_all_its_step_chunks(tiny_pipeline_dir, t
     norms = {}
     for per_call in (6, 5):
         estimator = ScoreFunction(score_chunk_steps=per_call)
-        norms[per_call], _ = fit(tiny_pipeline_dir, tmp_path / str(per_call), estimator, steps=1, chunk_samples=None,
-                                 num_steps=6)
+        norms[per_call], _ = fit(
+            tiny_pipeline_dir, tmp_path / str(per_call), estimator, steps=1, chunk_samples=None, num_steps=6
+        )
     whole, chunked = norms[6]["train/grad_norm_zo"], norms[5]["train/grad_norm_zo"]
     assert math.isfinite(whole) and whole > 0
     assert chunked == pytest.approx(whole, rel=TOLERANCE)

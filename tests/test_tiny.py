@@ -21,11 +21,16 @@ def test_tiny_pipeline_loads_in_diffusers_and_is_deterministic(tiny_pipeline_dir
 
     from rlr_lightning.tiny import save_tiny_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True, safety_checker=None)
-    images = pipe(["a cat"], num_inference_steps=2, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_pipeline_dir, local_files_only=True, safety_checker=None
+    )
+    images = pipe(
+        ["a cat"], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
     assert images.shape == (1, 3, 16, 16)
-    again = StableDiffusionPipeline.from_pretrained(save_tiny_pipeline(tmp_path / "again"), local_files_only=True)
+    again = StableDiffusionPipeline.from_pretrained(
+        save_tiny_pipeline(tmp_path / "again"), local_files_only=True
+    )
     for a, b in zip(pipe.unet.state_dict().values(), again.unet.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -10,9 +10,9 @@ import torch
 
 from rlr_lightning.diagnostics import gradient_samples
 from rlr_lightning.estimators import RLR, FullBackprop, ScoreFunction
+from rlr_lightning.estimators.baselines import STEP_BASELINES, PromptRewardMeans
 from rlr_lightning.rewards import ColorBalance
 from rlr_lightning.variance_map import CountSketch, StepRow, _best, _draw, recommend, variance_map
-from rlr_lightning.estimators.baselines import STEP_BASELINES, PromptRewardMeans
 from tests.test_cli_errors import QUICKSTART, one_error_line, run_main
 from tests.test_module import make_module
 
@@ -35,7 +35,9 @@ def test_per_step_terms_add_up_to_full_backprop_and_to_the_score_function_of_eac
     dim = sum(p.numel() for p in module.task.sampler.trainable_parameters().values())
     exact = CountSketch(dim, dim)
     for draw in range(2):
-        path, lr, _ = _draw(module, PROMPTS, 3, draw, ["none", "value", "muprop"], exact, PromptRewardMeans(), None)
+        path, lr, _ = _draw(
+            module, PROMPTS, 3, draw, ["none", "value", "muprop"], exact, PromptRewardMeans(), None
+        )
         full = gradient_samples(module, PROMPTS, FullBackprop(), draw + 1, 3)[draw]
         torch.testing.assert_close(path.sum(0), full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))
         for kind in ("none", "value", "muprop"):
@@ -46,10 +48,14 @@ def test_per_step_terms_add_up_to_full_backprop_and_to_the_score_function_of_eac
 
 def test_count_sketch_keeps_inner_products_in_expectation():
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(5000, generator=gen, dtype=torch.float64), torch.randn(5000, generator=gen, dtype=torch.float64)
+    x, y = (
+        torch.randn(5000, generator=gen, dtype=torch.float64),
+        torch.randn(5000, generator=gen, dtype=torch.float64),
+    )
     y = y + x  # correlated: <x, y> about 5000
-    products = torch.tensor([float(CountSketch(5000, 256, seed)(x) @ CountSketch(5000, 256, seed)(y))
-                             for seed in range(200)])
+    products = torch.tensor(
+        [float(CountSketch(5000, 256, seed)(x) @ CountSketch(5000, 256, seed)(y)) for seed in range(200)]
+    )
     se = float(products.std() / 200**0.5)
     assert abs(float(products.mean()) - float(x @ y)) < 4 * se
     assert torch.equal(CountSketch(10, 256)(x[:10]), x[:10])  # no sketch when the vector is small
@@ -65,16 +71,20 @@ def test_recommendation_takes_the_sharp_final_steps_into_the_tail_and_the_best_b
     loo = [66, 71, 115, 119, 148, 204, 319, 489, 28700, 1010]
     muprop = [124, 102, 126, 88, 75, 43, 38, 13, 43, 0.22]
     sigmas = [0.78, 0.73, 0.67, 0.60, 0.53, 0.45, 0.36, 0.26, 0.041, 0.021]
-    only_loo = [StepRow(k, s, 0.1, 0.01, 1.0, {"none": v}, "none") for k, (s, v) in enumerate(zip(sigmas, loo))]
+    only_loo = [
+        StepRow(k, s, 0.1, 0.01, 1.0, {"none": v}, "none") for k, (s, v) in enumerate(zip(sigmas, loo))
+    ]
     # 28,700 and 489 stand out against the steps before them (> 4x their median); 319 does not.
     assert recommend(only_loo) == (3, ["none"] * 10)
-    both = [StepRow(k, s, 0.1, 0.01, 1.0, {"none": a, "muprop": b}, "muprop" if b < 0.9 * a else "none")
-            for k, (s, a, b) in enumerate(zip(sigmas, loo, muprop))]
+    both = [
+        StepRow(k, s, 0.1, 0.01, 1.0, {"none": a, "muprop": b}, "muprop" if b < 0.9 * a else "none")
+        for k, (s, a, b) in enumerate(zip(sigmas, loo, muprop))
+    ]
     tail, schedule = recommend(both)
     assert tail == 1  # with MuProp, step 8 (43) no longer dominates
     assert schedule == ["none"] * 3 + ["muprop"] * 6 + ["none"]
     # The block and its likelihood ratios keep at least h + 1 steps.
-    sharp = [StepRow(k, 0.5, 0.1, 0.01, 1.0, {"none": 10.0 ** k}, "none") for k in range(5)]
+    sharp = [StepRow(k, 0.5, 0.1, 0.01, 1.0, {"none": 10.0**k}, "none") for k in range(5)]
     assert recommend(sharp, RLR(h=2))[0] == 2
 
 
@@ -89,7 +99,7 @@ def test_map_shares_add_up_to_one_and_the_recommendation_runs(module):
     assert estimators["full backprop"]["variance"] < estimators["score function (none baseline)"]["variance"]
     assert estimators["truncated backprop K=1"]["bias_sq"] > 0
     assert vmap.recommended in estimators and len(vmap.step_baseline) == 4
-    assert vmap.step_baseline[-vmap.tail:] == ["none"] * vmap.tail
+    assert vmap.step_baseline[-vmap.tail :] == ["none"] * vmap.tail
     # The recommendation is a valid RLR configuration.
     rlr = RLR(h=1, tail=vmap.tail, step_baseline=vmap.step_baseline)
     module.task.prepare(rlr)
@@ -102,8 +112,21 @@ def test_rlr_diagnose_prints_the_map_and_writes_it(tmp_path, capsys, monkeypatch
     monkeypatch.setattr("sys.argv", ["rlr"])
     from rlr_lightning.cli import main
 
-    main(["diagnose", "--config", str(QUICKSTART), "--model.num_steps", "4", "--draws", "4", "--batch", "2",
-          "--out", str(out)])
+    main(
+        [
+            "diagnose",
+            "--config",
+            str(QUICKSTART),
+            "--model.num_steps",
+            "4",
+            "--draws",
+            "4",
+            "--batch",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| step | sigma | share of gradient |" in printed and "recommended for RLR" in printed
     assert "RLR, recommended:" in printed and "the config's estimator (RLR)" in printed
@@ -111,14 +134,19 @@ def test_rlr_diagnose_prints_the_map_and_writes_it(tmp_path, capsys, monkeypatch
     assert len(written["steps"]) == 4 and written["tail"] >= 1 and set(written["measured"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--draws", "2"], "--draws must be >= 4"),
-    (["--batch", "1"], "--batch must be >= 2"),
-    ([], "give the training config to diagnose: --config FILE"),
-    (["--model.num_steps", "zero"], "model.num_steps"),
-    (["--model.reward", "rlr_lightning.rewards.JpegCompressibility"], "needs a differentiable reward; "
-     "JpegCompressibility is not"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--draws", "2"], "--draws must be >= 4"),
+        (["--batch", "1"], "--batch must be >= 2"),
+        ([], "give the training config to diagnose: --config FILE"),
+        (["--model.num_steps", "zero"], "model.num_steps"),
+        (
+            ["--model.reward", "rlr_lightning.rewards.JpegCompressibility"],
+            "needs a differentiable reward; JpegCompressibility is not",
+        ),
+    ],
+)
 def test_rlr_diagnose_bad_options_are_one_line(args, message, capsys, monkeypatch):
     config = ["--config", str(QUICKSTART)] if args else []
     code, err = run_main(["diagnose", *config, *args], capsys, monkeypatch)

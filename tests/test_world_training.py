@@ -59,8 +59,19 @@ def test_evaluate_command_reports_and_writes_the_accuracies(smoke_pipeline, tmp_
 
     out = tmp_path / "accuracy.json"
     # The older command line (a positional pipeline) still runs: it is `rlr eval --model PIPELINE`.
-    evaluate_main([str(smoke_pipeline), "--steps", "2", "--seeds", "0", "--samples-per-caption", "1",
-                   "--json", str(out)])
+    evaluate_main(
+        [
+            str(smoke_pipeline),
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "--samples-per-caption",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["n"] == len(split_specs()[1]) and result["settings"]["model"] == str(smoke_pipeline)
     table = capsys.readouterr().out

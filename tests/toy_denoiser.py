@@ -33,7 +33,9 @@ class ToyDenoiser(torch.nn.Module):
         t = timestep.to(sample.dtype).reshape(-1, 1).expand(B, 1)
         freqs = torch.exp(-torch.arange(8, device=sample.device, dtype=sample.dtype) * (9.0 / 8)).unsqueeze(0)
         t_emb = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], dim=1)
-        h = torch.tanh(self.to_q(sample.flatten(1)) + self.to_k(t_emb) + self.to_v(encoder_hidden_states.mean(1)))
+        h = torch.tanh(
+            self.to_q(sample.flatten(1)) + self.to_k(t_emb) + self.to_v(encoder_hidden_states.mean(1))
+        )
         out = self.to_out[0](h).reshape(sample.shape)
         return SimpleNamespace(sample=out) if return_dict else (out,)
 

@@ -2,13 +2,6 @@
 surrogate terms."""
 
 from rlr_lightning.estimators.backprop import FullBackprop, TruncatedBackprop
-from rlr_lightning.estimators.step import (
-    GradientEstimate,
-    TermBackward,
-    backward_terms,
-    estimate_gradient,
-    flat_grad,
-)
 from rlr_lightning.estimators.base import (
     GradientEstimator,
     Rollout,
@@ -20,6 +13,13 @@ from rlr_lightning.estimators.base import (
 from rlr_lightning.estimators.grpo import GRPO
 from rlr_lightning.estimators.rlr import RLR
 from rlr_lightning.estimators.score import ScoreFunction
+from rlr_lightning.estimators.step import (
+    GradientEstimate,
+    TermBackward,
+    backward_terms,
+    estimate_gradient,
+    flat_grad,
+)
 
 __all__ = [
     "RLR",

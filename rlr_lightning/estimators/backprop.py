@@ -40,7 +40,9 @@ class FullBackprop(GradientEstimator):
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         perturbations = {}
         if self.perturbation_scale > 0:
-            perturbations = perturbations_for(range(num_steps), rank_seed, self.perturbation_scale, self.antithetic)
+            perturbations = perturbations_for(
+                range(num_steps), rank_seed, self.perturbation_scale, self.antithetic
+            )
         return Plan(num_steps, windows=((0, num_steps),), perturbations=perturbations)
 
     def terms(self, rollout: Rollout, sampler: Sampler, embeds: Conditioning) -> list[SurrogateTerm]:
@@ -60,15 +62,20 @@ class TruncatedBackprop(GradientEstimator):
         super().__init__(baseline="none")
         lo, hi = (k, k) if k_range is None else (int(k_range[0]), int(k_range[1]))
         if lo < 1 or hi < lo:
-            raise ValueError(f"truncation K must be >= 1 (k_range with k_min <= k_max), got k={k}, k_range={k_range}")
+            raise ValueError(
+                f"truncation K must be >= 1 (k_range with k_min <= k_max), got k={k}, k_range={k_range}"
+            )
         self.k_range = (lo, hi)
         self._k_option = "k" if k_range is None else "k_range"  # which option set K, for messages
 
     def setup(self, num_steps: int, eta: float, reward_differentiable: bool = True) -> None:
         lo, hi = self.k_range
         if hi > num_steps:
-            given, fix = (f"k={hi}", f"k <= {num_steps}") if getattr(self, "_k_option", "k_range") == "k" else (
-                f"k_range [{lo}, {hi}]", f"k_range [{min(lo, num_steps)}, {num_steps}]")
+            given, fix = (
+                (f"k={hi}", f"k <= {num_steps}")
+                if getattr(self, "_k_option", "k_range") == "k"
+                else (f"k_range [{lo}, {hi}]", f"k_range [{min(lo, num_steps)}, {num_steps}]")
+            )
             raise ValueError(
                 f"TruncatedBackprop {given}: truncation K={hi} exceeds the number of steps T={num_steps} "
                 f"(model.num_steps); use {fix} or more steps"
@@ -93,4 +100,6 @@ def reward_window_terms(
     """``-mean r`` backpropagated through the plan's one window, which ends at the last step."""
     (window,) = rollout.plan.windows
     B = rollout.batch_size
-    return estimator.window_terms(rollout, sampler, embeds, window, "fo", lambda view: -view.rewards().sum() / B)
+    return estimator.window_terms(
+        rollout, sampler, embeds, window, "fo", lambda view: -view.rewards().sum() / B
+    )

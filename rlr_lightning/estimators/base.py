@@ -15,7 +15,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
 from typing import Literal
 
 import torch
@@ -225,7 +224,9 @@ def compute_advantages(
     if baseline == "group":
         copies = group_size * shared
         if r.numel() % copies:
-            raise ValueError(f"{r.numel()} local rewards do not split into groups of {copies} samples per prompt")
+            raise ValueError(
+                f"{r.numel()} local rewards do not split into groups of {copies} samples per prompt"
+            )
         others = copies - shared
         if others < 1:
             return r - (0.0 if fallback is None else fallback)
@@ -285,8 +286,8 @@ class GradientEstimator(ABC):
             raise ValueError(f"group_size (samples per prompt) must be an integer >= 1, got {group_size!r}")
         if baseline == "group" and group_size < 2:
             raise ValueError(
-                f"baseline='group' compares each sample with the other samples of its prompt: it needs group_size >= 2, "
-                f"got {group_size}"
+                "baseline='group' compares each sample with the other samples of its prompt: it needs "
+                f"group_size >= 2, got {group_size}"
             )
         if score_chunk_steps < 1:
             raise ValueError(f"score_chunk_steps must be >= 1, got {score_chunk_steps}")
@@ -331,7 +332,9 @@ class GradientEstimator(ABC):
         """Called once the sampler exists, with its step sigmas in sampling order (choices read from the
         schedule: the step baselines, ``RLR(tail="auto")``). They may depend on the schedule, never on a sample.
         Subclasses that read the schedule too extend it and call ``super().configure_schedule``."""
-        self.step_baselines = resolve_step_baselines(self.step_baseline, sigmas, self.step_baseline_sigma_ratio)
+        self.step_baselines = resolve_step_baselines(
+            self.step_baseline, sigmas, self.step_baseline_sigma_ratio
+        )
 
     def likelihood_ratio_steps(self, plan: Plan) -> list[int]:
         """The steps whose likelihood ratio this iteration's terms use (where step baselines act)."""
@@ -364,7 +367,9 @@ class GradientEstimator(ABC):
         it) or ``None`` for estimators without a block (every one but ``RLR``)."""
         return None
 
-    def apply_memory_plan(self, planned: PlannedMemory, num_steps: int, eta: float, reward_differentiable: bool) -> None:
+    def apply_memory_plan(  # noqa: B027 - a hook: only estimators with a block length adopt anything
+        self, planned: PlannedMemory, num_steps: int, eta: float, reward_differentiable: bool
+    ) -> None:
         """Adopt what the memory planner chose for this estimator (``RLR(h="auto")``: the block length); the
         arguments are those of :meth:`setup`, which runs again when a choice changes the plan's checks."""
 
@@ -517,17 +522,27 @@ class GradientEstimator(ABC):
         T = rollout.plan.num_steps
         if not rollout.chunked:
             trajectory = rollout.trajectory
-            view = WindowView(torch.arange(rollout.batch_size), trajectory.window_log_probs, lambda: rollout.rewards)
+            view = WindowView(
+                torch.arange(rollout.batch_size), trajectory.window_log_probs, lambda: rollout.rewards
+            )
             return [SurrogateTerm(name, lambda: loss(view))]
 
         def make(samples: Tensor) -> Callable[[], Tensor]:
             def chunk_loss() -> Tensor:
-                replay = sampler.replay(rollout.trajectory, start, stop, samples, embeds,
-                                        checkpoint=rollout.memory.activation_checkpointing)
+                replay = sampler.replay(
+                    rollout.trajectory,
+                    start,
+                    stop,
+                    samples,
+                    embeds,
+                    checkpoint=rollout.memory.activation_checkpointing,
+                )
 
                 def rewards() -> Tensor:
                     if stop != T:
-                        raise RuntimeError(f"window [{start}, {stop}) does not end at the last step: no reward")
+                        raise RuntimeError(
+                            f"window [{start}, {stop}) does not end at the last step: no reward"
+                        )
                     prompts = [rollout.prompts[i] for i in samples.tolist()]
                     return rollout.reward_fn(replay.final, prompts).float()
 
@@ -590,27 +605,48 @@ def rollout(
     memory = memory if memory is not None else MemoryPlan()
     chunked = memory.chunks(len(prompts))
     # Chunked: the whole pass runs without a graph and the terms replay their windows chunk by chunk.
-    trajectory = sampler.run(plan, embeds, initial_latents=x0, noises=noises, record_graph=not chunked,
-                             checkpoint=memory.activation_checkpointing)
+    trajectory = sampler.run(
+        plan,
+        embeds,
+        initial_latents=x0,
+        noises=noises,
+        record_graph=not chunked,
+        checkpoint=memory.activation_checkpointing,
+    )
     if trajectory.final.requires_grad:
         rewards = reward_fn(trajectory.final, prompts).float()  # first order: keeps the graph to the window
     else:
         with torch.no_grad():
             step = memory.chunk_samples if chunked else len(prompts)
-            rewards = torch.cat([
-                reward_fn(trajectory.final[i : i + step], prompts[i : i + step]).float().reshape(-1)
-                for i in range(0, len(prompts), step)
-            ])
+            rewards = torch.cat(
+                [
+                    reward_fn(trajectory.final[i : i + step], prompts[i : i + step]).float().reshape(-1)
+                    for i in range(0, len(prompts), step)
+                ]
+            )
     if rewards.shape != (len(prompts),):
         raise ValueError(f"the reward returned shape {tuple(rewards.shape)}, expected ({len(prompts)},)")
     all_rewards = gather(rewards.detach()).reshape(-1)
     advantages = compute_advantages(
-        rewards, all_rewards, estimator.baseline, estimator.antithetic, fallback=estimator.reward_stats.mean,
+        rewards,
+        all_rewards,
+        estimator.baseline,
+        estimator.antithetic,
+        fallback=estimator.reward_stats.mean,
         group_size=estimator.group_size,
     )
     advantages = estimator.shape_advantages(advantages, rewards.detach().float())
-    result = Rollout(plan, trajectory, prompts, rewards, all_rewards, advantages, reward_fn=reward_fn, memory=memory,
-                     embeds=embeds)
+    result = Rollout(
+        plan,
+        trajectory,
+        prompts,
+        rewards,
+        all_rewards,
+        advantages,
+        reward_fn=reward_fn,
+        memory=memory,
+        embeds=embeds,
+    )
     if any(kind == "prompt_mean" for kind in baseline_kinds.values()):
         keys = result.cache["prompt_keys"] = prompt_keys(prompts)
         result.cache["all_prompt_keys"] = gather(keys.to(device)).reshape(-1).cpu()
@@ -627,8 +663,9 @@ def rollout(
     return result
 
 
-def _add_step_advantages(result: Rollout, estimator: GradientEstimator, sampler: Sampler, kinds: dict[int, str],
-                         gather: GatherFn) -> None:
+def _add_step_advantages(
+    result: Rollout, estimator: GradientEstimator, sampler: Sampler, kinds: dict[int, str], gather: GatherFn
+) -> None:
     """Per-(step, sample) advantages of the steps with a step baseline: the residual ``r - b_k`` against the
     estimator's batch baseline over the other samples' residuals (gathered over ranks, one call for all steps),
     shaped as the estimator shapes advantages."""
@@ -638,8 +675,16 @@ def _add_step_advantages(result: Rollout, estimator: GradientEstimator, sampler:
     if any(kind == "prompt_mean" for kind in kinds.values()):
         prompt_means = estimator.prompt_means.lookup(result.cache["prompt_keys"], estimator.reward_stats.mean)
     chunk = result.memory.chunk_samples if result.chunked else B
-    values = step_baseline_values(kinds, result.trajectory, sampler, result.embeds, result.prompts, result.reward_fn,
-                                  chunk, prompt_means)
+    values = step_baseline_values(
+        kinds,
+        result.trajectory,
+        sampler,
+        result.embeds,
+        result.prompts,
+        result.reward_fn,
+        chunk,
+        prompt_means,
+    )
     steps = sorted(values)
     residuals = torch.stack([r - values[k].to(r.device) for k in steps])  # (S, B)
     S = len(steps)
@@ -647,8 +692,13 @@ def _add_step_advantages(result: Rollout, estimator: GradientEstimator, sampler:
     step_advantages = result.advantages.expand(result.plan.num_steps, B).clone()
     for i, k in enumerate(steps):
         # No fallback: with no other independent sample, r - b_k alone is the advantage.
-        a = compute_advantages(residuals[i], all_residuals[i], estimator.baseline, estimator.antithetic,
-                               group_size=estimator.group_size)
+        a = compute_advantages(
+            residuals[i],
+            all_residuals[i],
+            estimator.baseline,
+            estimator.antithetic,
+            group_size=estimator.group_size,
+        )
         step_advantages[k] = estimator.shape_advantages(a, r)
     result.step_advantages = step_advantages
     result.step_baselines = values
@@ -658,7 +708,9 @@ def _scaled(term: SurrogateTerm, scale: float) -> SurrogateTerm:
     return SurrogateTerm(term.name, lambda: scale * term.loss())
 
 
-def perturbations_for(steps: Sequence[int], rank_seed: int, scale: float, antithetic: bool) -> dict[int, Perturbation]:
+def perturbations_for(
+    steps: Sequence[int], rank_seed: int, scale: float, antithetic: bool
+) -> dict[int, Perturbation]:
     """One independent seeded perturbation per step (seeds derived from the rank seed and the step)."""
     # The constant separates these seeds from the rank seed's other uses (the noise generator).
     return {k: Perturbation(derive_seed(rank_seed, 7919, k), scale, antithetic) for k in steps}

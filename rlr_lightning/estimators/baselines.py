@@ -38,21 +38,27 @@ def check_step_baseline(spec: str | Sequence[str], sigma_ratio: float) -> str | 
     """Validate a ``step_baseline`` option (one name, or one name per step) and its sigma ratio."""
     if isinstance(spec, str):
         if spec not in STEP_BASELINES:
-            raise ValueError(f"unknown step_baseline {spec!r}; choose one of {', '.join(STEP_BASELINES)}, or give "
-                             "one of them per step (a list of T names)")
+            raise ValueError(
+                f"unknown step_baseline {spec!r}; choose one of {', '.join(STEP_BASELINES)}, or give "
+                "one of them per step (a list of T names)"
+            )
         spec_out: str | list[str] = spec
     else:
         spec_out = [str(name) for name in spec]
         bad = [name for name in spec_out if name not in STEP_BASELINES]
         if bad or not spec_out:
-            raise ValueError(f"step_baseline lists {bad or 'nothing'}: every entry must be one of "
-                             f"{', '.join(STEP_BASELINES)}")
+            raise ValueError(
+                f"step_baseline lists {bad or 'nothing'}: every entry must be one of "
+                f"{', '.join(STEP_BASELINES)}"
+            )
     if not 0 < sigma_ratio <= 1:
         raise ValueError(f"step_baseline_sigma_ratio must be in (0, 1], got {sigma_ratio!r}")
     return spec_out
 
 
-def resolve_step_baselines(spec: str | Sequence[str], sigmas: Sequence[float], sigma_ratio: float = 1.0) -> list[str]:
+def resolve_step_baselines(
+    spec: str | Sequence[str], sigmas: Sequence[float], sigma_ratio: float = 1.0
+) -> list[str]:
     """The step baseline of every step, in sampling order, from the option and the sampler's step sigmas.
 
     One name applies to every step whose sigma is at most ``sigma_ratio`` times the largest step sigma (1: every
@@ -64,14 +70,18 @@ def resolve_step_baselines(spec: str | Sequence[str], sigmas: Sequence[float], s
         top = max((float(s) for s in sigmas), default=0.0)
         return [spec if float(s) <= sigma_ratio * top * (1 + 1e-6) else "none" for s in sigmas]
     if len(spec) != T:
-        raise ValueError(f"step_baseline lists {len(spec)} step baselines, but the sampler runs T={T} steps "
-                         "(model.num_steps): give one per step, or one name for all")
+        raise ValueError(
+            f"step_baseline lists {len(spec)} step baselines, but the sampler runs T={T} steps "
+            "(model.num_steps): give one per step, or one name for all"
+        )
     return list(spec)
 
 
 def prompt_keys(prompts: Sequence[str]) -> Tensor:
     """Stable 63-bit keys of prompts (the same on every rank and in every process), ``(B,)`` int64."""
-    keys = [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") >> 1 for p in prompts]
+    keys = [
+        int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") >> 1 for p in prompts
+    ]
     return torch.tensor(keys, dtype=torch.long)
 
 
@@ -160,7 +170,9 @@ def step_baseline_values(
                 latents = trajectory.step_means[k][rows]  # muprop at the last step: the final latent's mean
             else:
                 index = torch.full((rows.numel(),), k + 1, dtype=torch.long, device=device)
-                latents = sampler.predict_x0(index, trajectory.step_means[k][rows], embeds.at(k + 1).select(rows))
+                latents = sampler.predict_x0(
+                    index, trajectory.step_means[k][rows], embeds.at(k + 1).select(rows)
+                )
             chunk_prompts = [prompts[i] for i in rows.tolist()]
             parts.append(reward_fn(latents, chunk_prompts).detach().float().reshape(-1))
         values[k] = torch.cat(parts)

@@ -82,9 +82,17 @@ class GRPO(GradientEstimator):
         step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
         if not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"GRPO compares the samples of a prompt with each other: group_size must be >= 2, got {group_size!r}")
-        super().__init__("group", False, score_chunk_steps, group_size=group_size, step_baseline=step_baseline,
-                         step_baseline_sigma_ratio=step_baseline_sigma_ratio)
+            raise ValueError(
+                f"GRPO compares the samples of a prompt with each other: group_size must be >= 2, got {group_size!r}"
+            )
+        super().__init__(
+            "group",
+            False,
+            score_chunk_steps,
+            group_size=group_size,
+            step_baseline=step_baseline,
+            step_baseline_sigma_ratio=step_baseline_sigma_ratio,
+        )
         if clip_range is not None and not clip_range > 0:
             raise ValueError(f"clip_range must be > 0 (or null for no clipping), got {clip_range!r}")
         if not isinstance(inner_updates, int) or inner_updates < 1:
@@ -92,12 +100,18 @@ class GRPO(GradientEstimator):
         if advantage_clip is not None and not advantage_clip > 0:
             raise ValueError(f"advantage_clip must be > 0 (or null for none), got {advantage_clip!r}")
         if step_fraction is not None and not 0 < step_fraction <= 1:
-            raise ValueError(f"step_fraction must be in (0, 1] (or null for every step), got {step_fraction!r}")
+            raise ValueError(
+                f"step_fraction must be in (0, 1] (or null for every step), got {step_fraction!r}"
+            )
         if not kl_coefficient >= 0:
-            raise ValueError(f"kl_coefficient must be >= 0 (0 turns the KL penalty off), got {kl_coefficient!r}")
+            raise ValueError(
+                f"kl_coefficient must be >= 0 (0 turns the KL penalty off), got {kl_coefficient!r}"
+            )
         if step_range is not None:
             if len(step_range) != 2 or not 0 <= step_range[0] < step_range[1]:
-                raise ValueError(f"step_range must be [start, stop) with 0 <= start < stop, got {step_range!r}")
+                raise ValueError(
+                    f"step_range must be [start, stop) with 0 <= start < stop, got {step_range!r}"
+                )
             step_range = (int(step_range[0]), int(step_range[1]))
         self.clip_range = clip_range
         self.inner_updates = inner_updates
@@ -126,8 +140,11 @@ class GRPO(GradientEstimator):
         steps = len(self.candidate_steps(num_steps))
         if self.step_fraction is not None:
             steps = max(1, math.ceil(self.step_fraction * steps))
-        return GraphShape(prompts * self.samples_per_prompt, rescoring_steps=steps,
-                          rescore_steps_per_call=self.score_chunk_steps)
+        return GraphShape(
+            prompts * self.samples_per_prompt,
+            rescoring_steps=steps,
+            rescore_steps_per_call=self.score_chunk_steps,
+        )
 
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         steps = self.candidate_steps(num_steps)

@@ -59,7 +59,9 @@ def kl_terms(
     candidates = stochastic_steps(trajectory.sigmas)
     check_kl_sampler(trajectory.sigmas)
     generator = torch.Generator().manual_seed(seed)
-    drawn = [candidates[i] for i in torch.randperm(len(candidates), generator=generator)[: max(1, steps)].tolist()]
+    drawn = [
+        candidates[i] for i in torch.randperm(len(candidates), generator=generator)[: max(1, steps)].tolist()
+    ]
     weight = len(candidates) / len(drawn)
     B = trajectory.batch_size
     base_means: dict[int, Tensor] = rollout.cache.setdefault("kl_base_means", {})
@@ -96,7 +98,9 @@ class KLPenalty:
         estimator_coefficient: The estimator's own KL coefficient (GRPO's), which must not also be set.
     """
 
-    def __init__(self, coefficient: float, steps: int, eta: float, estimator_coefficient: float = 0.0) -> None:
+    def __init__(
+        self, coefficient: float, steps: int, eta: float, estimator_coefficient: float = 0.0
+    ) -> None:
         if not coefficient >= 0:
             raise ValueError(f"kl_coefficient must be >= 0 (0 turns the KL penalty off), got {coefficient!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

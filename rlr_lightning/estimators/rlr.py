@@ -135,8 +135,15 @@ class RLR(GradientEstimator):
         step_baseline: str | list[str] = "none",
         step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size,
-                         step_baseline=step_baseline, step_baseline_sigma_ratio=step_baseline_sigma_ratio)
+        super().__init__(
+            baseline,
+            normalize_advantages,
+            score_chunk_steps,
+            reward_ema_decay,
+            group_size=group_size,
+            step_baseline=step_baseline,
+            step_baseline_sigma_ratio=step_baseline_sigma_ratio,
+        )
         if h != "auto" and (not isinstance(h, int) or h < 1):
             raise ValueError(f"block length h must be an integer >= 1 or 'auto', got {h!r}")
         if tail != "auto" and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
@@ -147,7 +154,9 @@ class RLR(GradientEstimator):
             raise ValueError(f"unknown block_law {block_law!r}; choose uniform, range or grad_norm")
         if block_law == "range":
             if block_range is None or len(block_range) != 2 or block_range[0] > block_range[1]:
-                raise ValueError(f"block_law='range' needs block_range=[lo, hi] with lo <= hi, got {block_range}")
+                raise ValueError(
+                    f"block_law='range' needs block_range=[lo, hi] with lo <= hi, got {block_range}"
+                )
         if zo_mode not in ("score", "parameter", "none"):
             raise ValueError(f"unknown zo_mode {zo_mode!r}; choose score, parameter or none")
         if zo_subsample is not None and zo_subsample < 1:
@@ -221,7 +230,9 @@ class RLR(GradientEstimator):
                 )
         n_zo = T - K - h
         if self.zo_mode == "score" and self.zo_subsample is not None and self.zo_subsample > n_zo:
-            raise ValueError(f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-K-h)")
+            raise ValueError(
+                f"zo_subsample={self.zo_subsample} exceeds the {n_zo} zeroth-order steps (T-K-h)"
+            )
         self._block_starts(T)
 
     def configure_schedule(self, sigmas: Sequence[float]) -> None:
@@ -232,11 +243,16 @@ class RLR(GradientEstimator):
         super().configure_schedule(sigmas)
         T = len(sigmas)
         if self.tail == "auto" and not self.fo_by_likelihood_ratio:
-            self.tail_steps = auto_tail(sigmas, self.tail_sigma_ratio, max_tail=T - (1 if self.h == "auto" else self.h))
+            self.tail_steps = auto_tail(
+                sigmas, self.tail_sigma_ratio, max_tail=T - (1 if self.h == "auto" else self.h)
+            )
             logger.info(
                 "RLR tail='auto': the last %d step(s) (sigma %s, below %.2f x the median sigma %.3g) are "
-                "backpropagated exactly", self.tail_steps, ", ".join(f"{float(v):.3g}" for v in sigmas[T - self.tail_steps:]),
-                self.tail_sigma_ratio, statistics.median(float(v) for v in sigmas),
+                "backpropagated exactly",
+                self.tail_steps,
+                ", ".join(f"{float(v):.3g}" for v in sigmas[T - self.tail_steps :]),
+                self.tail_sigma_ratio,
+                statistics.median(float(v) for v in sigmas),
             )
         if self.h != "auto":
             self._check_steps(T)
@@ -249,7 +265,9 @@ class RLR(GradientEstimator):
     def block_length(self) -> int | Literal["auto"]:
         return self.h
 
-    def apply_memory_plan(self, planned: PlannedMemory, num_steps: int, eta: float, reward_differentiable: bool) -> None:
+    def apply_memory_plan(
+        self, planned: PlannedMemory, num_steps: int, eta: float, reward_differentiable: bool
+    ) -> None:
         if self.h == "auto" and planned.h is not None:
             self.h = planned.h
             self.setup(num_steps, eta, reward_differentiable)
@@ -307,7 +325,9 @@ class RLR(GradientEstimator):
         elif self.block_law == "grad_norm" and any(v is not None for v in self.block_norms):
             seen = [v for v in self.block_norms if v is not None]
             # Unseen starts get the largest running norm, so every start keeps being explored.
-            norms = torch.tensor([max(seen) if v is None else v for v in self.block_norms], dtype=torch.float64)
+            norms = torch.tensor(
+                [max(seen) if v is None else v for v in self.block_norms], dtype=torch.float64
+            )
             scale = norms.mean().clamp(min=1e-12) * self.grad_norm_temperature
             probs = torch.softmax(norms / scale, dim=0)
         else:
@@ -317,7 +337,9 @@ class RLR(GradientEstimator):
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         T, h = num_steps, self.h
         if h == "auto":
-            raise ValueError("RLR(h='auto') needs the module's memory_budget_gb: the memory planner chooses h")
+            raise ValueError(
+                "RLR(h='auto') needs the module's memory_budget_gb: the memory planner chooses h"
+            )
         K = self._tail()
         a = int(torch.multinomial(self.block_start_probs(T), 1, generator=step_generator))
         zo_steps = self.zo_steps(T, a)
@@ -383,7 +405,9 @@ class RLR(GradientEstimator):
             coeff = float(r[:half].mean() - r[half:].mean()) / 2
         elif self.reward_stats.mean is None:
             # No baseline from earlier iterations yet; one from this batch would cancel the term exactly.
-            logger.info("RLR parameter ZO: skipping the zeroth-order term until the reward baseline has history")
+            logger.info(
+                "RLR parameter ZO: skipping the zeroth-order term until the reward baseline has history"
+            )
             rollout.info["zo_skipped"] = 1.0
             return None
         else:
@@ -410,7 +434,9 @@ class RLR(GradientEstimator):
         a = rollout.plan.info["block_start"]
         if norm is not None and math.isfinite(norm) and a < len(self.block_norms):
             old = self.block_norms[a]
-            self.block_norms[a] = norm if old is None else self.grad_norm_decay * old + (1 - self.grad_norm_decay) * norm
+            self.block_norms[a] = (
+                norm if old is None else self.grad_norm_decay * old + (1 - self.grad_norm_decay) * norm
+            )
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "block_norms": list(self.block_norms)}

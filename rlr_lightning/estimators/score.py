@@ -44,8 +44,15 @@ class ScoreFunction(GradientEstimator):
         step_baseline: str | list[str] = "none",
         step_baseline_sigma_ratio: float = 1.0,
     ) -> None:
-        super().__init__(baseline, normalize_advantages, score_chunk_steps, reward_ema_decay, group_size=group_size,
-                         step_baseline=step_baseline, step_baseline_sigma_ratio=step_baseline_sigma_ratio)
+        super().__init__(
+            baseline,
+            normalize_advantages,
+            score_chunk_steps,
+            reward_ema_decay,
+            group_size=group_size,
+            step_baseline=step_baseline,
+            step_baseline_sigma_ratio=step_baseline_sigma_ratio,
+        )
         if subsample is not None and subsample < 1:
             raise ValueError(f"subsample must be >= 1 (or None for all steps), got {subsample}")
         self.subsample = subsample
@@ -63,7 +70,11 @@ class ScoreFunction(GradientEstimator):
 
     def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
         steps = self.subsample if self.subsample is not None else num_steps
-        return GraphShape(prompts * self.samples_per_prompt, rescoring_steps=steps, rescore_steps_per_call=self.score_chunk_steps)
+        return GraphShape(
+            prompts * self.samples_per_prompt,
+            rescoring_steps=steps,
+            rescore_steps_per_call=self.score_chunk_steps,
+        )
 
     def plan(self, num_steps: int, step_generator: torch.Generator, rank_seed: int) -> Plan:
         info = {}

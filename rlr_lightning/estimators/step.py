@@ -24,7 +24,9 @@ from rlr_lightning.sampling import Conditioning, Sampler
 def flat_grad(params: Iterable[Tensor]) -> Tensor:
     """The ``.grad`` of ``params`` as one detached flat vector, in their order; zeros where a parameter has no
     gradient (a LoRA layer the terms did not reach), so vectors of different estimates line up."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in params])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in params]
+    )
 
 
 @dataclass

@@ -83,7 +83,9 @@ class AutogradMemoryMeter:
             self.live -= self._sizes.pop(key)
 
     def __enter__(self) -> AutogradMemoryMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda held: held.tensor)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: _Held(t, self), lambda held: held.tensor
+        )
         self._hooks.__enter__()
         return self
 
@@ -282,8 +284,12 @@ def _measure_at(
         ("grad_step", probe.with_grad(lambda: step_fn(n, True, False), trainable)),
         ("grad_step_input", probe.kept(lambda: step_fn(n, True, True))),
         # Elsewhere than CUDA nothing sees the recomputation: the step's own saved bytes stand for it.
-        ("grad_step_checkpointed", probe.with_grad(lambda: step_fn(n, True, True), trainable)
-         if probe.cuda else probe.with_grad(lambda: step_fn(n, True, False), trainable)),
+        (
+            "grad_step_checkpointed",
+            probe.with_grad(lambda: step_fn(n, True, True), trainable)
+            if probe.cuda
+            else probe.with_grad(lambda: step_fn(n, True, False), trainable),
+        ),
         ("reward_forward", probe.no_grad(lambda: reward_fn(latents))),
     ]
     z = latents.clone().requires_grad_(True)
@@ -308,7 +314,9 @@ def measure(task: Task, prompt: str, samples: tuple[int, int] = (1, 2)) -> Memor
         samples: The two sample counts to measure at (:func:`measure_costs`).
     """
     if task.reward is None:
-        raise ValueError("measuring a step's memory needs the task's reward (decode + reward is part of a step)")
+        raise ValueError(
+            "measuring a step's memory needs the task's reward (decode + reward is part of a step)"
+        )
     sampler, device = task.sampler, task.device
     step = task.settings.num_steps // 2
 
@@ -316,13 +324,21 @@ def measure(task: Task, prompt: str, samples: tuple[int, int] = (1, 2)) -> Memor
         embeds = task.conditioning_for([prompt] * n)
         x, noise = sampler.initial_noise(n, torch.Generator().manual_seed(0), device)
         with torch.set_grad_enabled(grad):
-            return sampler.step(step, x, embeds.at(step), noise=noise[step], checkpoint=checkpoint).next_latents
+            return sampler.step(
+                step, x, embeds.at(step), noise=noise[step], checkpoint=checkpoint
+            ).next_latents
 
     def reward_fn(latents: Tensor) -> Tensor:
         return task.latent_reward(latents, [prompt] * latents.shape[0])
 
-    return measure_costs(step_fn, reward_fn, task.set_activation_checkpointing, [task.backbone, task.reward],
-                         device, samples=samples)
+    return measure_costs(
+        step_fn,
+        reward_fn,
+        task.set_activation_checkpointing,
+        [task.backbone, task.reward],
+        device,
+        samples=samples,
+    )
 
 
 def plan_task(
@@ -350,8 +366,13 @@ def plan_task(
     costs = measure(task, prompts[0])
     T = task.settings.num_steps
     planned = plan_memory(
-        costs, budget, lambda block: estimator.graph_shape(T, len(prompts), block), h=estimator.block_length,
-        chunk_samples=options.chunk_samples, activation_checkpointing=options.activation_checkpointing, num_steps=T,
+        costs,
+        budget,
+        lambda block: estimator.graph_shape(T, len(prompts), block),
+        h=estimator.block_length,
+        chunk_samples=options.chunk_samples,
+        activation_checkpointing=options.activation_checkpointing,
+        num_steps=T,
         max_block=estimator.max_block_length(T),
     )
     if broadcast is not None:

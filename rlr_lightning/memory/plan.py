@@ -40,7 +40,9 @@ class MemoryPlan:
 
     def __post_init__(self) -> None:
         if self.chunk_samples is not None and self.chunk_samples < 1:
-            raise ValueError(f"chunk_samples must be >= 1 (or None for no chunking), got {self.chunk_samples}")
+            raise ValueError(
+                f"chunk_samples must be >= 1 (or None for no chunking), got {self.chunk_samples}"
+            )
         if self.rescore_samples is not None and self.rescore_samples < 1:
             raise ValueError(f"rescore_samples must be >= 1 (or None), got {self.rescore_samples}")
 
@@ -51,9 +53,6 @@ class MemoryPlan:
     def rescore_cap(self) -> int | None:
         """The most transitions one re-scoring call may hold under this plan (``None``: no cap)."""
         return self.rescore_samples if self.rescore_samples is not None else self.chunk_samples
-
-
-
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,6 @@ def format_bytes(n: float) -> str:
     if n >= 2**20:
         return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**10:.0f} KiB"
-
 
 
 def count_noun(n: int, noun: str) -> str:

@@ -150,8 +150,10 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
         phases.append(Phase("reward", (resident, no_grad_reward(c))))
         for i, length in enumerate(shape.windows):
             name = f"replay of window {i + 1} ({count_noun(length, 'step')})"
-            window = (f"window of {count_noun(length, 'step')} x {count_noun(c, 'sample')}",
-                      _window_kept(costs, length, c, ck))
+            window = (
+                f"window of {count_noun(length, 'step')} x {count_noun(c, 'sample')}",
+                _window_kept(costs, length, c, ck),
+            )
             if i == rw:
                 phases.append(Phase(f"{name}, through decode + reward", (resident, window, reward_path(c))))
             if ck:
@@ -162,8 +164,15 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
         per_call = min(shape.rescore_steps_per_call, shape.rescoring_steps) * n
         if plan.rescore_cap() is not None:
             per_call = min(per_call, plan.rescore_cap())
-        phases.append(Phase("re-scoring", (resident, (f"re-scoring call, {count_noun(per_call, 'transition')}",
-                                                      costs.grad_step * per_call))))
+        phases.append(
+            Phase(
+                "re-scoring",
+                (
+                    resident,
+                    (f"re-scoring call, {count_noun(per_call, 'transition')}", costs.grad_step * per_call),
+                ),
+            )
+        )
     return phases
 
 
@@ -319,8 +328,9 @@ def plan_memory(
         peak = predicted_peak(costs, shapes(chosen_h), plan)
         return PlannedMemory(plan, chosen_h, peak, usable, int(budget_bytes))
     raise MemoryBudgetError(
-        _no_fit_message(costs, int(budget_bytes), usable, headroom, shapes, h, hs, chunk_samples,
-                        activation_checkpointing)
+        _no_fit_message(
+            costs, int(budget_bytes), usable, headroom, shapes, h, hs, chunk_samples, activation_checkpointing
+        )
     )
 
 
@@ -347,8 +357,10 @@ def _no_fit_message(
     chunk_samples: int | None,
     activation_checkpointing: bool | None,
 ) -> str:
-    head = (f"one training step does not fit the memory budget of {format_bytes(budget)} "
-            f"({format_bytes(usable)} usable after {headroom:.0%} headroom)")
+    head = (
+        f"one training step does not fit the memory budget of {format_bytes(budget)} "
+        f"({format_bytes(usable)} usable after {headroom:.0%} headroom)"
+    )
     # The user's fixed choices, by option: would the step fit if the planner could change some of them?
     fixed = {}
     if chunk_samples is not None:
@@ -360,7 +372,9 @@ def _no_fit_message(
 
     def attempt(relaxed: tuple[str, ...]):
         return _search(
-            costs, usable, shapes,
+            costs,
+            usable,
+            shapes,
             list(range(h, 0, -1)) if "h" in relaxed else hs,
             None if "chunk_samples" in relaxed else chunk_samples,
             None if "activation_checkpointing" in relaxed else activation_checkpointing,
@@ -369,8 +383,9 @@ def _no_fit_message(
     if fixed:
         # The fewest options to free: each single one that suffices, else the smallest pairs, else all.
         for size in range(1, len(fixed) + 1):
-            ways = [(names, found) for names in combinations(fixed, size)
-                    if (found := attempt(names)) is not None]
+            ways = [
+                (names, found) for names in combinations(fixed, size) if (found := attempt(names)) is not None
+            ]
             if ways:
                 plan, lean_h, phase = _leanest(costs, shapes, hs, chunk_samples, activation_checkpointing)
                 alternatives = " or ".join(
@@ -387,8 +402,10 @@ def _no_fit_message(
                 )
     lengths = list(range(h, 0, -1)) if isinstance(h, int) else hs
     plan, lean_h, phase = _leanest(costs, shapes, lengths, None, None)
-    message = (f"{head}: even the leanest plan ({plan_text(plan, lean_h)}) is predicted to peak at "
-               f"{format_bytes(phase.total)} in the {phase.name} ({_contributors(phase)}). ")
+    message = (
+        f"{head}: even the leanest plan ({plan_text(plan, lean_h)}) is predicted to peak at "
+        f"{format_bytes(phase.total)} in the {phase.name} ({_contributors(phase)}). "
+    )
     n = shapes(lean_h).samples
     if costs.resident > usable:
         return message + (
@@ -409,4 +426,3 @@ def _no_fit_message(
         "A single sample does not fit: shorten the gradient windows (the estimator's `h` or `k`), lower the "
         "image resolution, or use a device with more memory"
     )
-

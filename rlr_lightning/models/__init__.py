@@ -15,8 +15,8 @@ import os
 import torch
 
 from rlr_lightning.builtin import resolve_model
-from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
 from rlr_lightning.dtypes import DTYPES
+from rlr_lightning.hub import ModelNotAvailableError, is_offline, read_model_index
 from rlr_lightning.models.base import DiffusionBackbone
 from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.models.flux import FluxBackbone
@@ -93,7 +93,11 @@ def load_backbone(
     offline = is_offline() if local_files_only is None else local_files_only
     cls = backbone_class(source, revision, cache_dir, offline)
     return cls.from_pretrained(
-        source, dtype=dtype, revision=revision, variant=variant, cache_dir=cache_dir,
+        source,
+        dtype=dtype,
+        revision=revision,
+        variant=variant,
+        cache_dir=cache_dir,
         local_files_only=offline,
     )
 

@@ -38,6 +38,7 @@ from rlr_lightning.sampling import DDIMSampler, Denoiser, PromptEmbeds, UNetDeno
 
 logger = logging.getLogger(__name__)
 
+
 class DiffusionBackbone(nn.Module, ABC):
     """A frozen latent diffusion model with optional LoRA adapters on its denoiser.
 
@@ -98,7 +99,9 @@ class DiffusionBackbone(nn.Module, ABC):
         ``encode_prompt``, so their conditioning is diffusers' by construction. A plain attribute, not a
         submodule (a pipeline is no ``nn.Module``)."""
         if self._pipeline is None:
-            self._pipeline = self.pipeline_class()(**{name: getattr(self, name) for name in self.components()})
+            self._pipeline = self.pipeline_class()(
+                **{name: getattr(self, name) for name in self.components()}
+            )
         return self._pipeline
 
     @classmethod
@@ -116,7 +119,9 @@ class DiffusionBackbone(nn.Module, ABC):
             kwargs = dict(subfolder=name, **hub)
             if name in cls.networks:
                 # diffusers models take torch_dtype, transformers models dtype.
-                kwargs.update(variant=variant, **{"torch_dtype" if library == "diffusers" else "dtype": dtype})
+                kwargs.update(
+                    variant=variant, **{"torch_dtype" if library == "diffusers" else "dtype": dtype}
+                )
             loaded[name] = component_class.from_pretrained(source, **kwargs)
         return loaded
 
@@ -152,8 +157,12 @@ class DiffusionBackbone(nn.Module, ABC):
         logger.info("Loading the %s backbone from %s (dtype %s)", cls.__name__, source, dtype)
         try:
             components = cls.load_components(
-                source, dtype, revision=revision, variant=variant,
-                cache_dir=None if cache_dir is None else str(cache_dir), local_files_only=offline,
+                source,
+                dtype,
+                revision=revision,
+                variant=variant,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=offline,
             )
         except (OSError, ValueError) as err:
             if is_local:
@@ -195,7 +204,9 @@ class DiffusionBackbone(nn.Module, ABC):
 
         if self.lora_settings is not None:
             if self.lora_settings != settings:
-                raise ValueError(f"the {self.lora_component} already has LoRA {self.lora_settings}; cannot add {settings}")
+                raise ValueError(
+                    f"the {self.lora_component} already has LoRA {self.lora_settings}; cannot add {settings}"
+                )
             return
         self.network.add_adapter(
             LoraConfig(
@@ -250,7 +261,8 @@ class DiffusionBackbone(nn.Module, ABC):
         return {k: v.detach().cpu().contiguous() for k, v in peft_sd.items()}
 
     def export_lora(self, directory: str | os.PathLike) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` that the family's diffusers pipeline's ``load_lora_weights`` reads.
+        """Write ``pytorch_lora_weights.safetensors``, which the family's diffusers pipeline's
+        ``load_lora_weights`` reads.
 
         The adapter config (rank, alpha, targets) travels in the file's metadata, so diffusers applies the
         same ``alpha / rank`` scale the weights were trained with, and :meth:`load_lora` (``rlr sample
@@ -264,8 +276,10 @@ class DiffusionBackbone(nn.Module, ABC):
         self.pipeline_class().save_lora_weights(
             directory,
             safe_serialization=True,
-            **{f"{self.lora_component}_lora_layers": self.lora_state_dict(),
-               f"{self.lora_component}_lora_adapter_metadata": config},
+            **{
+                f"{self.lora_component}_lora_layers": self.lora_state_dict(),
+                f"{self.lora_component}_lora_adapter_metadata": config,
+            },
         )
         path = directory / LORA_WEIGHT_NAME
         logger.info("Exported LoRA weights to %s", path)
@@ -316,7 +330,10 @@ class DiffusionBackbone(nn.Module, ABC):
             raise
         logger.info(
             "Loaded LoRA weights from %s: rank %d, alpha %g, %d adapted layers",
-            lora.path, self.lora_settings.rank, self.lora_settings.alpha, len(lora.layers),
+            lora.path,
+            self.lora_settings.rank,
+            self.lora_settings.alpha,
+            len(lora.layers),
         )
         return self.lora_settings
 
@@ -329,12 +346,14 @@ class DiffusionBackbone(nn.Module, ABC):
         unexpected = sorted(k for k in theirs if k not in ours)
         if unexpected:
             raise ValueError(
-                f"{lora.path} has LoRA weights for {len(unexpected)} layers that this {self.lora_component}'s adapter lacks, e.g. "
-                f"{unexpected[:3]}; it was trained on another model or with other target modules"
+                f"{lora.path} has LoRA weights for {len(unexpected)} layers that this {self.lora_component}'s "
+                f"adapter lacks, e.g. {unexpected[:3]}; it was trained on another model or with other target modules"
             )
         missing = sorted(k for k in ours if k not in theirs)
         if missing:
-            raise ValueError(f"{lora.path} lacks LoRA weights for {len(missing)} adapted layers, e.g. {missing[:3]}")
+            raise ValueError(
+                f"{lora.path} lacks LoRA weights for {len(missing)} adapted layers, e.g. {missing[:3]}"
+            )
         wrong = [(k, tuple(v.shape), tuple(ours[k])) for k, v in theirs.items() if v.shape != ours[k]]
         if wrong:
             key, file_shape, unet_shape = wrong[0]
@@ -347,7 +366,9 @@ class DiffusionBackbone(nn.Module, ABC):
         # The checks above mirror peft's key mapping; peft's own report is the final word.
         leftover = getattr(result, "unexpected_keys", [])
         if leftover:
-            raise ValueError(f"{lora.path} has LoRA weights for layers this {self.lora_component} lacks: {leftover[:5]}")
+            raise ValueError(
+                f"{lora.path} has LoRA weights for layers this {self.lora_component} lacks: {leftover[:5]}"
+            )
 
     def _require_lora(self) -> None:
         if self.lora_settings is None:
@@ -399,7 +420,10 @@ class DiffusionBackbone(nn.Module, ABC):
                 logger.warning(
                     "The text encoder%s reads at most %d tokens per prompt; longer prompts are cut, e.g. %r (%d "
                     "tokens). Shorten them if their ends matter (this is said only once).",
-                    which, limit, textwrap.shorten(prompt, width=60, placeholder=" ..."), n,
+                    which,
+                    limit,
+                    textwrap.shorten(prompt, width=60, placeholder=" ..."),
+                    n,
                 )
                 self._warned_truncation = True
                 return
@@ -469,7 +493,11 @@ class DiffusionBackbone(nn.Module, ABC):
         return UNetDenoiser(self.network, self.dtype, sample_size=self.latent_size)
 
     def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
+        self,
+        num_steps: int,
+        eta: float,
+        guidance_scale: float = 1.0,
+        timestep_spacing: str | None = None,
         stochastic_steps: tuple[int, int] | None = None,
     ) -> DDIMSampler:
         """The sampler RLRModule trains with: DDIM over this backbone's denoiser and scheduler for the UNet families.

@@ -81,7 +81,9 @@ class FlowMatchingBackbone(DiffusionBackbone):
         default = self.default_max_sequence_length
         if value is None:
             value = min(default, int(getattr(self, self.t5_tokenizer).model_max_length))
-        elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= T5_MAX_SEQUENCE_LENGTH:
+        elif (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= T5_MAX_SEQUENCE_LENGTH
+        ):
             raise ValueError(
                 f"max_sequence_length must be an integer from 1 to {T5_MAX_SEQUENCE_LENGTH} (T5 tokens per prompt; "
                 f"the {self.pipeline_class_name}'s default is {default}), got {value!r}"
@@ -119,8 +121,13 @@ class FlowMatchingBackbone(DiffusionBackbone):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         h, w = self.latent_size
-        return calculate_shift((h // self.latent_patch) * (w // self.latent_patch), config.base_image_seq_len,
-                               config.max_image_seq_len, config.base_shift, config.max_shift)
+        return calculate_shift(
+            (h // self.latent_patch) * (w // self.latent_patch),
+            config.base_image_seq_len,
+            config.max_image_seq_len,
+            config.base_shift,
+            config.max_shift,
+        )
 
     def schedule_sigmas(self, num_steps: int):
         """The unshifted times the pipeline passes to ``set_timesteps``; ``None``: the scheduler's own."""
@@ -131,7 +138,11 @@ class FlowMatchingBackbone(DiffusionBackbone):
         return "is a DDIM option; flow-matching models take their times from their scheduler's shift"
 
     def make_sampler(
-        self, num_steps: int, eta: float, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
+        self,
+        num_steps: int,
+        eta: float,
+        guidance_scale: float = 1.0,
+        timestep_spacing: str | None = None,
         stochastic_steps: tuple[int, int] | None = None,
     ) -> DiffusionSampler:
         """Flow-GRPO's SDE sampler over the transformer, on the pipeline's timesteps for ``num_steps``.
@@ -152,7 +163,11 @@ class FlowMatchingBackbone(DiffusionBackbone):
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         kernel = FlowMatchSDE.from_scheduler(
-            self.scheduler, num_steps, eta, sigmas=self.schedule_sigmas(num_steps), mu=self.timestep_shift(),
+            self.scheduler,
+            num_steps,
+            eta,
+            sigmas=self.schedule_sigmas(num_steps),
+            mu=self.timestep_shift(),
             stochastic_steps=stochastic_steps,
         )
         return self.sampler_over(kernel, guidance_scale)

@@ -20,6 +20,7 @@ from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.sampling import Denoiser, DiffusionSampler, PromptEmbeds
 from rlr_lightning.sampling.kernels import FlowMatchSDE
 
+
 class FluxDenoiser(Denoiser):
     """A diffusers ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it, on unpacked latents.
 
@@ -44,15 +45,23 @@ class FluxDenoiser(Denoiser):
     ) -> None:
         super().__init__(module, dtype, sample_size)
         if self.sample_size is None:
-            raise ValueError("FluxDenoiser needs sample_size, the latent (height, width): the transformer has none")
+            raise ValueError(
+                "FluxDenoiser needs sample_size, the latent (height, width): the transformer has none"
+            )
         h, w = self.sample_size
         if h % 2 or w % 2 or h < 2 or w < 2:
-            raise ValueError(f"FLUX packs latents in 2x2 patches: latent height and width must be even, got {h}x{w}")
+            raise ValueError(
+                f"FLUX packs latents in 2x2 patches: latent height and width must be even, got {h}x{w}"
+            )
         embeds_guidance = bool(getattr(module.config, "guidance_embeds", False))
         if embeds_guidance and guidance is None:
-            raise ValueError("this FLUX transformer is guidance-distilled (guidance_embeds): give its guidance value")
+            raise ValueError(
+                "this FLUX transformer is guidance-distilled (guidance_embeds): give its guidance value"
+            )
         if not embeds_guidance and guidance is not None:
-            raise ValueError(f"this FLUX transformer has no guidance embedding; it takes no guidance, got {guidance}")
+            raise ValueError(
+                f"this FLUX transformer has no guidance embedding; it takes no guidance, got {guidance}"
+            )
         self.guidance = None if guidance is None else float(guidance)
         self.latent_channels = module.config.in_channels // 4
 
@@ -61,7 +70,9 @@ class FluxDenoiser(Denoiser):
 
         B, C, h, w = latents.shape
         if (h, w) != self.sample_size:
-            raise ValueError(f"latents are {h}x{w}, but this denoiser samples {'x'.join(map(str, self.sample_size))}")
+            raise ValueError(
+                f"latents are {h}x{w}, but this denoiser samples {'x'.join(map(str, self.sample_size))}"
+            )
         device = latents.device
         kwargs = {
             "hidden_states": FluxPipeline._pack_latents(latents.to(self.dtype), B, C, h, w),
@@ -164,7 +175,9 @@ class FluxBackbone(FlowMatchingBackbone):
             return PromptEmbeds(cond=sequence, added=added)
         # FLUX samples without classifier-free guidance; the negative branch is the empty prompt, as in the
         # pipeline's optional "true CFG".
-        uncond, uncond_pooled = (x.expand(len(prompts), *x.shape[1:]).contiguous() for x in self._encode([""]))
+        uncond, uncond_pooled = (
+            x.expand(len(prompts), *x.shape[1:]).contiguous() for x in self._encode([""])
+        )
         return PromptEmbeds(
             cond=sequence, uncond=uncond, added=added, uncond_added={"pooled_projections": uncond_pooled}
         )
@@ -198,7 +211,9 @@ class FluxBackbone(FlowMatchingBackbone):
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def timestep_spacing_refusal(self) -> str:
-        return "applies to DDIM only; FLUX takes its timesteps from its scheduler's resolution-dependent shift"
+        return (
+            "applies to DDIM only; FLUX takes its timesteps from its scheduler's resolution-dependent shift"
+        )
 
     def sampler_over(self, kernel: FlowMatchSDE, guidance_scale: float) -> DiffusionSampler:
         # Guidance-distilled: the guidance scale is the denoiser's embedding input, one call per step, no CFG.

@@ -177,7 +177,10 @@ def read_lora_file(
 
 
 def read_lora_settings(
-    path: str | os.PathLike, alpha: float | None = None, pipeline_class: type | None = None, component: str = "unet"
+    path: str | os.PathLike,
+    alpha: float | None = None,
+    pipeline_class: type | None = None,
+    component: str = "unet",
 ) -> LoraSettings:
     """The :class:`LoraSettings` of a LoRA weights file, for :meth:`DiffusionBackbone.add_lora`.
 
@@ -194,7 +197,8 @@ def read_lora_settings(
 
     Raises:
         FileNotFoundError: There is no such file.
-        ValueError: The file holds no LoRA weights for the component, or settings that :class:`LoraSettings` cannot hold.
+        ValueError: The file holds no LoRA weights for the component, or settings that :class:`LoraSettings`
+            cannot hold.
     """
     return read_lora_file(path, pipeline_class, component).settings(alpha)
 

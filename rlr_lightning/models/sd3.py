@@ -18,6 +18,7 @@ from torch import Tensor
 from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.sampling import Denoiser, PromptEmbeds
 
+
 class SD3Denoiser(Denoiser):
     """A diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5).
 
@@ -123,7 +124,9 @@ class StableDiffusion3Backbone(FlowMatchingBackbone):
         if not negative:
             return PromptEmbeds(cond=cond, added={"pooled_projections": pooled})
         return PromptEmbeds(
-            cond=cond, uncond=uncond, added={"pooled_projections": pooled},
+            cond=cond,
+            uncond=uncond,
+            added={"pooled_projections": pooled},
             uncond_added={"pooled_projections": uncond_pooled},
         )
 
@@ -137,8 +140,10 @@ class StableDiffusion3Backbone(FlowMatchingBackbone):
         return self.transformer.config.patch_size
 
     def timestep_spacing_refusal(self) -> str:
-        return (f"is a DDIM option; Stable Diffusion 3 takes its times from its flow-matching scheduler (shift "
-                f"{self.scheduler.config.get('shift', 1.0):g})")
+        return (
+            f"is a DDIM option; Stable Diffusion 3 takes its times from its flow-matching scheduler (shift "
+            f"{self.scheduler.config.get('shift', 1.0):g})"
+        )
 
 
 __all__ = ["SD3Denoiser", "StableDiffusion3Backbone"]

@@ -43,8 +43,9 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
     pipeline_class_name = "StableDiffusionXLPipeline"
     networks = ("unet", "vae", "text_encoder", "text_encoder_2")
 
-    def __init__(self, dtype: torch.dtype = torch.float32, force_zeros_for_empty_prompt: bool = True,
-                 **components) -> None:
+    def __init__(
+        self, dtype: torch.dtype = torch.float32, force_zeros_for_empty_prompt: bool = True, **components
+    ) -> None:
         super().__init__(dtype=dtype, **components)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self._check_added_conditioning()
@@ -85,9 +86,15 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
     def _sequence_and_pooled(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         sequences = []
         pooled = None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
             ids = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
@@ -99,7 +106,11 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
     def time_ids(self, batch_size: int, dtype: torch.dtype) -> Tensor:
         """``(original size, crop top-left, target size)`` of each sample: ``(h, w, 0, 0, h, w)``."""
         h, w = self.resolution
-        return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=self.device).expand(batch_size, 6).contiguous()
+        return (
+            torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=self.device)
+            .expand(batch_size, 6)
+            .contiguous()
+        )
 
     def _encode_prompts(self, prompts: list[str], negative: bool) -> PromptEmbeds:
         cond, pooled = self._sequence_and_pooled(prompts)
@@ -112,7 +123,13 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
             uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
         else:
             uncond, uncond_pooled = self._sequence_and_pooled([""])
-            uncond, uncond_pooled = uncond.expand_as(cond).contiguous(), uncond_pooled.expand_as(pooled).contiguous()
+            uncond, uncond_pooled = (
+                uncond.expand_as(cond).contiguous(),
+                uncond_pooled.expand_as(pooled).contiguous(),
+            )
         return PromptEmbeds(
-            cond=cond, uncond=uncond, added=added, uncond_added={"text_embeds": uncond_pooled, "time_ids": time_ids}
+            cond=cond,
+            uncond=uncond,
+            added=added,
+            uncond_added={"text_embeds": uncond_pooled, "time_ids": time_ids},
         )

@@ -47,7 +47,8 @@ __all__ = [
 def reward_class_names() -> list[str]:
     """The reward models this package offers (class names for ``model.reward``)."""
     return sorted(
-        name for name, cls in globals().items()
+        name
+        for name, cls in globals().items()
         if isinstance(cls, type) and issubclass(cls, RewardModel) and cls is not RewardModel
     )
 

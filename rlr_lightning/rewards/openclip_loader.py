@@ -131,10 +131,13 @@ def load_open_clip(
     except RuntimeError as err:
         if not name.startswith("hf-hub:"):
             raise
-        repo_id = name[len("hf-hub:"):]
+        repo_id = name[len("hf-hub:") :]
         raise MissingRewardWeightsError(
-            "open_clip_config.json and weights", f"https://huggingface.co/{repo_id}", model_option,
-            reason=str(err), example="local-dir:/path/to/a/copy/of/the/repository",
+            "open_clip_config.json and weights",
+            f"https://huggingface.co/{repo_id}",
+            model_option,
+            reason=str(err),
+            example="local-dir:/path/to/a/copy/of/the/repository",
         ) from err
     clip.requires_grad_(False).eval()
     tokenizer = open_clip.get_tokenizer(name)

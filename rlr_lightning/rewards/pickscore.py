@@ -37,7 +37,10 @@ def _from_pretrained(cls: Any, source: str, option: str, cache_dir: str | None, 
     if source.startswith(("/", ".", "~")) or local.exists():
         if not local.is_dir():
             raise MissingRewardWeightsError(
-                what, f"the local directory {source}", option, reason=f"no directory at {local}",
+                what,
+                f"the local directory {source}",
+                option,
+                reason=f"no directory at {local}",
                 example=example,
             )
         return cls.from_pretrained(str(local), local_files_only=True)
@@ -45,8 +48,11 @@ def _from_pretrained(cls: Any, source: str, option: str, cache_dir: str | None, 
         return cls.from_pretrained(source, cache_dir=cache_dir)
     except OSError as err:  # transformers' way of saying "not in the cache and not downloadable"
         raise MissingRewardWeightsError(
-            what, f"the Hugging Face Hub repository {source} (https://huggingface.co/{source})", option,
-            reason=f"{type(err).__name__}: {err}", example=example,
+            what,
+            f"the Hugging Face Hub repository {source} (https://huggingface.co/{source})",
+            option,
+            reason=f"{type(err).__name__}: {err}",
+            example=example,
         ) from err
 
 
@@ -73,10 +79,15 @@ class PickScoreReward(RewardModel):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor
 
-        logger.info("Loading PickScore model %s with processor %s", model_name_or_path, processor_name_or_path)
+        logger.info(
+            "Loading PickScore model %s with processor %s", model_name_or_path, processor_name_or_path
+        )
         # The small processor first, so a missing model directory fails before any weights are read.
         clip_processor = _from_pretrained(
-            CLIPProcessor, processor_name_or_path, "processor_name_or_path", cache_dir,
+            CLIPProcessor,
+            processor_name_or_path,
+            "processor_name_or_path",
+            cache_dir,
             "preprocessor_config.json and tokenizer files",
         )
         self.clip = _from_pretrained(

@@ -162,8 +162,13 @@ class CLIPPreprocess(nn.Module):
         new_h, new_w = self._resized_shape(height, width)
         if (new_h, new_w) != (height, width):
             antialias = self.interpolation != "nearest"
-            x = F.interpolate(x, size=(new_h, new_w), mode=self.interpolation, antialias=antialias,
-                              **({} if self.interpolation == "nearest" else {"align_corners": False}))
+            x = F.interpolate(
+                x,
+                size=(new_h, new_w),
+                mode=self.interpolation,
+                antialias=antialias,
+                **({} if self.interpolation == "nearest" else {"align_corners": False}),
+            )
         if self.clamp:
             x = x.clamp(0.0, 1.0)
         crop_h, crop_w = self.crop_size
@@ -174,5 +179,7 @@ class CLIPPreprocess(nn.Module):
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return (f"crop_size={self.crop_size}, resize={self.resize}, interpolation={self.interpolation!r}, "
-                f"crop_rounding={self.crop_rounding!r}")
+        return (
+            f"crop_size={self.crop_size}, resize={self.resize}, interpolation={self.interpolation!r}, "
+            f"crop_rounding={self.crop_rounding!r}"
+        )

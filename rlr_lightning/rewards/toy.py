@@ -25,7 +25,9 @@ class TargetColor(RewardModel):
         super().__init__()
         if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
             raise ValueError(f"color must be three values in [0, 1], got {color}")
-        self.register_buffer("color", torch.tensor(color, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "color", torch.tensor(color, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.scale = scale
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

@@ -11,8 +11,8 @@ import logging
 import os
 from pathlib import Path
 
-from rlr_lightning.paths import cache_dir as project_cache_dir
 from rlr_lightning.hub import is_offline
+from rlr_lightning.paths import cache_dir as project_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def fetch_hub_file(
     source = f"the Hugging Face Hub repository {repo_id} (https://huggingface.co/{repo_id})"
     try:
         path = hf_hub_download(
-            repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir),
+            repo_id,
+            filename,
+            cache_dir=None if cache_dir is None else str(cache_dir),
             local_files_only=is_offline(),
         )
     except Exception as err:  # offline cache miss, HTTP error, no network: one clear error instead

@@ -3,7 +3,8 @@
 ``WorldColorReward`` and ``WorldPositionReward`` are differentiable functions of a soft colour membership of
 every pixel; ``WorldCountReward`` is differentiable through a small counter network trained on the world
 (:mod:`rlr_lightning.world.counter`); ``WorldCheckerReward`` is the exact checker's verdict
-(non-differentiable: RLR scores its last step by a likelihood ratio). A prompt that is not a caption of the world fails with the caption grammar.
+(non-differentiable: RLR scores its last step by a likelihood ratio). A prompt that is not a caption of the
+world fails with the caption grammar.
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ class WorldCheckerReward(RewardModel):
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         results = check(images, list(prompts), self.color_threshold, self.min_intensity, self.min_area)
         if self.partial_credit:
-            verdict = (results["color_ok"].float() + results["count_ok"].float() + results["position_ok"].float()) / 3
+            verdict = (
+                results["color_ok"].float() + results["count_ok"].float() + results["position_ok"].float()
+            ) / 3
         else:
             verdict = results["all_ok"].float()
         return verdict.to(images.device)

@@ -5,8 +5,8 @@ One module per concern:
 * :mod:`~rlr_lightning.sampling.conditioning`: what a trajectory is conditioned on (prompt embeddings with a
   model family's added conditioning, and DCoT's per-scale embeddings);
 * :mod:`~rlr_lightning.sampling.denoisers`: a model family's network call;
-* :mod:`~rlr_lightning.sampling.kernels`: the transition kernels (per-step times, sigmas and means; DDIM, and the flow-matching SDE) and
-  the shared Gaussian log-density;
+* :mod:`~rlr_lightning.sampling.kernels`: the transition kernels (per-step times, sigmas and means; DDIM, and
+  the flow-matching SDE) and the shared Gaussian log-density;
 * :mod:`~rlr_lightning.sampling.plan`: plans, perturbations and the trajectories a run records;
 * :mod:`~rlr_lightning.sampling.sampler`: the sampler, and the :class:`Sampler` protocol the estimators use.
 """

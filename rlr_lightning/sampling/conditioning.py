@@ -129,7 +129,9 @@ class ScaledPromptEmbeds:
         expected = 0
         for start, stop, embeds in self.scales:
             if start != expected or stop <= start:
-                raise ValueError(f"scale step ranges must tile [0, T) in order, got {[s[:2] for s in self.scales]}")
+                raise ValueError(
+                    f"scale step ranges must tile [0, T) in order, got {[s[:2] for s in self.scales]}"
+                )
             if embeds.batch_size != self.scales[0][2].batch_size:
                 raise ValueError("every scale must embed the same number of prompts")
             expected = stop

@@ -10,8 +10,8 @@ the Stable Diffusion family; :class:`FlowMatchSDE` is the Euler-Maruyama kernel 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -86,7 +86,9 @@ class DDIMSchedule:
             raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta!r}")
         overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
         if timestep_spacing not in (None, "leading", "trailing", "linspace"):
-            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+            raise ValueError(
+                f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}"
+            )
         if "clip_sample" not in scheduler.config:
             # A scheduler config that does not say (e.g. a bare Euler config) would get DDIM's default,
             # clip_sample=True, which clamps latents to [-1, 1]; no latent diffusion model is trained that way.
@@ -157,7 +159,9 @@ def per_sample(values: Tensor, step_index: Tensor, like: Tensor) -> Tensor:
     return values[step_index].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _ddim_x0_eps(schedule: DDIMSchedule, step_index: Tensor, x: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
+def _ddim_x0_eps(
+    schedule: DDIMSchedule, step_index: Tensor, x: Tensor, model_output: Tensor
+) -> tuple[Tensor, Tensor]:
     """The predicted clean sample (clipped as the scheduler clips it) and noise of each sample."""
     out = model_output.to(x.dtype)
     a_t = per_sample(schedule.alpha, step_index, x)
@@ -201,7 +205,6 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
         dims = x[0].numel()
         sq = (x - m).pow(2).flatten(1).sum(1)
         return -sq / (2 * s**2) - dims * (s.log() + 0.5 * _LOG_2PI)
-
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,9 @@ class FlowMatchSDE:
         config = flow.config
         for option in ("stochastic_sampling", "invert_sigmas"):
             if config.get(option, False):
-                raise ValueError(f"flow-matching schedulers with {option}=True are not supported; set it to False")
+                raise ValueError(
+                    f"flow-matching schedulers with {option}=True are not supported; set it to False"
+                )
         if config.get("use_dynamic_shifting", False) and mu is None:
             raise ValueError(
                 "this scheduler shifts its timesteps by the image resolution (use_dynamic_shifting): pass mu, "
@@ -300,7 +305,9 @@ class FlowMatchSDE:
         times = flow.sigmas.double().cpu()
         timesteps = flow.timesteps.float().cpu()
         if times.numel() != num_steps + 1 or not bool((times[1:] < times[:-1]).all()):
-            raise ValueError(f"the scheduler gave times {times.tolist()}: expected {num_steps + 1} decreasing times")
+            raise ValueError(
+                f"the scheduler gave times {times.tolist()}: expected {num_steps + 1} decreasing times"
+            )
         t, t_next = times[:-1], times[1:]
         # Flow-GRPO's s_t = a sqrt(t / (1 - t)), with 1 - t at t = 1 replaced by 1 - t_1 (finite there).
         t_safe = torch.where(t >= 1, times[1] if num_steps > 1 else torch.zeros(()), t)
@@ -311,7 +318,9 @@ class FlowMatchSDE:
             inside[stochastic_steps[0] : stochastic_steps[1]] = True
             sigma = torch.where(inside, sigma, torch.zeros(()))
         if not bool(torch.isfinite(sigma).all()):
-            raise ValueError(f"noise level {noise_level} gives non-finite step sigmas {sigma.tolist()} on these times")
+            raise ValueError(
+                f"noise level {noise_level} gives non-finite step sigmas {sigma.tolist()} on these times"
+            )
         return cls(
             timesteps=timesteps,
             times=times.float(),
@@ -324,8 +333,12 @@ class FlowMatchSDE:
         return self.timesteps.numel()
 
     def to(self, device: torch.device | str) -> FlowMatchSDE:
-        return replace(self, timesteps=self.timesteps.to(device), times=self.times.to(device),
-                       sigma=self.sigma.to(device))
+        return replace(
+            self,
+            timesteps=self.timesteps.to(device),
+            times=self.times.to(device),
+            sigma=self.sigma.to(device),
+        )
 
     def mean(self, step_index: Tensor, latents: Tensor, model_output: Tensor) -> Tensor:
         """The Euler-Maruyama mean ``m_k`` of each sample at its own step, at least float32, differentiable."""

@@ -65,9 +65,9 @@ class Perturbation:
         device = params[names[0]].device
         gen = torch.Generator(device=device).manual_seed(self.seed)
         return {
-            n: (torch.randn(params[n].shape, generator=gen, device=device, dtype=torch.float32) * self.scale).to(
-                params[n].dtype
-            )
+            n: (
+                torch.randn(params[n].shape, generator=gen, device=device, dtype=torch.float32) * self.scale
+            ).to(params[n].dtype)
             for n in names
         }
 
@@ -198,4 +198,3 @@ class WindowReplay:
     means: dict[int, Tensor]
     log_probs: dict[int, Tensor]
     final: Tensor
-

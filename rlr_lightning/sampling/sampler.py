@@ -29,8 +29,8 @@ from rlr_lightning.sampling.kernels import (
     DDIMSchedule,
     TransitionKernel,
     compute_dtype,
-    per_sample,
     gaussian_log_prob,
+    per_sample,
 )
 from rlr_lightning.sampling.plan import (
     Perturbation,
@@ -70,18 +70,32 @@ class Sampler(Protocol):
     ) -> Trajectory: ...
 
     def replay(
-        self, trajectory: Trajectory, start: int, stop: int, samples: Tensor, embeds: Conditioning,
+        self,
+        trajectory: Trajectory,
+        start: int,
+        stop: int,
+        samples: Tensor,
+        embeds: Conditioning,
         checkpoint: bool = False,
     ) -> WindowReplay: ...
 
     def log_probs(
-        self, step_index: Tensor, latents: Tensor, next_latents: Tensor, embeds: PromptEmbeds,
+        self,
+        step_index: Tensor,
+        latents: Tensor,
+        next_latents: Tensor,
+        embeds: PromptEmbeds,
         perturbation: Perturbation | None = None,
     ) -> Tensor: ...
 
     def step(
-        self, k: int | Tensor, latents: Tensor, embeds: PromptEmbeds, noise: Tensor | None = None,
-        perturbation: Perturbation | None = None, prev_latents: Tensor | None = None,
+        self,
+        k: int | Tensor,
+        latents: Tensor,
+        embeds: PromptEmbeds,
+        noise: Tensor | None = None,
+        perturbation: Perturbation | None = None,
+        prev_latents: Tensor | None = None,
     ) -> StepOutput: ...
 
     def base_mean(self, step_index: Tensor, latents: Tensor, embeds: PromptEmbeds) -> Tensor: ...
@@ -183,7 +197,9 @@ class DiffusionSampler:
         params = self.trainable_parameters()
         u = replace(perturbation, antithetic=False).noise(params)
         if not perturbation.antithetic:
-            return self._model_output(latents, step_index, embeds, {n: p + u[n] for n, p in params.items()}, checkpoint)
+            return self._model_output(
+                latents, step_index, embeds, {n: p + u[n] for n, p in params.items()}, checkpoint
+            )
         if minus is None:
             if B % 2:
                 raise ValueError(f"antithetic perturbations need an even batch size, got {B}")
@@ -195,8 +211,14 @@ class DiffusionSampler:
                 continue
             rows_d = rows.to(latents.device)
             signed = {n: p + sign * u[n] for n, p in params.items()}
-            parts.append((rows_d, self._model_output(
-                latents[rows_d], step_index[rows_d], embeds.select(rows_d), signed, checkpoint)))
+            parts.append(
+                (
+                    rows_d,
+                    self._model_output(
+                        latents[rows_d], step_index[rows_d], embeds.select(rows_d), signed, checkpoint
+                    ),
+                )
+            )
         if len(parts) == 1:
             return parts[0][1]
         out = parts[0][1].new_empty((B, *parts[0][1].shape[1:]))
@@ -275,7 +297,9 @@ class DiffusionSampler:
             raise ValueError("a stochastic step (sigma > 0) needs either noise or prev_latents")
         log_prob = gaussian_log_prob(next_latents.detach(), mean, sigma) if all_stochastic else None
         prediction = kernel.predict_x0(index, latents, out.detach()) if predict else None
-        return StepOutput(mean=mean, sigma=sigma, next_latents=next_latents, log_prob=log_prob, prediction=prediction)
+        return StepOutput(
+            mean=mean, sigma=sigma, next_latents=next_latents, log_prob=log_prob, prediction=prediction
+        )
 
     def log_probs(
         self,
@@ -316,7 +340,8 @@ class DiffusionSampler:
         (``lora_B``) at zero, which is the network without the adapters. The reference policy of a KL penalty
         (GRPO's ``kl_coefficient``); no gradient."""
         params = {
-            name: torch.zeros_like(p) if "lora_B" in name else p for name, p in self.trainable_parameters().items()
+            name: torch.zeros_like(p) if "lora_B" in name else p
+            for name, p in self.trainable_parameters().items()
         }
         out = self._model_output(latents, step_index, embeds, params)
         return self.kernel_on(latents.device).mean(step_index, latents, out)
@@ -359,8 +384,13 @@ class DiffusionSampler:
         with torch.enable_grad():
             for k in range(start, stop):
                 out = self.step(
-                    k, x, embeds.at(k).select(rows), noise=trajectory.noises[k][rows],
-                    perturbation=plan.perturbations.get(k), minus=minus, checkpoint=checkpoint,
+                    k,
+                    x,
+                    embeds.at(k).select(rows),
+                    noise=trajectory.noises[k][rows],
+                    perturbation=plan.perturbations.get(k),
+                    minus=minus,
+                    checkpoint=checkpoint,
                 )
                 means[k], log_probs[k] = out.mean, out.log_prob
                 x = out.next_latents
@@ -448,7 +478,12 @@ class DiffusionSampler:
                 x = x.detach()
             with torch.set_grad_enabled(grad):
                 out = self.step(
-                    k, x, embeds.at(k), noise=noises[k], perturbation=plan.perturbations.get(k), checkpoint=checkpoint,
+                    k,
+                    x,
+                    embeds.at(k),
+                    noise=noises[k],
+                    perturbation=plan.perturbations.get(k),
+                    checkpoint=checkpoint,
                     predict=k in recorded,
                 )
             if grad:
@@ -457,7 +492,9 @@ class DiffusionSampler:
             if k in recorded:
                 step_means[k], predictions[k] = out.mean.detach(), out.prediction
             log_probs.append(
-                out.log_prob.detach() if out.log_prob is not None else torch.full((B,), float("nan"), device=device)
+                out.log_prob.detach()
+                if out.log_prob is not None
+                else torch.full((B,), float("nan"), device=device)
             )
             x = out.next_latents
             latents.append(x.detach())
@@ -473,7 +510,6 @@ class DiffusionSampler:
             step_means=step_means,
             predictions=predictions,
         )
-
 
 
 class DDIMSampler(DiffusionSampler):

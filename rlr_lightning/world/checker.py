@@ -94,7 +94,9 @@ def shade_distances(images: Tensor, min_intensity: float = MIN_INTENSITY) -> Ten
     """Squared RGB distance of every pixel to each palette colour's nearest shade, ``(B, K, H, W)`` for images
     ``(B, 3, H, W)``; differentiable. The nearest shade ``a * c`` is the projection of the pixel on ``c``, with
     ``a`` clamped to ``[min_intensity, 1]``."""
-    colours = torch.tensor(list(PALETTE.values()), dtype=images.dtype, device=images.device).view(1, -1, 3, 1, 1)
+    colours = torch.tensor(list(PALETTE.values()), dtype=images.dtype, device=images.device).view(
+        1, -1, 3, 1, 1
+    )
     pixels = images.unsqueeze(1)  # (B, 1, 3, H, W) against colours (1, K, 3, 1, 1)
     intensity = (pixels * colours).sum(dim=2, keepdim=True) / colours.pow(2).sum(dim=2, keepdim=True)
     shade = intensity.clamp(min_intensity, 1.0) * colours
@@ -102,7 +104,9 @@ def shade_distances(images: Tensor, min_intensity: float = MIN_INTENSITY) -> Ten
 
 
 def soft_color_masks(
-    images: Tensor, sharpness: float = 0.01, color_threshold: float = COLOR_THRESHOLD,
+    images: Tensor,
+    sharpness: float = 0.01,
+    color_threshold: float = COLOR_THRESHOLD,
     min_intensity: float = MIN_INTENSITY,
 ) -> Tensor:
     """The checker's colour decision made differentiable: per pixel and palette colour, ``(B, K, H, W)`` in
@@ -184,6 +188,8 @@ def check(
         found = _blobs(labels[i], min_area)[spec.color]
         results["color_ok"][i] = len(found) > 0
         results["count_ok"][i] = len(found) == spec.count
-        results["position_ok"][i] = len(found) > 0 and all(in_region(*blob.centroid, spec.region) for blob in found)
+        results["position_ok"][i] = len(found) > 0 and all(
+            in_region(*blob.centroid, spec.region) for blob in found
+        )
     results["all_ok"] = results["count_ok"] & results["position_ok"]
     return results

@@ -92,7 +92,10 @@ class CountNetwork(
     """
 
     def __init__(
-        self, channels: int = 16, dilations: Sequence[int] = (1, 1, 2, 4), resolution: int = 32,
+        self,
+        channels: int = 16,
+        dilations: Sequence[int] = (1, 1, 2, 4),
+        resolution: int = 32,
         inputs: str = "rgb",
     ) -> None:
         super().__init__()
@@ -255,7 +258,7 @@ def degrade(
 def count_accuracy(network: CountNetwork, images: Tensor, counts: Tensor, batch_size: int = 256) -> Tensor:
     """Fraction of (image, colour) pairs whose rounded predicted count equals the true count, per colour."""
     with torch.no_grad():
-        chunks = [network(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        chunks = [network(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         predicted = torch.cat(chunks)
     return (predicted.round() == counts).float().mean(dim=0)
 
@@ -268,12 +271,17 @@ def checker_agreement(network: CountNetwork, samples: dict, batch_size: int = 25
 
     images, counts = samples["images"], samples["counts"]
     with torch.no_grad():
-        predicted = torch.cat([network(images[i:i + batch_size].float() / 255) for i in range(0, len(images), batch_size)])
+        predicted = torch.cat(
+            [network(images[i : i + batch_size].float() / 255) for i in range(0, len(images), batch_size)]
+        )
     right = predicted.round() == counts
     colours = list(PALETTE)
     asked = torch.tensor([colours.index(parse_caption(text).color) for text in samples["captions"]])
-    return dict(asked=float(right[torch.arange(len(asked)), asked].float().mean()),
-                all_colours=float(right.float().mean()), n=len(images))
+    return dict(
+        asked=float(right[torch.arange(len(asked)), asked].float().mean()),
+        all_colours=float(right.float().mean()),
+        n=len(images),
+    )
 
 
 def train_counter(
@@ -340,8 +348,12 @@ def train_counter(
         loaded = load_sets(model_samples)
         model_images, model_counts = loaded["images"], loaded["counts"]
         from_model = round(batch_size * model_fraction)
-        logger.info("%d model samples from %d sources, %d per batch", len(model_images), len(loaded["sources"]),
-                    from_model)
+        logger.info(
+            "%d model samples from %d sources, %d per batch",
+            len(model_images),
+            len(loaded["sources"]),
+            from_model,
+        )
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
@@ -390,24 +402,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, scenes and augmentations")
     parser.add_argument("--scenes", type=int, default=3000, help="training scenes rendered (default 3000)")
     parser.add_argument(
-        "--validation-scenes", type=int, default=500,
+        "--validation-scenes",
+        type=int,
+        default=500,
         help="fresh scenes for the final accuracy (default 500; 0 skips it)",
     )
-    parser.add_argument("--model-samples", type=Path, nargs="+", default=[], metavar="FILE",
-                        help="a world model's samples labelled by the checker (python -m "
-                             "rlr_lightning.world.model_samples), mixed into every batch")
-    parser.add_argument("--model-fraction", type=float, default=0.5,
-                        help="share of each batch drawn from --model-samples (default 0.5)")
-    parser.add_argument("--channels", type=int, default=16, help="width of the hidden convolutions (default 16)")
-    parser.add_argument("--dilations", type=int, nargs="+", default=[1, 1, 2, 4],
-                        help="dilations of the hidden convolutions, one layer each (default 1 1 2 4)")
+    parser.add_argument(
+        "--model-samples",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="a world model's samples labelled by the checker (python -m "
+        "rlr_lightning.world.model_samples), mixed into every batch",
+    )
+    parser.add_argument(
+        "--model-fraction",
+        type=float,
+        default=0.5,
+        help="share of each batch drawn from --model-samples (default 0.5)",
+    )
+    parser.add_argument(
+        "--channels", type=int, default=16, help="width of the hidden convolutions (default 16)"
+    )
+    parser.add_argument(
+        "--dilations",
+        type=int,
+        nargs="+",
+        default=[1, 1, 2, 4],
+        help="dilations of the hidden convolutions, one layer each (default 1 1 2 4)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    parser.add_argument("--inputs", choices=INPUTS, default="rgb",
-                        help="what the network reads: the image (rgb), the image and the checker's soft colour masks "
-                        "(rgb_masks), or each colour's mask alone through shared weights (mask_per_colour)")
+    parser.add_argument(
+        "--inputs",
+        choices=INPUTS,
+        default="rgb",
+        help="what the network reads: the image (rgb), the image and the checker's soft colour masks "
+        "(rgb_masks), or each colour's mask alone through shared weights (mask_per_colour)",
+    )
     args = parser.parse_args(argv)
-    for option, value, least in (("--steps", args.steps, 1), ("--scenes", args.scenes, 1),
-                                 ("--validation-scenes", args.validation_scenes, 0)):
+    for option, value, least in (
+        ("--steps", args.steps, 1),
+        ("--scenes", args.scenes, 1),
+        ("--validation-scenes", args.validation_scenes, 0),
+    ):
         if value < least:
             parser.error(f"{option} must be >= {least}, got {value}")
     if args.out.exists() and not args.out.is_dir():

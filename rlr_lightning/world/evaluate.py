@@ -50,8 +50,9 @@ def _load(pipeline, lora, num_steps: int, eta: float, guidance_scale: float, tim
     return backbone, backbone.make_sampler(num_steps, eta, guidance_scale, timestep_spacing)
 
 
-def _sample_and_check(backbone, sampler, captions: list[str], seed: int, batch_size: int,
-                      reward: RewardModel | None) -> dict[str, float]:
+def _sample_and_check(
+    backbone, sampler, captions: list[str], seed: int, batch_size: int, reward: RewardModel | None
+) -> dict[str, float]:
     from rlr_lightning.sampling import Plan
 
     generator = torch.Generator().manual_seed(seed)
@@ -59,17 +60,25 @@ def _sample_and_check(backbone, sampler, captions: list[str], seed: int, batch_s
     asked = torch.tensor([parse_caption(text).count for text in captions])
     count_ok = torch.zeros(len(captions), dtype=torch.bool)
     for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
+        chunk = captions[start : start + batch_size]
         embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
         images = backbone.decode(sampler.run(Plan(sampler.num_steps), embeds, generator=generator).final)
         result = check(images, chunk)
         for name in CHECKS:
             totals[name] += float(result[name].float().sum())
-        count_ok[start:start + len(chunk)] = result["count_ok"]
+        count_ok[start : start + len(chunk)] = result["count_ok"]
         if reward is not None:
             totals["reward"] += float(reward(images, chunk).sum())
-    by_number = {f"count_ok@{n}": float(count_ok[asked == n].float().mean()) for n in COUNTS if bool((asked == n).any())}
-    return {**{name: value / len(captions) for name, value in totals.items()}, **by_number, "n": len(captions)}
+    by_number = {
+        f"count_ok@{n}": float(count_ok[asked == n].float().mean())
+        for n in COUNTS
+        if bool((asked == n).any())
+    }
+    return {
+        **{name: value / len(captions) for name, value in totals.items()},
+        **by_number,
+        "n": len(captions),
+    }
 
 
 @torch.no_grad()
@@ -95,8 +104,9 @@ def evaluate(
     One seed is one draw of the sampling noise: report accuracies pooled over several seeds
     (:func:`evaluate_seeds`)."""
     backbone, sampler = _load(pipeline, lora, num_steps, eta, guidance_scale, timestep_spacing)
-    return _sample_and_check(backbone, sampler, _captions(split, captions, samples_per_caption), seed, batch_size,
-                             reward)
+    return _sample_and_check(
+        backbone, sampler, _captions(split, captions, samples_per_caption), seed, batch_size, reward
+    )
 
 
 def pool_seeds(per_seed: Sequence[dict[str, float]]) -> dict:
@@ -119,7 +129,9 @@ def pool_seeds(per_seed: Sequence[dict[str, float]]) -> dict:
     k = len(per_seed)
     metrics = [key for key in per_seed[0] if key not in ("n", "seed")]
     mean = {key: statistics.fmean(r[key] for r in per_seed) for key in metrics}
-    se = {key: statistics.stdev(r[key] for r in per_seed) / math.sqrt(k) if k > 1 else None for key in metrics}
+    se = {
+        key: statistics.stdev(r[key] for r in per_seed) / math.sqrt(k) if k > 1 else None for key in metrics
+    }
     n = sum(int(r["n"]) for r in per_seed)
     se_samples = {key: math.sqrt(mean[key] * (1 - mean[key]) / n) for key in metrics if key in CHECKS}
     return dict(mean=mean, se=se, se_samples=se_samples, n_seeds=k, n_per_seed=int(per_seed[0]["n"]), n=n)
@@ -150,8 +162,10 @@ def evaluate_seeds(
         raise ValueError(f"need distinct seeds, got {seeds}")
     backbone, sampler = _load(pipeline, lora, num_steps, eta, guidance_scale, timestep_spacing)
     texts = _captions(split, captions, samples_per_caption)
-    per_seed = [dict(_sample_and_check(backbone, sampler, texts, seed, batch_size, reward), seed=seed)
-                for seed in seeds]
+    per_seed = [
+        dict(_sample_and_check(backbone, sampler, texts, seed, batch_size, reward), seed=seed)
+        for seed in seeds
+    ]
     return dict(seeds=seeds, per_seed=per_seed, **pool_seeds(per_seed))
 
 
@@ -168,7 +182,9 @@ def grid_captions(split: str = "held_out", count: int = 24) -> list[str]:
 GRID_BAND, GRID_GAP = 8, 12
 
 
-def grid_tiles(captions: Sequence[str], image_side: int, scale: int = 4) -> list[dict[str, tuple[int, int, int, int]]]:
+def grid_tiles(
+    captions: Sequence[str], image_side: int, scale: int = 4
+) -> list[dict[str, tuple[int, int, int, int]]]:
     """Per caption, the pixel boxes ``(left, top, right, bottom)`` of its ``before`` and ``after`` images in
     :func:`before_after_grid`'s picture: bands of :data:`GRID_BAND` captions, one under the other, each laid out
     as :class:`~rlr_lightning.callbacks.BeforeAfterGrid` lays out a run's."""
@@ -176,10 +192,14 @@ def grid_tiles(captions: Sequence[str], image_side: int, scale: int = 4) -> list
 
     layout, tiles, top = BeforeAfterLayout(scale=scale), [], 0
     for start in range(0, len(captions), GRID_BAND):
-        band = layout.tile_boxes(list(captions[start:start + GRID_BAND]), image_side)
+        band = layout.tile_boxes(list(captions[start : start + GRID_BAND]), image_side)
         for before, after in zip(*band):
-            tiles.append({name: (box[0], box[1] + top, box[2], box[3] + top)
-                          for name, box in (("before", before), ("after", after))})
+            tiles.append(
+                {
+                    name: (box[0], box[1] + top, box[2], box[3] + top)
+                    for name, box in (("before", before), ("after", after))
+                }
+            )
         top += band[1][0][3] + GRID_GAP
     return tiles
 
@@ -218,12 +238,24 @@ def before_after_grid(
     with backbone.lora_disabled():
         before = draw()
     after = draw()
-    verdicts = {name: check(images, captions)["all_ok"].tolist() for name, images in (("before", before), ("after", after))}
+    verdicts = {
+        name: check(images, captions)["all_ok"].tolist()
+        for name, images in (("before", before), ("after", after))
+    }
     layout = BeforeAfterLayout(scale=scale)
-    bands = [layout.grid(to_uint8(before[i:i + GRID_BAND]), to_uint8(after[i:i + GRID_BAND]), captions[i:i + GRID_BAND])
-             for i in range(0, len(captions), GRID_BAND)]
-    canvas = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands) + GRID_GAP * (len(bands) - 1)),
-                       "white")
+    bands = [
+        layout.grid(
+            to_uint8(before[i : i + GRID_BAND]),
+            to_uint8(after[i : i + GRID_BAND]),
+            captions[i : i + GRID_BAND],
+        )
+        for i in range(0, len(captions), GRID_BAND)
+    ]
+    canvas = Image.new(
+        "RGB",
+        (max(b.width for b in bands), sum(b.height for b in bands) + GRID_GAP * (len(bands) - 1)),
+        "white",
+    )
     top = 0
     for band in bands:
         canvas.paste(band, (0, top))

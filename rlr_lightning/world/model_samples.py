@@ -54,8 +54,9 @@ def checker_counts(
     """The exact checker's number of shapes of every palette colour, ``(B, len(PALETTE))`` float32: the
     components that :func:`rlr_lightning.world.checker.check` counts, for every colour at once."""
     labels = color_labels(images, color_threshold, min_intensity).numpy()
-    return torch.tensor([[len(blobs) for blobs in _blobs(image, min_area).values()] for image in labels],
-                        dtype=torch.float32).reshape(len(labels), len(PALETTE))
+    return torch.tensor(
+        [[len(blobs) for blobs in _blobs(image, min_area).values()] for image in labels], dtype=torch.float32
+    ).reshape(len(labels), len(PALETTE))
 
 
 def quantize(images: Tensor) -> Tensor:
@@ -103,18 +104,28 @@ def model_counting_set(
     if lora is not None:
         backbone.load_lora(resolve_model(str(lora)))
         scale_lora(backbone, lora_strength)
-    sampler = backbone.make_sampler(settings.num_steps, settings.eta, settings.guidance_scale,
-                                    settings.timestep_spacing)
+    sampler = backbone.make_sampler(
+        settings.num_steps, settings.eta, settings.guidance_scale, settings.timestep_spacing
+    )
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, len(captions), batch_size):
-        chunk = list(captions[start:start + batch_size])
+        chunk = list(captions[start : start + batch_size])
         embeds = backbone.encode_prompts(chunk, negative=sampler.uses_guidance)
-        images.append(quantize(backbone.decode(sampler.run(Plan(sampler.num_steps), embeds, generator=generator).final)))
+        images.append(
+            quantize(backbone.decode(sampler.run(Plan(sampler.num_steps), embeds, generator=generator).final))
+        )
     pixels = torch.cat(images)
-    source = dict(asdict(settings), pipeline=str(pipeline), lora=None if lora is None else str(lora),
-                  lora_strength=lora_strength, seed=seed)
-    return dict(images=pixels, counts=checker_counts(pixels.float() / 255), captions=list(captions), source=source)
+    source = dict(
+        asdict(settings),
+        pipeline=str(pipeline),
+        lora=None if lora is None else str(lora),
+        lora_strength=lora_strength,
+        seed=seed,
+    )
+    return dict(
+        images=pixels, counts=checker_counts(pixels.float() / 255), captions=list(captions), source=source
+    )
 
 
 def merge_sets(sets: Sequence[dict]) -> dict:
@@ -161,10 +172,16 @@ def save_png_set(samples: dict, directory: str | os.PathLike, columns: int = 16)
     grid = torch.zeros(3, rows * size, columns * size, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, columns)
-        grid[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = images[i]
+        grid[:, r * size : (r + 1) * size, c * size : (c + 1) * size] = images[i]
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(directory / "images.png")
-    labels = dict(size=size, columns=columns, captions=samples["captions"], counts=samples["counts"].tolist(),
-                  sources=samples.get("sources"), source_index=samples.get("source_index", torch.zeros(n)).tolist())
+    labels = dict(
+        size=size,
+        columns=columns,
+        captions=samples["captions"],
+        counts=samples["counts"].tolist(),
+        sources=samples.get("sources"),
+        source_index=samples.get("source_index", torch.zeros(n)).tolist(),
+    )
     (directory / "labels.json").write_text(json.dumps(labels, indent=None))
     return directory
 
@@ -177,38 +194,70 @@ def load_png_set(directory: str | os.PathLike) -> dict:
     labels = json.loads((directory / "labels.json").read_text())
     grid = torch.from_numpy(np.array(Image.open(directory / "images.png").convert("RGB"))).permute(2, 0, 1)
     size, columns = labels["size"], labels["columns"]
-    images = torch.stack([grid[:, (i // columns) * size:(i // columns + 1) * size,
-                               (i % columns) * size:(i % columns + 1) * size] for i in range(len(labels["captions"]))])
-    return dict(images=images.contiguous(), counts=torch.tensor(labels["counts"]), captions=labels["captions"],
-                sources=labels["sources"], source_index=torch.tensor(labels["source_index"], dtype=torch.long))
+    images = torch.stack(
+        [
+            grid[
+                :,
+                (i // columns) * size : (i // columns + 1) * size,
+                (i % columns) * size : (i % columns + 1) * size,
+            ]
+            for i in range(len(labels["captions"]))
+        ]
+    )
+    return dict(
+        images=images.contiguous(),
+        counts=torch.tensor(labels["counts"]),
+        captions=labels["captions"],
+        sources=labels["sources"],
+        source_index=torch.tensor(labels["source_index"], dtype=torch.long),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rlr_lightning.world.model_samples",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rlr_lightning.world.model_samples", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True, help=".pt file to write the labelled samples to")
-    parser.add_argument("--pipeline", default="shapes-world", help="world pipeline directory (default shapes-world)")
+    parser.add_argument(
+        "--pipeline", default="shapes-world", help="world pipeline directory (default shapes-world)"
+    )
     parser.add_argument("--lora", default=None, help="LoRA to sample with (directory or file)")
-    parser.add_argument("--lora-strengths", type=float, nargs="+", default=[1.0],
-                        help="scales of the LoRA's update, one pass each (default 1)")
+    parser.add_argument(
+        "--lora-strengths",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="scales of the LoRA's update, one pass each (default 1)",
+    )
     parser.add_argument("--split", choices=("train", "held_out"), default="train")
     parser.add_argument("--samples-per-caption", type=int, default=1)
-    parser.add_argument("--sampler", nargs=4, action="append", metavar=("STEPS", "ETA", "GUIDANCE", "SPACING"),
-                        help="sampler settings, repeatable (SPACING: leading, trailing, linspace or default); "
-                             "default: 20 0 3 default")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the first pass (then +1 per pass)")
+    parser.add_argument(
+        "--sampler",
+        nargs=4,
+        action="append",
+        metavar=("STEPS", "ETA", "GUIDANCE", "SPACING"),
+        help="sampler settings, repeatable (SPACING: leading, trailing, linspace or default); "
+        "default: 20 0 3 default",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed of the first pass (then +1 per pass)"
+    )
     args = parser.parse_args(argv)
     if args.samples_per_caption < 1:
         parser.error(f"--samples-per-caption must be >= 1, got {args.samples_per_caption}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    samplers = [SamplerSettings(int(steps), float(eta), float(guidance), None if spacing == "default" else spacing)
-                for steps, eta, guidance, spacing in (args.sampler or [("20", "0", "3", "default")])]
+    samplers = [
+        SamplerSettings(int(steps), float(eta), float(guidance), None if spacing == "default" else spacing)
+        for steps, eta, guidance, spacing in (args.sampler or [("20", "0", "3", "default")])
+    ]
     texts = [text for text in split_captions(args.split) for _ in range(args.samples_per_caption)]
     sets, seed = [], args.seed
     for settings in samplers:
-        for strength in (args.lora_strengths if args.lora else [1.0]):
+        for strength in args.lora_strengths if args.lora else [1.0]:
             sets.append(model_counting_set(args.pipeline, texts, settings, seed, args.lora, strength))
-            logger.info("%d samples (%s, LoRA %s x %g, seed %d)", len(texts), settings, args.lora, strength, seed)
+            logger.info(
+                "%d samples (%s, LoRA %s x %g, seed %d)", len(texts), settings, args.lora, strength, seed
+            )
             seed += 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(merge_sets(sets), args.out)

@@ -88,9 +88,11 @@ _REGION_PHRASES = {
     "anywhere": "",
 }
 GRAMMAR = (
-    "COUNT COLOUR KIND [REGION] with COUNT in {a, two, three, four}, COLOUR in {" + ", ".join(PALETTE)
+    "COUNT COLOUR KIND [REGION] with COUNT in {a, two, three, four}, COLOUR in {"
+    + ", ".join(PALETTE)
     + "}, KIND in {circle, square, triangle} (plural after two/three/four) and REGION in {"
-    + ", ".join(p for p in _REGION_PHRASES.values() if p) + "} or none, e.g. 'two red circles on the left'"
+    + ", ".join(p for p in _REGION_PHRASES.values() if p)
+    + "} or none, e.g. 'two red circles on the left'"
 )
 
 
@@ -198,7 +200,9 @@ def parse_caption(text: str) -> CaptionSpec:
     if len(problems) > 1:  # not an attempt at a caption: the grammar says more than a list of misreadings
         raise ValueError(f"{quote_prompt(text)} is not a shapes-world caption; captions read: {GRAMMAR}")
     if problems:
-        raise ValueError(f"{quote_prompt(text)} is not a shapes-world caption ({'; '.join(problems)}); captions read: {GRAMMAR}")
+        raise ValueError(
+            f"{quote_prompt(text)} is not a shapes-world caption ({'; '.join(problems)}); captions read: {GRAMMAR}"
+        )
     region = regions[match["region"]] if match["region"] is not None else "anywhere"
     return CaptionSpec(match["color"], match["kind"], count, region)
 
@@ -315,10 +319,14 @@ def sample_scene(spec: CaptionSpec, generator: torch.Generator, *, max_distracto
     """
     if max_distractors < 0:
         raise ValueError(f"max_distractors must be >= 0, got {max_distractors}")
-    n_distractors = int(torch.randint(min(max_distractors, MAX_SHAPES - spec.count) + 1, (), generator=generator))
+    n_distractors = int(
+        torch.randint(min(max_distractors, MAX_SHAPES - spec.count) + 1, (), generator=generator)
+    )
     others = [c for c in PALETTE if c != spec.color]
     wanted = [(spec.kind, spec.color, spec.region)] * spec.count
-    wanted += [(_choice(generator, KINDS), _choice(generator, others), "anywhere") for _ in range(n_distractors)]
+    wanted += [
+        (_choice(generator, KINDS), _choice(generator, others), "anywhere") for _ in range(n_distractors)
+    ]
     sizes = list(SIZES.values())
     for attempt in range(200):
         shapes: list[Shape] = []
@@ -326,7 +334,9 @@ def sample_scene(spec: CaptionSpec, generator: torch.Generator, *, max_distracto
             size = min(sizes) if attempt >= 100 else _choice(generator, sizes)
             (x_lo, x_hi), (y_lo, y_hi) = _centre_ranges(kind, size, region)
             for _ in range(50):
-                shape = Shape(kind, color, _uniform(generator, x_lo, x_hi), _uniform(generator, y_lo, y_hi), size)
+                shape = Shape(
+                    kind, color, _uniform(generator, x_lo, x_hi), _uniform(generator, y_lo, y_hi), size
+                )
                 if all(_apart(shape, other) for other in shapes):
                     shapes.append(shape)
                     break

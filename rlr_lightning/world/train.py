@@ -16,8 +16,8 @@ LoRA, sampling, export) takes the same code path as real models:
 * ``scheduler``: Stable Diffusion 1.x's ``DDIMScheduler`` config.
 
 Run ``python -m rlr_lightning.world.train --out DIR`` (about 11 minutes alone on 2 CPU cores, ``docs/world.md``)
-or ``--smoke`` (seconds: the same code path at toy sizes, for tests). The weights this builds ship with the package as the
-``shapes-world`` model (:mod:`rlr_lightning.builtin`).
+or ``--smoke`` (seconds: the same code path at toy sizes, for tests). The weights this builds ship with the
+package as the ``shapes-world`` model (:mod:`rlr_lightning.builtin`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlr_lightning.world.scenes import COUNTS, KINDS, PALETTE, ShapesWorldDataset, caption, all_specs
+from rlr_lightning.world.scenes import COUNTS, KINDS, PALETTE, ShapesWorldDataset, all_specs, caption
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,16 @@ class TrainingRecipe:
     @classmethod
     def smoke(cls) -> TrainingRecipe:
         """The same code path at toy sizes: seconds on a CPU, for tests (the samples are not meaningful)."""
-        return cls(num_examples=32, vae_steps=2, unet_steps=2, batch_size=8, vae_batch_size=8, vae_channels=(8, 8, 8),
-                   unet_channels=(32, 32, 32), text_width=32)
+        return cls(
+            num_examples=32,
+            vae_steps=2,
+            unet_steps=2,
+            batch_size=8,
+            vae_batch_size=8,
+            vae_channels=(8, 8, 8),
+            unet_channels=(32, 32, 32),
+            text_width=32,
+        )
 
 
 def world_words() -> list[str]:
@@ -140,31 +148,58 @@ def build_components(recipe: TrainingRecipe, tokenizer) -> dict:
     latent = recipe.image_size // 2 ** (len(recipe.vae_channels) - 1)
     vae = AutoencoderKL(
         block_out_channels=list(recipe.vae_channels),
-        in_channels=3, out_channels=3,
+        in_channels=3,
+        out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * len(recipe.vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(recipe.vae_channels),
-        latent_channels=4, layers_per_block=1, norm_num_groups=min(recipe.vae_channels), sample_size=recipe.image_size,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=min(recipe.vae_channels),
+        sample_size=recipe.image_size,
     )
     channels = recipe.unet_channels
     levels = recipe.attention_levels
     if not 0 <= levels <= len(channels):
         raise ValueError(f"attention_levels must be in [0, {len(channels)}], got {levels}")
     unet = UNet2DConditionModel(
-        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=channels,
         down_block_types=("DownBlock2D",) * (len(channels) - levels) + ("CrossAttnDownBlock2D",) * levels,
         up_block_types=("CrossAttnUpBlock2D",) * levels + ("UpBlock2D",) * (len(channels) - levels),
-        cross_attention_dim=recipe.text_width, attention_head_dim=8, norm_num_groups=min(32, channels[0]),
-        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if recipe.pooled_text_embedding else {}),
+        cross_attention_dim=recipe.text_width,
+        attention_head_dim=8,
+        norm_num_groups=min(32, channels[0]),
+        **(
+            dict(addition_embed_type="text", addition_embed_type_num_heads=4)
+            if recipe.pooled_text_embedding
+            else {}
+        ),
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.text_width, intermediate_size=2 * recipe.text_width,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=recipe.text_width,
+            intermediate_size=2 * recipe.text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     # Stable Diffusion 1.x's noise schedule and sampler settings.
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
@@ -198,20 +233,31 @@ def train_vae(vae, images: Tensor, recipe: TrainingRecipe, generator: torch.Gene
             logger.info("vae step %d: loss %.4f", step, loss.item())
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
+        latents = torch.cat(
+            [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)]
+        )
     return float(1.0 / latents.std())
 
 
-def train_unet(components: dict, images: Tensor, captions: list[str], recipe: TrainingRecipe,
-               generator: torch.Generator) -> None:
+def train_unet(
+    components: dict, images: Tensor, captions: list[str], recipe: TrainingRecipe, generator: torch.Generator
+) -> None:
     """Epsilon prediction on the VAE's scaled latents, text encoder trained jointly, captions dropped at random."""
     vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
     scheduler = components["scheduler"]
     scale = vae.config.scaling_factor
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)]) * scale
-    ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+        latents = (
+            torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+            * scale
+        )
+    ids = tokenizer(
+        captions + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     empty = ids[-1]
     ids = ids[:-1]
     unet.train()
@@ -219,7 +265,9 @@ def train_unet(components: dict, images: Tensor, captions: list[str], recipe: Tr
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-4)
     warmup = max(1, recipe.unet_steps // 20)
-    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.unet_steps))  # noqa: E731
+    lr_at = lambda step: (
+        min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.unet_steps))
+    )  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     alphas = scheduler.alphas_cumprod
     T = scheduler.config.num_train_timesteps
@@ -233,7 +281,11 @@ def train_unet(components: dict, images: Tensor, captions: list[str], recipe: Tr
         a = alphas[t].reshape(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         context = text_encoder(tokens, return_dict=False)[0]
-        error = (unet(zt, t, encoder_hidden_states=context, return_dict=False)[0] - noise).pow(2).mean(dim=(1, 2, 3))
+        error = (
+            (unet(zt, t, encoder_hidden_states=context, return_dict=False)[0] - noise)
+            .pow(2)
+            .mean(dim=(1, 2, 3))
+        )
         if recipe.snr_gamma is not None:
             snr = a.flatten() / (1 - a.flatten())
             error = error * snr.clamp(max=recipe.snr_gamma) / snr
@@ -264,18 +316,26 @@ def train_world_pipeline(out: str | Path, recipe: TrainingRecipe = TrainingRecip
     logger.info("autoencoder trained (latent scale %.3f) at %.0f s", scale, time.monotonic() - start)
     train_unet(components, images, captions, recipe, generator)
     logger.info("UNet and text encoder trained at %.0f s", time.monotonic() - start)
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    record = {"recipe": asdict(recipe), "train_seconds": round(time.monotonic() - start, 1),
-              "palette": list(PALETTE), "kinds": list(KINDS), "counts": list(COUNTS)}
+    record = {
+        "recipe": asdict(recipe),
+        "train_seconds": round(time.monotonic() - start, 1),
+        "palette": list(PALETTE),
+        "kinds": list(KINDS),
+        "counts": list(COUNTS),
+    }
     (out / WORLD_MARKER).write_text(json.dumps(record, indent=1))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rlr_lightning.world.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rlr_lightning.world.train", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory to save the pipeline in")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, seconds: checks the code path only")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the recipe's UNet steps")
@@ -283,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     recipe = TrainingRecipe.smoke() if args.smoke else TrainingRecipe()
-    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps)) if v is not None}
+    overrides = {
+        k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps)) if v is not None
+    }
     if overrides:
         from dataclasses import replace
 

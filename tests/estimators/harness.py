@@ -20,8 +20,15 @@ def toy_scheduler(timestep_spacing: str = "trailing"):
     """Stable Diffusion's betas and offset, with the given timestep spacing."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing=timestep_spacing)
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing=timestep_spacing,
+    )
 
 
 class ToyProblem:
@@ -35,11 +42,22 @@ class ToyProblem:
         batch: Prompts per draw (one rank's batch).
     """
 
-    def __init__(self, num_steps: int = 6, eta: float = 1.0, guidance_scale: float = 1.0,
-                 timestep_spacing: str = "trailing", batch: int = 64) -> None:
+    def __init__(
+        self,
+        num_steps: int = 6,
+        eta: float = 1.0,
+        guidance_scale: float = 1.0,
+        timestep_spacing: str = "trailing",
+        batch: int = 64,
+    ) -> None:
         self.num_steps, self.eta = num_steps, eta
-        self.sampler = DDIMSampler(toy_denoiser_with_lora(seed=0), toy_scheduler(timestep_spacing),
-                                   num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
+        self.sampler = DDIMSampler(
+            toy_denoiser_with_lora(seed=0),
+            toy_scheduler(timestep_spacing),
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+        )
         gen = torch.Generator().manual_seed(5)
         cond = torch.randn(batch, 3, 8, generator=gen)
         uncond = torch.randn(1, 3, 8, generator=gen).expand(batch, -1, -1).contiguous()
@@ -60,8 +78,15 @@ class ToyProblem:
 
         The estimator's running statistics are updated after the draw, as a training step would.
         """
-        estimate = estimate_gradient(estimator, self.sampler, self.embeds, self.prompts, self.reward,
-                                     step_seed=draw, rank_seed=10_000 + draw)
+        estimate = estimate_gradient(
+            estimator,
+            self.sampler,
+            self.embeds,
+            self.prompts,
+            self.reward,
+            step_seed=draw,
+            rank_seed=10_000 + draw,
+        )
         estimator.observe(estimate.rollout, {})
         return {**estimate.terms, "total": estimate.total}
 

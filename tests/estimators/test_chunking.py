@@ -23,22 +23,33 @@ from rlr_lightning.sampling import DDIMSampler, PromptEmbeds, ScaledPromptEmbeds
 
 T, B = 4, 4
 
-PLANS = [MemoryPlan(chunk_samples=1), MemoryPlan(chunk_samples=3), MemoryPlan(activation_checkpointing=True),
-         MemoryPlan(chunk_samples=2, activation_checkpointing=True), MemoryPlan(chunk_samples=1, rescore_samples=3)]
+PLANS = [
+    MemoryPlan(chunk_samples=1),
+    MemoryPlan(chunk_samples=3),
+    MemoryPlan(activation_checkpointing=True),
+    MemoryPlan(chunk_samples=2, activation_checkpointing=True),
+    MemoryPlan(chunk_samples=1, rescore_samples=3),
+]
 
 ESTIMATORS = {
     "rlr-score-h1": lambda: RLR(h=1, block_law="range", block_range=(1, 1)),
     "rlr-score-h2-subsampled": lambda: RLR(h=2, block_law="range", block_range=(0, 0), zo_subsample=1),
-    "rlr-parameter-antithetic": lambda: RLR(h=2, block_law="range", block_range=(1, 1), zo_mode="parameter",
-                                            zo_scale=0.01),
-    "rlr-parameter-ema": lambda: RLR(h=1, block_law="range", block_range=(0, 0), zo_mode="parameter",
-                                     zo_antithetic=False, zo_scale=0.01),
+    "rlr-parameter-antithetic": lambda: RLR(
+        h=2, block_law="range", block_range=(1, 1), zo_mode="parameter", zo_scale=0.01
+    ),
+    "rlr-parameter-ema": lambda: RLR(
+        h=1, block_law="range", block_range=(0, 0), zo_mode="parameter", zo_antithetic=False, zo_scale=0.01
+    ),
     "rlr-score-tail2": lambda: RLR(h=1, tail=2, block_law="range", block_range=(1, 1)),
-    "rlr-parameter-tail2": lambda: RLR(h=1, tail=2, block_law="range", block_range=(0, 0), zo_mode="parameter",
-                                       zo_scale=0.01),
-    "rlr-score-tail2-muprop": lambda: RLR(h=1, tail=2, block_law="range", block_range=(0, 0), step_baseline="muprop"),
-    "rlr-score-value-prompt-mean": lambda: RLR(h=1, block_law="range", block_range=(1, 1),
-                                               step_baseline=["prompt_mean", "value", "value", "none"]),
+    "rlr-parameter-tail2": lambda: RLR(
+        h=1, tail=2, block_law="range", block_range=(0, 0), zo_mode="parameter", zo_scale=0.01
+    ),
+    "rlr-score-tail2-muprop": lambda: RLR(
+        h=1, tail=2, block_law="range", block_range=(0, 0), step_baseline="muprop"
+    ),
+    "rlr-score-value-prompt-mean": lambda: RLR(
+        h=1, block_law="range", block_range=(1, 1), step_baseline=["prompt_mean", "value", "value", "none"]
+    ),
     "full-backprop": FullBackprop,
     "full-backprop-perturbed": lambda: FullBackprop(perturbation_scale=0.01, antithetic=True),
     "truncated-k2": lambda: TruncatedBackprop(k=2),
@@ -55,13 +66,21 @@ def problem(tiny_pipeline_dir):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet", local_files_only=True)
     unet.requires_grad_(False).eval()
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv_in"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv_in"],
+        )
+    )
     perturb_lora_(unet)
     scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler", local_files_only=True)
     sampler = DDIMSampler(unet, scheduler, num_steps=T, eta=1.0, guidance_scale=3.0)
     gen = torch.Generator().manual_seed(0)
-    embeds = PromptEmbeds(torch.randn(B, 16, 32, generator=gen), torch.randn(1, 16, 32, generator=gen).expand(B, -1, -1))
+    embeds = PromptEmbeds(
+        torch.randn(B, 16, 32, generator=gen), torch.randn(1, 16, 32, generator=gen).expand(B, -1, -1)
+    )
     weight = torch.randn(4, 8, 8, generator=gen)
     return sampler, embeds, weight
 
@@ -75,8 +94,16 @@ def gradient(problem, estimator, memory, draw=0, embeds=None, differentiable=Tru
         return r if differentiable else r.detach()
 
     estimator.setup(T, 1.0, reward_differentiable=differentiable)
-    estimate = estimate_gradient(estimator, sampler, embeds, [f"p{i}" for i in range(B)], reward, step_seed=draw,
-                                 rank_seed=100 + draw, memory=memory)
+    estimate = estimate_gradient(
+        estimator,
+        sampler,
+        embeds,
+        [f"p{i}" for i in range(B)],
+        reward,
+        step_seed=draw,
+        rank_seed=100 + draw,
+        memory=memory,
+    )
     estimator.observe(estimate.rollout, {})
     return estimate.total, estimate.rollout
 
@@ -93,10 +120,14 @@ def test_every_chunking_and_checkpointing_gives_the_same_gradient(problem, name)
     reference = gradients_over_draws(problem, name, MemoryPlan())
     assert all(g.abs().sum() > 0 for g, _ in reference)
     for memory in PLANS:
-        for (chunked, result), (expected, expected_result) in zip(gradients_over_draws(problem, name, memory), reference):
+        for (chunked, result), (expected, expected_result) in zip(
+            gradients_over_draws(problem, name, memory), reference
+        ):
             torch.testing.assert_close(result.all_rewards, expected_result.all_rewards, rtol=1e-5, atol=1e-6)
             scale = float(expected.abs().max())
-            torch.testing.assert_close(chunked, expected, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} {memory}")
+            torch.testing.assert_close(
+                chunked, expected, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} {memory}"
+            )
 
 
 def test_chunks_keep_their_graph_only_while_they_run(problem):
@@ -106,8 +137,16 @@ def test_chunks_keep_their_graph_only_while_they_run(problem):
     estimator = RLR(h=1, block_law="range", block_range=(1, 1))
     estimator.setup(T, 1.0)
     sampler, embeds, weight = problem
-    result = rollout(estimator, sampler, embeds, [f"p{i}" for i in range(B)],
-                     lambda x, p: (torch.tanh(x) * weight).flatten(1).mean(1), 0, 100, memory=memory)
+    result = rollout(
+        estimator,
+        sampler,
+        embeds,
+        [f"p{i}" for i in range(B)],
+        lambda x, p: (torch.tanh(x) * weight).flatten(1).mean(1),
+        0,
+        100,
+        memory=memory,
+    )
     assert not result.trajectory.final.requires_grad and not result.trajectory.window_log_probs
     names = [t.name for t in result.terms]
     assert names.count("ho") == B and names.count("fo") == B
@@ -121,13 +160,19 @@ def test_non_differentiable_reward_and_dcot_conditioning_chunk_alike(problem):
     gen = torch.Generator().manual_seed(3)
     other = PromptEmbeds(torch.randn(B, 16, 32, generator=gen), embeds.uncond)
     scaled = ScaledPromptEmbeds(((0, 1, embeds), (1, T, other)))
-    for make, kwargs in ((lambda: RLR(h=1, block_law="range", block_range=(0, 0)), dict(differentiable=False)),
-                         (lambda: RLR(h=1, block_law="range", block_range=(0, 0), step_baseline="muprop"),
-                          dict(differentiable=False)),
-                         (lambda: ScoreFunction(step_baseline="muprop"), dict(embeds=scaled)),
-                         (lambda: RLR(h=2, block_law="range", block_range=(1, 1)), dict(embeds=scaled))):
+    for make, kwargs in (
+        (lambda: RLR(h=1, block_law="range", block_range=(0, 0)), dict(differentiable=False)),
+        (
+            lambda: RLR(h=1, block_law="range", block_range=(0, 0), step_baseline="muprop"),
+            dict(differentiable=False),
+        ),
+        (lambda: ScoreFunction(step_baseline="muprop"), dict(embeds=scaled)),
+        (lambda: RLR(h=2, block_law="range", block_range=(1, 1)), dict(embeds=scaled)),
+    ):
         reference, _ = gradient(problem, make(), MemoryPlan(), **kwargs)
-        chunked, _ = gradient(problem, make(), MemoryPlan(chunk_samples=1, activation_checkpointing=True), **kwargs)
+        chunked, _ = gradient(
+            problem, make(), MemoryPlan(chunk_samples=1, activation_checkpointing=True), **kwargs
+        )
         torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
@@ -185,5 +230,7 @@ def test_estimate_is_what_the_terms_backward_accumulates_and_leaves_grads_alone(
     assert estimate.total.dtype == torch.float64 and set(estimate.terms) == {"ho", "fo", "zo"}
     assert all(share.abs().sum() > 0 for share in estimate.terms.values())
     torch.testing.assert_close(sum(estimate.terms.values()), estimate.total)
-    torch.testing.assert_close(estimate.total, accumulated, rtol=1e-5, atol=1e-6 * float(accumulated.abs().max()))
+    torch.testing.assert_close(
+        estimate.total, accumulated, rtol=1e-5, atol=1e-6 * float(accumulated.abs().max())
+    )
     torch.testing.assert_close(estimate.rollout.all_rewards, result.all_rewards)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlr_lightning.estimators import GRPO, RLR, FullBackprop, ScoreFunction, compute_advantages, estimate_gradient
+from rlr_lightning.estimators import (
+    GRPO,
+    RLR,
+    FullBackprop,
+    ScoreFunction,
+    compute_advantages,
+    estimate_gradient,
+)
 from rlr_lightning.estimators.base import rollout
 from tests.estimators.harness import ToyProblem
 
@@ -28,8 +35,9 @@ def grouped_gradient(problem, estimator, draw, group_size=G):
     embeds, prompts = problem.embeds, problem.prompts
     if estimator.group_size == 1 and group_size > 1:
         embeds, prompts = embeds.repeat(group_size), prompts * group_size
-    estimate = estimate_gradient(estimator, problem.sampler, embeds, prompts, problem.reward,
-                                 step_seed=draw, rank_seed=10_000 + draw)
+    estimate = estimate_gradient(
+        estimator, problem.sampler, embeds, prompts, problem.reward, step_seed=draw, rank_seed=10_000 + draw
+    )
     estimator.observe(estimate.rollout, {})
     return estimate
 
@@ -62,7 +70,9 @@ def test_no_sample_s_baseline_depends_on_its_own_reward(antithetic):
     B = 3
     n = B * G * (2 if antithetic else 1)
     rewards = torch.randn(n, generator=torch.Generator().manual_seed(3))
-    baseline = rewards - compute_advantages(rewards, rewards, "group", antithetic_pairs=antithetic, group_size=G)
+    baseline = rewards - compute_advantages(
+        rewards, rewards, "group", antithetic_pairs=antithetic, group_size=G
+    )
     for i in range(n):
         changed = rewards.clone()
         changed[i] += 10.0
@@ -88,13 +98,23 @@ def test_group_baseline_keeps_the_estimators_unbiased(problem, estimator):
     est, ref = make(), FullBackprop()
     for e in (est, ref):
         e.setup(5, 1.0)
-    truth = torch.stack([grouped_gradient(problem, FullBackprop(), 50_000 + i).total for i in range(40)]).mean(0)
-    directions = torch.cat([(truth / truth.norm()).unsqueeze(1),
-                            torch.randn(truth.numel(), 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)],
-                           dim=1)
+    truth = torch.stack(
+        [grouped_gradient(problem, FullBackprop(), 50_000 + i).total for i in range(40)]
+    ).mean(0)
+    directions = torch.cat(
+        [
+            (truth / truth.norm()).unsqueeze(1),
+            torch.randn(truth.numel(), 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+        ],
+        dim=1,
+    )
     draws = 150
-    d = torch.stack([(grouped_gradient(problem, est, i).total - grouped_gradient(problem, ref, i).total) @ directions
-                     for i in range(draws)])
+    d = torch.stack(
+        [
+            (grouped_gradient(problem, est, i).total - grouped_gradient(problem, ref, i).total) @ directions
+            for i in range(draws)
+        ]
+    )
     z = (d.mean(0) / (d.std(0) / draws**0.5)).abs()
     assert z.max() < 4, z
 
@@ -108,8 +128,9 @@ def test_grpo_without_clip_on_its_first_update_is_the_score_function_with_the_gr
         assert g_grpo.norm() > 0
         assert torch.allclose(g_grpo, g_sf, rtol=1e-5, atol=1e-7 * g_sf.abs().max())
         # The clip does not act on the first update: the ratio there is exactly 1.
-        clipped = grouped_gradient(problem, GRPO(group_size=G, clip_range=1e-4, scale_by_group_std=False,
-                                                 advantage_clip=None), draw).total
+        clipped = grouped_gradient(
+            problem, GRPO(group_size=G, clip_range=1e-4, scale_by_group_std=False, advantage_clip=None), draw
+        ).total
         assert torch.equal(clipped, g_grpo)
 
 
@@ -122,12 +143,16 @@ def test_grpo_advantages_are_flow_grpos_group_normalised_rewards():
     expected = (groups - groups.mean(0)) / (groups.std(0, unbiased=False) + 1e-4)
     assert torch.allclose(adv, expected.reshape(-1), atol=1e-5)
     clipped = GRPO(group_size=G, advantage_clip=0.5).shape_advantages(
-        compute_advantages(rewards, rewards, "group", group_size=G), rewards)
-    assert clipped.abs().max() == pytest.approx(0.5) and torch.allclose(clipped, expected.reshape(-1).clamp(-0.5, 0.5), atol=1e-5)
+        compute_advantages(rewards, rewards, "group", group_size=G), rewards
+    )
+    assert clipped.abs().max() == pytest.approx(0.5) and torch.allclose(
+        clipped, expected.reshape(-1).clamp(-0.5, 0.5), atol=1e-5
+    )
 
 
 def test_the_clip_engages_when_the_ratio_leaves_its_range(problem):
-    """Second inner update after a large step: clipped transitions contribute nothing, the others rho * A * grad log p."""
+    """Second inner update after a large step: clipped transitions contribute nothing, the others
+    rho * A * grad log p."""
     eps = 0.02
     est = GRPO(group_size=G, clip_range=eps, inner_updates=2, scale_by_group_std=False, advantage_clip=None)
     est.setup(5, 1.0)
@@ -139,7 +164,9 @@ def test_the_clip_engages_when_the_ratio_leaves_its_range(problem):
             term.loss().backward()
         with torch.no_grad():
             for p in params:
-                p.add_(-0.003 * p.grad / max(float(p.grad.norm()), 1e-12))  # a large step: ratios leave the range
+                p.add_(
+                    -0.003 * p.grad / max(float(p.grad.norm()), 1e-12)
+                )  # a large step: ratios leave the range
                 p.grad = None
         for term in est.terms(result, sampler, result.embeds):
             term.loss().backward()
@@ -155,7 +182,9 @@ def test_the_clip_engages_when_the_ratio_leaves_its_range(problem):
         s = torch.arange(B).repeat(len(steps))
         index, x, x_next = result.trajectory.rows(k, s)
         log_p = sampler.log_probs(index, x, x_next, result.embeds.rows(k, s))
-        old = torch.cat([result.cache["grpo_old_log_probs"][i] for i in sorted(result.cache["grpo_old_log_probs"])])
+        old = torch.cat(
+            [result.cache["grpo_old_log_probs"][i] for i in sorted(result.cache["grpo_old_log_probs"])]
+        )
         ratio = torch.exp(log_p - old)
         adv = result.advantages[s]
         held = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
@@ -176,8 +205,13 @@ def test_the_kl_penalty_pulls_toward_the_base_model_by_the_transition_kl(problem
     from tests.estimators.harness import base_kl_gradient
 
     beta = 0.5
-    make = lambda b: GRPO(group_size=G, clip_range=None, scale_by_group_std=False, advantage_clip=None,  # noqa: E731
-                          kl_coefficient=b)
+    make = lambda b: GRPO(
+        group_size=G,
+        clip_range=None,
+        scale_by_group_std=False,
+        advantage_clip=None,  # noqa: E731
+        kl_coefficient=b,
+    )
     with_kl = grouped_gradient(problem, make(beta), 0)
     without = grouped_gradient(problem, make(0.0), 0).total
     assert with_kl.rollout.info["kl"] > 0
@@ -194,7 +228,9 @@ def test_grpo_refuses_deterministic_steps(problem):
     est = GRPO(group_size=2)
     sampler = DDIMSampler(problem.sampler.denoiser, toy_scheduler(), num_steps=3, eta=0.0)
     with pytest.raises(ValueError, match="deterministic"):
-        estimate_gradient(est, sampler, problem.embeds, problem.prompts, problem.reward, step_seed=0, rank_seed=0)
+        estimate_gradient(
+            est, sampler, problem.embeds, problem.prompts, problem.reward, step_seed=0, rank_seed=0
+        )
 
 
 def test_grpo_trains_on_the_steps_it_is_given():
@@ -209,9 +245,13 @@ def test_grpo_trains_on_the_steps_it_is_given():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(group_size=1), "group_size must be >= 2"), (dict(clip_range=0.0), "clip_range"),
-     (dict(inner_updates=0), "inner_updates"), (dict(step_fraction=1.5), "step_fraction"),
-     (dict(kl_coefficient=-1.0), "kl_coefficient")],
+    [
+        (dict(group_size=1), "group_size must be >= 2"),
+        (dict(clip_range=0.0), "clip_range"),
+        (dict(inner_updates=0), "inner_updates"),
+        (dict(step_fraction=1.5), "step_fraction"),
+        (dict(kl_coefficient=-1.0), "kl_coefficient"),
+    ],
 )
 def test_bad_grpo_settings_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlr_lightning.estimators import GRPO, RLR, FullBackprop, ScoreFunction, TruncatedBackprop, estimate_gradient
+from rlr_lightning.estimators import (
+    GRPO,
+    RLR,
+    FullBackprop,
+    ScoreFunction,
+    TruncatedBackprop,
+    estimate_gradient,
+)
 from rlr_lightning.estimators.regularizers import KL_TERM, kl_terms
 from tests.estimators.harness import ToyProblem, base_kl_gradient
 
@@ -37,8 +44,11 @@ def penalty_gradient(problem, result, steps: int, seed: int) -> torch.Tensor:
     return grad
 
 
-@pytest.mark.parametrize("estimator", [RLR(h=1), FullBackprop(), TruncatedBackprop(k=1), ScoreFunction(),
-                                       GRPO(group_size=2)], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "estimator",
+    [RLR(h=1), FullBackprop(), TruncatedBackprop(k=1), ScoreFunction(), GRPO(group_size=2)],
+    ids=lambda e: type(e).__name__,
+)
 def test_the_penalty_is_the_transition_kl_gradient_for_every_estimator(problem, estimator):
     estimator.setup(problem.num_steps, problem.eta)
     embeds, prompts = problem.embeds, problem.prompts
@@ -56,8 +66,9 @@ def test_one_drawn_step_per_batch_is_unbiased(problem):
     """Each step is drawn with probability 1 / T and scaled by T: over the T possible draws the mean is exact."""
     estimator = FullBackprop()
     estimator.setup(problem.num_steps, problem.eta)
-    result = estimate_gradient(estimator, problem.sampler, problem.embeds, problem.prompts, problem.reward, 1,
-                               10_001).rollout
+    result = estimate_gradient(
+        estimator, problem.sampler, problem.embeds, problem.prompts, problem.reward, 1, 10_001
+    ).rollout
     full = penalty_gradient(problem, result, steps=problem.num_steps, seed=0)
     by_step: dict[int, torch.Tensor] = {}
     for seed in range(200):

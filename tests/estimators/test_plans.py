@@ -130,8 +130,14 @@ def test_range_law_stays_in_range_and_grad_norm_law_prefers_large_norms():
 
 def test_parameter_mode_perturbs_backprop_steps_only_when_asked():
     exact = RLR(h=2, block_law="range", block_range=(3, 3), zo_mode="parameter", zo_scale=0.01)
-    approx = RLR(h=2, block_law="range", block_range=(3, 3), zo_mode="parameter", zo_scale=0.01,
-                 perturb_backprop_steps=False)
+    approx = RLR(
+        h=2,
+        block_law="range",
+        block_range=(3, 3),
+        zo_mode="parameter",
+        zo_scale=0.01,
+        perturb_backprop_steps=False,
+    )
     for est in (exact, approx):
         est.setup(T, 1.0)
     assert sorted(exact.plan(T, gen(0), 1).perturbations) == list(range(T))
@@ -168,9 +174,12 @@ def test_leave_one_out_advantages_exclude_the_sample_itself():
     adv = compute_advantages(local, everyone)
     torch.testing.assert_close(adv, torch.tensor([1.0 - 11 / 3, 2.0 - 10 / 3]))
     # Nothing else in the global batch: the running mean of earlier iterations, or 0 before there is one.
-    torch.testing.assert_close(compute_advantages(torch.tensor([1.0]), torch.tensor([1.0]), fallback=0.25),
-                               torch.tensor([0.75]))
-    torch.testing.assert_close(compute_advantages(torch.tensor([1.0]), torch.tensor([1.0])), torch.tensor([1.0]))
+    torch.testing.assert_close(
+        compute_advantages(torch.tensor([1.0]), torch.tensor([1.0]), fallback=0.25), torch.tensor([0.75])
+    )
+    torch.testing.assert_close(
+        compute_advantages(torch.tensor([1.0]), torch.tensor([1.0])), torch.tensor([1.0])
+    )
 
 
 @pytest.mark.parametrize("prompts_per_rank, ranks", [(1, 1), (1, 2), (2, 1), (2, 3)])
@@ -209,9 +218,14 @@ def test_rlr_antithetic_half_order_term_survives_one_prompt_per_rank():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(h=0), "h must be an integer >= 1 or .auto."), (dict(block_law="range"), "needs block_range"),
-     (dict(block_law="range", block_range=(5, 2)), "lo <= hi"), (dict(zo_mode="exact"), "unknown zo_mode"),
-     (dict(zo_subsample=0), "zo_subsample must be >= 1"), (dict(zo_mode="parameter", zo_scale=0.0), "zo_scale")],
+    [
+        (dict(h=0), "h must be an integer >= 1 or .auto."),
+        (dict(block_law="range"), "needs block_range"),
+        (dict(block_law="range", block_range=(5, 2)), "lo <= hi"),
+        (dict(zo_mode="exact"), "unknown zo_mode"),
+        (dict(zo_subsample=0), "zo_subsample must be >= 1"),
+        (dict(zo_mode="parameter", zo_scale=0.0), "zo_scale"),
+    ],
 )
 def test_rlr_rejects_bad_settings_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -251,7 +265,9 @@ def test_normalized_advantages_scale_every_term_alike_by_a_std_from_earlier_iter
     g_plain, g_normalized = problem.term_gradients(plain, 10), problem.term_gradients(normalized, 10)
     for name in ("fo", "ho", "zo", "total"):
         expected = g_plain[name] / std  # float32 backward passes: compare at float32 precision
-        torch.testing.assert_close(g_normalized[name], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(
+            g_normalized[name], expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+        )
 
 
 def test_running_reward_statistics_travel_with_the_estimator_state():

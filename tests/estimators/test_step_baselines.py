@@ -29,8 +29,15 @@ def rollout_with_noise_change(problem, estimator, step: int, sample: int, seed: 
 
     sampler.initial_noise = initial_noise
     try:
-        return rollout(estimator, sampler, problem.embeds, problem.prompts, problem.reward, step_seed=seed,
-                       rank_seed=100 + seed)
+        return rollout(
+            estimator,
+            sampler,
+            problem.embeds,
+            problem.prompts,
+            problem.reward,
+            step_seed=seed,
+            rank_seed=100 + seed,
+        )
     finally:
         del sampler.initial_noise
 
@@ -43,11 +50,16 @@ def baselines_of(result, step: int) -> torch.Tensor:
 MAKERS = {
     "score function, value": lambda: ScoreFunction(step_baseline="value"),
     "score function, muprop": lambda: ScoreFunction(step_baseline="muprop"),
-    "score function, group, muprop": lambda: ScoreFunction(step_baseline="muprop", baseline="group", group_size=2),
+    "score function, group, muprop": lambda: ScoreFunction(
+        step_baseline="muprop", baseline="group", group_size=2
+    ),
     "score function, prompt mean": lambda: ScoreFunction(step_baseline="prompt_mean"),
-    "rlr tail 2, muprop": lambda: RLR(h=1, tail=2, block_law="range", block_range=(1, 1), step_baseline="muprop"),
-    "rlr parameter (antithetic), value": lambda: RLR(h=1, block_law="range", block_range=(2, 2), zo_mode="parameter",
-                                                     zo_scale=0.01, step_baseline="value"),
+    "rlr tail 2, muprop": lambda: RLR(
+        h=1, tail=2, block_law="range", block_range=(1, 1), step_baseline="muprop"
+    ),
+    "rlr parameter (antithetic), value": lambda: RLR(
+        h=1, block_law="range", block_range=(2, 2), zo_mode="parameter", zo_scale=0.01, step_baseline="value"
+    ),
 }
 
 
@@ -70,11 +82,18 @@ def test_a_steps_baseline_does_not_depend_on_that_steps_noise(name):
             # A shift of 0.5 / sigma_k moves s_{k+1} by 0.5 whatever the step's sigma.
             change = 0.5 / float(problem.sampler.kernel.sigma[k])
             after = rollout_with_noise_change(problem, estimator, k, sample, change=change)
-            assert abs(float(after.rewards[sample].detach() - before.rewards[sample].detach())) > 1e-3  # the noise matters
+            assert (
+                abs(float(after.rewards[sample].detach() - before.rewards[sample].detach())) > 1e-3
+            )  # the noise matters
             assert k in before.step_baselines
             for j in [j for j in steps if j <= k]:
-                torch.testing.assert_close(baselines_of(after, j)[sample], baselines_of(before, j)[sample],
-                                           rtol=0, atol=2e-6, msg=f"step {j}, noise of step {k}, sample {sample}")
+                torch.testing.assert_close(
+                    baselines_of(after, j)[sample],
+                    baselines_of(before, j)[sample],
+                    rtol=0,
+                    atol=2e-6,
+                    msg=f"step {j}, noise of step {k}, sample {sample}",
+                )
 
 
 def test_the_value_baseline_of_step_k_plus_1_does_depend_on_step_ks_noise():
@@ -107,15 +126,24 @@ def test_value_and_muprop_baselines_are_the_reward_of_the_predicted_clean_latent
                 expected = problem.reward(sampler.kernel.predict_x0(index, x, out), problem.prompts)
             torch.testing.assert_close(result.step_baselines[k], expected, rtol=1e-4, atol=1e-5)
             # No batch baseline: the advantage is the residual.
-            torch.testing.assert_close(result.step_advantages[k], result.rewards - expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                result.step_advantages[k], result.rewards - expected, rtol=1e-4, atol=1e-5
+            )
 
 
 def test_grpo_without_clip_with_a_step_baseline_is_the_score_function_with_it():
     problem = ToyProblem(num_steps=4, eta=1.0, batch=2)
     grads = []
-    for make in (lambda: GRPO(group_size=2, clip_range=None, scale_by_group_std=False, advantage_clip=None,
-                              step_baseline="muprop"),
-                 lambda: ScoreFunction(baseline="group", group_size=2, step_baseline="muprop")):
+    for make in (
+        lambda: GRPO(
+            group_size=2,
+            clip_range=None,
+            scale_by_group_std=False,
+            advantage_clip=None,
+            step_baseline="muprop",
+        ),
+        lambda: ScoreFunction(baseline="group", group_size=2, step_baseline="muprop"),
+    ):
         estimator = make()
         estimator.setup(4, 1.0)
         grads.append(problem.gradient(estimator, 0))
@@ -133,7 +161,9 @@ def test_ddim_prediction_is_the_schedulers_pred_original_sample():
     x, out = torch.randn(2, 2, 4, 4, generator=gen), torch.randn(2, 2, 4, 4, generator=gen)
     for k, t in enumerate(scheduler.timesteps):
         expected = scheduler.step(out, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).pred_original_sample
-        torch.testing.assert_close(kernel.predict_x0(torch.full((2,), k), x, out), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kernel.predict_x0(torch.full((2,), k), x, out), expected, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_flow_prediction_is_where_the_ode_lands_in_one_step():
@@ -159,11 +189,20 @@ def test_one_name_applies_below_the_sigma_ratio_and_a_list_names_each_step():
         resolve_step_baselines(schedule[:3], sigmas)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(step_baseline="values"), "unknown step_baseline 'values'; choose one of none, prompt_mean, value, muprop"),
-    (dict(step_baseline=["none", "mu"]), r"step_baseline lists \['mu'\]"),
-    (dict(step_baseline="value", step_baseline_sigma_ratio=0.0), r"step_baseline_sigma_ratio must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(step_baseline="values"),
+            "unknown step_baseline 'values'; choose one of none, prompt_mean, value, muprop",
+        ),
+        (dict(step_baseline=["none", "mu"]), r"step_baseline lists \['mu'\]"),
+        (
+            dict(step_baseline="value", step_baseline_sigma_ratio=0.0),
+            r"step_baseline_sigma_ratio must be in \(0, 1\]",
+        ),
+    ],
+)
 def test_bad_step_baseline_options_name_the_value(kwargs, message):
     for make in (RLR, ScoreFunction):
         with pytest.raises(ValueError, match=message):

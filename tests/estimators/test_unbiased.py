@@ -20,8 +20,8 @@ from rlr_lightning.estimators import (
     estimate_gradient,
 )
 from rlr_lightning.sampling import DDIMSampler, PromptEmbeds
-from tests.toy_denoiser import toy_denoiser_with_lora
 from tests.estimators.harness import ToyProblem, toy_scheduler
+from tests.toy_denoiser import toy_denoiser_with_lora
 
 T = 6
 BATCH = 64
@@ -43,7 +43,9 @@ def setup():
 def projected_differences(setup, estimator, reference, draws=DRAWS):
     for est in (estimator, reference):
         est.setup(T, 1.0)
-    rows = [(setup.gradient(estimator, i) - setup.gradient(reference, i)) @ setup.projection for i in range(draws)]
+    rows = [
+        (setup.gradient(estimator, i) - setup.gradient(reference, i)) @ setup.projection for i in range(draws)
+    ]
     d = torch.stack(rows)
     mean = d.mean(0)
     se = d.std(0) / draws**0.5
@@ -141,8 +143,9 @@ def test_rlr_on_the_tiny_unet_matches_full_backprop(tiny_unet, tiny_scheduler):
         return (torch.tanh(latents) * weight).flatten(1).mean(1)
 
     def gradient(estimator, draw):
-        estimate = estimate_gradient(estimator, sampler, embeds, ["p"] * 4, reward, step_seed=draw,
-                                     rank_seed=draw + 99)
+        estimate = estimate_gradient(
+            estimator, sampler, embeds, ["p"] * 4, reward, step_seed=draw, rank_seed=draw + 99
+        )
         return estimate.total @ projection
 
     rlr, full = RLR(h=1, zo_mode="score"), FullBackprop()

@@ -47,7 +47,9 @@ def along_gradient_z(small_sigmas, estimator) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("start", [0, 3, 5])  # first, middle and last block start for h = 2 (T - 1 - h = 5)
 def test_rlr_score_mode_is_unbiased_along_the_true_gradient_at_small_sigmas(small_sigmas, start):
-    z = along_gradient_z(small_sigmas, RLR(h=2, block_law="range", block_range=(start, start), zo_mode="score"))
+    z = along_gradient_z(
+        small_sigmas, RLR(h=2, block_law="range", block_range=(start, start), zo_mode="score")
+    )
     assert abs(z) < 4, z
 
 
@@ -76,7 +78,9 @@ def test_zo_none_shows_its_bias_along_the_true_gradient_at_small_sigmas(small_si
     # Dropping the ZO shares loses part of the gradient: the estimate falls short along it. h = 1 keeps the
     # half-order term's own variance low enough for 200 draws to see it (h = 2 scores the block at a
     # smaller sigma: z of only -1.1 to -1.3 here).
-    z = along_gradient_z(small_sigmas, RLR(h=1, block_law="range", block_range=(start, start), zo_mode="none"))
+    z = along_gradient_z(
+        small_sigmas, RLR(h=1, block_law="range", block_range=(start, start), zo_mode="none")
+    )
     assert z < -4, z
 
 
@@ -94,7 +98,10 @@ def test_antithetic_half_order_term_matches_its_pathwise_share_at_one_and_two_pr
     scale, start, draws = 0.05, 0, 400
     problem = ToyProblem(batch=batch)  # T = 6, eta 1, trailing: the first step carries a large share
     rlr = RLR(h=1, block_law="range", block_range=(start, start), zo_mode="parameter", zo_scale=scale)
-    from_block, after_block = Pathwise(start, scale, antithetic=True), Pathwise(start + 1, scale, antithetic=True)
+    from_block, after_block = (
+        Pathwise(start, scale, antithetic=True),
+        Pathwise(start + 1, scale, antithetic=True),
+    )
     for estimator in (rlr, from_block, after_block):
         estimator.setup(problem.num_steps, problem.eta)
 
@@ -103,7 +110,9 @@ def test_antithetic_half_order_term_matches_its_pathwise_share_at_one_and_two_pr
 
     direction = torch.stack([share(1_000_000 + i) for i in range(100)]).mean(0)
     direction /= direction.norm()
-    differences = torch.stack([(problem.term_gradients(rlr, i)["ho"] - share(i)) @ direction for i in range(draws)])
+    differences = torch.stack(
+        [(problem.term_gradients(rlr, i)["ho"] - share(i)) @ direction for i in range(draws)]
+    )
     z = z_score(differences)
     assert abs(z) < 4, z
 
@@ -113,12 +122,17 @@ LATE_MUPROP = ["none"] * 4 + ["muprop"] * 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step_baseline, start", [("muprop", 0), ("muprop", 2), ("muprop", 4), ("value", 1),
-                                                  ("prompt_mean", 3), (LATE_MUPROP, 2)])
-def test_rlr_with_step_baselines_is_unbiased_along_the_true_gradient_per_block_start(small_sigmas, step_baseline,
-                                                                                    start):
-    z = along_gradient_z(small_sigmas, RLR(h=2, tail=2, block_law="range", block_range=(start, start),
-                                           step_baseline=step_baseline))
+@pytest.mark.parametrize(
+    "step_baseline, start",
+    [("muprop", 0), ("muprop", 2), ("muprop", 4), ("value", 1), ("prompt_mean", 3), (LATE_MUPROP, 2)],
+)
+def test_rlr_with_step_baselines_is_unbiased_along_the_true_gradient_per_block_start(
+    small_sigmas, step_baseline, start
+):
+    z = along_gradient_z(
+        small_sigmas,
+        RLR(h=2, tail=2, block_law="range", block_range=(start, start), step_baseline=step_baseline),
+    )
     assert abs(z) < 4, z
 
 
@@ -134,8 +148,9 @@ def test_muprop_baselines_cut_the_variance_of_the_likelihood_ratios(small_sigmas
     """The point of a step baseline (measured: variance along the gradient 37 -> 3 at block start 0, full
     backprop 1.0)."""
     plain = along_gradient(small_sigmas, RLR(h=2, tail=2, block_law="range", block_range=(0, 0)))
-    muprop = along_gradient(small_sigmas, RLR(h=2, tail=2, block_law="range", block_range=(0, 0),
-                                              step_baseline="muprop"))
+    muprop = along_gradient(
+        small_sigmas, RLR(h=2, tail=2, block_law="range", block_range=(0, 0), step_baseline="muprop")
+    )
     assert float(muprop.var()) < 0.3 * float(plain.var()), (float(muprop.var()), float(plain.var()))
 
 

@@ -19,7 +19,10 @@ TINY_CONFIG_NAME = "rlr-test-tiny-clip"
 
 #: Where the real LAION aesthetic head lives, next to the repository.
 REAL_AESTHETIC_HEAD = (
-    Path(__file__).parents[2] / ".." / "shared" / "data"
+    Path(__file__).parents[2]
+    / ".."
+    / "shared"
+    / "data"
     / "laion-aesthetic-mlp-sac-logos-ava1-l14-linearMSE.pth"
 )
 
@@ -61,11 +64,22 @@ def save_tiny_pickscore(directory: Path, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1,
-            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         ),
         vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=2,
             num_hidden_layers=1,
         ),
         projection_dim=16,

@@ -65,7 +65,9 @@ def test_matches_transformers_clip_image_processor():
     from transformers import CLIPImageProcessor
 
     processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=(0.5, 0.4, 0.3),
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=(0.5, 0.4, 0.3),
         image_std=(0.2, 0.25, 0.3),
     )
     ours_pre = CLIPPreprocess.from_image_processor(processor)

@@ -44,15 +44,32 @@ def test_the_name_resolves_offline_to_a_small_lora_that_diffusers_loads_into_the
         mine = ours.network(latents, t, encoder_hidden_states=states).sample
     assert (theirs - base).abs().max() > 1e-3, "the LoRA changes nothing"
     torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)
-    trained = yaml.safe_load(CONFIG.read_text())["model"]["lora"]  # the recipe's adapter, as recorded in the file
+    trained = yaml.safe_load(CONFIG.read_text())["model"][
+        "lora"
+    ]  # the recipe's adapter, as recorded in the file
     assert (settings.rank, settings.alpha) == (trained["rank"], trained["alpha"])
     assert set(settings.target_modules) == set(trained["target_modules"])
 
 
 def test_rlr_sample_draws_with_the_builtin_name(tmp_path):
     prompt = "three blue triangles on the left"
-    common = ["sample", "--model", WORLD_MODEL, "--prompt", prompt, "--steps", "10", "--eta", "1",
-              "--guidance", "3", "--timestep-spacing", "trailing", "--seed", "0"]
+    common = [
+        "sample",
+        "--model",
+        WORLD_MODEL,
+        "--prompt",
+        prompt,
+        "--steps",
+        "10",
+        "--eta",
+        "1",
+        "--guidance",
+        "3",
+        "--timestep-spacing",
+        "trailing",
+        "--seed",
+        "0",
+    ]
     main([*common, "--out", str(tmp_path / "base.png")])
     main([*common, "--lora", ALIGNED_WORLD_LORA, "--out", str(tmp_path / "aligned.png")])
     base, aligned = (np.asarray(Image.open(tmp_path / name)) for name in ("base.png", "aligned.png"))
@@ -65,7 +82,10 @@ def _documented_aligned_row() -> dict[str, tuple[float, float]]:
     text = (ROOT / "docs" / "world.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| shapes-world-aligned, held-out"))
     cells = re.findall(r"([\d.]+)% ± ([\d.]+)", row)
-    return {key: (float(m), float(se)) for key, (m, se) in zip(("color_ok", "count_ok", "position_ok", "all_ok"), cells)}
+    return {
+        key: (float(m), float(se))
+        for key, (m, se) in zip(("color_ok", "count_ok", "position_ok", "all_ok"), cells)
+    }
 
 
 @pytest.mark.slow
@@ -80,7 +100,19 @@ def test_rlr_eval_reproduces_the_shipped_loras_accuracies_in_the_docs_and_draws_
     from rlr_lightning.world.evaluate import _load, grid_captions, grid_tiles
 
     out, grid = tmp_path / "aligned.json", tmp_path / "grid.png"
-    main(["eval", "--config", str(CONFIG), "--lora", ALIGNED_WORLD_LORA, "--json", str(out), "--grid", str(grid)])
+    main(
+        [
+            "eval",
+            "--config",
+            str(CONFIG),
+            "--lora",
+            ALIGNED_WORLD_LORA,
+            "--json",
+            str(out),
+            "--grid",
+            str(grid),
+        ]
+    )
     result = json.loads(out.read_text())
     documented = _documented_aligned_row()
     assert len(documented) == 4
@@ -92,14 +124,22 @@ def test_rlr_eval_reproduces_the_shipped_loras_accuracies_in_the_docs_and_draws_
     captions = grid_captions("held_out")
     assert result["grid"]["captions"] == captions and len(captions) == 24
     model = yaml.safe_load(CONFIG.read_text())["model"]
-    backbone, sampler = _load(WORLD_MODEL, resolve_model(ALIGNED_WORLD_LORA), model["num_steps"], model["eta"],
-                              model["guidance_scale"], model["timestep_spacing"])
+    backbone, sampler = _load(
+        WORLD_MODEL,
+        resolve_model(ALIGNED_WORLD_LORA),
+        model["num_steps"],
+        model["eta"],
+        model["guidance_scale"],
+        model["timestep_spacing"],
+    )
     embeds = backbone.encode_prompts(captions, negative=sampler.uses_guidance)
 
     def sample() -> torch.Tensor:
         with torch.no_grad():
             plan = Plan(sampler.num_steps)
-            return backbone.decode(sampler.run(plan, embeds, generator=torch.Generator().manual_seed(0)).final)
+            return backbone.decode(
+                sampler.run(plan, embeds, generator=torch.Generator().manual_seed(0)).final
+            )
 
     with backbone.lora_disabled():
         rows = [sample()]

@@ -8,7 +8,16 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from rlr_lightning.world import PALETTE, CaptionSpec, Scene, Shape, ShapesWorldDataset, check, find_blobs, render
+from rlr_lightning.world import (
+    PALETTE,
+    CaptionSpec,
+    Scene,
+    Shape,
+    ShapesWorldDataset,
+    check,
+    find_blobs,
+    render,
+)
 
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
@@ -22,7 +31,9 @@ def degrade(images: torch.Tensor, sigma_px: float, noise: float, seed: int = 0) 
     """Gaussian blur of ``sigma_px`` pixels plus Gaussian noise: a stand-in for a generator's soft pixels."""
     kernel = 2 * round(2.5 * sigma_px) + 1
     blurred = gaussian_blur(images, [kernel, kernel], [sigma_px, sigma_px])
-    return (blurred + noise * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
+    return (blurred + noise * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))).clamp(
+        0, 1
+    )
 
 
 def assert_blobs_match_scene(image: torch.Tensor, scene: Scene, tolerance: float) -> None:

@@ -102,7 +102,7 @@ def test_the_counter_is_a_frozen_submodule_whose_reward_does_not_depend_on_the_b
     captions = [data[i]["caption"] for i in range(6)]
     reward.train()  # a LightningModule's .train() reaches its reward: batch statistics must stay off
     together = reward(images, captions)
-    alone = torch.cat([reward(images[i:i + 1], captions[i:i + 1]) for i in range(6)])
+    alone = torch.cat([reward(images[i : i + 1], captions[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(together, alone)
     doubled = WorldCountReward().to(torch.float64)  # .to() moves the counter's weights with the reward
     assert doubled.network.head.weight.dtype == torch.float64
@@ -110,8 +110,15 @@ def test_the_counter_is_a_frozen_submodule_whose_reward_does_not_depend_on_the_b
 
 
 def test_train_counter_saves_a_directory_that_loads_back_strictly_and_silently(tmp_path, capsys):
-    out = train_counter(tmp_path / "counter", steps=3, num_scenes=16, batch_size=8, channels=4,
-                        dilations=(1, 2), validation_scenes=0)
+    out = train_counter(
+        tmp_path / "counter",
+        steps=3,
+        num_scenes=16,
+        batch_size=8,
+        channels=4,
+        dilations=(1, 2),
+        validation_scenes=0,
+    )
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     capsys.readouterr()
     network = CountNetwork.from_pretrained(out)
@@ -136,8 +143,19 @@ def test_train_counter_saves_a_directory_that_loads_back_strictly_and_silently(t
 @pytest.mark.slow  # two interpreters importing torch: about 8 s
 def test_the_command_line_trains_a_counter_the_reward_loads(tmp_path):
     out = tmp_path / "counter"
-    command = [sys.executable, "-m", "rlr_lightning.world.counter", "--out", str(out), "--steps", "2",
-               "--scenes", "8", "--validation-scenes", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlr_lightning.world.counter",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--scenes",
+        "8",
+        "--validation-scenes",
+        "4",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and f"counter saved to {out}" in done.stderr

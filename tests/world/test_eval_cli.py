@@ -48,28 +48,60 @@ def test_table_and_json_report_each_seed_and_their_mean_and_standard_error(tmp_p
 
 def test_settings_come_from_a_training_config_and_explicit_options_win(tmp_path):
     config = tmp_path / "train.yaml"
-    config.write_text("model:\n  pretrained_model_name_or_path: shapes-world\n  num_steps: 3\n  eta: 1.0\n"
-                      "  guidance_scale: 1.0\n  timestep_spacing: trailing\n")
+    config.write_text(
+        "model:\n  pretrained_model_name_or_path: shapes-world\n  num_steps: 3\n  eta: 1.0\n"
+        "  guidance_scale: 1.0\n  timestep_spacing: trailing\n"
+    )
     out = tmp_path / "eval.json"
-    main(["eval", "--config", str(config), "--steps", "2", "--samples-per-caption", "1", "--seeds", "0", "1",
-          "--json", str(out)])
+    main(
+        [
+            "eval",
+            "--config",
+            str(config),
+            "--steps",
+            "2",
+            "--samples-per-caption",
+            "1",
+            "--seeds",
+            "0",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
-    assert result["settings"] == dict(model="shapes-world", steps=2, eta=1.0, guidance=1.0, timestep_spacing="trailing",
-                                      lora=None, split="held_out", samples_per_caption=1)
-    alone = evaluate("shapes-world", num_steps=2, guidance_scale=1.0, eta=1.0, timestep_spacing="trailing", seed=1)
+    assert result["settings"] == dict(
+        model="shapes-world",
+        steps=2,
+        eta=1.0,
+        guidance=1.0,
+        timestep_spacing="trailing",
+        lora=None,
+        split="held_out",
+        samples_per_caption=1,
+    )
+    alone = evaluate(
+        "shapes-world", num_steps=2, guidance_scale=1.0, eta=1.0, timestep_spacing="trailing", seed=1
+    )
     assert result["per_seed"][1]["count_ok"] == pytest.approx(alone["count_ok"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seeds", "0", "0"], "--seeds must be distinct"),
-    (["--lora", "no/such/lora"], "--lora no/such/lora: no such file or directory"),
-    (["--config", "no/such.yaml"], "--config no/such.yaml: no such file"),
-    (["--guidance", "0.5"], "--guidance must be >= 1"),
-    (["--json", "no/such/dir/out.json"], "its directory no/such/dir does not exist"),
-    (["--grid", "grid.png"], "--grid compares the base model with a LoRA: give --lora too"),
-    (["--lora", "shapes-world-aligned", "--grid", "no/such/dir/grid.png"], "its directory no/such/dir does not exist"),
-    (["--grid-captions", "0"], "--grid-captions must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0", "0"], "--seeds must be distinct"),
+        (["--lora", "no/such/lora"], "--lora no/such/lora: no such file or directory"),
+        (["--config", "no/such.yaml"], "--config no/such.yaml: no such file"),
+        (["--guidance", "0.5"], "--guidance must be >= 1"),
+        (["--json", "no/such/dir/out.json"], "its directory no/such/dir does not exist"),
+        (["--grid", "grid.png"], "--grid compares the base model with a LoRA: give --lora too"),
+        (
+            ["--lora", "shapes-world-aligned", "--grid", "no/such/dir/grid.png"],
+            "its directory no/such/dir does not exist",
+        ),
+        (["--grid-captions", "0"], "--grid-captions must be >= 1"),
+    ],
+)
 def test_bad_options_fail_at_once_with_exit_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", *argv])
@@ -80,9 +112,14 @@ def test_bad_options_fail_at_once_with_exit_status_2(argv, message, capsys):
 def _documented_base_row() -> dict[str, tuple[float, float]]:
     """colour, count, position, all of the base model's held-out row in docs/world.md: (mean, SE) in percent."""
     text = (ROOT / "docs" / "world.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| held-out combinations (2 per caption)"))
+    row = next(
+        line for line in text.splitlines() if line.startswith("| held-out combinations (2 per caption)")
+    )
     cells = re.findall(r"([\d.]+)% ± ([\d.]+)", row)
-    return {key: (float(m), float(se)) for key, (m, se) in zip(("color_ok", "count_ok", "position_ok", "all_ok"), cells)}
+    return {
+        key: (float(m), float(se))
+        for key, (m, se) in zip(("color_ok", "count_ok", "position_ok", "all_ok"), cells)
+    }
 
 
 def test_the_base_model_reproduces_the_accuracies_in_the_docs(tmp_path):

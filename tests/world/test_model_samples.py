@@ -40,19 +40,30 @@ def test_checker_counts_are_the_checker_s_count_of_every_colour():
     images = (images + 0.04 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
     counts = checker_counts(images)
     colours = list(PALETTE)
-    for colour in colours:  # every colour, asked in turn: count_ok is "the checker's count equals the asked one"
+    for (
+        colour
+    ) in colours:  # every colour, asked in turn: count_ok is "the checker's count equals the asked one"
         for number in (1, 2, 3):
-            captions = [f"{'a' if number == 1 else ('two', 'three')[number - 2]} {colour} "
-                        f"{'circle' if number == 1 else 'circles'}"] * len(images)
+            captions = [
+                f"{'a' if number == 1 else ('two', 'three')[number - 2]} {colour} "
+                f"{'circle' if number == 1 else 'circles'}"
+            ] * len(images)
             verdict = check(images, captions)["count_ok"]
             assert torch.equal(verdict, counts[:, colours.index(colour)] == number)
-    true = torch.tensor([[sum(s.color == c for s in scene.shapes) for c in colours] for scene in scenes]).float()
+    true = torch.tensor(
+        [[sum(s.color == c for s in scene.shapes) for c in colours] for scene in scenes]
+    ).float()
     assert torch.equal(counts, true)  # clean renders: the checker counts the scene's shapes
 
 
 def test_a_png_set_round_trips_exactly(tmp_path, fixture):
-    subset = dict(images=fixture["images"][:37], counts=fixture["counts"][:37], captions=fixture["captions"][:37],
-                  sources=fixture["sources"], source_index=fixture["source_index"][:37])
+    subset = dict(
+        images=fixture["images"][:37],
+        counts=fixture["counts"][:37],
+        captions=fixture["captions"][:37],
+        sources=fixture["sources"],
+        source_index=fixture["source_index"][:37],
+    )
     back = load_png_set(save_png_set(subset, tmp_path / "set", columns=8))
     assert torch.equal(back["images"], subset["images"]) and torch.equal(back["counts"], subset["counts"])
     assert back["captions"] == subset["captions"]
@@ -85,4 +96,7 @@ def test_a_counter_trained_on_renders_only_is_the_one_that_disagrees(fixture):
     """The counter this one replaced (renders only, kept for the adversarial benchmark) misreads far more of the
     same samples: what full backprop exploited."""
     renders_only = load_counter(Path(__file__).parents[2] / "benchmarks" / "data" / "counter_renders")
-    assert checker_agreement(renders_only, fixture)["asked"] < checker_agreement(load_counter(), fixture)["asked"] - 0.1
+    assert (
+        checker_agreement(renders_only, fixture)["asked"]
+        < checker_agreement(load_counter(), fixture)["asked"] - 0.1
+    )

@@ -28,8 +28,9 @@ def test_shapes_world_resolves_to_the_packaged_pipeline_and_every_key_loads(monk
     for cls, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
         _, info = cls.from_pretrained(path, subfolder=folder, local_files_only=True, output_loading_info=True)
         assert not any(info.values()), (folder, info)
-    _, info = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
-                                            output_loading_info=True)
+    _, info = CLIPTextModel.from_pretrained(
+        path, subfolder="text_encoder", local_files_only=True, output_loading_info=True
+    )
     assert not any(info.values()), info
 
 
@@ -48,11 +49,15 @@ def test_a_missing_builtin_lora_names_the_command_that_rebuilds_it(monkeypatch, 
     from rlr_lightning.cli import main
 
     monkeypatch.setitem(builtin.BUILTIN_LORAS, builtin.ALIGNED_WORLD_LORA, tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match="rlr fit --config configs/world_align.yaml --model.export_dir"):
+    with pytest.raises(
+        FileNotFoundError, match="rlr fit --config configs/world_align.yaml --model.export_dir"
+    ):
         resolve_model(builtin.ALIGNED_WORLD_LORA)
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--model", "shapes-world", "--lora", builtin.ALIGNED_WORLD_LORA])
-    assert exit_info.value.code == 2 and "rlr fit --config configs/world_align.yaml" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and "rlr fit --config configs/world_align.yaml" in capsys.readouterr().err
+    )
     assert resolve_model("some/other-lora") == "some/other-lora"  # not a built-in name: passed on as it is
 
 
@@ -68,7 +73,12 @@ def test_diffusers_pipeline_samples_follow_the_captions_colours():
     captions = [caption(spec) for spec in split_specs()[1][::3]][:20]
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model(WORLD_MODEL), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(captions, num_inference_steps=20, guidance_scale=3.0, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        captions,
+        num_inference_steps=20,
+        guidance_scale=3.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (20, 3, 32, 32)
     assert int(check(images, captions)["color_ok"].sum()) >= 16

@@ -33,7 +33,9 @@ def test_differentiable_rewards_pass_finite_nonzero_gradients_to_every_image(rew
     items = [data[i] for i in range(len(data))]
     captions = [item["caption"] for item in items]
     if reward_cls is WorldPositionReward:  # captions without a region have no position to reward
-        captions = [caption(dataclasses.replace(data.example(i).spec, region=REGIONS[i % 5])) for i in range(12)]
+        captions = [
+            caption(dataclasses.replace(data.example(i).spec, region=REGIONS[i % 5])) for i in range(12)
+        ]
     images = torch.stack([item["image"] for item in items]).requires_grad_(True)
     rewards = reward_cls()(images, captions)
     assert rewards.shape == (12,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
@@ -47,7 +49,9 @@ def test_color_reward_ranks_the_asked_colour_above_others():
     for spec, scene in scenes_for("anywhere", 10):
         image = render(scene, 32).unsqueeze(0)
         other = "blue" if spec.color != "blue" else "red"
-        recoloured = render(Scene(tuple(dataclasses.replace(s, color=other) for s in scene.shapes)), 32).unsqueeze(0)
+        recoloured = render(
+            Scene(tuple(dataclasses.replace(s, color=other) for s in scene.shapes)), 32
+        ).unsqueeze(0)
         text = caption(spec)
         matching, wrong_image = reward(image, [text]).item(), reward(recoloured, [text]).item()
         wrong_caption = reward(image, [caption(dataclasses.replace(spec, color=other))]).item()
@@ -67,13 +71,18 @@ def test_position_reward_ranks_a_render_in_the_asked_half_above_its_mirror_image
     for spec, scene in scenes_for(region, 6, seed=REGIONS.index(region)):
         image = render(scene, 32).unsqueeze(0)
         mirrored = image.flip(-1 if region in ("left", "right") else -2)
-        inside_score, outside_score = reward(image, [caption(spec)]).item(), reward(mirrored, [caption(spec)]).item()
+        inside_score, outside_score = (
+            reward(image, [caption(spec)]).item(),
+            reward(mirrored, [caption(spec)]).item(),
+        )
         assert 0 < inside_score <= 1 and -1 <= outside_score < 0, (caption(spec), inside_score, outside_score)
 
 
 def test_position_reward_ranks_a_render_in_the_center_above_one_in_a_corner():
     reward = WorldPositionReward()
-    for colour, kind in zip(["red", "green", "blue", "yellow", "white", "red"], ["circle", "square", "triangle"] * 2):
+    for colour, kind in zip(
+        ["red", "green", "blue", "yellow", "white", "red"], ["circle", "square", "triangle"] * 2
+    ):
         text = caption(CaptionSpec(colour, kind, 1, "center"))
         scores = [
             reward(render(Scene((Shape(kind, colour, x, y, 0.28),)), 32).unsqueeze(0), [text]).item()
@@ -111,7 +120,9 @@ def test_checker_reward_is_one_on_matching_renders_and_zero_on_wrong_ones():
 def test_a_prompt_outside_the_grammar_fails_naming_it():
     images = torch.zeros(1, 3, 32, 32)
     for reward in (WorldColorReward(), WorldPositionReward(), WorldCheckerReward()):
-        with pytest.raises(ValueError, match="'a photo of a cat' is not a shapes-world caption; captions read"):
+        with pytest.raises(
+            ValueError, match="'a photo of a cat' is not a shapes-world caption; captions read"
+        ):
             reward(images, ["a photo of a cat"])
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         WorldColorReward(temperature=0)
@@ -119,7 +130,9 @@ def test_a_prompt_outside_the_grammar_fails_naming_it():
         WorldCheckerReward(min_intensity=1.5)
 
 
-@pytest.mark.parametrize("cls", [WorldColorReward, WorldPositionReward, WorldCheckerReward], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [WorldColorReward, WorldPositionReward, WorldCheckerReward], ids=lambda c: c.__name__
+)
 def test_rewards_build_from_a_class_path_config_with_documented_arguments(cls):
     from docstring_parser import parse
     from jsonargparse import ArgumentParser

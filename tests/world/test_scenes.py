@@ -145,6 +145,7 @@ def test_held_out_combinations_never_appear_in_training_and_are_reproducible():
     assert len(held_out) == round(0.2 * len(all_specs()))
     assert split_specs(seed=0) == (train, held_out)
     assert set(split_specs(seed=1)[1]) != set(held_out)
+
     # Held out are combinations: every pair of attribute values is still seen in training.
     def values(spec):
         return (spec.color, spec.kind, spec.count, spec.region)
