@@ -58,6 +58,9 @@ SKIPPED = {
     'pip install -e ".[dev]"': "installs the package with the test tools (the suite runs in them)",
     'pip install -e ".[notebook]"': "installs Jupyter (network)",
     "python -m pytest": "the test suite itself (CI runs exactly this command)",
+    "ruff check .": "the style check CI runs before the suite (.ci/run)",
+    "ruff format --check .": "the format check CI runs before the suite (.ci/run)",
+    "mypy": "the type check CI runs before the suite (.ci/run)",
     "jupyter notebook notebooks/quickstart.ipynb": "starts an interactive server; tests/test_notebook.py executes the notebook",
     # Rebuilds of shipped artifacts, too long for the suite; their parts run in tests/world/.
     "python benchmarks/build_counter.py --out DIR": "rebuilds the packaged counter (about 30 minutes on 2 cores); its sampling, labelling and training run in "
