@@ -46,6 +46,8 @@ prompts of 256 tokens. Measured, in this order: our no-grad sample at every numb
 samples; RLR h = 2 (``zo_mode=score``, ``baseline=group``, ``group_size=2``) and GRPO (``group_size`` 4 and 8,
 one inner update) at 1 and 2 prompts per batch; then, at 2 prompts, RLR and GRPO with
 ``memory_budget_gb=auto`` (the recipes' setting). Writes ``gpu_cost_sd35.*`` (``gpu_cost_sd35_tiny.*``).
+
+Each family is declared once, in ``FAMILIES``; everything else is one code path for both.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import shutil  # noqa: E402
 # Before torch is imported: configurations of different sizes one after another fragment a fixed-segment heap
 # into out-of-memory errors that are not the configuration's own.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -91,7 +94,6 @@ from common import (  # noqa: E402
     weight_counts,
 )
 
-from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.estimators import (  # noqa: E402
     GRPO,
     RLR,
@@ -101,9 +103,11 @@ from rlr_lightning.estimators import (  # noqa: E402
     TruncatedBackprop,
 )
 from rlr_lightning.memory import MemoryBudgetError  # noqa: E402
+from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.module import RLRModule  # noqa: E402
 from rlr_lightning.rewards import ColorBalance  # noqa: E402
 from rlr_lightning.sampling import Plan  # noqa: E402
+from rlr_lightning.task import Task  # noqa: E402
 
 logger = logging.getLogger("gpu_cost")
 
@@ -112,8 +116,19 @@ PROMPTS = ("a photo of a cat", "an owl at night", "a red fox", "a whale", "a hor
 #: Predicted time of each kind of work, in units of our no-grad sample at the same batch: measured at batch 2
 #: on an H100 (no-grad sample 3.7 s, RLR score 6.6 s, parameter mode 12.3 s, truncated 3.2-3.7 s, score
 #: function 6.5 s, diffusers 2.5 s). Planned steps add recomputation and chunking; OOM runs stop early.
-COST = dict(sampler=1.0, diffusers=0.7, profile=0.3, rlr_score=1.8, rlr_score_h4=2.0, rlr_parameter=3.4,
-            rlr_parameter_h4=3.8, truncated=1.0, score_function=1.8, full=1.0, planned=2.7)
+COST = {
+    "sampler": 1.0,
+    "diffusers": 0.7,
+    "profile": 0.3,
+    "rlr_score": 1.8,
+    "rlr_score_h4": 2.0,
+    "rlr_parameter": 3.4,
+    "rlr_parameter_h4": 3.8,
+    "truncated": 1.0,
+    "score_function": 1.8,
+    "full": 1.0,
+    "planned": 2.7,
+}
 WARMUP_COST = 0.25  # the T = 3 warm-up at a new batch size
 FLOOR_COST = 0.3  # grad steps and decode + reward, each timed twice (the no-grad part is reused)
 
@@ -125,49 +140,9 @@ SD35_COST = dict(sampler=1.0, rlr=4.0, grpo=4.5, planned=5.5)
 #: RLR's group (the RLR recipe's ``group_size``) and GRPO's groups measured at SD 3.5 Medium size.
 SD35_RLR_GROUP = 2
 SD35_GRPO_GROUPS = (4, 8)
-#: LoRA of the SD 3.5 recipes (``configs/sd35_medium_*.yaml``): Flow-GRPO's rank and alpha on every attention
-#: projection of both streams.
-SD35_LORA = LoraSettings(rank=32, alpha=64.0, target_modules=(
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
 
 
-@dataclass(frozen=True)
-class Family:
-    """The settings of one model family's run.
-
-    Attributes:
-        label: The model size, as the report names it.
-        num_steps: Sampling steps T on a GPU and with ``--tiny``.
-        guidance: Classifier-free guidance weight.
-        eta: The sampler's noise level (DDIM's eta; the flow SDE's noise level for SD 3).
-        lora: LoRA adapters on the denoiser.
-        batches: ``--batches`` on a GPU and with ``--tiny``.
-        budgets: ``--budgets`` on a GPU and with ``--tiny``.
-        sample_s_per_image: Prior of our no-grad sample's time per image on a GPU, until one is measured.
-        resolution: Image side in pixels on a GPU (``None``: the model's own); the tiny models keep theirs.
-    """
-
-    label: str
-    num_steps: tuple[int, int]
-    guidance: float
-    eta: float
-    lora: LoraSettings
-    batches: tuple[str, str]
-    budgets: tuple[str, str]
-    sample_s_per_image: float
-    resolution: int | None = None
-
-
-FAMILIES = {
-    # T = 5 with --tiny: the smallest T with room for a block of h = 4.
-    "sd15": Family("SD 1.5", (50, 5), 5.0, 1.0, LoraSettings(rank=4, alpha=4.0), ("1,2,6", "1,2"),
-                   ("24,16,auto", "auto"), 1.85),
-    # Prior: 2 x 10 passes of the 2.5 B transformer over 256 + 333 tokens an image, at a third of an H100's
-    # peak.
-    # T = 10 with --tiny as well: the tiny SD 3 samples fast enough.
-    "sd35": Family("SD 3.5 Medium", (10, 10), 4.5, 0.7, SD35_LORA, ("1,2", "1,2"), ("auto", "auto"), 0.25,
-                   resolution=512),
-}
+# -- what is measured ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -212,15 +187,19 @@ class Config:
         return " ".join(part for part in (self.name, self.memory_text, f"b{self.batch}") if part)
 
 
+def nograd_sample(images: int, cost: float) -> Config:
+    return Config("ours: no-grad sample", "sampler", images, kind="sampler", cost=cost)
+
+
 def rlr(h: int, zo_mode: str, batch: int, group: str = "estimators", **memory) -> Config:
     cost = COST["planned"] if memory else COST[f"rlr_{zo_mode}_h4" if h == 4 else f"rlr_{zo_mode}"]
-    return Config(f"RLR h={h} zo={zo_mode}", group, batch, estimator=lambda: RLR(h=h, zo_mode=zo_mode),
-                  cost=cost, memory=memory, h=h)
+    estimator = lambda: RLR(h=h, zo_mode=zo_mode)
+    return Config(f"RLR h={h} zo={zo_mode}", group, batch, estimator=estimator, cost=cost, memory=memory, h=h)
 
 
 def truncated(k: int, batch: int) -> Config:
-    return Config(f"truncated K={k}", "estimators", batch, estimator=lambda: TruncatedBackprop(k=k),
-                  cost=COST["truncated"])
+    estimator = lambda: TruncatedBackprop(k=k)
+    return Config(f"truncated K={k}", "estimators", batch, estimator=estimator, cost=COST["truncated"])
 
 
 def score_function(batch: int) -> Config:
@@ -231,8 +210,9 @@ def full_backprop(batch: int) -> Config:
     return Config("full backprop", "estimators", batch, estimator=FullBackprop, cost=COST["full"])
 
 
-def configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
-    """Every configuration, most important first; duplicates (e.g. when the batches coincide) dropped.
+def sd15_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
+    """Every SD 1.5 configuration, most important first (duplicates, e.g. when the batches coincide, are
+    dropped by the caller).
 
     Args:
         batches: Prompts per batch; the largest is the planned runs' batch.
@@ -241,41 +221,41 @@ def configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config
     small, mid, large = batches[0], batches[min(1, len(batches) - 1)], batches[-1]
     configs: list[Config] = []
     for b in sorted(set(batches), reverse=True):
-        configs += [Config("ours: no-grad sample", "sampler", b, kind="sampler", cost=COST["sampler"]),
-                    Config("diffusers StableDiffusionPipeline", "sampler", b, kind="diffusers",
-                           cost=COST["diffusers"])]
-    configs.append(Config("profile: 3 sampling steps, ours and diffusers", "sampler", mid, kind="profile",
-                          cost=COST["profile"]))
+        diffusers = Config(
+            "diffusers StableDiffusionPipeline", "sampler", b, kind="diffusers", cost=COST["diffusers"]
+        )
+        configs += [nograd_sample(b, COST["sampler"]), diffusers]
+    profile = "profile: 3 sampling steps, ours and diffusers"
+    configs.append(Config(profile, "sampler", mid, kind="profile", cost=COST["profile"]))
     configs += [rlr(2, "score", large, "planned", **memory) for memory in planned]
     configs += [rlr(2, "score", mid), rlr(2, "score", small)]
-    configs += [truncated(1, mid), truncated(2, mid), score_function(mid), rlr(1, "score", mid),
-                rlr(4, "score", mid), rlr(2, "parameter", mid), full_backprop(small), full_backprop(mid)]
+    configs += [truncated(1, mid), truncated(2, mid), score_function(mid), rlr(1, "score", mid)]
+    configs += [rlr(4, "score", mid), rlr(2, "parameter", mid), full_backprop(small), full_backprop(mid)]
     # The baselines' memory at the largest batch, next to the planned RLR steps.
     configs += [truncated(2, large), score_function(large)]
-    configs += [rlr(1, "score", small), truncated(1, small), truncated(2, small), score_function(small),
-                rlr(1, "parameter", small), rlr(2, "parameter", small), rlr(1, "parameter", mid),
-                rlr(4, "parameter", mid)]
+    configs += [rlr(1, "score", small), truncated(1, small), truncated(2, small), score_function(small)]
+    configs += [rlr(1, "parameter", small), rlr(2, "parameter", small)]
+    configs += [rlr(1, "parameter", mid), rlr(4, "parameter", mid)]
     configs += [truncated(1, large), rlr(1, "score", large)]
-    unique: dict[str, Config] = {}
-    for config in configs:
-        unique.setdefault(config.key, config)
-    return list(unique.values())
+    return configs
 
 
 def rlr_group(batch: int, group: str = "estimators", **memory) -> Config:
     """RLR h = 2 as the SD 3.5 recipe runs it: score-mode ZO, each image's baseline the other images of its
     prompt."""
-    return Config(f"RLR h=2 zo=score group={SD35_RLR_GROUP}", group, batch,
-                  estimator=lambda: RLR(h=2, zo_mode="score", baseline="group", group_size=SD35_RLR_GROUP),
-                  cost=SD35_COST["planned" if memory else "rlr"], memory=memory, h=2,
-                  group_size=SD35_RLR_GROUP)
+    estimator = lambda: RLR(h=2, zo_mode="score", baseline="group", group_size=SD35_RLR_GROUP)
+    cost = SD35_COST["planned" if memory else "rlr"]
+    name = f"RLR h=2 zo=score group={SD35_RLR_GROUP}"
+    return Config(
+        name, group, batch, estimator=estimator, cost=cost, memory=memory, h=2, group_size=SD35_RLR_GROUP
+    )
 
 
 def grpo(group_size: int, batch: int, group: str = "estimators", **memory) -> Config:
     """GRPO with the recipe's clip and advantages and one inner update: one gradient estimate per batch."""
-    return Config(f"GRPO G={group_size}", group, batch,
-                  estimator=lambda: GRPO(group_size=group_size, inner_updates=1),
-                  cost=SD35_COST["planned" if memory else "grpo"], memory=memory, group_size=group_size)
+    estimator = lambda: GRPO(group_size=group_size, inner_updates=1)
+    name, cost = f"GRPO G={group_size}", SD35_COST["planned" if memory else "grpo"]
+    return Config(name, group, batch, estimator=estimator, cost=cost, memory=memory, group_size=group_size)
 
 
 def sd35_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
@@ -289,15 +269,127 @@ def sd35_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[C
         planned: ``RLRModule`` memory options of the planned runs.
     """
     groups = (SD35_RLR_GROUP, *SD35_GRPO_GROUPS)
-    images = sorted({b * g for b in batches for g in groups})
-    configs = [Config("ours: no-grad sample", "sampler", n, kind="sampler", cost=SD35_COST["sampler"])
-               for n in images]
+    configs = [
+        nograd_sample(n, SD35_COST["sampler"]) for n in sorted({b * g for b in batches for g in groups})
+    ]
     for b in batches:
         configs += [rlr_group(b), grpo(SD35_GRPO_GROUPS[0], b)]
     configs += [grpo(g, b) for g in SD35_GRPO_GROUPS[1:] for b in batches]
     configs += [rlr_group(batches[-1], "planned", **memory) for memory in planned]
     configs += [grpo(SD35_GRPO_GROUPS[-1], batches[-1], "planned", **memory) for memory in planned]
     return configs
+
+
+# -- the models ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Model:
+    """A family's model, built (the set-up's first timed part, ``build_s``).
+
+    Attributes:
+        name: Every module's ``pretrained_model_name_or_path``: a pipeline directory, or the name reported.
+        load: Gives the base module (built, model not loaded) its task, the set-up's second timed part
+            (``load_s``), and returns what the report says of the model besides the two times.
+    """
+
+    name: str
+    load: Callable[[RLRModule], dict]
+
+
+def build_sd15(bench: Benchmark) -> Model:
+    """The tiny pipeline, or SD 1.5's UNet and VAE with random weights saved to the scratch directory; the
+    base module loads it by name, as training does (``Task.build``: LoRA A from the module's seed)."""
+    if bench.args.tiny:
+        from rlr_lightning.tiny import ensure_tiny_pipeline
+
+        name = str(ensure_tiny_pipeline())
+    else:
+        logger.info("Building the SD 1.5-size pipeline with random weights (bf16) in %s", bench.scratch)
+        name = sd15_pipeline_dir(str(bench.scratch / "sd15"), dtype=bench.dtype, device=bench.device)
+
+    def load(module: RLRModule) -> dict:
+        module.configure_model()
+        return {}
+
+    return Model(name, load)
+
+
+def build_sd35(bench: Benchmark) -> Model:
+    """SD 3.5 Medium's architectures with random weights built on the device, or the tiny SD 3, assembled into
+    a backbone in memory (nothing is loaded from disk); the base module adopts it with LoRA added."""
+    from rlr_lightning.models.sd3 import StableDiffusion3Backbone
+
+    if bench.args.tiny:
+        from rlr_lightning.tiny import build_tiny_sd3_components
+
+        name, components = "tiny-sd3", build_tiny_sd3_components()  # the weights of tiny-sd3
+        # SD 3.5 Medium's architectures on the meta device (shapes, no memory): its configuration is checked
+        # here and its size reported, as a GPU run builds it.
+        weights = weight_counts(sd35_medium_components("meta"))
+    else:
+        logger.info("Building SD 3.5 Medium's architectures, random weights in bf16, on %s", bench.device)
+        name = "stabilityai/stable-diffusion-3.5-medium (architecture, random weights)"
+        components = sd35_medium_components(bench.device, bench.dtype)
+        weights = weight_counts(components)
+    backbone = StableDiffusion3Backbone(dtype=bench.dtype, **components)
+
+    def load(module: RLRModule) -> dict:
+        backbone.set_resolution(module.settings.resolution)
+        # Task.build's LoRA, on a backbone it cannot load by name: A drawn from the module's seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module.seed)
+            backbone.add_lora(module.lora_settings)
+        module.configure_model(
+            Task.from_backbone(backbone.to(bench.device), module.settings, module.reward, name)
+        )
+        lora_weights = sum(p.numel() for p in backbone.lora_parameters().values())
+        sizes = ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in weights.items())
+        logger.info(
+            "SD 3.5 Medium size: %.2f B weights (%s), %s LoRA weights",
+            sum(weights.values()) / 1e9,
+            sizes,
+            f"{lora_weights:,}",
+        )
+        out = dict(weights_b={k: v / 1e9 for k, v in weights.items()}, resolution=list(backbone.resolution))
+        out.update(t5_tokens=backbone.max_sequence_length, lora_weights=lora_weights)
+        if bench.cuda:
+            out["weights_gib"] = torch.cuda.memory_allocated() / 2**30
+        return out
+
+    return Model(name, load)
+
+
+def sd15_setting(bench: Benchmark) -> str:
+    guidance = f"guidance {bench.args.guidance:g}, eta 1"
+    if not bench.cuda:
+        return f"tiny model on CPU (float32), T = {bench.num_steps}, {guidance}, ColorBalance reward"
+    return (
+        f"SD 1.5-size UNet/VAE (random weights, bf16, bf16 autocast), LoRA r4 fp32 on attention, 512 px, "
+        f"T = {bench.num_steps}, {guidance}, ColorBalance reward through the VAE decoder"
+    )
+
+
+def sd35_setting(bench: Benchmark) -> str:
+    model = (
+        "SD 3.5 Medium-size MMDiT, CLIP-L/G, T5-XXL and VAE (random weights, bf16, bf16 autocast), 512 px"
+        if bench.cuda
+        else "tiny SD 3 (tiny-sd3) on CPU (float32) at its own resolution"
+    )
+    return (
+        f"{model}, LoRA r32 / alpha 64 fp32 on both streams' attention, flow SDE T = {bench.num_steps} at "
+        f"noise level {bench.family.eta:g}, guidance {bench.args.guidance:g}, ColorBalance reward through "
+        f"the VAE decoder; RLR h=2 group {SD35_RLR_GROUP} against GRPO"
+    )
+
+
+# -- the benchmark ------------------------------------------------------------------------------------------
+
+
+def sample_without_grad(sampler, embeds, num_steps: int) -> None:
+    """Our no-grad sample of ``num_steps`` steps from a fixed seed, latents out."""
+    with torch.no_grad():
+        sampler.run(Plan(num_steps), embeds, generator=torch.Generator().manual_seed(0))
 
 
 class Benchmark:
@@ -309,7 +401,9 @@ class Benchmark:
         self.cuda = torch.cuda.is_available() and not args.tiny
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.scale = self.family.tiny if args.tiny else self.family.full
         self.num_steps = args.num_steps
+        self.suffix = self.family.suffix + ("_tiny" if args.tiny else "")
         self.sample_s: dict[int, float] = {}  # our no-grad sample time by images: the unit of predictions
         self.floors: dict[tuple[int, int], dict] = {}
         self.warm: set[int] = set()
@@ -319,67 +413,18 @@ class Benchmark:
     # -- set-up ---------------------------------------------------------------------------------------
 
     def setup(self) -> dict:
-        if self.args.family == "sd35":
-            return self.setup_sd35()
+        """Build the family's model and the base module on it, whose backbone every configuration shares."""
         started = time.perf_counter()
-        if self.args.tiny:
-            from rlr_lightning.tiny import ensure_tiny_pipeline
-
-            self.model_name = str(ensure_tiny_pipeline())
-        else:
-            logger.info("Building the SD 1.5-size pipeline with random weights (bf16) in %s", self.scratch)
-            self.model_name = sd15_pipeline_dir(
-                str(self.scratch / "sd15"), dtype=self.dtype, device=self.device
-            )
+        model = self.family.build(self)
+        self.model_name = model.name
         built = time.perf_counter()
-        self.base = self.module(RLR(h=2), load=True)
+        self.base = self.new_module(RLR(h=2))
+        facts = model.load(self.base)
+        self.base.to(self.device)
         self.backbone = self.base.backbone
         loaded = time.perf_counter()
         logger.info("Model ready: built in %.1f s, loaded in %.1f s", built - started, loaded - built)
-        return dict(build_s=built - started, load_s=loaded - built)
-
-    def setup_sd35(self) -> dict:
-        """SD 3.5 Medium's architectures with random weights built on the device, or the tiny SD 3; the
-        backbone is assembled from the components in memory and shared by every configuration (nothing is
-        loaded from disk)."""
-        from rlr_lightning.models.sd3 import StableDiffusion3Backbone
-
-        started = time.perf_counter()
-        if self.args.tiny:
-            from rlr_lightning.tiny import build_tiny_sd3_components
-
-            self.model_name = "tiny-sd3"
-            components = build_tiny_sd3_components()  # the weights of tiny-sd3
-            # SD 3.5 Medium's architectures on the meta device (shapes, no memory): its configuration is
-            # checked here and its size reported, as a GPU run builds it.
-            weights = weight_counts(sd35_medium_components("meta"))
-        else:
-            logger.info("Building SD 3.5 Medium's architectures, random weights in bf16, on %s", self.device)
-            self.model_name = "stabilityai/stable-diffusion-3.5-medium (architecture, random weights)"
-            components = sd35_medium_components(self.device, self.dtype)
-            weights = weight_counts(components)
-        built = time.perf_counter()
-        backbone = StableDiffusion3Backbone(dtype=self.dtype, **components)
-        backbone.set_resolution(None if self.args.tiny else self.family.resolution)
-        # As RLRModule.configure_model: LoRA A from a fixed seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            backbone.add_lora(self.family.lora)
-        self.backbone = backbone.to(self.device)
-        self.base = self.module(RLR(h=2))
-        loaded = time.perf_counter()
-        out = dict(build_s=built - started, load_s=loaded - built,
-                   weights_b={k: v / 1e9 for k, v in weights.items()},
-                   resolution=list(backbone.resolution), t5_tokens=backbone.max_sequence_length,
-                   lora_weights=sum(p.numel() for p in backbone.lora_parameters().values()))
-        if self.cuda:
-            out["weights_gib"] = torch.cuda.memory_allocated() / 2**30
-        logger.info(
-            "Model ready: built in %.1f s, LoRA added in %.1f s; SD 3.5 Medium size: %.2f B weights (%s), "
-            "%s LoRA weights", built - started, loaded - built, sum(weights.values()) / 1e9,
-            ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in weights.items()), f"{out['lora_weights']:,}",
-        )
-        return out
+        return dict(build_s=built - started, load_s=loaded - built, **facts)
 
     def autocast(self):
         # Frozen bf16 weights with fp32 LoRA, as Lightning's bf16-mixed precision runs training steps.
@@ -387,25 +432,24 @@ class Benchmark:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def module(
-        self, estimator: GradientEstimator, num_steps: int | None = None, load: bool = False, **memory
-    ) -> RLRModule:
-        """A module with this run's settings, on the shared backbone (``load``: load it, the first time)."""
-        module = RLRModule(
+    def new_module(self, estimator: GradientEstimator, num_steps: int | None = None, **memory) -> RLRModule:
+        """A module with this run's settings, its model not loaded yet."""
+        return RLRModule(
             pretrained_model_name_or_path=self.model_name,
             estimator=estimator,
             reward=ColorBalance(),
             num_steps=num_steps or self.num_steps,
             eta=self.family.eta,
             guidance_scale=self.args.guidance,
+            resolution=self.scale.resolution,
             lora=self.family.lora,
             weight_dtype="bfloat16" if self.cuda else "float32",
             **memory,
         )
-        if load:
-            module.configure_model()
-            return module.to(self.device)
-        return share_backbone(module, self.backbone)
+
+    def module(self, estimator: GradientEstimator, num_steps: int | None = None, **memory) -> RLRModule:
+        """A module with this run's settings on the shared backbone."""
+        return share_backbone(self.new_module(estimator, num_steps, **memory), self.backbone)
 
     def prompts(self, batch: int) -> list[str]:
         return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -419,8 +463,7 @@ class Benchmark:
         module = self.module(RLR(h=1), num_steps=3)
         with self.autocast():
             embeds = module.task.conditioning_for(prompts)
-            with torch.no_grad():
-                module.task.sampler.run(Plan(3), embeds, generator=torch.Generator().manual_seed(0))
+            sample_without_grad(module.task.sampler, embeds, 3)
             try:
                 estimator_step(module, embeds, prompts, draw=10_000)
             except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -437,11 +480,10 @@ class Benchmark:
     # -- predictions and the deadline -----------------------------------------------------------------
 
     def unit(self, images: int) -> float:
-        """Our no-grad sample time of ``images`` images: measured, or a prior (SD 1.5 on an H100: 3.7 s for
-        2)."""
+        """Our no-grad sample time of ``images`` images: measured, or the family's prior."""
         if images in self.sample_s:
             return self.sample_s[images]
-        return (self.family.sample_s_per_image if self.cuda else 0.05) * max(images, 1.2)
+        return self.scale.sample_s_per_image * max(images, 1.2)
 
     def predict(self, config: Config) -> float:
         cost = config.cost
@@ -455,14 +497,32 @@ class Benchmark:
 
     # -- measurements ---------------------------------------------------------------------------------
 
-    def run(self, config: Config) -> dict:
-        runner = {
-            "step": self.step,
-            "sampler": self.sample,
-            "diffusers": self.diffusers,
-            "profile": self.profile,
-        }[config.kind]
-        return runner(config)
+    def measure(self, config: Config) -> dict:
+        """The result row of ``config``: measured, failed, or skipped (predicted to end past the deadline)."""
+        row = dict(key=config.key, name=config.name, group=config.group, kind=config.kind, batch=config.batch)
+        row["T"] = self.num_steps
+        if self.family.counts_images:
+            row.update(images=config.images, group_size=config.group_size)
+        if config.memory:
+            row["memory"] = config.memory_text
+        row["predicted_s"] = predicted = self.predict(config)
+        left = self.args.deadline_s - elapsed()
+        if predicted > left:
+            reason = f"{max(left, 0):.1f} s left of --deadline-s {self.args.deadline_s:g}"
+            row.update(status="skipped", reason=f"deadline: predicted {predicted:.1f} s, {reason}")
+            logger.info("skip %s: %s", config.key, row["reason"])
+            return row
+        started = time.perf_counter()
+        try:
+            runner = dict(step=self.step, sampler=self.sample, diffusers=self.diffusers, profile=self.profile)
+            row.update(runner[config.kind](config))
+        except Exception as error:  # one broken configuration must not lose the others' GPU time
+            logger.exception("%s failed", config.key)
+            row.update(status="error", reason=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+            clear_lora_grads(self.base)
+            free_memory()
+        row["wall_s"] = time.perf_counter() - started
+        return row
 
     def step(self, config: Config) -> dict:
         prompts = self.prompts(config.batch)
@@ -481,17 +541,15 @@ class Benchmark:
                 row["plan_s"] = time.perf_counter() - started
                 row["predicted_peak_gib"] = planned.predicted_peak / 2**30
             embeds = module.task.conditioning_for(prompts)
-            row.update(
-                measure_once(
-                    lambda: estimator_step(module, embeds, prompts, draw=0), exclude=list(module.parameters())
-                )
-            )
+            run = lambda: estimator_step(module, embeds, prompts, draw=0)
+            row.update(measure_once(run, exclude=list(module.parameters())))
             clear_lora_grads(module)
             plan = module.task.memory_plan
-            row.update(chunk_samples=plan.chunk_samples,
-                       activation_checkpointing=plan.activation_checkpointing)
-            if getattr(module.estimator, "h", None) is not None:
-                row["h"] = module.estimator.h
+            row.update(
+                chunk_samples=plan.chunk_samples, activation_checkpointing=plan.activation_checkpointing
+            )
+            if module.estimator.block_length is not None:
+                row["h"] = module.estimator.block_length
             if config.h is not None and row["status"] == "ok":
                 # The rollout's images: every prompt group_size times.
                 floor = self.floor(module, prompts * config.group_size, config.h)
@@ -506,9 +564,8 @@ class Benchmark:
             # The floor is defined without recomputation, whatever this module's plan turned on.
             module.task.set_activation_checkpointing(False)
             try:
-                self.floors[key] = floor_parts(
-                    module, prompts, h, repeats=1, nograd_s=self.sample_s.get(len(prompts))
-                )
+                nograd_s = self.sample_s.get(len(prompts))
+                self.floors[key] = floor_parts(module, prompts, h, repeats=1, nograd_s=nograd_s)
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not is_out_of_memory(error):
                     raise
@@ -520,34 +577,30 @@ class Benchmark:
     def sample(self, config: Config) -> dict:
         prompts = self.prompts(config.images)
         self.warm_up(config.images)
-        sampler = self.base.sampler
+        sampler = self.base.task.sampler
         with self.autocast():
-            embeds = self.base.conditioning_for(prompts)
-
-            def run():
-                with torch.no_grad():
-                    sampler.run(Plan(self.num_steps), embeds, generator=torch.Generator().manual_seed(0))
-
-            row = measure_once(run)
+            embeds = self.base.task.conditioning_for(prompts)
+            row = measure_once(lambda: sample_without_grad(sampler, embeds, self.num_steps))
         if row["status"] == "ok":
             self.sample_s[config.images] = row["time_s"]
         return row
 
     def load_pipeline(self):
-        """diffusers' pipeline on the same weights, with our LoRA exported and loaded the diffusers way."""
+        """diffusers' pipeline on the same weights, with our LoRA exported and loaded the diffusers way (only
+        SD 1.5's configurations compare against diffusers)."""
         if self.pipe is None:
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.set_verbosity_error()  # its notes on the disabled safety checker are not ours
             lora_dir = self.scratch / "lora"
-            self.base.backbone.export_lora(lora_dir)
+            self.backbone.export_lora(lora_dir)
             pipe = StableDiffusionPipeline.from_pretrained(
                 self.model_name, dtype=self.dtype, safety_checker=None, local_files_only=True
             ).to(self.device)
             pipe.load_lora_weights(lora_dir)
             pipe.set_progress_bar_config(disable=True)
-            ours = sum(p.numel() for p in self.base.backbone.lora_parameters().values())
+            ours = sum(p.numel() for p in self.backbone.lora_parameters().values())
             theirs = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
             if theirs != ours:
                 raise RuntimeError(f"diffusers loaded {theirs} LoRA weights from our export, we train {ours}")
@@ -570,7 +623,7 @@ class Benchmark:
         prompts = self.prompts(config.batch)
         self.load_pipeline()
         with self.autocast():
-            embeds = self.base.conditioning_for(prompts)
+            embeds = self.base.task.conditioning_for(prompts)
         # diffusers runs its own way: bf16 weights and LoRA, no autocast.
         self.call_pipeline(embeds, 2)  # warm-up at this batch
         row = measure_once(lambda: self.call_pipeline(embeds, self.num_steps))
@@ -585,47 +638,44 @@ class Benchmark:
 
         prompts = self.prompts(config.batch)
         self.load_pipeline()
-        sampler = self.base.backbone.make_sampler(3, 1.0, self.args.guidance)
+        # The base task's sampler at 3 steps.
+        settings = dataclasses.replace(self.base.settings, num_steps=3)
+        sampler = Task.from_backbone(self.backbone, settings, name=self.model_name).sampler
         with self.autocast():
-            embeds = self.base.conditioning_for(prompts)
+            embeds = self.base.task.conditioning_for(prompts)
 
         def ours():
-            with self.autocast(), torch.no_grad():
-                sampler.run(Plan(3), embeds, generator=torch.Generator().manual_seed(0))
-
-        def theirs():
-            self.call_pipeline(embeds, 3)
+            with self.autocast():
+                sample_without_grad(sampler, embeds, 3)
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         sorts = (["self_device_time_total"] if self.cuda else []) + ["self_cpu_time_total"]
         sections, row = [], {"status": "ok", "time_s": 0.0}
-        for label, fn in (
-            ("ours: DDIMSampler.run, no grad", ours),
-            ("diffusers StableDiffusionPipeline", theirs),
-        ):
+        theirs = lambda: self.call_pipeline(embeds, 3)
+        runs = [
+            ("ours", "ours: DDIMSampler.run, no grad", ours),
+            ("diffusers", "diffusers StableDiffusionPipeline", theirs),
+        ]
+        for who, label, fn in runs:
             fn()  # warm-up
             synchronize()
             started = time.perf_counter()
             with profile(activities=activities) as prof:
                 fn()
                 synchronize()
-            elapsed = time.perf_counter() - started
-            row["time_s"] += elapsed
-            row[f"{'ours' if fn is ours else 'diffusers'}_profiled_s"] = elapsed
+            seconds = time.perf_counter() - started
+            row["time_s"] += seconds
+            row[f"{who}_profiled_s"] = seconds
             averages = prof.key_averages()
             for sort in sorts:
                 sections.append(
-                    f"== {label}: 3 steps, batch {config.batch}, {elapsed:.3f} s under the profiler; "
+                    f"== {label}: 3 steps, batch {config.batch}, {seconds:.3f} s under the profiler; "
                     f"top 15 by {sort}\n{averages.table(sort_by=sort, row_limit=15)}"
                 )
         path = self.args.out / f"gpu_profile{self.suffix}.txt"
         path.write_text(f"{machine()}\n\n" + "\n\n".join(sections) + "\n")
         row["file"] = path.name
         return row
-
-    @property
-    def suffix(self) -> str:
-        return ("_sd35" if self.args.family == "sd35" else "") + ("_tiny" if self.args.tiny else "")
 
     def release_pipeline(self) -> None:
         if self.pipe is not None:
@@ -640,121 +690,112 @@ class Benchmark:
 
 # -- the report ---------------------------------------------------------------------------------------------
 
+Column = tuple[str, str, str]  # markdown_table's (key, header, format)
+STATUS: Column = ("status", "status", "s")
+STEP_TIME: Column = ("time_s", "step (s)", ".2f")
+FLOOR: list[Column] = [("floor_s", "floor (s)", ".2f"), ("step_over_floor", "step / floor", ".2f")]
+#: What the planner chose and predicted.
+PLAN: list[Column] = [
+    ("chunk_samples", "chunk_samples", "d"),
+    ("activation_checkpointing", "checkpointing", ""),
+    ("h", "h", "d"),
+    ("predicted_peak_gib", "planned peak GiB", ".1f"),
+    ("plan_s", "planning (s)", ".2f"),
+]
 
-def render(payload: dict) -> str:
-    if payload.get("family") == "sd35":
-        return render_sd35(payload)
-    rows = payload["rows"]
-    memory = (
+
+def memory_column(payload: dict) -> Column:
+    """The CUDA peak on a GPU, what autograd held with ``--tiny``."""
+    return (
         ("peak_gib", "peak GiB", ".1f") if payload.get("cuda") else ("activation_mb", "activation MB", ".1f")
     )
-    # Times of skipped or failed configurations stay blank (the reasons are listed below the tables).
-    shown = [dict(r, time_s=r["time_s"] if r["status"] in ("ok", "OOM") else None) for r in rows]
 
-    def by_group(group: str) -> list[dict]:
-        return [r for r in shown if r["group"] == group]
 
-    sampler = {}
-    for r in by_group("sampler"):
+def shown(rows: list[dict], group: str) -> list[dict]:
+    """The rows of a table, times of skipped or failed configurations blank (the reasons are listed below the
+    tables)."""
+    return [
+        dict(r, time_s=r["time_s"] if r["status"] in ("ok", "OOM") else None)
+        for r in rows
+        if r["group"] == group
+    ]
+
+
+def run_line(payload: dict) -> str:
+    """Machine, versions, wall time and deadline, without the final full stop."""
+    return (
+        f"{payload['machine']}. {payload['versions']}. Wall time {payload.get('elapsed_s', 0):.0f} s "
+        f"(deadline {payload['deadline_s']:g} s)"
+    )
+
+
+def report(payload: dict, parts: list[str]) -> str:
+    """The title, the family's ``parts``, then what was not measured and why."""
+    skipped = [r for r in payload["rows"] if r["status"] in ("skipped", "error", "no fit")]
+    if skipped:
+        parts = parts + [
+            "Not measured:\n" + "\n".join(f"* {r['key']}: {r['status']}, {r['reason']}" for r in skipped)
+        ]
+    return "\n\n".join([f"# GPU cost: {payload['setting']}", *parts]) + "\n"
+
+
+def render_sd15(payload: dict) -> str:
+    """The SD 1.5 run's report: our sampler against diffusers per batch, the planned steps, the estimators."""
+    rows, memory = payload["rows"], memory_column(payload)
+    sampler: dict[int, dict] = {}
+    for r in shown(rows, "sampler"):
         if r["kind"] in ("sampler", "diffusers"):
             entry = sampler.setdefault(r["batch"], {"batch": r["batch"]})
-            prefix = "ours" if r["kind"] == "sampler" else "diffusers"
-            entry[f"{prefix}_s"] = r["time_s"]
-            entry[f"{prefix}_mem"] = r.get(memory[0])
+            who = "ours" if r["kind"] == "sampler" else "diffusers"
+            entry.update({f"{who}_s": r["time_s"], f"{who}_mem": r.get(memory[0])})
             if r.get("ours_over_diffusers") is not None:
                 entry["ratio"] = r["ours_over_diffusers"]
-    mem_header = memory[1]
+    sampler_columns = [
+        ("batch", "batch", "d"),
+        ("ours_s", "ours (s)", ".2f"),
+        ("diffusers_s", "diffusers (s)", ".2f"),
+        ("ratio", "ours / diffusers", ".2f"),
+        ("ours_mem", f"ours {memory[1]}", ".1f"),
+        ("diffusers_mem", f"diffusers {memory[1]}", ".1f"),
+    ]
+    planned = [("memory", "memory options", "s"), ("batch", "batch", "d"), STATUS, STEP_TIME, memory]
+    estimators = [("name", "estimator", "s"), ("batch", "batch", "d"), STATUS, STEP_TIME, memory]
     parts = [
-        f"# GPU cost: {payload['setting']}",
-        f"{payload['machine']}. {payload['versions']}. Wall time {payload.get('elapsed_s', 0):.0f} s "
-        f"(deadline {payload['deadline_s']:g} s); model built in {payload.get('build_s', 0):.1f} s, "
+        f"{run_line(payload)}; model built in {payload.get('build_s', 0):.1f} s, "
         f"loaded in {payload.get('load_s', 0):.1f} s.",
         "## Our no-grad sampler against diffusers (same weights, same LoRA, latents out)",
-        markdown_table(
-            sorted(sampler.values(), key=lambda e: e["batch"]),
-            [
-                ("batch", "batch", "d"),
-                ("ours_s", "ours (s)", ".2f"),
-                ("diffusers_s", "diffusers (s)", ".2f"),
-                ("ratio", "ours / diffusers", ".2f"),
-                ("ours_mem", f"ours {mem_header}", ".1f"),
-                ("diffusers_mem", f"diffusers {mem_header}", ".1f"),
-            ],
-        ),
+        markdown_table(sorted(sampler.values(), key=lambda e: e["batch"]), sampler_columns),
         "## Memory-planned RLR steps",
-        markdown_table(
-            by_group("planned"),
-            [
-                ("memory", "memory options", "s"),
-                ("batch", "batch", "d"),
-                ("status", "status", "s"),
-                ("time_s", "step (s)", ".2f"),
-                memory,
-                ("chunk_samples", "chunk_samples", "d"),
-                ("activation_checkpointing", "checkpointing", ""),
-                ("h", "h", "d"),
-                ("predicted_peak_gib", "planned peak GiB", ".1f"),
-                ("plan_s", "planning (s)", ".2f"),
-                ("floor_s", "floor (s)", ".2f"),
-                ("step_over_floor", "step / floor", ".2f"),
-            ],
-        ),
+        markdown_table(shown(rows, "planned"), planned + PLAN + FLOOR),
         "## Estimators",
-        markdown_table(
-            by_group("estimators"),
-            [
-                ("name", "estimator", "s"),
-                ("batch", "batch", "d"),
-                ("status", "status", "s"),
-                ("time_s", "step (s)", ".2f"),
-                memory,
-                ("floor_s", "floor (s)", ".2f"),
-                ("step_over_floor", "step / floor", ".2f"),
-            ],
-        ),
+        markdown_table(shown(rows, "estimators"), estimators + FLOOR),
     ]
     profile = [r for r in rows if r["kind"] == "profile" and r.get("file")]
     if profile:
         parts.append(f"Profiler summary (3 sampling steps, ours and diffusers): `{profile[0]['file']}`.")
-    skipped = [r for r in rows if r["status"] in ("skipped", "error", "no fit")]
-    if skipped:
-        parts.append(
-            "Not measured:\n" + "\n".join(f"* {r['key']}: {r['status']}, {r['reason']}" for r in skipped)
-        )
-    return "\n\n".join(parts) + "\n"
+    return report(payload, parts)
 
 
 def render_sd35(payload: dict) -> str:
     """The SD 3.5 run's report: the sampler, RLR and GRPO per batch, the planned steps."""
-    rows = payload["rows"]
-    memory = (
-        ("peak_gib", "peak GiB", ".1f") if payload.get("cuda") else ("activation_mb", "activation MB", ".1f")
-    )
+    rows, memory = payload["rows"], memory_column(payload)
     samples = {r["images"]: r["time_s"] for r in rows if r["kind"] == "sampler" and r["status"] == "ok"}
-    # Times of skipped or failed configurations stay blank (the reasons are listed below the tables); a step's
-    # time over our no-grad sample of as many images is the share sampling is of it.
-    shown = [
-        dict(r, time_s=r["time_s"] if r["status"] in ("ok", "OOM") else None,
-             over_sample=r["time_s"] / samples[r["images"]]
-             if r["kind"] == "step" and r["status"] == "ok" and r["images"] in samples else None)
-        for r in rows
-    ]
-    weights = payload.get("weights_b", {})
-    resolution = payload.get("resolution", ())
+
+    def steps(group: str) -> list[dict]:
+        # A step's time over our no-grad sample of as many images is the share sampling is of it.
+        over = lambda r: (
+            r["time_s"] / samples[r["images"]] if r["status"] == "ok" and r["images"] in samples else None
+        )
+        return [dict(r, over_sample=over(r)) for r in shown(rows, group)]
+
+    weights, resolution = payload.get("weights_b", {}), payload.get("resolution", ())
     on_device = f"; {payload['weights_gib']:.1f} GiB on the device" if "weights_gib" in payload else ""
-    step_columns = [
-        ("name", "estimator", "s"),
-        ("batch", "prompts", "d"),
-        ("images", "images", "d"),
-        ("status", "status", "s"),
-        ("time_s", "step (s)", ".2f"),
-        memory,
-        ("over_sample", "step / no-grad sample", ".2f"),
-    ]
+    step = [("batch", "prompts", "d"), ("images", "images", "d"), STATUS, STEP_TIME, memory]
+    step.append(("over_sample", "step / no-grad sample", ".2f"))
+    estimator = ("name", "estimator", "s")
+    sampler = [("images", "images", "d"), STATUS, ("time_s", "time (s)", ".2f"), memory]
     parts = [
-        f"# GPU cost: {payload['setting']}",
-        f"{payload['machine']}. {payload['versions']}. Wall time {payload.get('elapsed_s', 0):.0f} s "
-        f"(deadline {payload['deadline_s']:g} s).",
+        f"{run_line(payload)}.",
         f"SD 3.5 Medium size: {sum(weights.values()):.2f} B weights "
         f"({', '.join(f'{k} {v:.2f} B' for k, v in weights.items())}){on_device}. "
         f"Built with random weights in memory in {payload.get('build_s', 0):.1f} s, LoRA added in "
@@ -762,33 +803,126 @@ def render_sd35(payload: dict) -> str:
         f"{payload.get('lora_weights', 0):,} LoRA weights; images of {' x '.join(map(str, resolution))} px, "
         f"{payload.get('t5_tokens')} T5 tokens per prompt.",
         "## Our no-grad sampler (latents out)",
-        markdown_table(
-            [r for r in shown if r["group"] == "sampler"],
-            [("images", "images", "d"), ("status", "status", "s"), ("time_s", "time (s)", ".2f"), memory],
-        ),
+        markdown_table(shown(rows, "sampler"), sampler),
         "## RLR and GRPO: one gradient estimate (rollout and every term's backward)",
-        markdown_table(
-            [r for r in shown if r["group"] == "estimators"],
-            step_columns + [("floor_s", "floor (s)", ".2f"), ("step_over_floor", "step / floor", ".2f")],
-        ),
+        markdown_table(steps("estimators"), [estimator, *step, *FLOOR]),
         "## Memory-planned steps",
-        markdown_table(
-            [r for r in shown if r["group"] == "planned"],
-            step_columns[:1] + [("memory", "memory options", "s")] + step_columns[1:] + [
-                ("chunk_samples", "chunk_samples", "d"),
-                ("activation_checkpointing", "checkpointing", ""),
-                ("h", "h", "d"),
-                ("predicted_peak_gib", "planned peak GiB", ".1f"),
-                ("plan_s", "planning (s)", ".2f"),
-            ],
-        ),
+        markdown_table(steps("planned"), [estimator, ("memory", "memory options", "s"), *step, *PLAN]),
     ]
-    skipped = [r for r in rows if r["status"] in ("skipped", "error", "no fit")]
-    if skipped:
-        parts.append(
-            "Not measured:\n" + "\n".join(f"* {r['key']}: {r['status']}, {r['reason']}" for r in skipped)
-        )
-    return "\n\n".join(parts) + "\n"
+    return report(payload, parts)
+
+
+# -- the families -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A family's run at one scale: the full-size model on a GPU, or the tiny one on CPU (``--tiny``).
+
+    Attributes:
+        num_steps: ``--num-steps``'s default.
+        batches: ``--batches``'s default.
+        budgets: ``--budgets``'s default.
+        memory: Memory options of planned steps run before the budgets' when ``--budgets`` is not given.
+        resolution: Image side in pixels (``None``: the model's own).
+        sample_s_per_image: Prior of our no-grad sample's time per image, until one is measured.
+    """
+
+    num_steps: int
+    batches: str
+    budgets: str
+    memory: tuple[dict, ...] = ()
+    resolution: int | None = None
+    sample_s_per_image: float = 0.05
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's benchmark: all that differs between the families, declared once.
+
+    Attributes:
+        name: ``--family``.
+        label: The model size, as messages name it.
+        suffix: Of the output files' names (``gpu_cost{suffix}.json``; ``_tiny`` follows with ``--tiny``).
+        full: The full-size run, on a GPU.
+        tiny: The tiny run, on CPU (``--tiny``).
+        guidance: ``--guidance``'s default.
+        eta: The sampler's noise level (DDIM's eta; the flow SDE's noise level for SD 3).
+        lora: LoRA adapters on the denoiser.
+        unbudgeted_planned: The planned runs end with the same step without a budget, at their batch.
+        counts_images: Rows carry ``images`` and ``group_size``: the steps sample each prompt several times.
+        build: Builds the model (:class:`Model`).
+        configurations: Every measurement, most important first, for the batches and the planned runs'
+            memory options.
+        setting: The run's setting, as the report's title says it.
+        render: The markdown report of the results' JSON payload.
+    """
+
+    name: str
+    label: str
+    suffix: str
+    full: Scale
+    tiny: Scale
+    guidance: float
+    eta: float
+    lora: LoraSettings
+    unbudgeted_planned: bool
+    counts_images: bool
+    build: Callable[[Benchmark], Model]
+    configurations: Callable[[tuple[int, ...], list[dict]], list[Config]]
+    setting: Callable[[Benchmark], str]
+    render: Callable[[dict], str]
+
+
+#: Explicit chunking on a CPU: there a budget counts the process's whole resident memory, so a number of GiB
+#: says little.
+TINY_CHUNKING = tuple(dict(chunk_samples=1, activation_checkpointing=flag) for flag in (True, False))
+#: LoRA of the SD 3.5 recipes (``configs/sd35_medium_*.yaml``): Flow-GRPO's rank and alpha on every attention
+#: projection of both streams.
+SD35_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+FAMILIES = {
+    "sd15": Family(
+        name="sd15",
+        label="SD 1.5",
+        suffix="",
+        # Prior: an H100 samples 2 images in 3.7 s.
+        full=Scale(num_steps=50, batches="1,2,6", budgets="24,16,auto", sample_s_per_image=1.85),
+        # T = 5: the smallest T with room for a block of h = 4.
+        tiny=Scale(num_steps=5, batches="1,2", budgets="auto", memory=TINY_CHUNKING),
+        guidance=5.0,
+        eta=1.0,
+        lora=LoraSettings(rank=4, alpha=4.0),
+        unbudgeted_planned=True,
+        counts_images=False,
+        build=build_sd15,
+        configurations=sd15_configurations,
+        setting=sd15_setting,
+        render=render_sd15,
+    ),
+    "sd35": Family(
+        name="sd35",
+        label="SD 3.5 Medium",
+        suffix="_sd35",
+        # Prior: 2 x 10 passes of the 2.5 B transformer over 256 + 333 tokens an image, at a third of an
+        # H100's peak.
+        full=Scale(num_steps=10, batches="1,2", budgets="auto", resolution=512, sample_s_per_image=0.25),
+        # T = 10 with --tiny as well: the tiny SD 3 samples fast enough.
+        tiny=Scale(num_steps=10, batches="1,2", budgets="auto"),
+        guidance=4.5,
+        eta=0.7,
+        lora=LoraSettings(rank=32, alpha=64.0, target_modules=SD35_TARGETS),
+        unbudgeted_planned=False,  # its unbudgeted steps run at every batch
+        counts_images=True,
+        build=build_sd35,
+        configurations=sd35_configurations,
+        setting=sd35_setting,
+        render=render_sd35,
+    ),
+}
+
+
+# -- the command --------------------------------------------------------------------------------------------
 
 
 def elapsed() -> float:
@@ -824,8 +958,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU (tests this script)")
     parser.add_argument(
-        "--num-steps", type=int, default=None,
-        help="sampling steps T (default 50, 5 with --tiny; sd35: 10)",
+        "--num-steps", type=int, default=None, help="sampling steps T (default 50, 5 with --tiny; sd35: 10)"
     )
     parser.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance scale (default 5; sd35: 4.5)"
@@ -849,33 +982,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     family = FAMILIES[args.family]
+    defaults = family.tiny if args.tiny else family.full
     if args.num_steps is None:
-        args.num_steps = family.num_steps[args.tiny]
+        args.num_steps = defaults.num_steps
     if args.guidance is None:
         args.guidance = family.guidance
     try:
-        args.batches = tuple(sorted({int(b) for b in (args.batches or family.batches[args.tiny]).split(",")}))
+        args.batches = tuple(sorted({int(b) for b in (args.batches or defaults.batches).split(",")}))
     except ValueError:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not args.batches or args.batches[0] < 1:
         parser.error(f"--batches must be positive, got {args.batches!r}")
-    planned = []
-    if args.tiny and args.budgets is None and args.family == "sd15":
-        planned += [
-            dict(chunk_samples=1, activation_checkpointing=True),
-            dict(chunk_samples=1, activation_checkpointing=False),
-        ]
-    for text in (args.budgets or family.budgets[args.tiny]).split(","):
+    planned = list(defaults.memory) if args.budgets is None else []
+    for text in (args.budgets or defaults.budgets).split(","):
         text = text.strip()
         try:
             budget = text if text == "auto" else float(text)
+            if budget != "auto" and not budget > 0:
+                raise ValueError(text)
         except ValueError:
             parser.error(f"--budgets takes numbers of GiB > 0 or auto, got {text!r}")
-        if budget != "auto" and not budget > 0:
-            parser.error(f"--budgets takes numbers of GiB > 0 or auto, got {text!r}")
         planned.append(dict(memory_budget_gb=budget if budget == "auto" or budget % 1 else int(budget)))
-    # SD 1.5: the unchunked step after the planned ones, at their batch (SD 3.5 measures it at every batch).
-    args.planned = planned + ([dict(memory_budget_gb=None)] if args.family == "sd15" else [])
+    args.planned = planned + ([dict(memory_budget_gb=None)] if family.unbudgeted_planned else [])
     if not args.tiny and not torch.cuda.is_available():
         parser.error(
             f"no CUDA device: the {family.label}-size model takes minutes per step on a CPU; "
@@ -901,39 +1029,16 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Benchmark(args)
     versions = ", ".join(f"{name} {version(name)}" for name in ("torch", "diffusers", "peft", "transformers"))
-    if args.family == "sd35":
-        model = (
-            "SD 3.5 Medium-size MMDiT, CLIP-L/G, T5-XXL and VAE (random weights, bf16, bf16 autocast), 512 px"
-            if bench.cuda else "tiny SD 3 (tiny-sd3) on CPU (float32) at its own resolution"
-        )
-        setting = (
-            f"{model}, LoRA r32 / alpha 64 fp32 on both streams' attention, flow SDE T = {args.num_steps} at "
-            f"noise level {bench.family.eta:g}, guidance {args.guidance:g}, ColorBalance reward through the "
-            f"VAE decoder; RLR h=2 group {SD35_RLR_GROUP} against GRPO"
-        )
-    elif bench.cuda:
-        setting = (
-            f"SD 1.5-size UNet/VAE (random weights, bf16, bf16 autocast), LoRA r4 fp32 on attention, 512 px, "
-            f"T = {args.num_steps}, guidance {args.guidance:g}, eta 1, ColorBalance reward through the VAE "
-            "decoder"
-        )
-    else:
-        setting = (f"tiny model on CPU (float32), T = {args.num_steps}, guidance {args.guidance:g}, eta 1, "
-                   "ColorBalance reward")
-    log = ResultLog(
-        args.out,
-        f"gpu_cost{bench.suffix}",
-        dict(
-            machine=machine(),
-            versions=versions,
-            setting=setting,
-            cuda=bench.cuda,
-            family=args.family,
-            deadline_s=args.deadline_s,
-            args={k: str(v) for k, v in vars(args).items()},
-        ),
-        render,
+    header = dict(
+        machine=machine(),
+        versions=versions,
+        setting=bench.family.setting(bench),
+        cuda=bench.cuda,
+        family=args.family,
+        deadline_s=args.deadline_s,
+        args={k: str(v) for k, v in vars(args).items()},
     )
+    log = ResultLog(args.out, f"gpu_cost{bench.suffix}", header, bench.family.render)
     logger.info("%s; %s. Results go to %s", machine(), versions, log.json)
     try:
         failed = measure_all(bench, log)
@@ -942,79 +1047,41 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def progress(config: Config, row: dict) -> str:
+    """A measured row in one line: status, time, memory, the plan chosen and the ratio that matters."""
+    memory = ""
+    if "peak_gib" in row:
+        memory = f", {row['peak_gib']:.1f} GiB"
+    elif "activation_mb" in row:
+        memory = f", {row['activation_mb']:.1f} activation MB"
+    plan = ""
+    if config.group == "planned" and row["status"] in ("ok", "OOM"):
+        chunks, checkpointing = row.get("chunk_samples"), row.get("activation_checkpointing")
+        plan = f", plan chunk_samples={chunks} checkpointing={checkpointing}"
+    ratio = ""
+    if row["status"] == "no fit":
+        ratio = f": {row['reason']}"
+    elif "step_over_floor" in row:
+        ratio = f", {row['step_over_floor']:.2f}x floor"
+    elif "ours_over_diffusers" in row:
+        ratio = f", ours/diffusers {row['ours_over_diffusers']:.2f}"
+    return f"{config.key}: {row['status']} {row.get('time_s', float('nan')):.2f} s{memory}{plan}{ratio}"
+
+
 def measure_all(bench: Benchmark, log: ResultLog) -> list[str]:
     """Set up, then measure the configurations in order within the deadline; returns the failed ones."""
-    args = bench.args
     log.write(**bench.setup())
-    build = sd35_configurations if args.family == "sd35" else configurations
-    configs = build(args.batches, args.planned)
-    for i, config in enumerate(configs):
-        if config.group != "sampler" and bench.pipe is not None:
+    # Duplicates (e.g. when the batches coincide) are measured once, where they first come.
+    unique: dict[str, Config] = {}
+    for config in bench.family.configurations(bench.args.batches, bench.args.planned):
+        unique.setdefault(config.key, config)
+    configs = list(unique.values())
+    for i, config in enumerate(configs, start=1):
+        if config.group != "sampler":
             bench.release_pipeline()  # its weights would count in every later peak
-        row = dict(
-            key=config.key,
-            name=config.name,
-            group=config.group,
-            kind=config.kind,
-            batch=config.batch,
-            T=args.num_steps,
-        )
-        if args.family == "sd35":
-            row.update(images=config.images, group_size=config.group_size)
-        if config.memory:
-            row["memory"] = config.memory_text
-        predicted = bench.predict(config)
-        left = args.deadline_s - elapsed()
-        row["predicted_s"] = predicted
-        if predicted > left:
-            row.update(
-                status="skipped",
-                reason=f"deadline: predicted {predicted:.1f} s, {max(left, 0):.1f} s left "
-                f"of --deadline-s {args.deadline_s:g}",
-            )
-            logger.info("skip %s: %s", config.key, row["reason"])
-            log.add(row)
-            continue
-        started = time.perf_counter()
-        try:
-            row.update(bench.run(config))
-        except Exception as error:  # one broken configuration must not lose the others' GPU time
-            logger.exception("%s failed", config.key)
-            row.update(status="error", reason=f"{type(error).__name__}: {error}".splitlines()[0][:300])
-            clear_lora_grads(bench.base)
-            free_memory()
-        row["wall_s"] = time.perf_counter() - started
-        memory = (
-            f", {row['peak_gib']:.1f} GiB"
-            if "peak_gib" in row
-            else (f", {row['activation_mb']:.1f} activation MB" if "activation_mb" in row else "")
-        )
-        plan = (
-            f", plan chunk_samples={row.get('chunk_samples')} "
-            f"checkpointing={row.get('activation_checkpointing')}"
-            if config.group == "planned" and row["status"] in ("ok", "OOM")
-            else ""
-        )
-        ratio = (
-            f", {row['step_over_floor']:.2f}x floor"
-            if "step_over_floor" in row
-            else (
-                f", ours/diffusers {row['ours_over_diffusers']:.2f}" if "ours_over_diffusers" in row else ""
-            )
-        )
-        if row["status"] == "no fit":
-            ratio = f": {row['reason']}"
-        logger.info(
-            "[%d/%d] %s: %s %.2f s%s%s%s",
-            i + 1,
-            len(configs),
-            config.key,
-            row["status"],
-            row.get("time_s", float("nan")),
-            memory,
-            plan,
-            ratio,
-        )
+        row = bench.measure(config)
+        if row["status"] != "skipped":
+            logger.info("[%d/%d] %s", i, len(configs), progress(config, row))
         log.add(row)
     log.write(elapsed_s=elapsed())
     skipped = [r["key"] for r in log.payload["rows"] if r["status"] == "skipped"]
@@ -1024,7 +1091,7 @@ def measure_all(bench: Benchmark, log: ResultLog) -> list[str]:
     if failed:
         logger.info("Failed (%d): %s", len(failed), "; ".join(failed))
     logger.info("Done in %.0f s: %s, %s, %s", elapsed(), log.jsonl, log.json, log.markdown)
-    print(log.markdown.read_text())
+    print(log.markdown.read_text())  # the report, as the console's last word
     return failed
 
 

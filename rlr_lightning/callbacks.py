@@ -6,15 +6,19 @@ import csv
 import logging
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torchvision.utils import make_grid
 
 from rlr_lightning.data import PROMPT_SETS, PromptBatch
 from rlr_lightning.grids import BeforeAfterLayout, to_uint8
+
+if TYPE_CHECKING:
+    from rlr_lightning.module import RLRModule
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +28,20 @@ def render_samples(
     pl_module: L.LightningModule, prompts: list[str], seed: int
 ) -> tuple[torch.Tensor, list[float]]:
     """The module's images of ``prompts`` from ``seed`` as ``uint8`` (what every sink gets) and their rewards."""
+    module = cast("RLRModule", pl_module)  # the callbacks of this file render an RLRModule's samples
+    assert module.backbone is not None and module.reward is not None  # loaded and given before training
     # The backbone warns once about cut prompts, for the training prompts: rendered first, a grid's captions
     # would take that warning, and the training prompts would go unnamed (see warn_if_cut for the grid's).
-    with pl_module.backbone.prompt_limit_unchecked():
-        images = pl_module.task.generate(
-            PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed)
-        )
-    return to_uint8(images), pl_module.reward(images, prompts).float().cpu().tolist()
+    with module.backbone.prompt_limit_unchecked():
+        images = module.task.generate(PromptBatch.from_prompts(prompts), torch.Generator().manual_seed(seed))
+    return to_uint8(images), module.reward(images, prompts).float().cpu().tolist()
 
 
 def warn_if_cut(pl_module: L.LightningModule, prompts: list[str], owner: str) -> None:
     """Warn, naming the callback, that some of its prompts are longer than a text encoder reads (they are
     rendered cut)."""
-    backbone = pl_module.backbone
+    backbone = cast("RLRModule", pl_module).backbone
+    assert backbone is not None  # loaded before training starts
     for tokenizer in backbone.tokenizers:
         limit = backbone.token_limit(tokenizer)
         lengths = [len(ids) for ids in tokenizer(prompts, verbose=False).input_ids]
@@ -89,7 +94,7 @@ class SampleImageLogger(L.Callback):
 
     def _prompts(self, trainer: L.Trainer) -> list[str]:
         if self.prompts is None:
-            datamodule = trainer.datamodule
+            datamodule = getattr(trainer, "datamodule", None)  # set by Lightning's data connector
             # The run's own prompts: a reward may only score its prompt set (the shapes world's count reward
             # parses captions), so a fixed fallback set would fail such runs.
             records = (
@@ -122,7 +127,8 @@ class SampleImageLogger(L.Callback):
             warn_if_cut(pl_module, prompts, type(self).__name__)
         pixels, rewards = render_samples(pl_module, prompts, self.seed)
         rows = [[step, p, r] for p, r in zip(prompts, rewards)]
-        for run_logger in trainer.loggers or [None]:
+        sinks: list[Logger | None] = [*trainer.loggers] or [None]
+        for run_logger in sinks:
             if isinstance(run_logger, WandbLogger):
                 captions = [f"{p} (reward {r:.3f})" for p, r in zip(prompts, rewards)]
                 # PIL images, not tensors: wandb.Image casts float tensors to uint8 without scaling, so
@@ -197,7 +203,9 @@ class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             warn_if_cut(pl_module, self._prompts(trainer), type(self).__name__)
-            with pl_module.backbone.lora_disabled():
+            backbone = cast("RLRModule", pl_module).backbone
+            assert backbone is not None  # loaded before training starts
+            with backbone.lora_disabled():
                 self._before = render_samples(pl_module, self._prompts(trainer), self.seed)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

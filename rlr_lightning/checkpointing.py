@@ -6,12 +6,25 @@ few MB. :class:`LoraCheckpoints` is the part of ``RLRModule`` that writes and re
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlr_lightning.estimators.base import GradientEstimator
+    from rlr_lightning.rewards.base import RewardModel
+    from rlr_lightning.skips import UpdateSkips
 
 
 class LoraCheckpoints:
     """LightningModule hooks that keep checkpoints to LoRA weights plus the estimator's state, the skip counts,
     the run id and the reward's class name (``RLRModule`` mixes it in)."""
+
+    # Set by the module that mixes this in (RLRModule).
+    estimator: GradientEstimator
+    skips: UpdateSkips
+    reward: RewardModel | None
+    run_id: str
+    checkpoint_reward: str | None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -29,7 +42,9 @@ class LoraCheckpoints:
         self.run_id = checkpoint.get("rlr_run_id", self.run_id)
         self.checkpoint_reward = checkpoint.get("rlr_reward")
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         """Load the LoRA weights of a checkpoint; the frozen weights it leaves out are not missing.
 
         Only LoRA keys count as missing, so ``load_from_checkpoint`` neither warns with the whole backbone's

@@ -267,7 +267,8 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRecord:
     present = [s for s in DCOT_SCALES if s in item]
     if present and len(present) != 3:
         raise ValueError(f"{where}: DCoT rewrites need all of coarse, mid and fine, got only {present}")
-    dcot = tuple(str(item[s]) for s in DCOT_SCALES) if present else None
+    coarse, mid, fine = DCOT_SCALES
+    dcot = (str(item[coarse]), str(item[mid]), str(item[fine])) if present else None
     metadata = {k: v for k, v in item.items() if k not in ("prompt", *DCOT_SCALES)}
     return PromptRecord(item["prompt"], dcot=dcot, metadata=metadata)
 

@@ -68,7 +68,7 @@ _BUILTIN_TYPES = {
 }
 
 
-def _chain(err: BaseException) -> list[BaseException]:
+def _chain(err: BaseException | None) -> list[BaseException]:
     """``err`` and the exceptions it was raised from, outermost first."""
     chain: list[BaseException] = []
     while err is not None and not any(err is seen for seen in chain):
@@ -253,7 +253,7 @@ def short_config_error(err: BaseException, config: Any = None) -> str | None:
     listed = ", ".join(known[:_MAX_LISTED]) + (
         f" and {len(known) - _MAX_LISTED} more" if len(known) > _MAX_LISTED else ""
     )
-    valid_classes = f"; {base.__name__} classes: {listed}" if known else ""
+    valid_classes = f"; {base.__name__} classes: {listed}" if base is not None and known else ""
     not_a_subclass = _NOT_A_SUBCLASS.match(leaf)
     if not_a_subclass and base is not None:
         return f"{flag} {not_a_subclass.group(1)}: not a {base.__name__}{valid_classes}"

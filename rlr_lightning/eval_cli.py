@@ -220,6 +220,7 @@ def evaluate_command(argv: list[str]) -> dict:
         table=table,
     )
     if args.grid is not None:
+        assert lora is not None  # --grid needs --lora (_check)
         captions = grid_captions(args.split, args.grid_captions)
         image, verdicts = before_after_grid(
             settings["model"],

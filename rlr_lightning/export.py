@@ -14,9 +14,13 @@ import itertools
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+
+if TYPE_CHECKING:
+    from rlr_lightning.module import RLRModule
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +99,11 @@ class LoraExport(L.Callback):
         # Decided after the checkpoint is restored (a resumed run recognises its own export by the run id),
         # before training, so a conflict costs nothing. Rank zero decides; every rank gets the answer.
         log_dir = trainer.log_dir
+        run_id = cast("RLRModule", pl_module).run_id  # RLRModule's own callback (configure_callbacks)
         target, error = None, None
         if trainer.is_global_zero:
             try:
-                target = self._directory(trainer, log_dir, pl_module.run_id, explicit_conflict="raise")
+                target = self._directory(trainer, log_dir, run_id, explicit_conflict="raise")
             except ExportConflictError as conflict:
                 error = str(conflict)
             if target is not None and target != self._base(trainer, log_dir):
@@ -115,18 +120,19 @@ class LoraExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.log_dir broadcasts from rank zero: every rank must ask for it, before the rank check.
         log_dir = trainer.log_dir
-        if not trainer.is_global_zero or pl_module.backbone is None:
+        module = cast("RLRModule", pl_module)  # RLRModule's own callback (configure_callbacks)
+        if not trainer.is_global_zero or module.backbone is None:
             return
         # Decided at the start of training; checked again, since another run may have exported there since.
-        directory = self._directory(trainer, log_dir, pl_module.run_id, explicit_conflict="fallback")
+        directory = self._directory(trainer, log_dir, module.run_id, explicit_conflict="fallback")
         if self.target is not None and directory != self.target:
             logger.warning(
                 "%s now holds another run's LoRA export: exporting to %s instead", self.target, directory
             )
         # The backbone logs where the file went (once).
-        pl_module.exported_lora = pl_module.backbone.export_lora(directory)
+        module.exported_lora = module.backbone.export_lora(directory)
         record = {
-            "run_id": pl_module.run_id,
+            "run_id": module.run_id,
             "global_step": pl_module.global_step,
             "pretrained_model_name_or_path": pl_module.hparams.get("pretrained_model_name_or_path"),
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

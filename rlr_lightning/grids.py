@@ -65,7 +65,10 @@ class BeforeAfterLayout:
             draw.text((4, boxes[row][0][1] + side // 2 - 6), name, fill="black", font=font)
             for box, image in zip(boxes[row], images):
                 canvas.paste(
-                    Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST), box
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+                        (side, side), Image.Resampling.NEAREST
+                    ),
+                    box,
                 )
         for box, wrapped in zip(boxes[0], self._lines(prompts, side)):
             for i, text in enumerate(wrapped):

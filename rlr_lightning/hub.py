@@ -153,7 +153,7 @@ def read_model_index(
     from huggingface_hub import hf_hub_download
 
     try:
-        index = hf_hub_download(
+        downloaded = hf_hub_download(
             name,
             "model_index.json",
             revision=revision,
@@ -162,4 +162,4 @@ def read_model_index(
         )
     except Exception as err:  # offline cache miss, HTTP error, no network: one clear error instead
         raise model_unavailable(name, offline, err) from err
-    return json.loads(Path(index).read_text())
+    return json.loads(Path(downloaded).read_text())

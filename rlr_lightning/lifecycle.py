@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
     """Where the run's ``last`` checkpoint goes: the (first) ``ModelCheckpoint``'s, or ``<log dir>/checkpoints``."""
-    callback = trainer.checkpoint_callback
+    # Duck-typed: Lightning types it as any Checkpoint; one with a dirpath is read as a ModelCheckpoint.
+    callback: Any = trainer.checkpoint_callback
     if callback is not None and getattr(callback, "dirpath", None):
         name = callback.format_checkpoint_name(
             {"epoch": trainer.current_epoch, "step": trainer.global_step},
@@ -224,7 +225,7 @@ def run_directory(run_logger: Logger, default_root_dir: str) -> str:
     )
 
 
-def _version_dir(version: int | str) -> str:
+def _version_dir(version: int | str | None) -> str:
     """A run directory's name: Lightning's ``version_N``, or a string version (a W&B run id) as it is."""
     return version if isinstance(version, str) else f"version_{version}"
 
@@ -290,7 +291,8 @@ class ContinuedCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuedMetricsWriter(log_dir=self.log_dir)
-        return self._experiment
+        # Lightning types the attribute as fabric's writer; this logger only ever makes the one above.
+        return cast(ExperimentWriter, self._experiment)
 
 
 def _configured_root(cls: type, init_args: Any, default_root_dir: str | None) -> Path | None:
@@ -338,7 +340,9 @@ def continue_run(trainer_config: Any, ckpt_path: str, record: list[dict] | None)
     for entry in entries:
         class_path = entry.get("class_path") if hasattr(entry, "get") else None
         cls = import_class(class_path) if class_path else None
-        init_args = entry.get("init_args") if cls is not None else None
+        if cls is None:
+            continue
+        init_args = entry.get("init_args")
         root = _configured_root(cls, init_args, trainer_config.get("default_root_dir")) if init_args else None
         if root is None:
             continue

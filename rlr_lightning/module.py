@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.types import LRSchedulerPLType
 
 from rlr_lightning.checkpointing import LoraCheckpoints
 from rlr_lightning.data import PromptBatch
@@ -22,7 +24,7 @@ from rlr_lightning.estimators.regularizers import KLPenalty
 from rlr_lightning.estimators.step import TermBackward
 from rlr_lightning.export import EXPORT_RECORD, ExportConflictError, LoraExport, export_owner
 from rlr_lightning.memory import MemoryOptions, PlannedMemory, plan_task
-from rlr_lightning.models import DTYPES, LoraSettings
+from rlr_lightning.models import DTYPES, DiffusionBackbone, LoraSettings
 from rlr_lightning.ranks import backward_sync, mean_over_ranks
 from rlr_lightning.rewards import RewardModel, TargetColor, missing_reward_message
 from rlr_lightning.skips import TrainingStalledError, UpdateSkips
@@ -171,7 +173,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         self.planned_memory: PlannedMemory | None = None
         self._memory_planned = False
         self.validation = ValidationRewards(metrics)
-        self.backbone = None  # registered by configure_model: checkpoints and device moves see it
+        self.backbone: DiffusionBackbone | None = None  # registered by configure_model
         self._task: Task | None = None
         # Identifies this run's LoRA export (checkpointed, so a resumed run recognises its own export).
         self.run_id = uuid.uuid4().hex
@@ -256,7 +258,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         started = time.perf_counter()
-        optimizer, task, skips = self.optimizers(), self.task, self.skips
+        optimizer, task, skips = cast(LightningOptimizer, self.optimizers()), self.task, self.skips
         micro = batch_idx % self.gradient_accumulation_steps
         last_micro = micro == self.gradient_accumulation_steps - 1
         if micro == 0:
@@ -276,7 +278,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         rank_seed = derive_seed(self.seed, self.global_step, micro, skips.total, self.global_rank, 1)
         if not self._memory_planned:
             self.plan_memory(batch.prompts)
-        gather = lambda x: self.all_gather(x).reshape(-1)  # noqa: E731
+        gather = lambda x: cast(torch.Tensor, self.all_gather(x)).reshape(-1)  # noqa: E731
         sampler, estimator = task.sampler, self.estimator
         args = (batch.prompts, task.latent_reward, step_seed, rank_seed)
         result = rollout(estimator, sampler, embeds, *args, gather=gather, memory=task.memory_plan)
@@ -298,6 +300,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
             # GRPO: more optimizer steps on the same samples, each re-scoring them at the updated weights (the
             # logged losses and clip statistics are the last update's).
             for _ in range(1, self.estimator.inner_updates if stepped else 1):
+                assert result.embeds is not None  # rollout() records the batch's conditioning
                 terms = self.estimator.terms(result, task.sampler, result.embeds)
                 done = self._backward(terms + self.kl.terms(result, task.sampler, step_seed), True)
                 if not self._optimizer_step(optimizer):
@@ -325,7 +328,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         optimizer.step()
         self.skips.stepped()
         optimizer.zero_grad(set_to_none=True)
-        if (scheduler := self.lr_schedulers()) is not None:
+        if (scheduler := cast("LRSchedulerPLType | None", self.lr_schedulers())) is not None:
             scheduler.step()
         return True
 
@@ -338,6 +341,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         # Fixed seeds per validation batch: every evaluation sees the same noise, so curves are comparable.
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 0x5EED, batch_idx, self.global_rank))
+        assert self.reward is not None  # setup("validate") refuses to run without one
         self.validation.update(self.task.generate(batch, generator), batch.prompts, self.reward)
 
     def on_validation_epoch_end(self) -> None:

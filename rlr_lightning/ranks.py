@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import AbstractContextManager
+from typing import cast
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor
 
 
 def backward_sync(trainer: L.Trainer, sync: bool) -> AbstractContextManager:
@@ -26,5 +28,6 @@ def mean_over_ranks(module: L.LightningModule, values: dict[str, float]) -> dict
     if not values or module.trainer.world_size == 1:
         return values
     keys = sorted(values)
-    gathered = module.all_gather(torch.tensor([values[k] for k in keys], device=module.device))
+    # all_gather of one tensor returns a tensor (Lightning types it for collections too).
+    gathered = cast(Tensor, module.all_gather(torch.tensor([values[k] for k in keys], device=module.device)))
     return dict(zip(keys, gathered.reshape(-1, len(keys)).mean(0).tolist()))

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,11 @@ class UpdateSkips:
         self.window_cause: str | None = None
 
     def rewards_finite(
-        self, rewards: Tensor, optimizer: torch.optim.Optimizer, last_micro: bool, step: int
+        self,
+        rewards: Tensor,
+        optimizer: torch.optim.Optimizer | LightningOptimizer,
+        last_micro: bool,
+        step: int,
     ) -> bool:
         """Whether every (gathered) reward is finite; if not, the whole optimizer step is dropped, at its last
         micro-batch (every rank sees the same rewards, so every rank drops it)."""
@@ -53,14 +61,22 @@ class UpdateSkips:
             self.window_cause = cause
         return False
 
-    def gradient_finite(self, grads: Tensor, optimizer: torch.optim.Optimizer, step: int) -> bool:
+    def gradient_finite(
+        self, grads: Tensor, optimizer: torch.optim.Optimizer | LightningOptimizer, step: int
+    ) -> bool:
         """Whether the accumulated gradient is finite; if not, the update is dropped."""
         if bool(torch.isfinite(grads).all()):
             return True
         self.skip(optimizer, "non-finite gradient", reward_at_fault=False, step=step)
         return False
 
-    def skip(self, optimizer: torch.optim.Optimizer, why: str, reward_at_fault: bool, step: int) -> None:
+    def skip(
+        self,
+        optimizer: torch.optim.Optimizer | LightningOptimizer,
+        why: str,
+        reward_at_fault: bool,
+        step: int,
+    ) -> None:
         """Drop this update entirely (gradients cleared, weights and optimizer state untouched) and count it;
         raise once too many came in a row."""
         optimizer.zero_grad(set_to_none=True)

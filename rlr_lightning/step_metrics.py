@@ -4,15 +4,18 @@ rollout's statistics, and throughput."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 
 from rlr_lightning.estimators import Rollout, TermBackward
 
+if TYPE_CHECKING:
+    from rlr_lightning.module import RLRModule
+
 
 def log_step(
-    module: L.LightningModule,
+    module: RLRModule,
     result: Rollout,
     done: TermBackward,
     started: float,

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -47,7 +49,7 @@ def clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], model_m
 
     return CLIPTokenizer(
         vocab=dict(vocab),
-        merges=list(merges),
+        merges=cast(Any, list(merges)),  # BPE takes (a, b) pairs; transformers annotates str | list[str]
         model_max_length=model_max_length,
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
@@ -69,7 +71,7 @@ def tiny_t5_tokenizer(model_max_length: int = 32):
     import string
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # resolved lazily (transformers 5)
 
     chars = string.ascii_letters + string.digits + string.punctuation
     # Unigram scores: a word-start piece beats the bare marker followed by the bare character.
@@ -165,7 +167,7 @@ def build_tiny_components(seed: int = 0, sample_size: int = 8) -> dict:
         steps_offset=1,
     )
     return dict(
-        unet=unet.eval(),
+        unet=unet.eval(),  # type: ignore[attr-defined]  # mypy sees diffusers' dummy objects
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tiny_clip_tokenizer(),
@@ -238,7 +240,7 @@ def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 8) -> dict:
         )
     )
     return dict(
-        unet=unet.eval(),
+        unet=unet.eval(),  # type: ignore[attr-defined]  # mypy sees diffusers' dummy objects
         vae=vae.eval(),
         text_encoder=CLIPTextModel(text_config()).eval(),
         text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=projection)).eval(),
@@ -318,13 +320,13 @@ def build_tiny_sd3_components(seed: int = 0, sample_size: int = 8) -> dict:
             relative_attention_num_buckets=8,
             relative_attention_max_distance=32,
             feed_forward_proj="gated-gelu",
-            decoder_start_token_id=0,
+            decoder_start_token_id=0,  # type: ignore[call-arg]  # a config key T5Config's signature omits
             pad_token_id=0,
             eos_token_id=1,
         )
     ).eval()
     return dict(
-        transformer=transformer.eval(),
+        transformer=transformer.eval(),  # type: ignore[attr-defined]  # mypy sees diffusers' dummy objects
         vae=vae.eval(),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -399,7 +401,7 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
             relative_attention_num_buckets=8,
             pad_token_id=0,
             eos_token_id=1,
-            decoder_start_token_id=0,
+            decoder_start_token_id=0,  # type: ignore[call-arg]  # a config key T5Config's signature omits
         )
     )
     # FLUX.1-dev's scheduler: timesteps shifted by the image's token count (use_dynamic_shifting).
@@ -413,7 +415,7 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
         max_image_seq_len=4096,
     )
     return dict(
-        transformer=transformer.eval(),
+        transformer=transformer.eval(),  # type: ignore[attr-defined]  # mypy sees diffusers' dummy objects
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         text_encoder_2=text_encoder_2.eval(),
@@ -424,7 +426,7 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
 
 
 #: The tiny model families: how each is built and which diffusers pipeline saves it.
-TINY_FAMILIES = {
+TINY_FAMILIES: dict[str, tuple[Callable[..., dict], str, str]] = {
     "sd": (build_tiny_components, "StableDiffusionPipeline", "Stable Diffusion"),
     "sdxl": (build_tiny_sdxl_components, "StableDiffusionXLPipeline", "Stable Diffusion XL"),
     "sd3": (build_tiny_sd3_components, "StableDiffusion3Pipeline", "Stable Diffusion 3"),

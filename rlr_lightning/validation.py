@@ -5,6 +5,9 @@ Aggregated over ranks by torchmetrics, so every rank logs the same values.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
@@ -32,7 +35,8 @@ class ValidationRewards(nn.Module):
     def update(self, images: Tensor, prompts: list[str], reward: RewardModel) -> None:
         """Score one validation batch with the trained ``reward`` and every metric."""
         self.rewards.update(reward(images, prompts))
-        for metric, values in zip(self.metrics, self.metric_values):
+        # nn.ModuleList is not generic: its items are CatMetrics.
+        for metric, values in zip(self.metrics, cast("Iterable[CatMetric]", self.metric_values)):
             values.update(metric(images, prompts))
         if len(prompts) > 1:
             self.diversity.update(mean_pairwise_distance(image_features(images, reward)))
@@ -40,7 +44,8 @@ class ValidationRewards(nn.Module):
     def compute(self) -> dict[str, Tensor]:
         """``val/reward_mean``, ``val/reward_std``, the same per metric and ``val/diversity``; then reset."""
         stats = {}
-        for name, values in [("reward", self.rewards), *zip(self.names, self.metric_values)]:
+        metric_values = cast("Iterable[CatMetric]", self.metric_values)  # nn.ModuleList is not generic
+        for name, values in [("reward", self.rewards), *zip(self.names, metric_values)]:
             v = values.compute().float().reshape(-1)
             stats[f"val/{name}_mean"] = v.mean()
             stats[f"val/{name}_std"] = v.std() if v.numel() > 1 else torch.zeros(())

@@ -25,7 +25,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ class CountSketch:
         self.dim, self.out_dim = dim, min(dim, sketch_dim)
         if dim > sketch_dim:
             gen = torch.Generator().manual_seed(seed)
-            self.bucket = torch.randint(sketch_dim, (dim,), generator=gen)
+            self.bucket: Tensor | None = torch.randint(sketch_dim, (dim,), generator=gen)
             self.sign = torch.randint(2, (dim,), generator=gen).double() * 2 - 1
         else:
             self.bucket = None
@@ -225,6 +225,7 @@ def _draw(
         ]
         for kind in baselines
     }
+    lr: dict[str, list[Tensor | None]]
     pathwise, lr = [], {kind: [] for kind in baselines}
     stochastic = (sampler.kernel.sigma > 0).tolist()
     for k in range(T):
@@ -241,6 +242,7 @@ def _draw(
             )
             objectives = [(adjoints[k].to(out.mean.dtype) * out.mean).sum()]
             if stochastic[k]:
+                assert out.log_prob is not None  # a stochastic step has one
                 objectives += [(advantages[kind][k] * out.log_prob).sum() / B for kind in baselines]
             grads = _vector_jacobian(torch.stack(objectives), params)
         pathwise.append(sketch(grads[0]))
@@ -324,6 +326,7 @@ def variance_map(
     sketch = CountSketch(dim, sketch_dim, seed)
     prompt_means = PromptRewardMeans()
     reward_mean: float | None = None
+    lrs: dict[str, list[list[Tensor | None]]]  # per baseline, per draw, per step (None: a deterministic step)
     paths, lrs = [], {b: [] for b in baselines}
     keys = prompt_keys(prompts)
     for i in range(num_samples):
@@ -338,7 +341,11 @@ def variance_map(
             logger.info("variance map: %d of %d draws done", i + 1, num_samples)
     path = torch.stack(paths)  # (N, T, m)
     stochastic = [s > 0 for s in sigmas]
-    lr = {b: {k: torch.stack([d[k] for d in lrs[b]]) for k in range(T) if stochastic[k]} for b in baselines}
+    # Every draw has a term (not None) at a stochastic step.
+    lr = {
+        b: {k: torch.stack(cast("list[Tensor]", [d[k] for d in lrs[b]])) for k in range(T) if stochastic[k]}
+        for b in baselines
+    }
     full = path.sum(1)
     truth = full.mean(0)
     scale = max(float(truth.pow(2).sum()), 1e-300)
@@ -379,8 +386,8 @@ def _best(terms: dict[str, Tensor]) -> str:
     errors of the paired difference (per draw, the squared distances to each mean): a few dozen draws of
     heavy-tailed terms otherwise pick a baseline by chance."""
     spread = {name: (x - x.mean(0)).pow(2).sum(1) * len(x) / (len(x) - 1) for name, x in terms.items()}
-    choice = "none" if "none" in terms else min(terms, key=COST_ORDER.get)
-    for name in sorted(terms, key=COST_ORDER.get):
+    choice = "none" if "none" in terms else min(terms, key=COST_ORDER.__getitem__)
+    for name in sorted(terms, key=COST_ORDER.__getitem__):
         diff = spread[name] - spread[choice]
         se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
         saving = -float(diff.mean())
@@ -389,7 +396,7 @@ def _best(terms: dict[str, Tensor]) -> str:
     return choice
 
 
-def recommend(rows: Sequence[StepRow], estimator=None) -> tuple[int, list[str]]:
+def recommend(rows: Sequence[StepRow], estimator: GradientEstimator | None = None) -> tuple[int, list[str]]:
     """The recommended exact tail ``K`` and per-step baselines from a map's rows.
 
     The tail takes the final step (the first-order term always does), then each step before it while that step's
@@ -398,9 +405,11 @@ def recommend(rows: Sequence[StepRow], estimator=None) -> tuple[int, list[str]]:
     ``estimator``, 2 by default). Every step before the tail gets its best baseline.
     """
     T = len(rows)
-    h = getattr(estimator, "h", 2)
-    h = h if isinstance(h, int) else 2
-    best_var = [row.lr_variance[row.best] if row.lr_variance else math.inf for row in rows]
+    block = estimator.block_length if estimator is not None else None
+    h = block if isinstance(block, int) else 2
+    best_var = [
+        row.lr_variance[row.best] if row.lr_variance and row.best is not None else math.inf for row in rows
+    ]
     tail = 1
     while tail < T - h - 1:
         k = T - tail - 1

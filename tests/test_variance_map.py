@@ -36,7 +36,7 @@ def test_per_step_terms_add_up_to_full_backprop_and_to_the_score_function_of_eac
     exact = CountSketch(dim, dim)
     for draw in range(2):
         path, lr, _ = _draw(
-            module, PROMPTS, 3, draw, ["none", "value", "muprop"], exact, PromptRewardMeans(), None
+            module.task, PROMPTS, 3, draw, ["none", "value", "muprop"], exact, PromptRewardMeans(), None
         )
         full = gradient_samples(module, PROMPTS, FullBackprop(), draw + 1, 3)[draw]
         torch.testing.assert_close(path.sum(0), full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))

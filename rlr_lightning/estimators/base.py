@@ -121,6 +121,7 @@ class Rollout:
         """CPU index tensors of the sample chunks the windows run in (one chunk of all when unchunked)."""
         B = self.batch_size
         c = self.memory.chunk_samples if self.chunked else B
+        assert c is not None  # chunked: a chunk size is set
         return [torch.arange(i, min(i + c, B)) for i in range(0, B, c)]
 
 
@@ -130,12 +131,13 @@ class WindowView:
 
     Attributes:
         samples: CPU indices of the chunk's samples in the (local) batch.
-        log_probs: Step index to the graph-carrying ``log p(sg(s_{k+1}) | s_k)`` of those samples.
+        log_probs: Step index to the graph-carrying ``log p(sg(s_{k+1}) | s_k)`` of those samples (``None`` on
+            a deterministic step).
         rewards: Builds the chunk's rewards with a graph through the window (first-order path).
     """
 
     samples: Tensor
-    log_probs: dict[int, Tensor]
+    log_probs: dict[int, Tensor | None]
     rewards: Callable[[], Tensor]
 
 
@@ -163,6 +165,7 @@ class RewardStatistics:
         if self.mean is None:
             self.mean, self.mean_square = mean, mean_square
         else:
+            assert self.mean_square is not None  # set together with the mean
             self.mean = self.decay * self.mean + (1 - self.decay) * mean
             self.mean_square = self.decay * self.mean_square + (1 - self.decay) * mean_square
 
@@ -170,6 +173,7 @@ class RewardStatistics:
     def std(self) -> float | None:
         if self.mean is None:
             return None
+        assert self.mean_square is not None  # set together with the mean
         return max(self.mean_square - self.mean**2, 0.0) ** 0.5
 
     def state_dict(self) -> dict:
@@ -488,8 +492,8 @@ class GradientEstimator(ABC):
         steps_t = torch.as_tensor(list(steps), dtype=torch.long).repeat_interleave(B)
         samples_t = torch.arange(B).repeat(len(steps))
         per_call = self.score_chunk_steps * B
-        if rollout.memory.rescore_cap() is not None:
-            per_call = min(per_call, rollout.memory.rescore_cap())
+        if (cap := rollout.memory.rescore_cap()) is not None:
+            per_call = min(per_call, cap)
 
         def make(rows: slice) -> Callable[[], Tensor]:
             def loss() -> Tensor:
@@ -544,6 +548,7 @@ class GradientEstimator(ABC):
                             f"window [{start}, {stop}) does not end at the last step: no reward"
                         )
                     prompts = [rollout.prompts[i] for i in samples.tolist()]
+                    assert rollout.reward_fn is not None  # rollout() records it
                     return rollout.reward_fn(replay.final, prompts).float()
 
                 return loss(WindowView(samples, replay.log_probs, rewards))
@@ -618,6 +623,7 @@ def rollout(
     else:
         with torch.no_grad():
             step = memory.chunk_samples if chunked else len(prompts)
+            assert step is not None  # chunked: a chunk size is set
             rewards = torch.cat(
                 [
                     reward_fn(trajectory.final[i : i + step], prompts[i : i + step]).float().reshape(-1)
@@ -675,6 +681,7 @@ def _add_step_advantages(
     if any(kind == "prompt_mean" for kind in kinds.values()):
         prompt_means = estimator.prompt_means.lookup(result.cache["prompt_keys"], estimator.reward_stats.mean)
     chunk = result.memory.chunk_samples if result.chunked else B
+    assert chunk is not None  # chunked: a chunk size is set
     values = step_baseline_values(
         kinds,
         result.trajectory,

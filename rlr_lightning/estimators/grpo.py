@@ -182,8 +182,8 @@ class GRPO(GradientEstimator):
         steps_t = torch.as_tensor(steps, dtype=torch.long).repeat_interleave(B)
         samples_t = torch.arange(B).repeat(len(steps))
         per_call = self.score_chunk_steps * B
-        if rollout.memory.rescore_cap() is not None:
-            per_call = min(per_call, rollout.memory.rescore_cap())
+        if (cap := rollout.memory.rescore_cap()) is not None:
+            per_call = min(per_call, cap)
         old_log_probs: dict[int, Tensor] = rollout.cache.setdefault("grpo_old_log_probs", {})
         base_means: dict[int, Tensor] = rollout.cache.setdefault("grpo_base_means", {})
         update = rollout.cache["grpo_update"] = rollout.cache.get("grpo_update", -1) + 1
@@ -198,6 +198,7 @@ class GRPO(GradientEstimator):
                 row_embeds = embeds.rows(k, s)
                 step = sampler.step(index, x, row_embeds, prev_latents=x_next)
                 log_p = step.log_prob
+                assert log_p is not None  # every trained step is stochastic (checked above)
                 old = old_log_probs.setdefault(start, log_p.detach())
                 ratio = torch.exp(log_p - old)
                 advantage = rollout.advantages_at(k, s)

@@ -123,4 +123,5 @@ class KLPenalty:
         and inner update."""
         if self.coefficient == 0:
             return []
+        assert rollout.embeds is not None  # rollout() records the batch's conditioning
         return kl_terms(rollout, sampler, rollout.embeds, self.coefficient, self.steps, seed)

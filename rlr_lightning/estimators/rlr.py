@@ -6,7 +6,7 @@ import logging
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -213,6 +213,7 @@ class RLR(GradientEstimator):
     def _check_steps(self, num_steps: int) -> None:
         """Block, tail and block range fit in ``T`` steps (the tail counts as 1 until ``auto`` is resolved)."""
         T, h = num_steps, self.h
+        assert isinstance(h, int)  # h="auto" is checked once the memory planner has chosen it
         K = self.tail_steps or 1
         if h > T - K:
             tail = "" if self.tail == 1 else f" and the exact tail (K={K}, tail={self.tail!r})"
@@ -275,6 +276,7 @@ class RLR(GradientEstimator):
     def _block_starts(self, num_steps: int) -> int:
         """The number of block starts, ``T - K - h + 1``; running norms kept for another number (a state restored
         from a run with another ``T``, ``h`` or tail) start afresh."""
+        assert isinstance(self.h, int)  # only called once h is known
         n = num_steps - (self.tail_steps or 1) - self.h + 1
         if len(self.block_norms) != n:
             self.block_norms = [None] * n
@@ -293,17 +295,17 @@ class RLR(GradientEstimator):
         return not self.fo_by_likelihood_ratio
 
     def graph_shape(self, num_steps: int, prompts: int, h: int | None = None) -> GraphShape:
-        h = self.h if h is None else h
-        if h == "auto":
+        length = self.h if h is None else h
+        if length == "auto":
             raise ValueError("graph_shape needs a block length: pass h, or let the memory planner choose it")
         samples = prompts * self.samples_per_prompt
         K = self._tail()
         rescoring = 0
         if self.zo_mode == "score":
-            rescoring = self.zo_subsample if self.zo_subsample is not None else max(num_steps - K - h, 0)
+            rescoring = self.zo_subsample if self.zo_subsample is not None else max(num_steps - K - length, 0)
         return GraphShape(
             samples,
-            windows=(h, K),  # the block's backward runs first, then the tail's
+            windows=(length, K),  # the block's backward runs first, then the tail's
             reward_window=None if self.fo_by_likelihood_ratio else 1,
             rescoring_steps=rescoring,
             rescore_steps_per_call=self.score_chunk_steps,
@@ -313,6 +315,7 @@ class RLR(GradientEstimator):
 
     def zo_steps(self, num_steps: int, block_start: int) -> list[int]:
         """``C = {0, .., T-K-1}`` minus the block: the steps whose share the ZO term estimates."""
+        assert isinstance(self.h, int)  # only called once h is known
         return [k for k in range(num_steps - self._tail()) if not block_start <= k < block_start + self.h]
 
     def block_start_probs(self, num_steps: int) -> Tensor:
@@ -320,6 +323,7 @@ class RLR(GradientEstimator):
         n = self._block_starts(num_steps)
         probs = torch.zeros(n, dtype=torch.float64)
         if self.block_law == "range":
+            assert self.block_range is not None  # required with block_law="range" (__init__)
             lo, hi = self.block_range
             probs[lo : hi + 1] = 1.0
         elif self.block_law == "grad_norm" and any(v is not None for v in self.block_norms):
@@ -343,7 +347,7 @@ class RLR(GradientEstimator):
         K = self._tail()
         a = int(torch.multinomial(self.block_start_probs(T), 1, generator=step_generator))
         zo_steps = self.zo_steps(T, a)
-        info = {"block_start": a, "tail": K}
+        info: dict[str, Any] = {"block_start": a, "tail": K}
         if self.zo_mode == "score" and self.zo_subsample is not None:
             pick = torch.randperm(len(zo_steps), generator=step_generator)[: self.zo_subsample]
             info["zo_steps"] = sorted(zo_steps[i] for i in pick.tolist())
@@ -374,12 +378,16 @@ class RLR(GradientEstimator):
 
         def ho(view: WindowView) -> Tensor:
             A = rollout.advantages_at(last_of_block, view.samples)
-            return -self.c_ho * (A * view.log_probs[last_of_block]).sum() / B
+            log_prob = view.log_probs[last_of_block]
+            assert log_prob is not None  # a likelihood-ratio step is stochastic (sigma > 0)
+            return -self.c_ho * (A * log_prob).sum() / B
 
         def fo(view: WindowView) -> Tensor:
             if self.fo_by_likelihood_ratio:
                 A = rollout.advantages_at(T - 1, view.samples)
-                return -self.c_fo * (A * view.log_probs[T - 1]).sum() / B
+                log_prob = view.log_probs[T - 1]
+                assert log_prob is not None  # a likelihood-ratio step is stochastic (sigma > 0)
+                return -self.c_fo * (A * log_prob).sum() / B
             return -self.c_fo * view.rewards().sum() / B
 
         # Backward order: the block, then the tail, then the re-scoring chunks. Graphs kept from the
@@ -422,7 +430,8 @@ class RLR(GradientEstimator):
                 for n, u in perturbations[k].noise(params).items():
                     direction[n] += u
             # <theta, sg(sum_k coeff * u_k)>: its gradient is the ZO estimate, whatever reduces it later.
-            return -self.c_zo * coeff * sum((p * direction[n]).sum() for n, p in params.items())
+            # A sum of tensors (typeshed's sum also allows its start value, 0, for no terms).
+            return cast(Tensor, -self.c_zo * coeff * sum((p * direction[n]).sum() for n, p in params.items()))
 
         return SurrogateTerm("zo", loss)
 

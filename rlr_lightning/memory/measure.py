@@ -59,7 +59,7 @@ class AutogradMemoryMeter:
         self._sizes: dict[int, int] = {}
         self.live = 0
         self.peak = 0
-        self._hooks = None
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _hold(self, tensor: Tensor) -> int | None:
         storage = tensor.untyped_storage()
@@ -90,6 +90,7 @@ class AutogradMemoryMeter:
         return self
 
     def __exit__(self, *exc) -> None:
+        assert self._hooks is not None  # set by __enter__
         self._hooks.__exit__(*exc)
 
 
@@ -274,7 +275,7 @@ def _measure_at(
     step_fn: StepFn,
     reward_fn: LatentRewardFn,
     set_reward_checkpointing: Callable[[bool], None],
-    trainable: list[Tensor],
+    trainable: Sequence[Tensor],
 ) -> list[tuple[str, int]]:
     """Every cost of :class:`MemoryCosts` but ``resident``, for ``n`` samples (not yet per sample)."""
     with torch.no_grad():
@@ -363,6 +364,7 @@ def plan_task(
         MemoryBudgetError: Nothing fits; the message says what to lower.
     """
     budget = resolve_budget(options.budget_gb, task.device)
+    assert budget is not None  # planning runs with a budget (options.budget_gb)
     costs = measure(task, prompts[0])
     T = task.settings.num_steps
     planned = plan_memory(
@@ -378,6 +380,7 @@ def plan_task(
     if broadcast is not None:
         planned = broadcast(planned)
     task.memory_plan = planned.plan
+    assert task.reward is not None  # the task is planned with its reward
     estimator.apply_memory_plan(planned, T, task.settings.eta, task.reward.differentiable)
     task.set_activation_checkpointing(planned.plan.activation_checkpointing)
     rank_zero_info(f"Measured {costs.describe()}")

@@ -146,6 +146,7 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
             elif i != rw:
                 phases.append(Phase(name, tuple(held)))
     else:
+        assert c is not None  # plan.chunks(n): a chunk size is set
         phases.append(Phase("sampling pass", (resident, no_grad_step(n)), True))
         phases.append(Phase("reward", (resident, no_grad_reward(c))))
         for i, length in enumerate(shape.windows):
@@ -162,8 +163,8 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
                 phases.append(Phase(name, (resident, window)))
     if shape.rescoring_steps:
         per_call = min(shape.rescore_steps_per_call, shape.rescoring_steps) * n
-        if plan.rescore_cap() is not None:
-            per_call = min(per_call, plan.rescore_cap())
+        if (cap := plan.rescore_cap()) is not None:
+            per_call = min(per_call, cap)
         phases.append(
             Phase(
                 "re-scoring",
@@ -340,6 +341,7 @@ def _widen_rescoring(costs: MemoryCosts, usable: int, shape: GraphShape, plan: M
     c = plan.chunk_samples
     if not shape.rescoring_steps or not plan.chunks(shape.samples) or costs.grad_step <= 0:
         return plan
+    assert c is not None  # plan.chunks(): a chunk size is set
     cap = min(shape.rescore_steps_per_call, shape.rescoring_steps) * shape.samples
     fits = int((usable - costs.resident) // costs.grad_step)
     rows = min(cap, fits)
@@ -375,7 +377,7 @@ def _no_fit_message(
             costs,
             usable,
             shapes,
-            list(range(h, 0, -1)) if "h" in relaxed else hs,
+            list(range(h, 0, -1)) if "h" in relaxed and isinstance(h, int) else hs,
             None if "chunk_samples" in relaxed else chunk_samples,
             None if "activation_checkpointing" in relaxed else activation_checkpointing,
         )
@@ -400,7 +402,7 @@ def _no_fit_message(
                     "from the configuration (or set it to null; the estimator's `h` to `auto`) to let the "
                     "planner choose"
                 )
-    lengths = list(range(h, 0, -1)) if isinstance(h, int) else hs
+    lengths: list[int | None] = list(range(h, 0, -1)) if isinstance(h, int) else hs
     plan, lean_h, phase = _leanest(costs, shapes, lengths, None, None)
     message = (
         f"{head}: even the leanest plan ({plan_text(plan, lean_h)}) is predicted to peak at "

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from rlr_lightning.models.lora import (
     adapter_key,
     read_lora_file,
 )
-from rlr_lightning.sampling import DDIMSampler, Denoiser, PromptEmbeds, UNetDenoiser
+from rlr_lightning.sampling import DDIMSampler, Denoiser, DiffusionSampler, PromptEmbeds, UNetDenoiser
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ class DiffusionBackbone(nn.Module, ABC):
     #: The components that are networks (frozen, cast to the dtype, in eval mode).
     networks: ClassVar[tuple[str, ...]] = ()
 
+    # The components every family has, set from ``components`` in ``__init__``. Their classes are the ones
+    # ``component_classes`` names, loaded by name, so they are typed loosely (``nn.Module.__getattr__`` would
+    # otherwise type them ``Tensor | Module``).
+    vae: Any
+    scheduler: Any
+    tokenizer: Any
+    text_encoder: Any
+
     @classmethod
     def components(cls) -> tuple[str, ...]:
         """The subfolders a pipeline directory of this family must provide."""
@@ -88,7 +96,7 @@ class DiffusionBackbone(nn.Module, ABC):
     # -- loading -----------------------------------------------------------------------------------------
 
     @classmethod
-    def pipeline_class(cls) -> type:
+    def pipeline_class(cls) -> type[Any]:
         import diffusers
 
         return getattr(diffusers, cls.pipeline_class_name)
@@ -173,7 +181,7 @@ class DiffusionBackbone(nn.Module, ABC):
     # -- freezing and LoRA ------------------------------------------------------------------------------
 
     @property
-    def network(self) -> nn.Module:
+    def network(self) -> Any:
         """The denoiser network, which carries the LoRA adapter."""
         return getattr(self, self.lora_component)
 
@@ -211,8 +219,8 @@ class DiffusionBackbone(nn.Module, ABC):
         self.network.add_adapter(
             LoraConfig(
                 r=settings.rank,
-                lora_alpha=settings.alpha,
-                init_lora_weights=settings.init,
+                lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+                init_lora_weights=settings.init,  # type: ignore[arg-type]  # peft annotates a Literal
                 target_modules=list(settings.target_modules),
             ),
             adapter_name=ADAPTER_NAME,
@@ -307,9 +315,9 @@ class DiffusionBackbone(nn.Module, ABC):
         """
         lora = read_lora_file(path, self.pipeline_class(), self.lora_component)
         settings = lora.settings(alpha)
-        added = self.lora_settings is None
-        if not added:
-            ours = self.lora_settings
+        ours = self.lora_settings
+        added = ours is None
+        if ours is not None:
             file_alpha = lora.recorded_alpha() if alpha is None else float(alpha)
             if settings.rank != ours.rank or (file_alpha is not None and file_alpha != float(ours.alpha)):
                 raise ValueError(
@@ -328,14 +336,16 @@ class DiffusionBackbone(nn.Module, ABC):
                 self.network.unload_lora()
                 self.lora_settings = None
             raise
+        loaded = self.lora_settings
+        assert loaded is not None  # the adapter it had, or the one add_lora made
         logger.info(
             "Loaded LoRA weights from %s: rank %d, alpha %g, %d adapted layers",
             lora.path,
-            self.lora_settings.rank,
-            self.lora_settings.alpha,
+            loaded.rank,
+            loaded.alpha,
             len(lora.layers),
         )
-        return self.lora_settings
+        return loaded
 
     def _set_lora_weights(self, lora: LoraFile) -> None:
         """Copy the file's weights into the adapter after checking that they cover it exactly."""
@@ -499,7 +509,7 @@ class DiffusionBackbone(nn.Module, ABC):
         guidance_scale: float = 1.0,
         timestep_spacing: str | None = None,
         stochastic_steps: tuple[int, int] | None = None,
-    ) -> DDIMSampler:
+    ) -> DiffusionSampler:
         """The sampler RLRModule trains with: DDIM over this backbone's denoiser and scheduler for the UNet families.
 
         Args:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -56,6 +56,8 @@ class FlowMatchingBackbone(DiffusionBackbone):
     """
 
     lora_component = "transformer"
+    # The family's transformer (a component, see DiffusionBackbone).
+    transformer: Any
     #: The component that is T5's tokenizer.
     t5_tokenizer: ClassVar[str] = ""
     #: The pipeline's default T5 prompt length.

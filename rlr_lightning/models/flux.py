@@ -13,6 +13,8 @@ the transformer's ``(B, h w / 4, 64)`` token sequence and unpacks its prediction
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,8 @@ class FluxDenoiser(Denoiser):
             transformer has one (``guidance_embeds`` in its config).
     """
 
+    sample_size: tuple[int, int]  # required here: __init__ refuses None
+
     def __init__(
         self,
         module: nn.Module,
@@ -53,7 +57,8 @@ class FluxDenoiser(Denoiser):
             raise ValueError(
                 f"FLUX packs latents in 2x2 patches: latent height and width must be even, got {h}x{w}"
             )
-        embeds_guidance = bool(getattr(module.config, "guidance_embeds", False))
+        config: Any = module.config  # a diffusers model's config: read by attribute
+        embeds_guidance = bool(getattr(config, "guidance_embeds", False))
         if embeds_guidance and guidance is None:
             raise ValueError(
                 "this FLUX transformer is guidance-distilled (guidance_embeds): give its guidance value"
@@ -63,7 +68,7 @@ class FluxDenoiser(Denoiser):
                 f"this FLUX transformer has no guidance embedding; it takes no guidance, got {guidance}"
             )
         self.guidance = None if guidance is None else float(guidance)
-        self.latent_channels = module.config.in_channels // 4
+        self.latent_channels = config.in_channels // 4
 
     def inputs(self, latents, timesteps, context, added):
         from diffusers import FluxPipeline

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,7 +116,9 @@ class LoraFile:
         return LoraSettings(rank=rank, alpha=alpha, target_modules=targets)
 
 
-def _lora_state_dict(pipeline_class: type, source: str, **kwargs) -> tuple[dict, dict | None, dict | None]:
+def _lora_state_dict(
+    pipeline_class: type[Any], source: str, **kwargs
+) -> tuple[dict, dict | None, dict | None]:
     """``(weights, network alphas, metadata)`` from the pipeline's ``lora_state_dict``, whatever its return shape.
 
     The Stable Diffusion mixins return the alphas always; FLUX's only when asked (``return_alphas``); SD 3's has
@@ -133,7 +136,7 @@ def _lora_state_dict(pipeline_class: type, source: str, **kwargs) -> tuple[dict,
 
 
 def read_lora_file(
-    path: str | os.PathLike, pipeline_class: type | None = None, component: str = "unet"
+    path: str | os.PathLike, pipeline_class: type[Any] | None = None, component: str = "unet"
 ) -> LoraFile:
     """Read a diffusers LoRA file through diffusers' own reader (which also converts Kohya files).
 
@@ -146,7 +149,9 @@ def read_lora_file(
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if pipeline_class is None:
-        from diffusers import StableDiffusionPipeline as pipeline_class
+        from diffusers import StableDiffusionPipeline
+
+        pipeline_class = StableDiffusionPipeline
 
     path = Path(path)
     if not path.exists():
@@ -179,7 +184,7 @@ def read_lora_file(
 def read_lora_settings(
     path: str | os.PathLike,
     alpha: float | None = None,
-    pipeline_class: type | None = None,
+    pipeline_class: type[Any] | None = None,
     component: str = "unet",
 ) -> LoraSettings:
     """The :class:`LoraSettings` of a LoRA weights file, for :meth:`DiffusionBackbone.add_lora`.

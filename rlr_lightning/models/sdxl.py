@@ -9,6 +9,8 @@ generated image (no crop, original size = target size). The negative branch is z
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,10 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
     }
     pipeline_class_name = "StableDiffusionXLPipeline"
     networks = ("unet", "vae", "text_encoder", "text_encoder_2")
+    # Components beyond the ones every family has (see DiffusionBackbone).
+    unet: Any
+    text_encoder_2: Any
+    tokenizer_2: Any
 
     def __init__(
         self, dtype: torch.dtype = torch.float32, force_zeros_for_empty_prompt: bool = True, **components
@@ -101,6 +107,7 @@ class StableDiffusionXLBackbone(DiffusionBackbone):
             if out[0].dim() == 2:  # the projected pooled output (text_encoder_2)
                 pooled = out[0]
             sequences.append(out.hidden_states[-2])
+        assert pooled is not None  # text_encoder_2 (CLIPTextModelWithProjection) returns its projection first
         return torch.cat(sequences, dim=-1), pooled
 
     def time_ids(self, batch_size: int, dtype: torch.dtype) -> Tensor:

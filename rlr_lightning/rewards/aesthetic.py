@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,8 @@ class AestheticReward(RewardModel):
         self.clip, _ = load_open_clip(
             clip_model, clip_pretrained, quick_gelu=clip_quick_gelu, pretrained_option="clip_pretrained"
         )
-        embed_dim = self.clip.visual.output_dim
+        # open_clip has no types (and torch types the attributes it does not know as Tensor | Module).
+        embed_dim = cast(Any, self.clip.visual).output_dim
         if embed_dim != self.head.input_size:
             raise ValueError(
                 f"the aesthetic head takes {self.head.input_size}-dimensional embeddings but {clip_model} "
@@ -114,5 +116,5 @@ class AestheticReward(RewardModel):
         # The head is tiny: run it outside autocast in its own dtype (float32 unless the reward was cast), so
         # bf16 rounding (0.03 at a score of 5) does not add noise to reward differences.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            head_dtype = self.head.layers[0].weight.dtype
+            head_dtype = cast(nn.Linear, self.head.layers[0]).weight.dtype
             return self.head(embeddings.to(head_dtype)).squeeze(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,8 @@ class RewardModel(nn.Module, ABC):
         underlying model supports it (open_clip's ``set_grad_checkpointing``); a no-op for cheap rewards."""
         for module in self.modules():
             if module is not self and hasattr(module, "set_grad_checkpointing"):
-                module.set_grad_checkpointing(enabled)
+                # Not an nn.Module method: torch types unknown attributes as Tensor | Module.
+                cast(Any, module).set_grad_checkpointing(enabled)
 
     def freeze(self) -> RewardModel:
         self.requires_grad_(False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ class WeightedSum(RewardModel):
         weights: Weight of each reward, in the same order. None: all 1.
     """
 
+    weights: Tensor  # a buffer
+
     def __init__(self, rewards: list[RewardModel], weights: list[float] | None = None) -> None:
         super().__init__()
         if not rewards:
@@ -35,7 +38,7 @@ class WeightedSum(RewardModel):
 
     def image_embedding(self, images: Tensor) -> Tensor | None:
         """The image embedding of the first part that has one (in the order given), else None."""
-        for reward in self.rewards:
+        for reward in cast("Iterable[RewardModel]", self.rewards):  # nn.ModuleList is not generic
             embedding = reward.image_embedding(images)
             if embedding is not None:
                 return embedding

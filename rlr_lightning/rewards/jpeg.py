@@ -19,9 +19,9 @@ def jpeg_size_kb(images: Tensor, quality: int) -> Tensor:
     from PIL import Image
 
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
-    for array in pixels:
+    for array in arrays:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)

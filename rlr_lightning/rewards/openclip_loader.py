@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -147,10 +147,12 @@ def load_open_clip(
 def encode_text(clip: nn.Module, tokenizer: Any, prompts: list[str], device: Any) -> Tensor:
     """L2-normalised text features of ``prompts`` (one row per prompt)."""
     tokens = tokenizer(list(prompts)).to(device)
-    return clip.encode_text(tokens, normalize=True)
+    # open_clip has no types (and torch types the attributes it does not know as Tensor | Module).
+    return cast(Any, clip).encode_text(tokens, normalize=True)
 
 
 def encode_image(clip: nn.Module, pixels: Tensor) -> Tensor:
     """L2-normalised image features of preprocessed ``pixels``, computed in the model's weight dtype."""
     dtype = next(clip.parameters()).dtype
-    return clip.encode_image(pixels.to(dtype), normalize=True)
+    # open_clip has no types (and torch types the attributes it does not know as Tensor | Module).
+    return cast(Any, clip).encode_image(pixels.to(dtype), normalize=True)

@@ -21,7 +21,11 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # PIL resampling codes, as transformers image processors store them.
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_PIL_RESAMPLE: dict[int, Literal["nearest", "bilinear", "bicubic"]] = {
+    0: "nearest",
+    2: "bilinear",
+    3: "bicubic",
+}
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -30,7 +34,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     size = tuple(int(s) for s in size)
     if len(size) != 2:
         raise ValueError(f"expected one size or (height, width), got {size}")
-    return size  # type: ignore[return-value]
+    return size
 
 
 class CLIPPreprocess(nn.Module):
@@ -53,6 +57,10 @@ class CLIPPreprocess(nn.Module):
         clamp: Clamp the resized image to [0, 1] as the uint8 reference pipelines do (bicubic overshoots);
             the gradient of clamped pixels is zero.
     """
+
+    # Buffers (registered in __init__).
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,

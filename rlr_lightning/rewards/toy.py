@@ -21,6 +21,8 @@ class TargetColor(RewardModel):
         scale: Multiplier of the reward (100 gives rewards of order -1 to -10 for random images).
     """
 
+    color: Tensor  # a buffer
+
     def __init__(self, color: tuple[float, float, float] = (0.9, 0.3, 0.1), scale: float = 100.0) -> None:
         super().__init__()
         if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
@@ -65,6 +67,8 @@ class ColorBalance(RewardModel):
         weights: Weight of the mean of each of the R, G, B channels.
         scale: Multiplier of the reward.
     """
+
+    weights: Tensor  # a buffer
 
     def __init__(self, weights: tuple[float, float, float] = (1.0, 0.0, -1.0), scale: float = 10.0) -> None:
         super().__init__()

@@ -71,7 +71,7 @@ class PromptEmbeds:
             raise ValueError("cannot stack prompt embeddings with and without negative embeddings")
         return PromptEmbeds(
             torch.cat([p.cond for p in parts]),
-            None if first.uncond is None else torch.cat([p.uncond for p in parts]),
+            None if first.uncond is None else torch.cat([p.uncond for p in parts if p.uncond is not None]),
             {name: torch.cat([p.added[name] for p in parts]) for name in first.added},
             {name: torch.cat([p.uncond_added[name] for p in parts]) for name in first.uncond_added},
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,7 @@ class Denoiser(ABC):
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """Shape of a batch of latents, ``(B, C, h, w)``: the network config's ``in_channels`` at ``sample_size``
         (a network whose input is not the latent itself, such as FLUX's packed tokens, overrides this)."""
-        config = self.module.config
+        config: Any = self.module.config  # a diffusers model's config: read by attribute
         size = config.sample_size if self.sample_size is None else self.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, config.in_channels, h, w)

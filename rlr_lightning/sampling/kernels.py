@@ -29,8 +29,12 @@ class TransitionKernel(Protocol):
         sigma: ``sigma_k``, ``(T,)`` float32 (0 on deterministic steps, which have no log-probability).
     """
 
-    timesteps: Tensor
-    sigma: Tensor
+    # Read-only: the kernels are frozen dataclasses.
+    @property
+    def timesteps(self) -> Tensor: ...
+
+    @property
+    def sigma(self) -> Tensor: ...
 
     def __len__(self) -> int: ...
 
@@ -84,7 +88,9 @@ class DDIMSchedule:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta!r}")
-        overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        overrides: dict[str, object] = (
+            {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        )
         if timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(
                 f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}"

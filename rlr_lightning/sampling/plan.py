@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,7 +93,7 @@ class Plan:
     num_steps: int
     windows: tuple[tuple[int, int], ...] = ()
     perturbations: dict[int, Perturbation] = field(default_factory=dict)
-    info: dict[str, object] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     predictions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -132,7 +133,8 @@ class Trajectory:
         log_probs: Sampling-time ``log p(s_{k+1} | s_k)`` of every step, detached, ``(T, B)`` (NaN where
             sigma is 0); what PPO-style ratios compare against.
         window_means: Step index to the graph-carrying mean ``m_k``, for window steps only.
-        window_log_probs: Step index to the graph-carrying ``log p_theta(sg(s_{k+1}) | s_k)``, ``(B,)``.
+        window_log_probs: Step index to the graph-carrying ``log p_theta(sg(s_{k+1}) | s_k)``, ``(B,)``
+            (``None`` on a deterministic step).
         final: ``s_T``; carries the graph of the last window when that window ends at ``T - 1``.
         step_means: Step index to the detached mean ``m_k``, for the plan's ``predictions`` steps.
         predictions: Step index to the detached clean-latent prediction ``x0_hat_k`` (from ``s_k``), for the
@@ -145,7 +147,7 @@ class Trajectory:
     sigmas: Tensor
     log_probs: Tensor
     window_means: dict[int, Tensor]
-    window_log_probs: dict[int, Tensor]
+    window_log_probs: dict[int, Tensor | None]
     final: Tensor
     step_means: dict[int, Tensor] = field(default_factory=dict)
     predictions: dict[int, Tensor] = field(default_factory=dict)
@@ -190,11 +192,12 @@ class WindowReplay:
     Attributes:
         samples: Indices of the samples (into the trajectory's batch), CPU ``long``.
         means: Step index to the graph-carrying mean ``m_k`` of those samples.
-        log_probs: Step index to the graph-carrying ``log p_theta(sg(s_{k+1}) | s_k)`` of those samples.
+        log_probs: Step index to the graph-carrying ``log p_theta(sg(s_{k+1}) | s_k)`` of those samples
+            (``None`` on a deterministic step).
         final: The latent after the window's last step, pathwise from the detached latent at its start.
     """
 
     samples: Tensor
     means: dict[int, Tensor]
-    log_probs: dict[int, Tensor]
+    log_probs: dict[int, Tensor | None]
     final: Tensor

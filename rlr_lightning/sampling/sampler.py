@@ -325,6 +325,7 @@ class DiffusionSampler:
                 "stochastic_steps, score only the steps inside it"
             )
         out = self.step(step_index, latents, embeds, perturbation=perturbation, prev_latents=next_latents)
+        assert out.log_prob is not None  # every scored step has sigma > 0 (checked above)
         return out.log_prob
 
     @torch.no_grad()
@@ -380,7 +381,7 @@ class DiffusionSampler:
         rows = samples.to(device)
         x = trajectory.latents[start][rows].detach()
         means: dict[int, Tensor] = {}
-        log_probs: dict[int, Tensor] = {}
+        log_probs: dict[int, Tensor | None] = {}
         with torch.enable_grad():
             for k in range(start, stop):
                 out = self.step(
@@ -468,7 +469,7 @@ class DiffusionSampler:
         latents = [x]
         log_probs = []
         window_means: dict[int, Tensor] = {}
-        window_log_probs: dict[int, Tensor] = {}
+        window_log_probs: dict[int, Tensor | None] = {}
         step_means: dict[int, Tensor] = {}
         predictions: dict[int, Tensor] = {}
         recorded = set(plan.predictions)
@@ -490,6 +491,7 @@ class DiffusionSampler:
                 window_means[k] = out.mean
                 window_log_probs[k] = out.log_prob
             if k in recorded:
+                assert out.prediction is not None  # asked for (predict)
                 step_means[k], predictions[k] = out.mean.detach(), out.prediction
             log_probs.append(
                 out.log_prob.detach()
@@ -530,6 +532,8 @@ class DDIMSampler(DiffusionSampler):
         timestep_spacing: Override of the scheduler's timestep spacing (``leading``, ``trailing``,
             ``linspace``).
     """
+
+    kernel: DDIMSchedule
 
     def __init__(
         self,

@@ -124,6 +124,7 @@ class CountNetwork(
         self.head = nn.Conv2d(width, 1 if inputs == "mask_per_colour" else len(PALETTE), 1)
         # Start near zero counts (softplus(-6) * 32 * 32 = 2.5 per colour) rather than hundreds: the
         # background, most of every image, must learn to contribute nothing.
+        assert self.head.bias is not None  # a Conv2d made with its bias
         nn.init.constant_(self.head.bias, -6.0)
 
     def density(self, images: Tensor) -> Tensor:
@@ -362,6 +363,7 @@ def train_counter(
         index = torch.randint(num_scenes, (batch_size - from_model,), generator=generator)
         batch, target = degrade(images[index], generator), counts[index]
         if from_model:
+            assert model_images is not None and model_counts is not None  # loaded with model_samples
             picked = torch.randint(len(model_images), (from_model,), generator=generator)
             batch = torch.cat([batch, model_images[picked].float() / 255])
             target = torch.cat([target, model_counts[picked]])

@@ -43,7 +43,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, TypedDict, get_args
 
 import numpy as np
 import torch
@@ -395,6 +395,13 @@ def sample_example(
     return Example(render(scene, image_size), caption(spec), spec, scene)
 
 
+class ShapesWorldItem(TypedDict):
+    """An item of :class:`ShapesWorldDataset`: the image ``(3, H, W)`` in [0, 1] and its caption."""
+
+    image: Tensor
+    caption: str
+
+
 class ShapesWorldDataset(Dataset):
     """A fixed-length dataset of shapes-world examples; item ``i`` is the same for the same arguments.
 
@@ -456,6 +463,6 @@ class ShapesWorldDataset(Dataset):
             max_distractors=self.max_distractors,
         )
 
-    def __getitem__(self, index: int) -> dict[str, Tensor | str]:
+    def __getitem__(self, index: int) -> ShapesWorldItem:
         example = self.example(index)
         return {"image": example.image, "caption": example.caption}
