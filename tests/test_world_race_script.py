@@ -109,7 +109,7 @@ def test_runs_are_built_by_rlr_fit_with_the_overrides_then_the_fit_args(race, tm
     full, _ = race.build_run(
         race.CONFIG, race.RUNS["full backprop (checkpointed)"], 0, 32, str(tmp_path / "full")
     )
-    assert isinstance(full.estimator, FullBackprop) and full.activation_checkpointing
+    assert isinstance(full.estimator, FullBackprop) and full.memory.activation_checkpointing
     # A group of G images per caption keeps the images per batch: 32 images are 4 captions of 8.
     _, grouped = race.build_run(
         race.CONFIG, race.RUNS["GRPO (G=8, checker reward)"], 0, 32, str(tmp_path / "g")
