@@ -335,14 +335,10 @@ def build_sd35(bench: Benchmark) -> Model:
     backbone = StableDiffusion3Backbone(dtype=bench.dtype, **components)
 
     def load(module: RLRModule) -> dict:
-        backbone.set_resolution(module.settings.resolution)
-        # Task.build's LoRA, on a backbone it cannot load by name: A drawn from the module's seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(module.seed)
-            backbone.add_lora(module.lora_settings)
-        module.configure_model(
-            Task.from_backbone(backbone.to(bench.device), module.settings, module.reward, name)
-        )
+        # Task.build's set-up, on a backbone it cannot load by name.
+        settings, lora = module.settings, module.lora_settings
+        task = Task.adapt(backbone, settings, lora, module.reward, module.seed, bench.device, name)
+        module.configure_model(task)
         lora_weights = sum(p.numel() for p in backbone.lora_parameters().values())
         sizes = ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in weights.items())
         logger.info(

@@ -136,6 +136,32 @@ class Task:
             device: Where the backbone runs.
         """
         backbone = load_backbone(pretrained_model_name_or_path, dtype=weight_dtype)
+        name = str(pretrained_model_name_or_path)
+        return cls.adapt(backbone, settings, lora, reward, seed, device, name)
+
+    @classmethod
+    def adapt(
+        cls,
+        backbone: DiffusionBackbone,
+        settings: SamplingSettings,
+        lora: LoraSettings,
+        reward: RewardModel | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        name: str = "",
+    ) -> Task:
+        """A task on a backbone built without LoRA (loaded, or assembled in memory by a benchmark): the
+        settings' resolution and prompt length applied, LoRA added (A drawn from ``seed``), moved to ``device``.
+
+        Args:
+            backbone: The backbone, without LoRA.
+            settings: Sampling settings.
+            lora: LoRA rank, alpha and target modules.
+            reward: The reward model, or ``None``.
+            seed: Seed of LoRA A's random initialisation.
+            device: Where the backbone runs.
+            name: The model's name, for messages.
+        """
         backbone.set_resolution(settings.resolution)
         if settings.max_sequence_length is not None:
             if not isinstance(backbone, FlowMatchingBackbone):
@@ -149,7 +175,7 @@ class Task:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             backbone.add_lora(lora)
-        return cls.from_backbone(backbone.to(device), settings, reward, str(pretrained_model_name_or_path))
+        return cls.from_backbone(backbone.to(device), settings, reward, name)
 
     @classmethod
     def from_backbone(
