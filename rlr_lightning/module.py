@@ -289,7 +289,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
                 self, result, TermBackward(nan, {}), started, norms=nan if self.log_term_grad_norms else {}
             )
             self.log("train/grad_norm", float("nan"))
-            skips.rewards_finite(result.all_rewards, optimizer, last_micro, self.global_step)
+            skips.drop_non_finite_rewards(result.all_rewards, optimizer, last_micro, self.global_step)
             return
         done = self._backward(result.terms + self.kl.terms(result, task.sampler, step_seed), last_micro)
         if not last_micro:

@@ -42,24 +42,21 @@ class UpdateSkips:
         #: Why an earlier micro-batch of the current optimizer step was dropped (``None``: none was).
         self.window_cause: str | None = None
 
-    def rewards_finite(
+    def drop_non_finite_rewards(
         self,
         rewards: Tensor,
         optimizer: torch.optim.Optimizer | LightningOptimizer,
         last_micro: bool,
         step: int,
-    ) -> bool:
-        """Whether every (gathered) reward is finite; if not, the whole optimizer step is dropped, at its last
+    ) -> None:
+        """Drop the whole optimizer step for ``rewards`` (gathered) that are not all finite, at its last
         micro-batch (every rank sees the same rewards, so every rank drops it)."""
-        if bool(torch.isfinite(rewards).all()):
-            return True
         cause = f"non-finite reward ({int((~torch.isfinite(rewards)).sum())} of {rewards.numel()})"
         if last_micro:
             self.skip(optimizer, cause, reward_at_fault=True, step=step)
         else:
             optimizer.zero_grad(set_to_none=True)
             self.window_cause = cause
-        return False
 
     def gradient_finite(
         self, grads: Tensor, optimizer: torch.optim.Optimizer | LightningOptimizer, step: int
