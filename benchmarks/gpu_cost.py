@@ -47,7 +47,21 @@ samples; RLR h = 2 (``zo_mode=score``, ``baseline=group``, ``group_size=2``) and
 one inner update) at 1 and 2 prompts per batch; then, at 2 prompts, RLR and GRPO with
 ``memory_budget_gb=auto`` (the recipes' setting). Writes ``gpu_cost_sd35.*`` (``gpu_cost_sd35_tiny.*``).
 
-Each family is declared once, in ``FAMILIES``; everything else is one code path for both.
+``--family wan``: RLR at Wan 2.1 text-to-video 1.3B size, in the setting of ``configs/wan21_1p3b_rlr.yaml``:
+
+    python benchmarks/gpu_cost.py --family wan [--out DIR]    # GPU: Wan 2.1 T2V 1.3B-size, random weights
+    python benchmarks/gpu_cost.py --family wan --tiny         # the same code path on CPU, tiny-wan
+
+The pipeline (the 1.4 B transformer, the 5.7 B UMT5-XXL encoder, Wan 2.1's causal video VAE, UniPC flow sigmas at
+shift 3: 7.2 B weights) is built with random weights on the GPU in bf16, in memory (``wan21_t2v_1p3b_components``),
+with LoRA rank 32 / alpha 32 on every block's self- and cross-attention projections, videos of 33 frames at
+480 x 832 px (9 latent frames, 14,040 transformer tokens a video), T = 16 flow-SDE steps at noise level 0.7,
+guidance 5, bf16 autocast, UMT5 prompts of 226 tokens, the ``ColorBalance`` reward on every 4th decoded frame,
+3 frames at a time (``PerFrameReward``). Measured, in this order: our no-grad sample of the step's videos; RLR
+h = 2 (``zo_mode=score``, ``baseline=group``, ``group_size=2``) at one prompt with ``memory_budget_gb=auto`` (the
+recipe's setting), then without a budget. Writes ``gpu_cost_wan.*`` (``gpu_cost_wan_tiny.*``).
+
+Each family is declared once, in ``FAMILIES``; everything else is one code path for all of them.
 """
 
 from __future__ import annotations
@@ -105,7 +119,7 @@ from rlr_lightning.estimators import (  # noqa: E402
 from rlr_lightning.memory import MemoryBudgetError  # noqa: E402
 from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.module import RLRModule  # noqa: E402
-from rlr_lightning.rewards import ColorBalance  # noqa: E402
+from rlr_lightning.rewards import ColorBalance, PerFrameReward, RewardModel  # noqa: E402
 from rlr_lightning.sampling import Plan  # noqa: E402
 from rlr_lightning.task import Task  # noqa: E402
 
@@ -140,6 +154,13 @@ SD35_COST = dict(sampler=1.0, rlr=4.0, grpo=4.5, planned=5.5)
 #: RLR's group (the RLR recipe's ``group_size``) and GRPO's groups measured at SD 3.5 Medium size.
 SD35_RLR_GROUP = 2
 SD35_GRPO_GROUPS = (4, 8)
+#: The same at Wan 2.1 T2V 1.3B size, in units of our no-grad sample of as many videos. Not yet measured on a GPU:
+#: counted in transformer passes of T = 16 steps, as for SD 3.5 (a no-grad sample is 16 forwards; RLR h = 2 adds 3
+#: steps of forward and backward and 13 re-scored steps), the VAE decoder's backward through 33 frames included
+#: in the margin; the planned step recomputes what it checkpoints. Replace them by the ratios of the first GPU run.
+WAN_COST = dict(sampler=1.0, rlr=4.0, planned=5.5)
+#: RLR's group at Wan size: ``configs/wan21_1p3b_rlr.yaml``'s ``group_size`` (videos per prompt).
+WAN_RLR_GROUP = 2
 
 
 # -- what is measured ---------------------------------------------------------------------------------------
@@ -240,14 +261,20 @@ def sd15_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[C
     return configs
 
 
-def rlr_group(batch: int, group: str = "estimators", **memory) -> Config:
-    """RLR h = 2 as the SD 3.5 recipe runs it: score-mode ZO, each image's baseline the other images of its
-    prompt."""
-    estimator = lambda: RLR(h=2, zo_mode="score", baseline="group", group_size=SD35_RLR_GROUP)
-    cost = SD35_COST["planned" if memory else "rlr"]
-    name = f"RLR h=2 zo=score group={SD35_RLR_GROUP}"
+def rlr_group(
+    batch: int,
+    group: str = "estimators",
+    group_size: int = SD35_RLR_GROUP,
+    costs: dict[str, float] = SD35_COST,
+    **memory,
+) -> Config:
+    """RLR h = 2 as the SD 3.5 and Wan recipes run it: score-mode ZO, each sample's baseline the other samples
+    of its prompt (``group_size`` per prompt); ``costs`` are the family's predicted ratios."""
+    estimator = lambda: RLR(h=2, zo_mode="score", baseline="group", group_size=group_size)
+    cost = costs["planned" if memory else "rlr"]
+    name = f"RLR h=2 zo=score group={group_size}"
     return Config(
-        name, group, batch, estimator=estimator, cost=cost, memory=memory, h=2, group_size=SD35_RLR_GROUP
+        name, group, batch, estimator=estimator, cost=cost, memory=memory, h=2, group_size=group_size
     )
 
 
@@ -277,6 +304,25 @@ def sd35_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[C
     configs += [grpo(g, b) for g in SD35_GRPO_GROUPS[1:] for b in batches]
     configs += [rlr_group(batches[-1], "planned", **memory) for memory in planned]
     configs += [grpo(SD35_GRPO_GROUPS[-1], batches[-1], "planned", **memory) for memory in planned]
+    return configs
+
+
+def wan_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
+    """The Wan 2.1 T2V 1.3B-size run, most important first: our no-grad sample of each step's videos (the unit
+    of the predictions), RLR h = 2 with the recipe's group at the largest batch with each memory option of
+    ``planned`` (the recipe plans with ``memory_budget_gb: auto``), then RLR without a budget at every batch
+    (at full size its unchunked activations are what the planner is for).
+
+    Args:
+        batches: Prompts per batch; the largest is the planned runs' batch.
+        planned: ``RLRModule`` memory options of the planned runs.
+    """
+    rlr_wan = lambda batch, group="estimators", **memory: rlr_group(
+        batch, group, group_size=WAN_RLR_GROUP, costs=WAN_COST, **memory
+    )
+    configs = [nograd_sample(n, WAN_COST["sampler"]) for n in sorted({b * WAN_RLR_GROUP for b in batches})]
+    configs += [rlr_wan(batches[-1], "planned", **memory) for memory in planned]
+    configs += [rlr_wan(b) for b in batches]
     return configs
 
 
@@ -333,6 +379,143 @@ def build_sd35(bench: Benchmark) -> Model:
         components = sd35_medium_components(bench.device, bench.dtype)
         weights = weight_counts(components)
     backbone = StableDiffusion3Backbone(dtype=bench.dtype, **components)
+    return in_memory_model(bench, name, backbone, weights, lambda b: dict(t5_tokens=b.max_sequence_length))
+
+
+#: UMT5 tokens per prompt at Wan size: ``configs/wan21_1p3b_rlr.yaml``'s ``max_sequence_length`` (the default of
+#: ``WanPipeline.encode_prompt``).
+WAN_UMT5_TOKENS = 226
+
+
+def keep_fp32_modules(model: torch.nn.Module) -> None:
+    """Parameters of the modules a diffusers model keeps in float32 (``_keep_in_fp32_modules``: Wan's time
+    embedder, norms and modulation table) back to float32 after a cast, as ``from_pretrained`` loads them."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    for name, param in model.named_parameters():
+        if any(part in keep for part in name.split(".")):
+            param.data = param.data.float()
+
+
+def wan21_t2v_1p3b_components(
+    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict:
+    """Wan 2.1 text-to-video 1.3B's components with its architectures and random weights, built in memory.
+
+    The configurations are those of ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``: the ``WanTransformer3DModel`` (30 blocks
+    of 12 heads of 128, FFN 8960, ``1 x 2 x 2`` patches, RMS query/key norm across heads: 1.42 B weights), Wan 2.1's
+    causal video VAE (``AutoencoderKLWan``'s defaults), the UMT5-XXL encoder (24 layers, d_model 4096, 64 heads,
+    gated-GELU d_ff 10240, the 256,384-token table: 5.68 B) and ``UniPCMultistepScheduler`` with flow sigmas at
+    shift 3 (the released 480p setting). The tokenizer is :mod:`rlr_lightning.tiny`'s character-level T5 one (the
+    weights are random anyway) at :data:`WAN_UMT5_TOKENS`. Done as ``common.sd35_medium_components`` does for SD 3.5.
+
+    Nothing is written to disk: give the result to ``WanBackbone(dtype=dtype, **components)``.
+
+    Args:
+        device: Where the random initialisation runs. On a GPU the 7 B weights take seconds; on a CPU the UMT5
+            encoder alone would take minutes and 23 GB, so use ``meta`` there (shapes and counts, no memory).
+        dtype: Dtype the weights are cast to, each network right after it is built (so the float32
+            initialisation of at most one network is held at a time: UMT5's 23 GB); the transformer's
+            ``_keep_in_fp32_modules`` stay in float32, as ``from_pretrained`` loads them.
+        seed: Seed of the initialisation.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from rlr_lightning.tiny import tiny_t5_tokenizer
+
+    builders = {
+        "transformer": lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+        ),
+        "vae": lambda: AutoencoderKLWan(),  # its defaults are Wan 2.1's VAE
+        "text_encoder": lambda: UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=256384,
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=24,
+                num_heads=64,
+                relative_attention_num_buckets=32,
+                relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ),
+    }
+    torch.manual_seed(seed)
+    components = {}
+    verbosity = diffusers_logging.get_verbosity()
+    # Its note on casting with to() is for checkpoints with float32-only modules: keep_fp32_modules restores them.
+    diffusers_logging.set_verbosity_error()
+    try:
+        with torch.device(device):
+            for name, build in builders.items():
+                components[name] = build().to(dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    keep_fp32_modules(components["transformer"])
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    return dict(components, tokenizer=tiny_t5_tokenizer(WAN_UMT5_TOKENS), scheduler=scheduler)
+
+
+def build_wan(bench: Benchmark) -> Model:
+    """Wan 2.1 T2V 1.3B's architectures with random weights built on the device, or the tiny Wan, assembled into
+    a backbone in memory (nothing is loaded from disk); the base module adopts it with LoRA added, at the
+    scale's frames and resolution."""
+    from rlr_lightning.models.wan import WanBackbone
+
+    defaults = None
+    if bench.args.tiny:
+        from rlr_lightning.tiny import TINY_WAN_SIZE, build_tiny_wan_components
+
+        name, components = "tiny-wan", build_tiny_wan_components()  # the weights of tiny-wan
+        resolution, num_frames = TINY_WAN_SIZE
+        defaults = dict(resolution=resolution, num_frames=num_frames)  # what tiny-wan's directory records
+        # Wan 2.1 T2V 1.3B's architectures on the meta device (shapes, no memory): its configuration is checked
+        # here and its size reported, as a GPU run builds it.
+        weights = weight_counts(wan21_t2v_1p3b_components("meta"))
+    else:
+        logger.info("Building Wan 2.1 T2V 1.3B's architectures, random weights in bf16, on %s", bench.device)
+        name = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (architecture, random weights)"
+        components = wan21_t2v_1p3b_components(bench.device, bench.dtype)
+        weights = weight_counts(components)
+    backbone = WanBackbone(dtype=bench.dtype, defaults=defaults, **components)
+
+    def facts(backbone: WanBackbone) -> dict:
+        h, w = backbone.latent_size
+        patch = backbone.latent_patch
+        return dict(
+            umt5_tokens=backbone.max_sequence_length,
+            num_frames=backbone.num_frames,
+            latent_frames=backbone.latent_frames,
+            video_tokens=backbone.latent_frames * (h // patch) * (w // patch),
+        )
+
+    return in_memory_model(bench, name, backbone, weights, facts)
+
+
+def in_memory_model(bench: Benchmark, name: str, backbone, weights: dict[str, int], facts: Callable) -> Model:
+    """A family's backbone built in memory without LoRA, whose ``load`` gives the base module a task on it
+    (``Task.adapt``: the settings' resolution, frames and prompt length, LoRA from the module's seed) and reports
+    the model's size, ``weights`` (per network, from :func:`common.weight_counts`) and ``facts(backbone)``."""
 
     def load(module: RLRModule) -> dict:
         # Task.build's set-up, on a backbone it cannot load by name.
@@ -342,13 +525,14 @@ def build_sd35(bench: Benchmark) -> Model:
         lora_weights = sum(p.numel() for p in backbone.lora_parameters().values())
         sizes = ", ".join(f"{k} {v / 1e9:.2f} B" for k, v in weights.items())
         logger.info(
-            "SD 3.5 Medium size: %.2f B weights (%s), %s LoRA weights",
+            "%s size: %.2f B weights (%s), %s LoRA weights",
+            bench.family.label,
             sum(weights.values()) / 1e9,
             sizes,
             f"{lora_weights:,}",
         )
         out = dict(weights_b={k: v / 1e9 for k, v in weights.items()}, resolution=list(backbone.resolution))
-        out.update(t5_tokens=backbone.max_sequence_length, lora_weights=lora_weights)
+        out.update(facts(backbone), lora_weights=lora_weights)
         if bench.cuda:
             out["weights_gib"] = torch.cuda.memory_allocated() / 2**30
         return out
@@ -376,6 +560,23 @@ def sd35_setting(bench: Benchmark) -> str:
         f"{model}, LoRA r32 / alpha 64 fp32 on both streams' attention, flow SDE T = {bench.num_steps} at "
         f"noise level {bench.family.eta:g}, guidance {bench.args.guidance:g}, ColorBalance reward through "
         f"the VAE decoder; RLR h=2 group {SD35_RLR_GROUP} against GRPO"
+    )
+
+
+def wan_setting(bench: Benchmark) -> str:
+    frames = bench.scale.num_frames
+    model = (
+        f"Wan 2.1 T2V 1.3B-size transformer, UMT5-XXL and video VAE (random weights, bf16, bf16 autocast), "
+        f"{frames} frames at {' x '.join(map(str, bench.scale.resolution))} px"
+        if bench.cuda
+        else f"tiny Wan 2.1 (tiny-wan) on CPU (float32), {frames} frames at its own resolution"
+    )
+    reward = bench.family.reward()
+    return (
+        f"{model}, LoRA r{bench.family.lora.rank} / alpha {bench.family.lora.alpha:g} fp32 on self- and "
+        f"cross-attention, flow SDE T = {bench.num_steps} at noise level {bench.family.eta:g}, guidance "
+        f"{bench.args.guidance:g}, {type(reward.reward).__name__} on every {reward.frame_stride}th decoded frame, "
+        f"{reward.frame_chunk} frames at a time (PerFrameReward); RLR h=2 group {WAN_RLR_GROUP}"
     )
 
 
@@ -433,11 +634,12 @@ class Benchmark:
         return RLRModule(
             pretrained_model_name_or_path=self.model_name,
             estimator=estimator,
-            reward=ColorBalance(),
+            reward=self.family.reward(),
             num_steps=num_steps or self.num_steps,
             eta=self.family.eta,
             guidance_scale=self.args.guidance,
             resolution=self.scale.resolution,
+            num_frames=self.scale.num_frames,
             lora=self.family.lora,
             weight_dtype="bfloat16" if self.cuda else "float32",
             **memory,
@@ -772,8 +974,10 @@ def render_sd15(payload: dict) -> str:
     return report(payload, parts)
 
 
-def render_sd35(payload: dict) -> str:
-    """The SD 3.5 run's report: the sampler, RLR and GRPO per batch, the planned steps."""
+def render_grouped(payload: dict, model: str, steps_title: str, unit: str = "images") -> str:
+    """A report of steps that sample each prompt several times (SD 3.5, Wan): ``model``, the sentence on the
+    model after the run line; the sampler; the steps under ``steps_title``, each over our no-grad sample of as
+    many ``unit`` (images or videos); the planned steps."""
     rows, memory = payload["rows"], memory_column(payload)
     samples = {r["images"]: r["time_s"] for r in rows if r["kind"] == "sampler" and r["status"] == "ok"}
 
@@ -784,28 +988,58 @@ def render_sd35(payload: dict) -> str:
         )
         return [dict(r, over_sample=over(r)) for r in shown(rows, group)]
 
-    weights, resolution = payload.get("weights_b", {}), payload.get("resolution", ())
-    on_device = f"; {payload['weights_gib']:.1f} GiB on the device" if "weights_gib" in payload else ""
-    step = [("batch", "prompts", "d"), ("images", "images", "d"), STATUS, STEP_TIME, memory]
+    step = [("batch", "prompts", "d"), ("images", unit, "d"), STATUS, STEP_TIME, memory]
     step.append(("over_sample", "step / no-grad sample", ".2f"))
     estimator = ("name", "estimator", "s")
-    sampler = [("images", "images", "d"), STATUS, ("time_s", "time (s)", ".2f"), memory]
+    sampler = [("images", unit, "d"), STATUS, ("time_s", "time (s)", ".2f"), memory]
     parts = [
         f"{run_line(payload)}.",
-        f"SD 3.5 Medium size: {sum(weights.values()):.2f} B weights "
-        f"({', '.join(f'{k} {v:.2f} B' for k, v in weights.items())}){on_device}. "
-        f"Built with random weights in memory in {payload.get('build_s', 0):.1f} s, LoRA added in "
-        f"{payload.get('load_s', 0):.1f} s (loading a checkpoint from disk is not measured); "
-        f"{payload.get('lora_weights', 0):,} LoRA weights; images of {' x '.join(map(str, resolution))} px, "
-        f"{payload.get('t5_tokens')} T5 tokens per prompt.",
+        model,
         "## Our no-grad sampler (latents out)",
         markdown_table(shown(rows, "sampler"), sampler),
-        "## RLR and GRPO: one gradient estimate (rollout and every term's backward)",
+        steps_title,
         markdown_table(steps("estimators"), [estimator, *step, *FLOOR]),
         "## Memory-planned steps",
         markdown_table(steps("planned"), [estimator, ("memory", "memory options", "s"), *step, *PLAN]),
     ]
     return report(payload, parts)
+
+
+def model_size(payload: dict, label: str) -> str:
+    """The model's size and set-up times, as the in-memory families report them."""
+    weights = payload.get("weights_b", {})
+    on_device = f"; {payload['weights_gib']:.1f} GiB on the device" if "weights_gib" in payload else ""
+    return (
+        f"{label} size: {sum(weights.values()):.2f} B weights "
+        f"({', '.join(f'{k} {v:.2f} B' for k, v in weights.items())}){on_device}. "
+        f"Built with random weights in memory in {payload.get('build_s', 0):.1f} s, LoRA added in "
+        f"{payload.get('load_s', 0):.1f} s (loading a checkpoint from disk is not measured); "
+        f"{payload.get('lora_weights', 0):,} LoRA weights"
+    )
+
+
+def render_sd35(payload: dict) -> str:
+    """The SD 3.5 run's report: the sampler, RLR and GRPO per batch, the planned steps."""
+    resolution = payload.get("resolution", ())
+    model = (
+        f"{model_size(payload, 'SD 3.5 Medium')}; images of {' x '.join(map(str, resolution))} px, "
+        f"{payload.get('t5_tokens')} T5 tokens per prompt."
+    )
+    title = "## RLR and GRPO: one gradient estimate (rollout and every term's backward)"
+    return render_grouped(payload, model, title)
+
+
+def render_wan(payload: dict) -> str:
+    """The Wan run's report: the sampler, RLR per batch, the planned steps (counted in videos)."""
+    resolution = payload.get("resolution", ())
+    model = (
+        f"{model_size(payload, 'Wan 2.1 T2V 1.3B')}; videos of {payload.get('num_frames')} frames at "
+        f"{' x '.join(map(str, resolution))} px ({payload.get('latent_frames')} latent frames, "
+        f"{payload.get('video_tokens', 0):,} transformer tokens per video), {payload.get('umt5_tokens')} UMT5 "
+        "tokens per prompt."
+    )
+    title = "## RLR: one gradient estimate (rollout and every term's backward)"
+    return render_grouped(payload, model, title, unit="videos")
 
 
 # -- the families -------------------------------------------------------------------------------------------
@@ -820,15 +1054,17 @@ class Scale:
         batches: ``--batches``'s default.
         budgets: ``--budgets``'s default.
         memory: Memory options of planned steps run before the budgets' when ``--budgets`` is not given.
-        resolution: Image side in pixels (``None``: the model's own).
-        sample_s_per_image: Prior of our no-grad sample's time per image, until one is measured.
+        resolution: Image side, or ``(height, width)``, in pixels (``None``: the model's own).
+        num_frames: Frames per video (video families only; ``None``: the model's own).
+        sample_s_per_image: Prior of our no-grad sample's time per image (per video), until one is measured.
     """
 
     num_steps: int
     batches: str
     budgets: str
     memory: tuple[dict, ...] = ()
-    resolution: int | None = None
+    resolution: int | tuple[int, int] | None = None
+    num_frames: int | None = None
     sample_s_per_image: float = 0.05
 
 
@@ -852,6 +1088,7 @@ class Family:
             memory options.
         setting: The run's setting, as the report's title says it.
         render: The markdown report of the results' JSON payload.
+        reward: A new reward model of the run (on the decoded images or videos; no weights to download).
     """
 
     name: str
@@ -868,6 +1105,7 @@ class Family:
     configurations: Callable[[tuple[int, ...], list[dict]], list[Config]]
     setting: Callable[[Benchmark], str]
     render: Callable[[dict], str]
+    reward: Callable[[], RewardModel] = ColorBalance
 
 
 #: Explicit chunking on a CPU: there a budget counts the process's whole resident memory, so a number of GiB
@@ -915,6 +1153,36 @@ FAMILIES = {
         setting=sd35_setting,
         render=render_sd35,
     ),
+    "wan": Family(
+        name="wan",
+        label="Wan 2.1 T2V 1.3B",
+        suffix="_wan",
+        # The recipe's size: 33 frames at 480 x 832 (9 latent frames, 14,040 tokens a video), T = 16, one prompt
+        # sampled twice. Prior: 2 x 16 passes of the 1.4 B transformer over 14,040 tokens a video (about 75 TFLOP
+        # a pass, half of it attention) at a third of an H100's peak.
+        full=Scale(
+            num_steps=16,
+            batches="1",
+            budgets="auto",
+            resolution=(480, 832),
+            num_frames=33,
+            sample_s_per_image=7.5,
+        ),
+        # T = 16 with --tiny as well, at tiny-wan's own 9 frames of 32 x 32 (3 of them scored per video: two
+        # chunks of 3 frames for the 2 videos, so the reward's chunked checkpointing runs too).
+        tiny=Scale(num_steps=16, batches="1", budgets="auto", num_frames=9),
+        guidance=5.0,
+        eta=0.7,
+        lora=LoraSettings(rank=32, alpha=32.0, target_modules=("to_q", "to_k", "to_v", "to_out.0")),
+        unbudgeted_planned=False,  # its unbudgeted steps run at every batch
+        counts_images=True,
+        build=build_wan,
+        configurations=wan_configurations,
+        setting=wan_setting,
+        render=render_wan,
+        # The recipe's per-frame wrapping of an image reward (HPSv2 there; ColorBalance here, as for the images).
+        reward=lambda: PerFrameReward(ColorBalance(), frame_stride=4, frame_chunk=3),
+    ),
 }
 
 
@@ -950,21 +1218,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="sd15",
         help="sd15: every estimator at Stable Diffusion 1.5 size, and our sampler against diffusers'; "
         "sd35: RLR against GRPO at Stable Diffusion 3.5 Medium size (flow matching, the setting of "
-        "configs/sd35_medium_*.yaml) (default sd15)",
+        "configs/sd35_medium_*.yaml); wan: RLR at Wan 2.1 text-to-video 1.3B size (33 frames at 480 x 832, "
+        "the setting of configs/wan21_1p3b_rlr.yaml) (default sd15)",
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU (tests this script)")
     parser.add_argument(
-        "--num-steps", type=int, default=None, help="sampling steps T (default 50, 5 with --tiny; sd35: 10)"
+        "--num-steps",
+        type=int,
+        default=None,
+        help="sampling steps T (default 50, 5 with --tiny; sd35: 10; wan: 16)",
     )
     parser.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance scale (default 5; sd35: 4.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default 5; sd35: 4.5; wan: 5)",
     )
     parser.add_argument(
         "--batches",
         type=str,
         default=None,
         help="comma-separated prompts per batch, the last one for the planned runs "
-        "(default 1,2,6, 1,2 with --tiny; sd35: 1,2, each prompt sampled group_size times)",
+        "(default 1,2,6, 1,2 with --tiny; sd35: 1,2, each prompt sampled group_size times; wan: 1, "
+        "sampled twice)",
     )
     parser.add_argument(
         "--budgets",
@@ -974,7 +1250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the same step without a budget always runs after them (default 24,16,auto; with "
         "--tiny: auto, after two runs with chunk_samples=1 given: on a CPU a budget counts "
         "the process's whole resident memory, so a number of GiB says little there; sd35: auto, for RLR and "
-        "the largest GRPO group, whose unbudgeted steps run at every batch)",
+        "the largest GRPO group, whose unbudgeted steps run at every batch; wan: auto, for RLR, whose "
+        "unbudgeted step runs at every batch)",
     )
     args = parser.parse_args(argv)
     family = FAMILIES[args.family]

@@ -5,6 +5,7 @@
 #     bash benchmarks/gpu_run.sh            # writes to $OUT (default benchmarks/results); DEADLINE_S=270
 #     bash benchmarks/gpu_run.sh --tiny     # extra arguments go to gpu_cost.py (--tiny: CPU, tiny model)
 #     bash benchmarks/gpu_run.sh --family sd35   # SD 3.5 Medium size: RLR and GRPO (log: gpu_cost_sd35.log)
+#     DEADLINE_S=540 bash benchmarks/gpu_run.sh --family wan   # Wan 2.1 T2V 1.3B, 33 x 480 x 832 (gpu_cost_wan.log)
 #
 # The machine is expected to have Python 3.12 with torch, lightning, transformers, torchmetrics, torchvision,
 # accelerate, safetensors and huggingface_hub, and the rest as wheels in .whl/ (diffusers, peft, open_clip_torch,

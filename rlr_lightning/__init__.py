@@ -23,6 +23,7 @@ _EXPORTS = {
     "StableDiffusionXLBackbone": "rlr_lightning.models",
     "StableDiffusion3Backbone": "rlr_lightning.models",
     "FluxBackbone": "rlr_lightning.models",
+    "WanBackbone": "rlr_lightning.models",
     "FlowMatchingBackbone": "rlr_lightning.models",
     "LoraSettings": "rlr_lightning.models",
     "load_backbone": "rlr_lightning.models",
@@ -56,6 +57,10 @@ _EXPORTS = {
     "WorldColorReward": "rlr_lightning.rewards",
     "WorldCountReward": "rlr_lightning.rewards",
     "WorldPositionReward": "rlr_lightning.rewards",
+    "PerFrameReward": "rlr_lightning.rewards",
+    "TemporalConsistencyReward": "rlr_lightning.rewards",
+    "WorldMotionReward": "rlr_lightning.rewards",
+    "WorldMotionCheckerReward": "rlr_lightning.rewards",
 }
 
 __all__ = sorted(_EXPORTS)

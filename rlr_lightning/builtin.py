@@ -1,6 +1,7 @@
-"""Model names that need no download: ``tiny``, ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` (random weights, built
-in code into the cache on first use) and ``shapes-world`` (a small Stable Diffusion pipeline trained on the shapes
-world, shipped with the package). Anything else is a hub id or a diffusers directory, passed on as it is.
+"""Model names that need no download: ``tiny``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux`` and ``tiny-wan``
+(random weights, built in code into the cache on first use), ``shapes-world`` (a small Stable Diffusion
+pipeline trained on the shapes world) and ``moving-shapes`` (a small Wan 2.1 trained on the moving-shapes
+world), both shipped with the package. Anything else is a hub id or a diffusers directory, passed on as it is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from rlr_lightning.tiny import TINY_MODELS
 WORLD_MODEL = "shapes-world"
 WORLD_PIPELINE_DIR = Path(__file__).resolve().parent / "world" / "pretrained" / WORLD_MODEL
 
-BUILTIN_MODELS: tuple[str, ...] = (*TINY_MODELS, WORLD_MODEL)
+#: The moving-shapes video pipeline (a small Wan 2.1) shipped with the package
+#: (``python -m rlr_lightning.world.video_train`` rebuilds it).
+MOTION_WORLD_MODEL = "moving-shapes"
+MOTION_WORLD_PIPELINE_DIR = Path(__file__).resolve().parent / "world" / "pretrained" / MOTION_WORLD_MODEL
+
+BUILTIN_MODELS: tuple[str, ...] = (*TINY_MODELS, WORLD_MODEL, MOTION_WORLD_MODEL)
 
 #: The shapes-world LoRA aligned to its captions (configs/world_align.yaml), shipped with the package: a
 #: diffusers LoRA directory (``pytorch_lora_weights.safetensors``) of ``shapes-world``.
@@ -45,7 +51,13 @@ def resolve_lora(name_or_path: str) -> str:
 
 
 #: The model family of each tiny model's code in :data:`rlr_lightning.tiny.TINY_MODELS`, in words.
-_FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD 3 / 3.5", "flux": "FLUX.1"}
+_FAMILY_NAMES = {
+    "sd": "Stable Diffusion 1.x / 2.x",
+    "sdxl": "SDXL",
+    "sd3": "SD 3 / 3.5",
+    "flux": "FLUX.1",
+    "wan": "Wan 2.1",
+}
 
 
 def describe_builtin_models() -> str:
@@ -53,7 +65,8 @@ def describe_builtin_models() -> str:
     tiny = ", ".join(f"{name} ({_FAMILY_NAMES.get(family, family)})" for name, family in TINY_MODELS.items())
     return (
         f"{tiny}: random weights, built offline on first use; {WORLD_MODEL} (Stable Diffusion, trained on "
-        "the shapes world, shipped with the package)"
+        f"the shapes world) and {MOTION_WORLD_MODEL} (Wan 2.1, trained on the moving-shapes world), shipped "
+        "with the package"
     )
 
 
@@ -84,4 +97,12 @@ def resolve_model(name_or_path: str) -> str:
                 "or pass the directory of a trained world pipeline instead"
             )
         return str(WORLD_PIPELINE_DIR)
+    if name_or_path == MOTION_WORLD_MODEL:
+        if not (MOTION_WORLD_PIPELINE_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the moving-shapes weights are missing from this installation ({MOTION_WORLD_PIPELINE_DIR}); "
+                f"rebuild them with `python -m rlr_lightning.world.video_train --out {MOTION_WORLD_PIPELINE_DIR}` "
+                "(about 25 minutes on a CPU) or pass the directory of a trained video world pipeline instead"
+            )
+        return str(MOTION_WORLD_PIPELINE_DIR)
     return name_or_path

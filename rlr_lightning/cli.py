@@ -27,15 +27,19 @@ logger = logging.getLogger("rlr_lightning")
 DEFAULT_PROMPTS = ("a photo of a cat", "a watercolour of a fox", "a red bicycle", "a lighthouse at dusk")
 
 
+#: ``--out`` suffixes that write a video (for video models).
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
 def _sample_parser() -> SampleArgumentParser:
     from rlr_lightning.builtin import describe_builtin_models
 
     p = SampleArgumentParser(
         prog="rlr sample",
         formatter_class=HelpFormatter,
-        description="Sample images with the sampler of the model's family and log each step's sigma and "
-        "transition log-probability: DDIM for Stable Diffusion 1.x / 2.x and SDXL, Flow-GRPO's SDE (on the "
-        "scheduler's shifted times) for SD 3 / 3.5 and FLUX.1. The family comes from the pipeline's "
+        description="Sample images (or videos) with the sampler of the model's family and log each step's sigma "
+        "and transition log-probability: DDIM for Stable Diffusion 1.x / 2.x and SDXL, Flow-GRPO's SDE (on the "
+        "scheduler's shifted times) for SD 3 / 3.5, FLUX.1 and Wan 2.1. The family comes from the pipeline's "
         "model_index.json.",
     )
     p.add_argument(
@@ -44,7 +48,7 @@ def _sample_parser() -> SampleArgumentParser:
         help="a built-in model (no download): "
         + describe_builtin_models()
         + "; default tiny. Or the hub id or "
-        "diffusers pipeline directory of a Stable Diffusion 1.x / 2.x, SDXL, SD 3 / 3.5 or FLUX.1 pipeline",
+        "diffusers pipeline directory of a Stable Diffusion 1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1 or Wan 2.1 pipeline",
     )
     p.add_argument(
         "--lora",
@@ -80,6 +84,14 @@ def _sample_parser() -> SampleArgumentParser:
         help="image size: one number (square) or height and width (default: the model's own)",
     )
     p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="video models (Wan 2.1) only: frames per video, a multiple of the VAE's temporal factor plus one "
+        "(default: the model's own)",
+    )
+    p.add_argument("--fps", type=float, default=8.0, help="video models only: playback frames per second")
+    p.add_argument(
         "--timestep-spacing",
         choices=("leading", "trailing", "linspace"),
         default=None,
@@ -100,15 +112,16 @@ def _sample_parser() -> SampleArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("samples.png"),
-        help="where to write the image grid (.png, .jpg, ...; checked before sampling)",
+        default=None,
+        help="where to write the image grid (.png, .jpg, ...), or for a video model the video of the samples "
+        "side by side (.mp4 or .gif); checked before sampling. Default samples.png, or samples.mp4 for videos",
     )
     return p
 
 
 def _check_sample_args(parser: SampleArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, before the model loads, what no model can run: minutes of loading and sampling would be lost."""
-    from rlr_lightning.errors import image_file_problem
+    from rlr_lightning.errors import directory_problem, image_file_problem
 
     if args.lora is None and (args.lora_alpha is not None or args.lora_rank is not None):
         parser.error("--lora-alpha and --lora-rank apply to LoRA weights; pass them with --lora")
@@ -131,13 +144,19 @@ def _check_sample_args(parser: SampleArgumentParser, args: argparse.Namespace) -
             parser.error(
                 f"--lora {args.lora}: no such file or directory (built-in LoRAs: {', '.join(BUILTIN_LORAS)})"
             )
-    problem = image_file_problem(args.out)
-    if problem is not None:
-        parser.error(f"--out {args.out} cannot be written: {problem}")
+    if args.frames is not None and args.frames < 1:
+        parser.error(f"--frames must be a positive number of frames, got {args.frames}")
+    if not args.fps > 0:
+        parser.error(f"--fps must be > 0, got {args.fps}")
+    if args.out is not None:
+        mp4 = args.out.suffix.lower() == ".mp4"  # PIL writes every other accepted suffix
+        problem = directory_problem(args.out.expanduser().parent) if mp4 else image_file_problem(args.out)
+        if problem is not None:
+            parser.error(f"--out {args.out} cannot be written: {problem}")
 
 
 def sample(argv: list[str]) -> Path:
-    """Run ``rlr sample``; returns the path of the written image grid."""
+    """Run ``rlr sample``; returns the path of the written image grid (or video)."""
     from torchvision.utils import save_image
 
     from rlr_lightning.builtin import resolve_model
@@ -165,9 +184,19 @@ def sample(argv: list[str]) -> Path:
         except (OSError, ValueError) as err:
             # The message names the file and what does not fit; a traceback would only bury it.
             raise SystemExit(f"rlr sample: cannot apply --lora: {err}") from None
+    video = backbone.video
+    out = args.out or Path("samples.mp4" if video else "samples.png")
+    if video and out.suffix.lower() not in VIDEO_SUFFIXES:
+        parser.error(f"--out {out}: {args.model} is a video model: --out must end in .mp4 or .gif")
+    if not video and out.suffix.lower() == ".mp4":
+        parser.error(f"--out {out}: {args.model} is an image model: give an image file (.png, .jpg, ...)")
+    if args.frames is not None and not video:
+        parser.error(f"--frames is for video models (Wan 2.1); {args.model} makes images")
     try:
         size = args.resolution
         backbone.set_resolution(None if size is None else (size[0], size[-1]))
+        if video:
+            backbone.set_num_frames(args.frames)
         sampler = backbone.make_sampler(args.steps, args.eta, args.guidance, args.timestep_spacing)
     except ValueError as err:
         parser.error(str(err))
@@ -189,15 +218,26 @@ def sample(argv: list[str]) -> Path:
             )
         else:  # no transition density: a deterministic step (eta 0, or outside a flow model's SDE steps)
             logger.info("step %2d  t=%7.2f  deterministic", k, t)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, args.out, nrow=min(len(prompts), 4))
-    return args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not video:
+        save_image(images, out, nrow=min(len(prompts), 4))
+        return out
+    from torchvision.utils import make_grid
+
+    from rlr_lightning.video import write_gif, write_mp4
+
+    # One video of the samples side by side, as the image grid lays them out: frame k is the grid of frame k.
+    frames = torch.stack([make_grid(images[:, k], nrow=min(len(prompts), 4)) for k in range(images.shape[1])])
+    (write_gif if out.suffix.lower() == ".gif" else write_mp4)(frames, out, fps=args.fps)
+    logger.info("Wrote %d videos of %d frames to %s", len(prompts), images.shape[1], out)
+    return out
 
 
 COMMANDS = {
     "fit": "fine-tune LoRA weights toward a reward (LightningCLI: rlr fit --config configs/quickstart.yaml)",
     "validate": "score a checkpoint on held-out prompts (rlr validate --config ... --ckpt_path .../last.ckpt)",
-    "sample": "sample images and per-step log-probabilities (any family: SD 1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1)",
+    "sample": "sample images or videos and per-step log-probabilities (SD 1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1, "
+    "Wan 2.1)",
     "eval": "score a shapes-world model (and LoRA) against its captions, skill by skill, over seeds "
     "(rlr eval --lora shapes-world-aligned --config configs/world_align.yaml)",
     "diagnose": "map where the gradient noise lives, step by step, and recommend RLR's tail and baselines "

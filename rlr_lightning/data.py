@@ -257,6 +257,21 @@ def _shapes_world_sets() -> dict[str, tuple[PromptRecord, ...]]:
 PROMPT_SETS.update(_shapes_world_sets())
 
 
+def _motion_world_sets() -> dict[str, tuple[PromptRecord, ...]]:
+    """Captions of the moving-shapes world: ``motion`` from its training split of caption combinations,
+    ``motion_held_out`` from the held-out one (never seen by the moving-shapes model in training)."""
+    from rlr_lightning.world.motion import motion_caption, split_motion_specs
+
+    train, held_out = split_motion_specs()
+    return {
+        name: _records(tuple(motion_caption(spec) for spec in specs))
+        for name, specs in (("motion", train), ("motion_held_out", held_out))
+    }
+
+
+PROMPT_SETS.update(_motion_world_sets())
+
+
 def _parse_jsonl_line(line: str, where: str) -> PromptRecord:
     try:
         item = json.loads(line)
@@ -385,7 +400,8 @@ class PromptDataModule(L.LightningDataModule):
     Args:
         prompt_set: Name of a built-in prompt set (``animals``, ``simple``, ``styles``, ``dcot_hands``, or the
             shapes world's captions with a region: ``shapes`` from its training split, ``shapes_held_out`` from
-            its held-out split); ignored when ``prompts`` or ``prompt_file`` is given.
+            its held-out split; the moving-shapes world's ``motion`` and ``motion_held_out``); ignored when
+            ``prompts`` or ``prompt_file`` is given.
         prompts: An explicit list of prompts.
         prompt_file: A ``.txt`` or ``.jsonl`` file of prompts (JSONL may carry DCoT rewrites and metadata).
         val_prompts: Held-out validation prompts.

@@ -26,7 +26,8 @@ from rlr_lightning.export import EXPORT_RECORD, ExportConflictError, LoraExport,
 from rlr_lightning.memory import MemoryOptions, PlannedMemory, plan_task
 from rlr_lightning.models import DTYPES, DiffusionBackbone, LoraSettings
 from rlr_lightning.ranks import backward_sync, mean_over_ranks
-from rlr_lightning.rewards import RewardModel, TargetColor, missing_reward_message
+from rlr_lightning.rewards import RewardModel, missing_reward_message
+from rlr_lightning.rewards.toy import tiny_default_reward
 from rlr_lightning.skips import TrainingStalledError, UpdateSkips
 from rlr_lightning.step_metrics import log_step
 from rlr_lightning.task import SamplingSettings, Task
@@ -49,15 +50,15 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
 
     Args:
         pretrained_model_name_or_path: Hub id or diffusers pipeline directory of the backbone (Stable Diffusion
-            1.x / 2.x, SDXL, SD 3 / 3.5 or FLUX.1, told apart by the pipeline's ``model_index.json``); ``tiny``,
-            ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` build a tiny offline model of that family with random
-            weights into ``~/.cache/rlr_lightning``; ``shapes-world`` is the small pipeline trained on the shapes
-            world that ships with the package (the CPU quickstart).
+            1.x / 2.x, SDXL, SD 3 / 3.5, FLUX.1 or Wan 2.1, told apart by the pipeline's ``model_index.json``);
+            ``tiny``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux`` and ``tiny-wan`` build a tiny model of that family
+            with random weights into ``~/.cache/rlr_lightning``; ``shapes-world`` is the small pipeline trained on
+            the shapes world that ships with the package (the CPU quickstart).
         estimator: The gradient estimator: ``RLR`` (default), ``FullBackprop``, ``TruncatedBackprop``,
             ``ScoreFunction`` or the ``GRPO`` baseline from ``rlr_lightning.estimators``.
         reward: The reward model (a class of ``rlr_lightning.rewards``, e.g. ``AestheticReward``), required to
-            train and validate (the tiny offline models default to the toy ``TargetColor``). Checkpoints hold
-            none: pass ``reward=...`` to ``load_from_checkpoint`` to train or validate further.
+            train and validate (the tiny offline models default to the toy ``TargetColor``, per frame for videos).
+            Checkpoints hold none: pass ``reward=...`` to ``load_from_checkpoint`` to train or validate further.
         num_steps: Sampling steps ``T``.
         eta: The sampler's noise level, > 0 wherever likelihood ratios are used: DDIM's eta for Stable Diffusion
             and SDXL (1 is DDPM-like), the SDE noise level ``a`` of Flow-GRPO's sampler for SD 3 and FLUX (0 is
@@ -68,6 +69,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
             ``linspace``); ``None`` keeps the model's own.
         resolution: Image height and width in pixels (one number, or ``[height, width]``); ``None``: the
             model's own (1024 for FLUX.1). Flow-GRPO trains SD 3.5 and FLUX at 512.
+        num_frames: Video models (Wan 2.1) only: frames per video, a multiple of 4 plus one; ``None``: the model's.
         stochastic_steps: SD 3 and FLUX only: the SDE on steps ``[start, stop)``, the ODE on the others (MixGRPO),
             with ``GRPO(step_range=...)``; RLR and the score function need every step stochastic: ``None``.
         max_sequence_length: SD 3 and FLUX only: T5 tokens per prompt (at most 512); ``None``: the pipeline's
@@ -113,6 +115,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         guidance_scale: float = 1.0,
         timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None,
         resolution: int | tuple[int, int] | None = None,
+        num_frames: int | None = None,
         stochastic_steps: tuple[int, int] | None = None,
         max_sequence_length: int | None = None,
         dcot_split: tuple[float, float] = (1 / 3, 2 / 3),
@@ -150,7 +153,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         if reward is None and is_tiny_model(pretrained_model_name_or_path):
             # The toy default only makes sense for the tiny model: a real model would silently learn to paint
             # one colour, so it gets none and training asks for one (see ``setup``).
-            reward = TargetColor()
+            reward = tiny_default_reward(pretrained_model_name_or_path)
         # No reward is required here: sampling and export need none, and a checkpoint has none to restore
         # (save_hyperparameters leaves it out). Training and validation ask for one in ``setup``.
         self.reward: RewardModel | None = reward.freeze() if reward is not None else None
@@ -335,7 +338,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
     # -- sampling and evaluation ---------------------------------------------------------------------------
 
     def generate(self, batch: PromptBatch, generator: torch.Generator) -> torch.Tensor:
-        """Images in [0, 1] for a batch of prompts, without gradient (:meth:`Task.generate`)."""
+        """Images (or videos) in [0, 1] for a batch of prompts, without gradient (:meth:`Task.generate`)."""
         return self.task.generate(batch, generator)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

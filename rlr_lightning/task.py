@@ -38,6 +38,7 @@ class SamplingSettings:
             models the guidance embedding's value.
         timestep_spacing: DDIM timestep spacing override; ``None`` keeps the model's own.
         resolution: Height and width in pixels (one number for square images); ``None``: the model's own.
+        num_frames: Video families only (Wan 2.1): frames per video; ``None``: the model's own.
         stochastic_steps: Flow-matching families only: the ``[start, stop)`` steps that run the SDE.
         max_sequence_length: SD 3 and FLUX only: T5 tokens per prompt.
         dcot_split: Fractions of ``T`` where the DCoT mid and fine scales begin.
@@ -48,6 +49,7 @@ class SamplingSettings:
     guidance_scale: float = 1.0
     timestep_spacing: TimestepSpacing | None = None
     resolution: int | tuple[int, int] | None = None
+    num_frames: int | None = None
     stochastic_steps: tuple[int, int] | None = None
     max_sequence_length: int | None = None
     dcot_split: tuple[float, float] = (1 / 3, 2 / 3)
@@ -62,6 +64,12 @@ class SamplingSettings:
         if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(
                 f"timestep_spacing must be leading, trailing, linspace or null, got {self.timestep_spacing!r}"
+            )
+        if self.num_frames is not None and (
+            isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or self.num_frames < 1
+        ):
+            raise ValueError(
+                f"num_frames must be a positive integer (frames per video), got {self.num_frames!r}"
             )
         mid, fine = self.dcot_split
         if not 0 <= mid <= fine <= 1:
@@ -163,6 +171,13 @@ class Task:
             name: The model's name, for messages.
         """
         backbone.set_resolution(settings.resolution)
+        if settings.num_frames is not None:
+            if not backbone.video:
+                raise ValueError(
+                    f"model.num_frames={settings.num_frames} is for video models (Wan 2.1); "
+                    f"{type(backbone).__name__} makes images: leave it unset (null)"
+                )
+            backbone.set_num_frames(settings.num_frames)
         if settings.max_sequence_length is not None:
             if not isinstance(backbone, FlowMatchingBackbone):
                 raise ValueError(
@@ -194,6 +209,7 @@ class Task:
             reward: The reward model, or ``None``.
             name: The model's name, for messages.
         """
+        check_reward_kind(reward, backbone)
         sampler = backbone.make_sampler(
             settings.num_steps,
             settings.eta,
@@ -206,7 +222,7 @@ class Task:
         frozen = sum(p.numel() for p in backbone.parameters()) - trainable
         rank_zero_info(
             f"Backbone {name} ({type(backbone).__name__}) ready: {trainable:,} trainable LoRA weights, "
-            f"{frozen:,} frozen; {'x'.join(map(str, backbone.resolution))} images"
+            f"{frozen:,} frozen; {output_size(backbone)}"
         )
         return cls(backbone, sampler, reward, settings, name=name)
 
@@ -264,6 +280,26 @@ class Task:
             Plan(self.settings.num_steps), self.conditioning(batch), generator=generator
         ).final
         return self.backbone.decode(final)
+
+
+def output_size(backbone: DiffusionBackbone) -> str:
+    """What the backbone samples, in words: ``32x32 images``, or ``9-frame 32x32 videos``."""
+    size = "x".join(map(str, backbone.resolution))
+    return f"{backbone.num_frames}-frame {size} videos" if backbone.video else f"{size} images"
+
+
+def check_reward_kind(reward: RewardModel | None, backbone: DiffusionBackbone) -> None:
+    """Refuse an image reward for a video model and a video reward for an image model, naming the fix."""
+    if reward is None or reward.video == backbone.video:
+        return
+    if backbone.video:
+        raise ValueError(
+            f"{type(backbone).__name__} makes videos, and {type(reward).__name__} scores images: wrap it as "
+            "rlr_lightning.rewards.PerFrameReward(reward=...) (its mean over frames), or use a video reward"
+        )
+    raise ValueError(
+        f"{type(backbone).__name__} makes images, and {type(reward).__name__} scores videos: use an image reward"
+    )
 
 
 def as_task(task_or_module: Task | Any) -> Task:

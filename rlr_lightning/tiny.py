@@ -3,7 +3,7 @@
 Nothing here touches the network: every component (UNet or transformer, VAE, CLIP and T5 text encoders,
 character-level CLIP and T5 tokenizers and the scheduler) is built in code from a fixed seed and saved as an
 ordinary diffusers pipeline directory (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline`` or ``FluxPipeline``). Everything downstream loads that
+``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``WanPipeline``). Everything downstream loads that
 directory through the same ``from_pretrained(..., local_files_only=True)`` path that real models take, so the
 loading code is tested for real.
 """
@@ -425,17 +425,83 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
     )
 
 
+def build_tiny_wan_components(seed: int = 0) -> dict:
+    """Build a tiny Wan 2.1 (about 60 k parameters in all): a ``WanTransformer3DModel`` with two blocks of self-
+    and cross-attention over ``1 x 2 x 2`` patches, Wan's causal video VAE (``AutoencoderKLWan``: 4x in time and 8x
+    in space, as the released one) at a few channels, a UMT5 text encoder with a character-level tokenizer, and
+    the flow-matching Euler scheduler at Wan 2.1's 480p shift 3 (the released checkpoints ship UniPC at the same
+    shift; ``WanBackbone`` samples at either's times). Its default videos are 9 frames of 32 x 32 pixels
+    (:data:`TINY_WAN_SIZE`).
+
+    Args:
+        seed: Seed of the weight initialisation; the same seed gives bit-identical weights.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_width = 32
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        # Divisible into Wan's three rotary parts (time, height, width).
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_width,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    # Four levels with the released VAE's temporal downsampling: 8x in space, 4x in time.
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    return dict(
+        transformer=transformer.eval(),  # type: ignore[attr-defined]  # mypy sees diffusers' dummy objects
+        vae=vae.eval(),  # type: ignore[attr-defined]
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
+#: Default video size of tiny-wan: ``(height, width)`` in pixels and frames.
+TINY_WAN_SIZE = ((32, 32), 9)
+
+
 #: The tiny model families: how each is built and which diffusers pipeline saves it.
 TINY_FAMILIES: dict[str, tuple[Callable[..., dict], str, str]] = {
     "sd": (build_tiny_components, "StableDiffusionPipeline", "Stable Diffusion"),
     "sdxl": (build_tiny_sdxl_components, "StableDiffusionXLPipeline", "Stable Diffusion XL"),
     "sd3": (build_tiny_sd3_components, "StableDiffusion3Pipeline", "Stable Diffusion 3"),
     "flux": (build_tiny_flux_components, "FluxPipeline", "FLUX.1"),
+    "wan": (build_tiny_wan_components, "WanPipeline", "Wan 2.1"),
 }
 
 
 #: Model names (``model.pretrained_model_name_or_path``, ``rlr sample --model``) of the tiny pipelines, by family.
-TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-wan": "wan"}
 
 
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd") -> Path:
@@ -444,7 +510,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd
     Args:
         path: Target directory.
         seed: Weight seed.
-        family: ``sd`` (Stable Diffusion 1.x-shaped), ``sdxl``, ``sd3`` or ``flux`` (:data:`TINY_FAMILIES`).
+        family: ``sd`` (Stable Diffusion 1.x-shaped), ``sdxl``, ``sd3``, ``flux`` or ``wan`` (:data:`TINY_FAMILIES`).
     """
     import diffusers
 
@@ -459,6 +525,10 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, family: str = "sd
     )
     pipe = getattr(diffusers, pipeline_name)(**build(seed=seed), **extra)
     pipe.save_pretrained(path, safe_serialization=True)
+    if family == "wan":
+        from rlr_lightning.paths import write_video_defaults
+
+        write_video_defaults(path, *TINY_WAN_SIZE)
     marker = {"version": TINY_PIPELINE_VERSION, "seed": seed, "family": family}
     (path / TINY_PIPELINE_MARKER).write_text(json.dumps(marker))
     return path
@@ -475,7 +545,7 @@ def ensure_tiny_pipeline(
         cache_dir: Parent directory of the cached model; defaults to ``$RLR_CACHE`` or
             ``~/.cache/rlr_lightning``.
         seed: Weight seed of the tiny model.
-        family: ``sd``, ``sdxl``, ``sd3`` or ``flux``.
+        family: ``sd``, ``sdxl``, ``sd3``, ``flux`` or ``wan``.
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"tiny model family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
@@ -514,3 +584,11 @@ def is_tiny_model(name_or_path: str) -> bool:
     """Whether ``name_or_path`` is a tiny offline model: ``tiny``, or a directory :func:`build_tiny_pipeline`
     built (its marker file)."""
     return name_or_path in TINY_MODELS or (Path(name_or_path) / TINY_PIPELINE_MARKER).is_file()
+
+
+def tiny_family(name_or_path: str) -> str | None:
+    """The family code (``sd``, ``wan``, ...) of a tiny model's name or directory; ``None`` for other models."""
+    if name_or_path in TINY_MODELS:
+        return TINY_MODELS[name_or_path]
+    marker = Path(name_or_path) / TINY_PIPELINE_MARKER
+    return json.loads(marker.read_text()).get("family") if marker.is_file() else None

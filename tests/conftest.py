@@ -130,6 +130,14 @@ def tiny_flux_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), family="flux")
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A tiny Wan 2.1 text-to-video pipeline saved as a normal diffusers directory."""
+    from rlr_lightning.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-wan"), family="wan")
+
+
 @pytest.fixture
 def tiny_scheduler(tiny_pipeline_dir):
     from diffusers import DDIMScheduler

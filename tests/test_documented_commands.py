@@ -57,6 +57,7 @@ SKIPPED = {
     "pip install -e .": "installs the package (the suite runs in the installed package)",
     'pip install -e ".[dev]"': "installs the package with the test tools (the suite runs in them)",
     'pip install -e ".[notebook]"': "installs Jupyter (network)",
+    'pip install -e ".[video]"': "installs PyAV (network; the test tools include it)",
     "python -m pytest": "the test suite itself (CI runs exactly this command)",
     "ruff check .": "the style check CI runs before the suite (.ci/run)",
     "ruff format --check .": "the format check CI runs before the suite (.ci/run)",
@@ -105,6 +106,7 @@ SKIPPED = {
     "rlr fit --config configs/sd35_medium_pickscore_rlr.yaml": "GPU: SD 3.5 Medium (gated) and PickScore from the hub",
     "rlr fit --config configs/sd35_medium_grpo.yaml": "GPU: SD 3.5 Medium (gated) and PickScore from the hub",
     "rlr fit --config configs/flux1_dev_hpsv2_rlr.yaml": "an 80 GB GPU: FLUX.1-dev (gated) and HPSv2 from the hub",
+    "rlr fit --config configs/wan21_1p3b_rlr.yaml": "GPU: Wan 2.1 T2V 1.3B and HPSv2 from the hub",
 }
 
 #: Output directories that documented commands read, and the documented command that writes them: it runs
@@ -112,6 +114,7 @@ SKIPPED = {
 PRODUCERS = {
     "outputs/quickstart/": "rlr fit --config configs/quickstart.yaml",
     "outputs/world_align/": "rlr fit --config configs/world_align.yaml",
+    "outputs/video_quickstart/": "rlr fit --config configs/video_quickstart.yaml",
 }
 
 
@@ -223,6 +226,8 @@ def shortened(argv: list[str]) -> tuple[list[str], bool] | None:
             "--seeds",
             "0",
         ], "--grid" in argv or "--json" in argv
+    if argv[:3] == ["python", "-m", "rlr_lightning.world.motion_evaluate"]:
+        return argv + ["--samples-per-caption", "1", "--steps", "2", "--seeds", "0"], "--json" in argv
     if argv[:3] == ["python", "-m", "rlr_lightning.world.counter"]:
         return argv + ["--steps", "2", "--scenes", "8", "--validation-scenes", "8"], True
     return None

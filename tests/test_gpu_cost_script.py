@@ -202,6 +202,80 @@ def test_sd35_tiny_run_measures_rlr_and_grpo(tmp_path):
     assert "Not measured" not in report
 
 
+#: The Wan run at its tiny defaults (the recipe's one prompt, sampled twice): our sampler at the step's 2 videos,
+#: RLR h = 2 with groups of 2 planned with memory_budget_gb=auto (the recipe's setting), then without a budget.
+WAN_RLR = "RLR h=2 zo=score group=2"
+
+
+@pytest.mark.slow
+def test_wan_tiny_run_measures_the_recipes_rlr_step(tmp_path):
+    out = tmp_path / "results"
+    proc = run_script(tmp_path, "--family", "wan", "--tiny", "--out", str(out), "--deadline-s", "600")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    assert "Traceback" not in console
+    # Its own files, and only those.
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"gpu_cost_wan_tiny.{ext}" for ext in ("json", "jsonl", "md")
+    ]
+    payload = json.loads((out / "gpu_cost_wan_tiny.json").read_text())
+    rows = payload["rows"]
+    assert [json.loads(line) for line in (out / "gpu_cost_wan_tiny.jsonl").read_text().splitlines()] == rows
+
+    # In order: the sample (the unit of the predictions), the recipe's planned step, the unbudgeted step.
+    assert [(r["group"], r["name"], r.get("memory"), r["batch"]) for r in rows] == [
+        ("sampler", "ours: no-grad sample", None, 2),
+        ("planned", WAN_RLR, "memory_budget_gb=auto", 1),
+        ("estimators", WAN_RLR, None, 1),
+    ]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_s"] > 0, r
+        assert r["T"] == 16
+    by_key = {r["key"]: r for r in rows}
+    sample = by_key["ours: no-grad sample b2"]
+    assert sample["group_size"] == 1 and sample["images"] == 2
+    steps = [r for r in rows if r["kind"] == "step"]
+    for r in steps:
+        # Steps report what autograd held for backward (the no-grad sample holds nothing).
+        assert r["activation_mb"] > 0, r
+        assert r["group_size"] == 2 and r["images"] == 2 and r["h"] == 2, r
+        # The floor decodes 2 videos and backpropagates the per-frame reward through them.
+        assert r["decode_reward_s"] > 0 and r["floor_s"] > 0, r
+        assert r["step_over_floor"] == pytest.approx(r["time_s"] / r["floor_s"]), r
+    auto = by_key[f"{WAN_RLR} memory_budget_gb=auto b1"]
+    assert {"chunk_samples", "activation_checkpointing", "plan_s", "predicted_peak_gib"} <= auto.keys()
+
+    # The tiny model at the scale's frames (9 frames, 3 latent frames of 2 x 2 tokens), the recipe's LoRA.
+    assert payload["num_frames"] == 9 and payload["latent_frames"] == 3 and payload["video_tokens"] == 12
+    assert payload["resolution"] == [32, 32] and payload["umt5_tokens"] == 32
+    assert payload["lora_weights"] > 0
+    assert "LoRA r32 / alpha 32" in payload["setting"]
+    assert (
+        "ColorBalance on every 4th decoded frame, 3 frames at a time (PerFrameReward)" in payload["setting"]
+    )
+    # The GPU run's architectures, built on the meta device here: Wan 2.1 T2V 1.3B's published sizes (the
+    # transformer's 5.68 GB of float32 weights, the UMT5-XXL encoder with its 256,384-token table, the VAE's 508 MB).
+    weights = payload["weights_b"]
+    assert set(weights) == {"transformer", "vae", "text_encoder"}
+    assert 1.38 < weights["transformer"] < 1.45
+    assert 5.6 < weights["text_encoder"] < 5.8
+    assert 0.12 < weights["vae"] < 0.135
+    assert f"Wan 2.1 T2V 1.3B size: {sum(weights.values()):.2f} B weights" in proc.stdout
+
+    report = (out / "gpu_cost_wan_tiny.md").read_text()
+    for section in ("## Our no-grad sampler", "## RLR: one gradient estimate", "## Memory-planned steps"):
+        assert section in report
+    assert "videos of 9 frames at 32 x 32 px (3 latent frames, 12 transformer tokens per video)" in report
+    assert f"| 2 | ok | {sample['time_s']:.2f} | {sample['activation_mb']:.1f} |" in report
+    for r in steps:
+        over_sample = r["time_s"] / sample["time_s"]
+        first = f"| {r['name']} | {r['memory']} |" if r["group"] == "planned" else f"| {r['name']} |"
+        line = f"{first} 1 | 2 | ok | {r['time_s']:.2f} | {r['activation_mb']:.1f} | {over_sample:.2f} |"
+        assert line in report, r
+    assert "Not measured" not in report
+
+
 @pytest.mark.slow
 def test_deadline_skips_configurations_and_says_so(tmp_path):
     out = tmp_path / "results"

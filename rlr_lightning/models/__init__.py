@@ -3,7 +3,8 @@
 One module per concern: :mod:`~rlr_lightning.models.base` (what every family shares: freezing, LoRA,
 export and import, decoding, the sampler), :mod:`~rlr_lightning.models.lora` (LoRA settings and files),
 :mod:`~rlr_lightning.models.sd` (Stable Diffusion 1.x / 2.x) and :mod:`~rlr_lightning.models.sdxl`
-(Stable Diffusion XL). A new family is one new module here with a :class:`DiffusionBackbone` subclass (and a
+(Stable Diffusion XL), the flow-matching families (``sd3``, ``flux``) and Wan 2.1 text-to-video (``wan``).
+A new family is one new module here with a :class:`DiffusionBackbone` subclass (and a
 new denoiser or transition kernel in :mod:`rlr_lightning.sampling` if its network call or sampler is new),
 registered in :data:`FAMILIES`.
 """
@@ -24,6 +25,7 @@ from rlr_lightning.models.lora import LoraSettings, read_lora_settings
 from rlr_lightning.models.sd import StableDiffusionBackbone
 from rlr_lightning.models.sd3 import StableDiffusion3Backbone
 from rlr_lightning.models.sdxl import StableDiffusionXLBackbone
+from rlr_lightning.models.wan import WanBackbone
 
 #: The diffusers pipeline class named in ``model_index.json`` to the backbone class of its family.
 FAMILIES: dict[str, type[DiffusionBackbone]] = {
@@ -31,6 +33,7 @@ FAMILIES: dict[str, type[DiffusionBackbone]] = {
     "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
     "StableDiffusion3Pipeline": StableDiffusion3Backbone,
     "FluxPipeline": FluxBackbone,
+    "WanPipeline": WanBackbone,
 }
 
 
@@ -79,7 +82,7 @@ def load_backbone(
 
     Args:
         pretrained_model_name_or_path: A built-in model name (``tiny``, ``tiny-sdxl``, ``tiny-sd3``,
-            ``tiny-flux``, ``shapes-world``: :data:`rlr_lightning.builtin.BUILTIN_MODELS`), a hub id or a
+            ``tiny-flux``, ``tiny-wan``, ``shapes-world``: :data:`rlr_lightning.builtin.BUILTIN_MODELS`), a hub id or a
             diffusers pipeline directory. Names resolve through :func:`rlr_lightning.builtin.resolve_model`,
             as ``rlr sample --model`` and ``RLRModule`` resolve them.
         dtype: Dtype of the frozen weights.
@@ -113,6 +116,7 @@ __all__ = [
     "StableDiffusion3Backbone",
     "StableDiffusionBackbone",
     "StableDiffusionXLBackbone",
+    "WanBackbone",
     "backbone_class",
     "load_backbone",
     "read_lora_settings",

@@ -62,6 +62,9 @@ class DiffusionBackbone(nn.Module, ABC):
     lora_component: ClassVar[str] = "unet"
     #: The components that are networks (frozen, cast to the dtype, in eval mode).
     networks: ClassVar[tuple[str, ...]] = ()
+    #: Whether the family makes videos: ``decode`` returns ``(B, frames, 3, H, W)``, and its rewards are video
+    #: rewards (:attr:`rlr_lightning.rewards.RewardModel.video`).
+    video: ClassVar[bool] = False
 
     # The components every family has, set from ``components`` in ``__init__``. Their classes are the ones
     # ``component_classes`` names, loaded by name, so they are typed loosely (``nn.Module.__getattr__`` would
@@ -113,6 +116,12 @@ class DiffusionBackbone(nn.Module, ABC):
         return self._pipeline
 
     @classmethod
+    def classes_at(cls, source: str, **hub) -> dict[str, tuple[str, str]]:
+        """The classes that load ``source``'s components: :attr:`component_classes`, unless a family reads a
+        component's class from the pipeline (Wan's scheduler). ``hub`` as for :meth:`load_components`."""
+        return dict(cls.component_classes)
+
+    @classmethod
     def load_components(cls, source: str, dtype: torch.dtype, **hub) -> dict:
         """Load every component from ``source``, each through its own class's ``from_pretrained``.
 
@@ -122,7 +131,7 @@ class DiffusionBackbone(nn.Module, ABC):
 
         variant = hub.pop("variant")
         loaded = {}
-        for name, (library, class_name) in cls.component_classes.items():
+        for name, (library, class_name) in cls.classes_at(source, **hub).items():
             component_class = getattr(importlib.import_module(library), class_name)
             kwargs = dict(subfolder=name, **hub)
             if name in cls.networks:
@@ -465,6 +474,18 @@ class DiffusionBackbone(nn.Module, ABC):
         size = self.network.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per sample: 1 for the image families (a video family overrides this)."""
+        return 1
+
+    def set_num_frames(self, num_frames: int | None) -> None:
+        """Frames per video, for video families; an image family refuses a number (``None`` is a no-op)."""
+        if num_frames is not None:
+            raise ValueError(
+                f"num_frames={num_frames} is for video models (Wan 2.1); {type(self).__name__} makes images"
+            )
 
     def check_resolution(self, height: int, width: int) -> None:
         """Raise ``ValueError`` for an image size this family cannot sample (each side a multiple of the VAE's

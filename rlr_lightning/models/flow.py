@@ -7,6 +7,7 @@ default T5 length, how its prompts become ``PromptEmbeds``, and its denoiser (``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,6 +132,16 @@ class FlowMatchingBackbone(DiffusionBackbone):
             config.max_shift,
         )
 
+    def flow_scheduler(self) -> Any:
+        """The flow-matching Euler scheduler whose ``set_timesteps`` gives the pipeline's times (the
+        backbone's own; Wan translates the UniPC scheduler it ships)."""
+        return self.scheduler
+
+    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor | None:
+        """What the pipeline calls its network with at each step, where that is not the Euler scheduler's
+        ``times * 1000``; ``None``: it is."""
+        return None
+
     def schedule_sigmas(self, num_steps: int):
         """The unshifted times the pipeline passes to ``set_timesteps``; ``None``: the scheduler's own."""
         return None
@@ -165,13 +176,16 @@ class FlowMatchingBackbone(DiffusionBackbone):
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         kernel = FlowMatchSDE.from_scheduler(
-            self.scheduler,
+            self.flow_scheduler(),
             num_steps,
             eta,
             sigmas=self.schedule_sigmas(num_steps),
             mu=self.timestep_shift(),
             stochastic_steps=stochastic_steps,
         )
+        timesteps = self.pipeline_timesteps(num_steps)
+        if timesteps is not None:
+            kernel = dataclasses.replace(kernel, timesteps=timesteps)
         return self.sampler_over(kernel, guidance_scale)
 
     def sampler_over(self, kernel: FlowMatchSDE, guidance_scale: float) -> DiffusionSampler:

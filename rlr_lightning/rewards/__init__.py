@@ -1,5 +1,9 @@
 """Reward models: images in [0, 1] plus prompts in, one float32 reward per image out.
 
+Video rewards (``PerFrameReward``, ``TemporalConsistencyReward``, the moving-shapes world's ``WorldMotionReward``
+and ``WorldMotionCheckerReward``, and a ``WeightedSum`` of them) take videos
+``(B, F, 3, H, W)`` instead and give one reward per video.
+
 Weighted rewards (``AestheticReward``, ``HPSv2Reward``, ``PickScoreReward``, ``CLIPScoreReward``) load from a
 local path or their public source and raise :class:`MissingRewardWeightsError` (naming the file, its source
 and the init option for a local copy) when neither is available. Heavy libraries (open_clip, transformers)
@@ -14,6 +18,7 @@ from rlr_lightning.rewards.jpeg import JpegCompressibility, JpegIncompressibilit
 from rlr_lightning.rewards.pickscore import PickScoreReward
 from rlr_lightning.rewards.preprocess import CLIPPreprocess
 from rlr_lightning.rewards.toy import ColorBalance, QuantizedBrightness, TargetColor
+from rlr_lightning.rewards.video import PerFrameReward, TemporalConsistencyReward
 from rlr_lightning.rewards.weights import MissingRewardWeightsError
 from rlr_lightning.rewards.world import (
     WorldCheckerReward,
@@ -21,6 +26,7 @@ from rlr_lightning.rewards.world import (
     WorldCountReward,
     WorldPositionReward,
 )
+from rlr_lightning.rewards.world_video import WorldMotionCheckerReward, WorldMotionReward
 
 __all__ = [
     "AestheticHead",
@@ -32,14 +38,18 @@ __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "MissingRewardWeightsError",
+    "PerFrameReward",
     "PickScoreReward",
     "QuantizedBrightness",
     "RewardModel",
     "TargetColor",
+    "TemporalConsistencyReward",
     "WeightedSum",
     "WorldCheckerReward",
     "WorldColorReward",
     "WorldCountReward",
+    "WorldMotionCheckerReward",
+    "WorldMotionReward",
     "WorldPositionReward",
 ]
 

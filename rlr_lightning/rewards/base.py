@@ -1,4 +1,8 @@
-"""The reward interface: images in [0, 1] and their prompts in, float32 rewards of shape (B,) out."""
+"""The reward interface: images (or videos) in [0, 1] and their prompts in, float32 rewards of shape (B,) out.
+
+Image rewards take ``(B, 3, H, W)``; video rewards (:attr:`RewardModel.video`) take ``(B, F, 3, H, W)``, frames
+along the second axis (what the video families' ``decode`` returns).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ class RewardModel(nn.Module, ABC):
 
     #: Whether gradients flow from the reward to the images.
     differentiable: bool = True
+    #: Whether the reward scores videos ``(B, F, 3, H, W)`` rather than images ``(B, 3, H, W)``.
+    video: bool = False
 
     @abstractmethod
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -37,8 +43,9 @@ class RewardModel(nn.Module, ABC):
         return None
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"rewards take images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if images.dim() != (5 if self.video else 4) or images.shape[-3] != 3:
+            expected = "videos of shape (B, F, 3, H, W)" if self.video else "images of shape (B, 3, H, W)"
+            raise ValueError(f"{type(self).__name__} takes {expected}, got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):

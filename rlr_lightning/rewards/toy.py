@@ -79,3 +79,12 @@ class ColorBalance(RewardModel):
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return self.scale * (images.float().mean(dim=(2, 3)) * self.weights).sum(dim=1)
+
+
+def tiny_default_reward(name_or_path: str) -> RewardModel:
+    """The toy reward a tiny model trains toward when none is given: :class:`TargetColor`, per frame
+    (``PerFrameReward``) for the video family's tiny model."""
+    from rlr_lightning.rewards.video import PerFrameReward
+    from rlr_lightning.tiny import tiny_family
+
+    return PerFrameReward(TargetColor()) if tiny_family(name_or_path) == "wan" else TargetColor()

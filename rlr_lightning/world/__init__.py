@@ -1,6 +1,10 @@
 """The procedural shapes world (issue 12): captioned scenes of flat coloured shapes, a held-out split of caption
 combinations, and an exact pixel checker of captions. Rewards on it are in :mod:`rlr_lightning.rewards.world`.
 
+The moving-shapes world (issue 23, :mod:`rlr_lightning.world.motion`) extends it to short clips of shapes that
+move in one direction or stay still, with its own captions, split and exact motion checker; its video rewards
+are in :mod:`rlr_lightning.rewards.world_video`.
+
 The caption grammar and what each caption means are documented in :mod:`rlr_lightning.world.scenes`; what the
 checker decides and its thresholds in :mod:`rlr_lightning.world.checker`.
 """
@@ -14,6 +18,33 @@ from rlr_lightning.world.checker import (
     check,
     color_labels,
     find_blobs,
+)
+from rlr_lightning.world.motion import (
+    CLIP_LENGTHS,
+    DIRECTIONS,
+    MAX_CROSS_DISPLACEMENT,
+    MAX_STILL_DISPLACEMENT,
+    MIN_DISPLACEMENT,
+    MOTION_CHECKS,
+    MOTION_COUNTS,
+    MOTION_GRAMMAR,
+    MOTIONS,
+    SPEED,
+    Clip,
+    MotionExample,
+    MotionSpec,
+    MotionWorldDataset,
+    all_motion_specs,
+    centroid_track,
+    check_motion,
+    motion_caption,
+    motion_ok,
+    net_displacement,
+    parse_motion_caption,
+    render_clip,
+    sample_clip,
+    sample_motion_example,
+    split_motion_specs,
 )
 from rlr_lightning.world.scenes import (
     BACKGROUND,
@@ -71,4 +102,30 @@ __all__ = [
     "sample_example",
     "sample_scene",
     "split_specs",
+    # The moving-shapes world (rlr_lightning.world.motion).
+    "CLIP_LENGTHS",
+    "DIRECTIONS",
+    "MAX_CROSS_DISPLACEMENT",
+    "MAX_STILL_DISPLACEMENT",
+    "MIN_DISPLACEMENT",
+    "MOTIONS",
+    "MOTION_CHECKS",
+    "MOTION_COUNTS",
+    "MOTION_GRAMMAR",
+    "SPEED",
+    "Clip",
+    "MotionExample",
+    "MotionSpec",
+    "MotionWorldDataset",
+    "all_motion_specs",
+    "centroid_track",
+    "check_motion",
+    "motion_caption",
+    "motion_ok",
+    "net_displacement",
+    "parse_motion_caption",
+    "render_clip",
+    "sample_clip",
+    "sample_motion_example",
+    "split_motion_specs",
 ]

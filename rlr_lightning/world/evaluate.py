@@ -109,8 +109,9 @@ def evaluate(
     )
 
 
-def pool_seeds(per_seed: Sequence[dict[str, float]]) -> dict:
-    """Pool per-seed results (each as :func:`evaluate` returns them, one per sampling seed).
+def pool_seeds(per_seed: Sequence[dict[str, float]], checks: Sequence[str] = CHECKS) -> dict:
+    """Pool per-seed results (each as :func:`evaluate` returns them, one per sampling seed); ``checks`` name
+    the metrics that are shares of 0/1 verdicts (the image checker's by default).
 
     Returns a dict with ``mean`` (per metric, the mean of the per-seed values), ``se`` (the standard error of
     that mean over the seeds: sample standard deviation of the per-seed values, ``ddof = 1``, over
@@ -133,7 +134,7 @@ def pool_seeds(per_seed: Sequence[dict[str, float]]) -> dict:
         key: statistics.stdev(r[key] for r in per_seed) / math.sqrt(k) if k > 1 else None for key in metrics
     }
     n = sum(int(r["n"]) for r in per_seed)
-    se_samples = {key: math.sqrt(mean[key] * (1 - mean[key]) / n) for key in metrics if key in CHECKS}
+    se_samples = {key: math.sqrt(mean[key] * (1 - mean[key]) / n) for key in metrics if key in checks}
     return dict(mean=mean, se=se, se_samples=se_samples, n_seeds=k, n_per_seed=int(per_seed[0]["n"]), n=n)
 
 

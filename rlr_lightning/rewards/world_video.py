@@ -1,0 +1,147 @@
+"""Video rewards on the moving-shapes world (:mod:`rlr_lightning.world.motion`): prompts are its captions
+(``"two red circles moving left"``), videos are ``(B, F, 3, H, W)`` in [0, 1].
+
+``WorldMotionReward`` is a differentiable function of a soft mask of the asked colour in every frame;
+``WorldMotionCheckerReward`` is the exact motion checker's verdict (non-differentiable: RLR scores its last
+step by a likelihood ratio). A prompt that is not a caption of the world fails with the caption grammar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rlr_lightning.rewards.base import RewardModel
+from rlr_lightning.world.checker import COLOR_THRESHOLD, MIN_AREA, MIN_INTENSITY, soft_color_masks
+from rlr_lightning.world.motion import DIRECTIONS, SPEED, check_motion, net_displacement, parse_motion_caption
+from rlr_lightning.world.scenes import PALETTE
+
+# Mass (fraction of a frame's area) added where a centroid divides by the colour's mass: about one pixel at 32
+# px, far above what the soft mask leaks onto a black background (about 1e-4 per pixel at sharpness 0.05), so
+# a frame without the colour has its centroid at the centre instead of dividing by nearly zero.
+_EPS = 1e-3
+# Squared length added under the square root of a displacement's length: its gradient at a clip that does not
+# move at all (every render of a "still" caption) would otherwise be 0 / 0.
+_LENGTH_EPS = 1e-8
+_COLOR_INDEX = {name: i for i, name in enumerate(PALETTE)}
+
+
+class WorldMotionReward(RewardModel):
+    """How far the asked colour moves in the asked direction over the clip, about 1 for a render of the
+    caption. Differentiable.
+
+    Per frame, the asked colour's soft mask (:func:`rlr_lightning.world.checker.soft_color_masks`: the exact
+    checker's colour decision through a sigmoid ``sharpness`` wide in RGB distance, so the antialiased rims
+    of other colours, which lie between palette colours, do not count) weights the pixel coordinates into a
+    centroid; the net displacement ``d`` of that centroid over the clip is the slope of a least-squares line
+    through the frames times ``F - 1`` (:func:`rlr_lightning.world.motion.net_displacement`: every frame gets
+    a gradient). With ``u`` the asked unit direction and ``L = SPEED * (F - 1)`` the displacement of a render
+    (0.28 of the side at 9 frames):
+
+    * a direction: ``(d . u - |d x u|) / L``: 1 for a render (a little less: the mask leaks, see ``_EPS``),
+      0 for no motion, -1 for a render moving the opposite way or across;
+    * "staying still": ``-|d| / L``: 0 for a still clip, -1 for one moving at the world's speed.
+
+    Moving faster than the world's speed scores above 1 (at most about 3 at 9 frames: a centroid cannot
+    travel more than the frame). Only the asked colour's common centroid is judged, not its count or kind; a
+    frame without the colour has its centroid at the centre.
+
+    Args:
+        sharpness: Width of the soft mask's sigmoid in RGB distance (smaller is closer to the checker, with
+            smaller gradients on pixels far from the colour; the checker's own soft masks use 0.01).
+    """
+
+    video = True
+
+    def __init__(self, sharpness: float = 0.05) -> None:
+        super().__init__()
+        if not sharpness > 0:
+            raise ValueError(f"sharpness must be > 0, got {sharpness}")
+        self.sharpness = sharpness
+
+    def centroids(self, videos: Tensor, prompts: Sequence[str]) -> Tensor:
+        """The soft centroid ``(x, y)`` of each frame's asked colour, ``(B, F, 2)`` in fractions of the side."""
+        specs = [parse_motion_caption(prompt) for prompt in prompts]
+        batch, frames, _, height, width = videos.shape
+        masks = soft_color_masks(videos.float().flatten(0, 1), self.sharpness)
+        masks = masks.view(batch, frames, len(PALETTE), height, width)
+        index = torch.tensor([_COLOR_INDEX[spec.color] for spec in specs], device=videos.device)
+        weights = masks.gather(2, index.view(-1, 1, 1, 1, 1).expand(-1, frames, 1, height, width)).squeeze(2)
+        xs = (torch.arange(width, device=videos.device, dtype=torch.float32) + 0.5) / width
+        ys = (torch.arange(height, device=videos.device, dtype=torch.float32) + 0.5) / height
+        mass = weights.mean(dim=(2, 3))
+        # Pulled toward the centre by _EPS of mass, so a frame without the colour has a defined centroid.
+        cx = ((weights * xs.view(1, 1, 1, -1)).mean(dim=(2, 3)) + 0.5 * _EPS) / (mass + _EPS)
+        cy = ((weights * ys.view(1, 1, -1, 1)).mean(dim=(2, 3)) + 0.5 * _EPS) / (mass + _EPS)
+        return torch.stack([cx, cy], dim=-1)
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        specs = [parse_motion_caption(prompt) for prompt in prompts]
+        frames = images.shape[1]
+        if frames < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 frames to judge motion, got {frames}")
+        displacement = net_displacement(self.centroids(images, prompts))  # (B, 2)
+        direction = torch.tensor([DIRECTIONS[spec.motion] for spec in specs], device=images.device)
+        along = (displacement * direction).sum(dim=-1)
+        across = displacement[:, 0] * direction[:, 1] - displacement[:, 1] * direction[:, 0]
+        length = (displacement.pow(2).sum(dim=-1) + _LENGTH_EPS).sqrt()
+        still = torch.tensor([spec.motion == "still" for spec in specs], device=images.device)
+        return torch.where(still, -length, along - across.abs()) / (SPEED * (frames - 1))
+
+    def extra_repr(self) -> str:
+        return f"sharpness={self.sharpness}"
+
+
+class WorldMotionCheckerReward(RewardModel):
+    """The exact motion checker's verdict on each clip for its caption
+    (:func:`rlr_lightning.world.motion.check_motion`). Not differentiable.
+
+    1 when the caption holds (in every frame exactly the asked number of shapes of the asked colour, and their
+    centroid's net displacement over the clip shows the asked motion), else 0; with ``partial_credit``, the
+    mean of the colour, count and motion checks (0, 1/3, 2/3 or 1).
+
+    Args:
+        partial_credit: Score the mean of the three checks instead of all of them at once.
+        color_threshold: Largest RGB distance of a pixel to a palette colour's shades that counts as that
+            colour (below 0.5; see :mod:`rlr_lightning.world.checker`).
+        min_intensity: Lowest intensity of a palette colour's shades (in (0, 1]).
+        min_area: Smallest shape the checker counts, as a fraction of a frame's area.
+    """
+
+    differentiable = False
+    video = True
+
+    def __init__(
+        self,
+        partial_credit: bool = False,
+        color_threshold: float = COLOR_THRESHOLD,
+        min_intensity: float = MIN_INTENSITY,
+        min_area: float = MIN_AREA,
+    ) -> None:
+        super().__init__()
+        # Checked here too, so a bad config fails when the reward is built rather than at the first step.
+        check_motion(
+            torch.zeros(1, 2, 3, 8, 8), ["a red circle moving left"], color_threshold, min_intensity, min_area
+        )
+        self.partial_credit = partial_credit
+        self.color_threshold = color_threshold
+        self.min_intensity = min_intensity
+        self.min_area = min_area
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        results = check_motion(images, list(prompts), self.color_threshold, self.min_intensity, self.min_area)
+        if self.partial_credit:
+            verdict = (
+                results["color_ok"].float() + results["count_ok"].float() + results["motion_ok"].float()
+            ) / 3
+        else:
+            verdict = results["all_ok"].float()
+        return verdict.to(images.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"partial_credit={self.partial_credit}, color_threshold={self.color_threshold}, "
+            f"min_intensity={self.min_intensity}, min_area={self.min_area}"
+        )
