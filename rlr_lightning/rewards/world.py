@@ -133,6 +133,8 @@ class WorldCheckerReward(RewardModel):
     """
 
     differentiable = False
+    #: The checks that, with partial credit, count a third each.
+    partial_checks: tuple[str, ...] = ("color_ok", "count_ok", "position_ok")
 
     def __init__(
         self,
@@ -142,22 +144,29 @@ class WorldCheckerReward(RewardModel):
         min_area: float = MIN_AREA,
     ) -> None:
         super().__init__()
-        # Checked here too, so a bad config fails when the reward is built rather than at the first step.
-        check(torch.zeros(1, 3, 8, 8), ["a red circle"], color_threshold, min_intensity, min_area)
         self.partial_credit = partial_credit
         self.color_threshold = color_threshold
         self.min_intensity = min_intensity
         self.min_area = min_area
+        # Checked here too, so a bad config fails when the reward is built rather than at the first step.
+        self.verdicts(*self.probe())
+
+    @staticmethod
+    def probe() -> tuple[Tensor, list[str]]:
+        """A blank input and a caption of the grammar, to check the thresholds on at construction."""
+        return torch.zeros(1, 3, 8, 8), ["a red circle"]
+
+    def verdicts(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The checker's verdicts (``all_ok`` and :attr:`partial_checks`) at this reward's thresholds."""
+        return check(images, list(prompts), self.color_threshold, self.min_intensity, self.min_area)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        results = check(images, list(prompts), self.color_threshold, self.min_intensity, self.min_area)
+        results = self.verdicts(images, prompts)
         if self.partial_credit:
-            verdict = (
-                results["color_ok"].float() + results["count_ok"].float() + results["position_ok"].float()
-            ) / 3
+            verdict = sum(results[name].float() for name in self.partial_checks) / len(self.partial_checks)
         else:
             verdict = results["all_ok"].float()
-        return verdict.to(images.device)
+        return torch.as_tensor(verdict).to(images.device)
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from rlr_lightning.rewards.base import RewardModel
-from rlr_lightning.world.checker import COLOR_THRESHOLD, MIN_AREA, MIN_INTENSITY, soft_color_masks
+from rlr_lightning.rewards.world import WorldCheckerReward
+from rlr_lightning.world.checker import soft_color_masks
 from rlr_lightning.world.motion import DIRECTIONS, SPEED, check_motion, net_displacement, parse_motion_caption
 from rlr_lightning.world.scenes import PALETTE
 
@@ -94,7 +95,7 @@ class WorldMotionReward(RewardModel):
         return f"sharpness={self.sharpness}"
 
 
-class WorldMotionCheckerReward(RewardModel):
+class WorldMotionCheckerReward(WorldCheckerReward):
     """The exact motion checker's verdict on each clip for its caption
     (:func:`rlr_lightning.world.motion.check_motion`). Not differentiable.
 
@@ -112,36 +113,11 @@ class WorldMotionCheckerReward(RewardModel):
 
     differentiable = False
     video = True
+    partial_checks = ("color_ok", "count_ok", "motion_ok")
 
-    def __init__(
-        self,
-        partial_credit: bool = False,
-        color_threshold: float = COLOR_THRESHOLD,
-        min_intensity: float = MIN_INTENSITY,
-        min_area: float = MIN_AREA,
-    ) -> None:
-        super().__init__()
-        # Checked here too, so a bad config fails when the reward is built rather than at the first step.
-        check_motion(
-            torch.zeros(1, 2, 3, 8, 8), ["a red circle moving left"], color_threshold, min_intensity, min_area
-        )
-        self.partial_credit = partial_credit
-        self.color_threshold = color_threshold
-        self.min_intensity = min_intensity
-        self.min_area = min_area
+    @staticmethod
+    def probe() -> tuple[Tensor, list[str]]:
+        return torch.zeros(1, 2, 3, 8, 8), ["a red circle moving left"]
 
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        results = check_motion(images, list(prompts), self.color_threshold, self.min_intensity, self.min_area)
-        if self.partial_credit:
-            verdict = (
-                results["color_ok"].float() + results["count_ok"].float() + results["motion_ok"].float()
-            ) / 3
-        else:
-            verdict = results["all_ok"].float()
-        return verdict.to(images.device)
-
-    def extra_repr(self) -> str:
-        return (
-            f"partial_credit={self.partial_credit}, color_threshold={self.color_threshold}, "
-            f"min_intensity={self.min_intensity}, min_area={self.min_area}"
-        )
+    def verdicts(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        return check_motion(images, list(prompts), self.color_threshold, self.min_intensity, self.min_area)
