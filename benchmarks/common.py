@@ -451,7 +451,6 @@ def sd35_medium_components(
         seed: Seed of the initialisation.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from rlr_lightning.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
@@ -521,17 +520,7 @@ def sd35_medium_components(
             )
         ),
     }
-    torch.manual_seed(seed)
-    components = {}
-    verbosity = diffusers_logging.get_verbosity()
-    # Its note on casting with to() is for checkpoints with float32-only modules; these random ones have none.
-    diffusers_logging.set_verbosity_error()
-    try:
-        with torch.device(device):
-            for name, build in builders.items():
-                components[name] = build().to(dtype).eval()
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    components = build_networks(builders, device, dtype, seed)
     return dict(
         components,
         tokenizer=tiny_clip_tokenizer(77),
@@ -539,6 +528,26 @@ def sd35_medium_components(
         tokenizer_3=tiny_t5_tokenizer(SD35_T5_TOKENS),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
+
+
+def build_networks(builders: dict, device, dtype: torch.dtype, seed: int) -> dict:
+    """Each network of ``builders`` (name -> constructor) built with random weights from ``seed`` directly on
+    ``device`` (the meta device counts weights without memory), cast to ``dtype``, in eval mode."""
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.manual_seed(seed)
+    components = {}
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers' note on casting with to() is for checkpoints with float32-only modules: callers that have them
+    # restore them (gpu_cost.keep_fp32_modules).
+    diffusers_logging.set_verbosity_error()
+    try:
+        with torch.device(device):
+            for name, build in builders.items():
+                components[name] = build().to(dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return components
 
 
 def weight_counts(components: dict) -> dict[str, int]:

@@ -93,6 +93,7 @@ import transformers  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     ResultLog,
+    build_networks,
     clear_lora_grads,
     estimator_step,
     floor_parts,
@@ -419,7 +420,6 @@ def wan21_t2v_1p3b_components(
         seed: Seed of the initialisation.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import UMT5Config, UMT5EncoderModel
 
     from rlr_lightning.tiny import tiny_t5_tokenizer
@@ -458,17 +458,7 @@ def wan21_t2v_1p3b_components(
             )
         ),
     }
-    torch.manual_seed(seed)
-    components = {}
-    verbosity = diffusers_logging.get_verbosity()
-    # Its note on casting with to() is for checkpoints with float32-only modules: keep_fp32_modules restores them.
-    diffusers_logging.set_verbosity_error()
-    try:
-        with torch.device(device):
-            for name, build in builders.items():
-                components[name] = build().to(dtype).eval()
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    components = build_networks(builders, device, dtype, seed)
     keep_fp32_modules(components["transformer"])
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
