@@ -62,7 +62,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypedDict, get_args
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -81,6 +80,8 @@ from rlr_lightning.world.scenes import (
     Shape,
     Split,
     caption,
+    draw_choice,
+    item_generator,
     parse_caption,
     render,
 )
@@ -267,10 +268,6 @@ def split_motion_specs(
     return train, held_out
 
 
-def _choice(generator: torch.Generator, options: Sequence):
-    return options[int(torch.randint(len(options), (), generator=generator))]
-
-
 def _box(shape: Shape, travel: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)`` of everything ``shape``'s bounding box covers while it moves by ``travel``."""
     half = shape.size / 2.0
@@ -327,7 +324,9 @@ def sample_clip(
         torch.randint(min(max_distractors, MAX_SHAPES - spec.count) + 1, (), generator=generator)
     )
     others = [c for c in PALETTE if c != spec.color]
-    distractors = [(_choice(generator, KINDS), _choice(generator, others)) for _ in range(n_distractors)]
+    distractors = [
+        (draw_choice(generator, KINDS), draw_choice(generator, others)) for _ in range(n_distractors)
+    ]
     direction = DIRECTIONS[spec.motion]
     velocity = (SPEED * direction[0], SPEED * direction[1])
     travel = (velocity[0] * (num_frames - 1), velocity[1] * (num_frames - 1))
@@ -345,7 +344,7 @@ def sample_clip(
             wanted += [(kind, color, False) for kind, color in distractors]
         placed: list[tuple[Shape, bool]] = []
         for kind, color, moves in wanted:
-            side = min(sizes) if attempt >= _ATTEMPTS else _choice(generator, sizes)
+            side = min(sizes) if attempt >= _ATTEMPTS else draw_choice(generator, sizes)
             path = travel if moves else (0.0, 0.0)
             # Box centre ranges keeping the box inside the frame at the start and at the end of its path.
             lo, hi = BORDER + side / 2.0, 1.0 - BORDER - side / 2.0
@@ -535,7 +534,7 @@ def sample_motion_example(
     specs = train if split == "train" else held_out
     if not specs:
         raise ValueError(f"the {split!r} split is empty at held_out_fraction={held_out_fraction}")
-    spec = _choice(generator, specs)
+    spec = draw_choice(generator, specs)
     clip = sample_clip(spec, generator, num_frames, image_size, max_distractors=max_distractors)
     return MotionExample(render_clip(clip), motion_caption(spec), spec, clip)
 
@@ -604,11 +603,8 @@ class MotionWorldDataset(Dataset):
         if not -self.num_examples <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
         index %= self.num_examples
-        # SeedSequence mixes (seed, index) so neighbouring seeds do not share clips at shifted indices.
-        state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
         return sample_motion_example(
-            generator,
+            item_generator(self.seed, index),
             self.split,
             num_frames=self.num_frames,
             image_size=self.image_size,

@@ -274,11 +274,13 @@ def split_specs(
     return train, held_out
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+def draw_uniform(generator: torch.Generator, low: float, high: float) -> float:
+    """A float uniform on ``[low, high)`` from ``generator`` (the world's draws all come from one generator)."""
     return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
 
-def _choice(generator: torch.Generator, options: Sequence):
+def draw_choice(generator: torch.Generator, options: Sequence):
+    """One of ``options``, uniformly, from ``generator``."""
     return options[int(torch.randint(len(options), (), generator=generator))]
 
 
@@ -325,17 +327,22 @@ def sample_scene(spec: CaptionSpec, generator: torch.Generator, *, max_distracto
     others = [c for c in PALETTE if c != spec.color]
     wanted = [(spec.kind, spec.color, spec.region)] * spec.count
     wanted += [
-        (_choice(generator, KINDS), _choice(generator, others), "anywhere") for _ in range(n_distractors)
+        (draw_choice(generator, KINDS), draw_choice(generator, others), "anywhere")
+        for _ in range(n_distractors)
     ]
     sizes = list(SIZES.values())
     for attempt in range(200):
         shapes: list[Shape] = []
         for kind, color, region in wanted:
-            size = min(sizes) if attempt >= 100 else _choice(generator, sizes)
+            size = min(sizes) if attempt >= 100 else draw_choice(generator, sizes)
             (x_lo, x_hi), (y_lo, y_hi) = _centre_ranges(kind, size, region)
             for _ in range(50):
                 shape = Shape(
-                    kind, color, _uniform(generator, x_lo, x_hi), _uniform(generator, y_lo, y_hi), size
+                    kind,
+                    color,
+                    draw_uniform(generator, x_lo, x_hi),
+                    draw_uniform(generator, y_lo, y_hi),
+                    size,
                 )
                 if all(_apart(shape, other) for other in shapes):
                     shapes.append(shape)
@@ -390,9 +397,16 @@ def sample_example(
     specs = train if split == "train" else held_out
     if not specs:
         raise ValueError(f"the {split!r} split is empty at held_out_fraction={held_out_fraction}")
-    spec = _choice(generator, specs)
+    spec = draw_choice(generator, specs)
     scene = sample_scene(spec, generator, max_distractors=max_distractors)
     return Example(render(scene, image_size), caption(spec), spec, scene)
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of a dataset's item ``index``: SeedSequence mixes ``(seed, index)`` so neighbouring seeds do
+    not share items at shifted indices."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
 class ShapesWorldItem(TypedDict):
@@ -451,11 +465,8 @@ class ShapesWorldDataset(Dataset):
         if not -self.num_examples <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
         index %= self.num_examples
-        # SeedSequence mixes (seed, index) so neighbouring seeds do not share examples at shifted indices.
-        state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
         return sample_example(
-            generator,
+            item_generator(self.seed, index),
             self.split,
             image_size=self.image_size,
             split_seed=self.split_seed,

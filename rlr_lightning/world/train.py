@@ -211,7 +211,8 @@ def render_training_set(recipe: TrainingRecipe) -> tuple[Tensor, list[str]]:
     return images, [item["caption"] for item in items]
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+def random_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` batches of ``batch_size`` indices into ``n`` examples, drawn with replacement."""
     for _ in range(steps):
         yield torch.randint(n, (batch_size,), generator=generator)
 
@@ -220,7 +221,9 @@ def train_vae(vae, images: Tensor, recipe: TrainingRecipe, generator: torch.Gene
     """Reconstruction (L1 + MSE) plus a small KL; returns the latent scale ``1 / std`` of the data's latents."""
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    for step, index in enumerate(_batches(len(images), recipe.vae_batch_size, recipe.vae_steps, generator)):
+    for step, index in enumerate(
+        random_batches(len(images), recipe.vae_batch_size, recipe.vae_steps, generator)
+    ):
         x = images[index]
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
@@ -271,7 +274,9 @@ def train_unet(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     alphas = scheduler.alphas_cumprod
     T = scheduler.config.num_train_timesteps
-    for step, index in enumerate(_batches(len(latents), recipe.batch_size, recipe.unet_steps, generator)):
+    for step, index in enumerate(
+        random_batches(len(latents), recipe.batch_size, recipe.unet_steps, generator)
+    ):
         z0 = latents[index]
         tokens = ids[index].clone()
         drop = torch.rand(len(index), generator=generator) < recipe.caption_dropout

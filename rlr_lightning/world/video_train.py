@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlr_lightning.world.motion import MotionWorldDataset, all_motion_specs, motion_caption
+from rlr_lightning.world.train import random_batches
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +197,6 @@ def render_training_set(recipe: VideoTrainingRecipe) -> tuple[Tensor, list[str]]
     return videos.contiguous(), [item["prompt"] for item in items]
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    for _ in range(steps):
-        yield torch.randint(n, (batch_size,), generator=generator)
-
-
 def train_vae(vae, videos: Tensor, recipe: VideoTrainingRecipe, generator: torch.Generator) -> None:
     """Reconstruction (L1 + MSE, shapes' pixels weighted up) plus a small KL on random windows, the learning
     rate decayed to zero on a cosine; then the latents' per-channel mean and standard deviation go into the
@@ -211,7 +207,9 @@ def train_vae(vae, videos: Tensor, recipe: VideoTrainingRecipe, generator: torch
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     frames, window = videos.shape[2], min(recipe.vae_window, videos.shape[2])
-    for step, index in enumerate(_batches(len(videos), recipe.vae_batch_size, recipe.vae_steps, generator)):
+    for step, index in enumerate(
+        random_batches(len(videos), recipe.vae_batch_size, recipe.vae_steps, generator)
+    ):
         start = int(torch.randint(frames - window + 1, (1,), generator=generator))
         x = videos[index, :, start : start + window]
         posterior = vae.encode(x).latent_dist
@@ -272,7 +270,7 @@ def train_transformer(
     warmup = max(1, steps // 20)
     lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    for step, index in enumerate(_batches(len(latents), recipe.batch_size, steps, generator)):
+    for step, index in enumerate(random_batches(len(latents), recipe.batch_size, steps, generator)):
         x0 = latents[index]
         drop = torch.rand(len(index), generator=generator) < recipe.caption_dropout
         rows = torch.where(drop, len(captions), index)  # the empty prompt's row
