@@ -274,7 +274,11 @@ class WanProblem:
 
     T, eta, guidance = 4, 1.0, 2.0
 
-    def __init__(self, tiny_wan_dir, batch: int = 4) -> None:
+    def __init__(
+        self, tiny_wan_dir, batch: int = 4, eta: float | None = None, guidance: float | None = None
+    ) -> None:
+        self.eta = self.eta if eta is None else eta
+        self.guidance = self.guidance if guidance is None else guidance
         bb = backbone(tiny_wan_dir, dtype=torch.float64)
         bb.transformer.to(torch.float64)  # the LoRA weights too (kept in float32 for training otherwise)
         self.prompts = [f"prompt number {i}" for i in range(batch)]
@@ -287,12 +291,13 @@ class WanProblem:
     def reward(self, latents, _prompts):
         return (torch.tanh(latents) * self.weight).flatten(1).mean(1)
 
-    def gradient(self, estimator, draw: int) -> torch.Tensor:
+    def gradient(self, estimator, draw: int, copies: int = 1) -> torch.Tensor:
+        """One draw; ``copies`` samples every prompt that many times (a group estimator's layout)."""
         estimate = estimate_gradient(
             estimator,
             self.sampler,
-            self.embeds,
-            self.prompts,
+            self.embeds.repeat(copies),
+            self.prompts * copies,
             self.reward,
             step_seed=draw,
             rank_seed=50_000 + draw,
@@ -343,3 +348,35 @@ def test_the_same_comparison_detects_truncated_backprop_on_video_latents(wan_pro
     """The test above has power: truncated backprop keeping the last step falls short along the true gradient."""
     along, _ = paired_z(wan_problem, TruncatedBackprop(k=1))
     assert along < -6, along
+
+
+@pytest.mark.slow
+def test_rlr_with_a_group_baseline_at_the_recipes_settings_matches_full_backprop(tiny_wan_dir):
+    """configs/wan21_1p3b_rlr.yaml's sampler and batch on tiny-wan: noise level 0.7 (smaller sigmas than
+    above), guidance 5, one prompt per rank sampled twice with the group baseline. Paired with full backprop on
+    the same two videos, along the true gradient and a random direction; the same comparison sees truncated
+    backprop's bias."""
+    problem = WanProblem(tiny_wan_dir, batch=1, eta=0.7, guidance=5.0)
+    full = problem.setup(FullBackprop())
+    truth = torch.stack([problem.gradient(full, 10_000 + i, copies=2) for i in range(20)]).mean(0)
+    random_direction = torch.randn(
+        truth.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    directions = torch.stack([truth / truth.norm(), random_direction / random_direction.norm()], dim=1)
+    draws = 60
+    reference = torch.stack([problem.gradient(full, draw, copies=2) @ directions for draw in range(draws)])
+
+    def z(estimator, copies: int) -> torch.Tensor:
+        problem.setup(estimator)
+        d = (
+            torch.stack([problem.gradient(estimator, draw, copies) @ directions for draw in range(draws)])
+            - reference
+        )
+        return d.mean(0) / (d.std(0) / draws**0.5)
+
+    rlr = z(
+        RLR(h=2, zo_mode="score", baseline="group", group_size=2), copies=1
+    )  # it repeats the prompt itself
+    assert float(rlr.abs().max()) < 4, rlr
+    truncated = z(TruncatedBackprop(k=1), copies=2)
+    assert float(truncated[0]) < -6, truncated
