@@ -8,11 +8,18 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from rlr_lightning import builtin
 from rlr_lightning.builtin import MOTION_WORLD_MODEL, MOTION_WORLD_PIPELINE_DIR, resolve_model
 from rlr_lightning.world.motion import MOTION_CHECKS, motion_caption, split_motion_specs
-from rlr_lightning.world.video_train import VIDEO_WORLD_MARKER, VideoTrainingRecipe, main, motion_words
+from rlr_lightning.world.video_train import (
+    VIDEO_WORLD_MARKER,
+    VideoTrainingRecipe,
+    decode_unclamped,
+    main,
+    motion_words,
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +117,42 @@ def test_missing_video_weights_name_the_command_that_rebuilds_them(monkeypatch, 
 
 
 @pytest.mark.slow
-def test_the_shipped_model_draws_some_asked_colours_and_rarely_the_asked_motion():
-    """What docs/world.md reports of the shipped model (held-out colour 31%, motion 8% over 3 seeds): a weak
-    model, whose samples follow the asked colour sometimes and the asked motion rarely."""
+def test_the_shipped_model_draws_the_asked_colours_and_rarely_the_asked_motion():
+    """What docs/world.md reports of the shipped model (held-out colour 70%, motion 18% over 3 seeds): its samples
+    mostly show the asked colour and rarely the asked motion, so fine-tuning toward motion has room."""
     from rlr_lightning.world.motion_evaluate import evaluate_motion_seeds
 
     result = evaluate_motion_seeds(MOTION_WORLD_MODEL, seeds=[0], samples_per_caption=1)
     mean = result["mean"]
-    assert 0.15 < mean["color_ok"] < 0.6, mean
-    assert mean["motion_ok"] < 0.3, mean
+    assert 0.5 < mean["color_ok"] < 0.9, mean
+    assert mean["motion_ok"] < 0.35, mean
+
+
+def test_the_autoencoder_loss_reaches_a_channel_the_pipeline_clamps_dead():
+    """A colour channel pushed below -1 everywhere (the dead blue channel of an earlier autoencoder) gets no
+    gradient through ``vae.decode``'s clamp; through ``decode_unclamped``, which decodes the same pixels, it does."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, False],
+        scale_factor_temporal=1,
+        scale_factor_spatial=4,
+    )
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[2] = -50.0  # blue below -1 at every pixel
+    latents = torch.randn(1, 4, 3, 4, 4)
+    blue = torch.ones(1, 3, 3, 16, 16)  # the target: blue everywhere
+    raw = decode_unclamped(vae, latents)
+    assert torch.equal(raw.clamp(-1, 1), vae.decode(latents).sample)
+    assert raw[:, 2].max() < -1
+    grads = []
+    for recon in (vae.decode(latents).sample, decode_unclamped(vae, latents)):
+        vae.zero_grad()
+        (recon - blue)[:, 2].abs().mean().backward()
+        grads.append(vae.decoder.conv_out.bias.grad[2].item())
+    assert grads[0] == 0 and grads[1] < 0  # the clamp stops the gradient; unclamped it pulls blue up
