@@ -255,7 +255,9 @@ def decode_unclamped(vae, latents: Tensor) -> Tensor:
 def reconstruction_checks(vae, recipe: VideoTrainingRecipe, num_clips: int = 96) -> dict[str, float]:
     """The exact checker's accuracies on the autoencoder's reconstructions of held-out clips: the most a
     transformer on these latents can score (renders pass every check)."""
-    data = MotionWorldDataset("held_out", num_clips, recipe.num_frames, recipe.image_size, seed=recipe.seed + 1)
+    data = MotionWorldDataset(
+        "held_out", num_clips, recipe.num_frames, recipe.image_size, seed=recipe.seed + 1
+    )
     items = [data[i] for i in range(num_clips)]
     videos = torch.stack([item["video"] for item in items]).permute(0, 2, 1, 3, 4) * 2 - 1
     latents = encode_all(vae, videos)
