@@ -289,14 +289,42 @@ REWARD_SPECS = [
 ]
 
 
+DIRECTION_NAMES = [m for m in MOTIONS if m != "still"]
+
+
 def rendered_by_motion(spec: MotionSpec, seed: int) -> torch.Tensor:
     """``(5, F, 3, H, W)``: a render of ``spec``'s shapes for each motion, in MOTIONS order (with distractors)."""
     return torch.stack([render_clip(clip_of(dataclasses.replace(spec, motion=m), seed)) for m in MOTIONS])
 
 
-def test_motion_reward_ranks_the_asked_motion_first():
+def test_motion_reward_verdict_is_the_checkers_motion_verdict_on_renders():
     reward = WorldMotionReward()
-    assert reward.video and reward.differentiable
+    assert reward.video and reward.differentiable and reward.form == "verdict"
+    for seed, spec in itertools.product((0, 1), REWARD_SPECS):
+        videos = rendered_by_motion(spec, seed)
+        captions = [motion_caption(spec)] * len(MOTIONS)
+        scores = reward(videos, captions)
+        passed = check_motion(videos, captions)["motion_ok"]
+        assert passed.tolist() == [m == spec.motion for m in MOTIONS]
+        # About 0.9 where the checker passes the clip, about 0 where it fails it: for a moving caption, a
+        # still clip scores no better than one moving another way, so stillness is no refuge.
+        assert (scores[passed] > 0.85).all() and (scores[~passed] < 0.02).all(), (spec, scores)
+
+
+def test_motion_reward_verdict_needs_the_colour_in_every_frame():
+    spec = REWARD_SPECS[0]
+    video = render_clip(clip_of(spec, 4)).unsqueeze(0)
+    caption = [motion_caption(spec)]
+    reward = WorldMotionReward()
+    assert reward(video, caption).item() > 0.85
+    gone = video.clone()
+    gone[:, 6] = 0.0  # one black frame: the checker fails the clip, and so does the reward
+    assert not check_motion(gone, caption)["motion_ok"].item()
+    assert reward(gone, caption).item() < 0.05
+
+
+def test_motion_reward_displacement_ranks_the_asked_motion_first():
+    reward = WorldMotionReward(form="displacement")
     for seed, spec in itertools.product((0, 1), REWARD_SPECS):
         videos = rendered_by_motion(spec, seed)
         scores = reward(videos, [motion_caption(spec)] * len(MOTIONS))
@@ -311,18 +339,45 @@ def test_motion_reward_ranks_the_asked_motion_first():
             assert all(score < -0.8 for score in wrong_ways), scores
 
 
-def test_motion_reward_passes_finite_gradients_to_the_pixels():
+def test_motion_reward_along_scores_the_asked_way_and_leaves_stillness_no_better_than_a_random_way():
+    reward = WorldMotionReward(form="along")
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    for seed, spec in itertools.product((0, 1), REWARD_SPECS):
+        if spec.motion == "still":
+            continue
+        scores = dict(
+            zip(MOTIONS, reward(rendered_by_motion(spec, seed), [motion_caption(spec)] * len(MOTIONS)))
+        )
+        assert 0.85 < scores[spec.motion] < 1.1 and -1.1 < scores[opposite[spec.motion]] < -0.85, scores
+        across = [scores[m] for m in MOTIONS if m not in (spec.motion, opposite[spec.motion])]
+        assert all(abs(score) < 0.05 for score in across), scores  # still and both cross ways: about 0
+        # A clip moving one of the four ways at random scores 0 on average, as a still clip does.
+        assert abs(sum(scores[m] for m in DIRECTION_NAMES) / 4 - scores["still"]) < 0.05, scores
+
+
+@pytest.mark.parametrize("form", ["verdict", "displacement", "along"])
+def test_motion_reward_passes_finite_gradients_to_the_pixels(form):
     videos = torch.stack([render_clip(clip_of(spec, 2)) for spec in REWARD_SPECS])
     videos = (0.9 * videos + 0.05).requires_grad_(True)  # off the palette, where the soft mask is flat
-    rewards = WorldMotionReward()(videos, [motion_caption(spec) for spec in REWARD_SPECS])
+    rewards = WorldMotionReward(form=form)(videos, [motion_caption(spec) for spec in REWARD_SPECS])
     assert rewards.shape == (len(REWARD_SPECS),) and rewards.dtype == torch.float32
     rewards.sum().backward()
     assert videos.grad is not None and torch.isfinite(videos.grad).all()
     per_video = videos.grad.abs().flatten(1).sum(dim=1)
     assert (per_video[:-1] > 0).all(), per_video  # the moving ones (the still render sits at its optimum)
-    # Every frame but the middle one, whose weight in the least-squares slope is 0, gets a gradient.
+    # Every frame but the middle one, whose weight in the least-squares slope is 0, gets a gradient through
+    # the displacement; the verdict's presence factor reaches only the sparsest frame.
     per_frame = videos.grad[0].abs().flatten(1).sum(dim=1)
-    assert (torch.cat([per_frame[:4], per_frame[5:]]) > 0).all() and per_frame[4] == 0, per_frame
+    assert (torch.cat([per_frame[:4], per_frame[5:]]) > 0).all(), per_frame
+    if form != "verdict":
+        assert per_frame[4] == 0, per_frame
+
+
+def test_motion_reward_refuses_a_bad_form_or_width():
+    with pytest.raises(ValueError, match="form must be 'verdict', 'displacement' or 'along', got 'hinge'"):
+        WorldMotionReward(form="hinge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="width must be > 0"):
+        WorldMotionReward(width=0.0)
 
 
 def test_checker_reward_is_the_checkers_verdict():
