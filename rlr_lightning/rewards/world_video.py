@@ -23,6 +23,7 @@ from rlr_lightning.world.motion import (
     MAX_STILL_DISPLACEMENT,
     MIN_DISPLACEMENT,
     SPEED,
+    MotionSpec,
     check_motion,
     net_displacement,
     parse_motion_caption,
@@ -100,9 +101,8 @@ class WorldMotionReward(RewardModel):
         self.width = width
         self.sharpness = sharpness
 
-    def _masks(self, videos: Tensor, prompts: Sequence[str]) -> Tensor:
+    def _masks(self, videos: Tensor, specs: Sequence[MotionSpec]) -> Tensor:
         """The asked colour's soft mask in every frame, ``(B, F, H, W)``."""
-        specs = [parse_motion_caption(prompt) for prompt in prompts]
         batch, frames, _, height, width = videos.shape
         masks = soft_color_masks(videos.float().flatten(0, 1), self.sharpness)
         masks = masks.view(batch, frames, len(PALETTE), height, width)
@@ -122,14 +122,14 @@ class WorldMotionReward(RewardModel):
 
     def centroids(self, videos: Tensor, prompts: Sequence[str]) -> Tensor:
         """The soft centroid ``(x, y)`` of each frame's asked colour, ``(B, F, 2)`` in fractions of the side."""
-        return self._centroids(self._masks(videos, prompts))
+        return self._centroids(self._masks(videos, [parse_motion_caption(prompt) for prompt in prompts]))
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         specs = [parse_motion_caption(prompt) for prompt in prompts]
         frames = images.shape[1]
         if frames < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 frames to judge motion, got {frames}")
-        masks = self._masks(images, prompts)
+        masks = self._masks(images, specs)
         displacement = net_displacement(self._centroids(masks))  # (B, 2)
         direction = torch.tensor([DIRECTIONS[spec.motion] for spec in specs], device=images.device)
         along = (displacement * direction).sum(dim=-1)
