@@ -232,6 +232,50 @@ def estimator_step(module: RLRModule, embeds, prompts, draw: int) -> None:
     )
 
 
+def estimator_step_peaks(module: RLRModule, embeds, prompts, draw: int) -> dict[str, float]:
+    """:func:`estimator_step` on a GPU, with the peak memory (GiB, weights included) of each of its phases: the
+    rollout (the sampling pass, and in an unchunked plan the windows and the rewards with their graphs), then
+    each surrogate term's forward and backward, by term kind (``fo``, ``ho``, ``zo``: the largest chunk). What
+    the memory planner's predicted phases are checked against; a ``torch.cuda.synchronize`` per term is its
+    only cost."""
+    from rlr_lightning.estimators.base import rollout
+    from rlr_lightning.estimators.step import backward_terms
+
+    peaks: dict[str, float] = {}
+
+    def record(name: str) -> None:
+        torch.cuda.synchronize()
+        peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    task = module.task
+    try:
+        result = rollout(
+            module.estimator,
+            task.sampler,
+            embeds,
+            prompts,
+            task.latent_reward,
+            derive_seed(0, draw, 0),
+            derive_seed(0, draw, 1),
+            memory=task.memory_plan,
+        )
+        record("rollout")
+        names = iter([term.name for term in result.terms])
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
+            record(f"term {next(names)}")
+
+        backward_terms(result.terms, params, backward=backward, record_grads=False, isolate=True)
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+    return peaks
+
+
 def measure_step(module: RLRModule, prompts, repeats: int = 5, warmup: int = 1) -> dict:
     """Median step time (s) and peak activation bytes of one estimator step (+ CUDA peak when on GPU)."""
     embeds = module.task.conditioning_for(prompts)

@@ -96,6 +96,7 @@ from common import (  # noqa: E402
     build_networks,
     clear_lora_grads,
     estimator_step,
+    estimator_step_peaks,
     floor_parts,
     free_memory,
     is_out_of_memory,
@@ -117,7 +118,7 @@ from rlr_lightning.estimators import (  # noqa: E402
     ScoreFunction,
     TruncatedBackprop,
 )
-from rlr_lightning.memory import MemoryBudgetError  # noqa: E402
+from rlr_lightning.memory import MemoryBudgetError, PlannedMemory, memory_phases  # noqa: E402
 from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.module import RLRModule  # noqa: E402
 from rlr_lightning.rewards import ColorBalance, PerFrameReward, RewardModel  # noqa: E402
@@ -306,6 +307,17 @@ def sd35_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[C
     configs += [rlr_group(batches[-1], "planned", **memory) for memory in planned]
     configs += [grpo(SD35_GRPO_GROUPS[-1], batches[-1], "planned", **memory) for memory in planned]
     return configs
+
+
+def planned_memory_record(planned: PlannedMemory) -> dict:
+    """The planner's view of a step for its result row: the measured costs (GiB; per sample where per sample)
+    and the predicted peak of every phase (GiB), the chosen plan's."""
+    assert planned.costs is not None and planned.shape is not None  # plan_memory records both
+    costs = {k: v / 2**30 for k, v in dataclasses.asdict(planned.costs).items() if v is not None}
+    phases: dict[str, float] = {}
+    for phase in memory_phases(planned.costs, planned.shape, planned.plan):
+        phases[phase.name] = max(phases.get(phase.name, 0.0), phase.total / 2**30)
+    return {"memory_costs_gib": costs, "predicted_phases_gib": phases}
 
 
 def wan_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
@@ -728,9 +740,18 @@ class Benchmark:
             if planned is not None:
                 row["plan_s"] = time.perf_counter() - started
                 row["predicted_peak_gib"] = planned.predicted_peak / 2**30
+                row.update(planned_memory_record(planned))
             embeds = module.task.conditioning_for(prompts)
-            run = lambda: estimator_step(module, embeds, prompts, draw=0)
+            phase_peaks: dict[str, float] = {}
+            if planned is not None and self.cuda:
+                # Each phase's peak, to check the planner's phases against: a synchronize per term is the cost.
+                run = lambda: phase_peaks.update(estimator_step_peaks(module, embeds, prompts, draw=0))
+            else:
+                run = lambda: estimator_step(module, embeds, prompts, draw=0)
             row.update(measure_once(run, exclude=list(module.parameters())))
+            if phase_peaks:
+                row["measured_phases_gib"] = phase_peaks
+                row["peak_gib"] = max(phase_peaks.values())  # the per-phase resets hide the step's own peak
             clear_lora_grads(module)
             plan = module.task.memory_plan
             row.update(

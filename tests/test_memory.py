@@ -17,6 +17,7 @@ from rlr_lightning.memory import (
     MemoryPlan,
     measure_costs,
     memory_phases,
+    per_sample_cost,
     plan_memory,
     predicted_peak,
     resolve_budget,
@@ -345,6 +346,38 @@ def test_measured_costs_predict_real_windows(tiny, costs):
     latents = torch.randn(3, 4, 8, 8, requires_grad=True)
     rewarded = saved_bytes(backbone, lambda: latent_reward(backbone)(latents))
     assert rewarded == pytest.approx(3 * costs.reward_path, rel=0.1)
+
+
+def test_a_measurement_that_ran_out_of_memory_prices_the_piece_so_plans_avoid_it():
+    """On a GPU a piece of the step can run out of memory while it is measured (Wan at 480p: the unplanned
+    decode's backward). Measured at 1 but not 2 samples, it is priced at its 1-sample value (an upper bound of
+    the slope); at neither, at the whole device, so the planner checkpoints that piece."""
+    assert per_sample_cost([3 * GIB, 5 * GIB], (1, 2), 80 * GIB) == 2 * GIB  # the slope
+    assert per_sample_cost([3 * GIB, None], (1, 2), 80 * GIB) == 3 * GIB
+    assert per_sample_cost([6 * GIB, None], (2, 4), 80 * GIB) == 3 * GIB
+    assert per_sample_cost([None, None], (1, 2), 80 * GIB) == 80 * GIB
+    costs = replace(COSTS, reward_path=per_sample_cost([None, None], (1, 2), 80 * GIB))
+    shape = GraphShape(samples=2, windows=(3,), reward_window=0)
+    planned = plan_memory(costs, 80 * GIB, lambda h: shape)
+    assert planned.plan.activation_checkpointing
+    assert planned.predicted_peak <= planned.usable_budget
+
+
+def test_rescoring_is_priced_at_the_checkpointed_call_where_the_family_checkpoints_blocks():
+    """Re-scoring holds one call's whole activations (``grad_step``) unless the plan checkpoints and the family's
+    re-scoring then checkpoints its blocks (Wan): then ``rescore_step_checkpointed``, and a step the re-scoring
+    kept from fitting fits."""
+    shape = GraphShape(samples=2, windows=(3,), reward_window=0, rescoring_steps=12)
+    plain = replace(COSTS, grad_step=40 * GIB, grad_step_checkpointed=2 * GIB)
+    blockwise = replace(plain, rescore_step_checkpointed=3 * GIB)
+    checkpointed = MemoryPlan(1, True)
+    assert predicted_peak(plain, shape, checkpointed) == 10 * GIB + 40 * GIB  # resident + one re-scored call
+    assert predicted_peak(blockwise, shape, checkpointed) < predicted_peak(plain, shape, checkpointed)
+    assert blockwise.rescore_step(False) == 40 * GIB  # without checkpointing re-scoring keeps everything
+    with pytest.raises(MemoryBudgetError, match="re-scoring"):
+        plan_memory(plain, 40 * GIB, lambda h: shape)
+    planned = plan_memory(blockwise, 40 * GIB, lambda h: shape)
+    assert planned.plan.activation_checkpointing and planned.predicted_peak <= planned.usable_budget
 
 
 def test_measure_costs_needs_trainable_weights(tiny):

@@ -141,6 +141,109 @@ def test_sampling_at_noise_level_zero_equals_the_pipeline_with_guidance(
     torch.testing.assert_close(video, pipe(**common, output_type="pt").frames, rtol=0, atol=1e-5)
 
 
+def test_the_checkpointed_decode_recomputes_one_latent_frame_at_a_time_with_the_same_video_and_gradient(
+    tiny_wan_dir,
+):
+    """Decoder checkpointing (the memory plan's, on the first-order path) decodes each latent frame under its own
+    checkpoint: the same videos and the same gradient in the latents as diffusers' decode, and backward
+    re-runs the decoder once per latent frame (not the whole video at once), at 13 frames (4 latent frames)."""
+    bb = backbone(tiny_wan_dir, lora=False)
+    bb.set_num_frames(13)
+    z = torch.randn(2, 16, 4, *bb.latent_size, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    weights = torch.rand(2, 13, 3, *bb.resolution, generator=torch.Generator().manual_seed(6))
+
+    def decode_and_grad(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        bb.set_decoder_checkpointing(checkpointing)
+        video = bb.decode(z)
+        calls: list[int] = []
+        # A pre-hook: the recomputation stops once it has what backward needs, before forward hooks would run.
+        hook = bb.vae.decoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[2]))
+        try:
+            (grad,) = torch.autograd.grad((video * weights).sum(), z)
+        finally:
+            hook.remove()
+            bb.set_decoder_checkpointing(False)
+        return video.detach(), grad, calls
+
+    video, grad, calls = decode_and_grad(False)
+    assert calls == []  # without checkpointing backward runs no decoder forward
+    with torch.no_grad():
+        torch.testing.assert_close(video, bb.decode(z), rtol=0, atol=0)
+    video_ck, grad_ck, calls_ck = decode_and_grad(True)
+    assert calls_ck == [1, 1, 1, 1]  # one recomputation per latent frame, each of one latent frame
+    torch.testing.assert_close(video_ck, video, rtol=0, atol=0)
+    torch.testing.assert_close(grad_ck, grad, rtol=1e-5, atol=1e-6)
+    assert grad.abs().mean() > 0  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("perturbed", [False, True], ids=["own-weights", "perturbed-weights"])
+def test_a_checkpointed_call_checkpoints_the_transformers_blocks_only_at_its_own_weights(
+    tiny_wan_dir, perturbed
+):
+    """A checkpointed denoiser call (the memory plan's activation checkpointing) gives the gradient of the plain
+    call. At the module's own weights its recomputation also checkpoints every transformer block (one block's
+    activations at a time); at perturbed weights (parameter-mode ZO) it must not, since a block's recomputation
+    would run after the functional call, at the unperturbed weights. Checkpointing is off again afterwards."""
+    from rlr_lightning.sampling import Perturbation
+
+    bb = backbone(tiny_wan_dir)
+    sampler = bb.make_sampler(4, eta=0.7, guidance_scale=5.0)
+    x = torch.randn(2, 16, 3, *bb.latent_size, generator=torch.Generator().manual_seed(8))
+    step_index = torch.tensor([1, 2])
+    embeds = bb.encode_prompts(PROMPTS)
+    perturbation = Perturbation(seed=4, scale=0.05) if perturbed else None
+    params = list(sampler.trainable_parameters().values())
+    seen: list[bool] = []  # at each run of the first block: were the blocks checkpointed?
+    hook = bb.transformer.blocks[0].register_forward_pre_hook(
+        lambda module, args: seen.append(bool(bb.transformer.gradient_checkpointing))
+    )
+
+    def grads(checkpoint: bool) -> list[torch.Tensor]:
+        seen.clear()
+        out = sampler.model_output(x, step_index, embeds, perturbation, checkpoint=checkpoint)
+        return list(torch.autograd.grad(out.square().sum(), params))
+
+    plain = grads(False)
+    assert seen and not any(seen)
+    checkpointed = grads(True)
+    hook.remove()
+    # Forward, then the recomputation (and, blockwise, each block's own) in backward.
+    assert len(seen) >= 2 and any(seen) != perturbed
+    assert not bb.transformer.is_gradient_checkpointing
+    for ours, reference in zip(checkpointed, plain, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in plain) > 0
+
+
+def test_checkpointed_rescoring_checkpoints_the_blocks_with_the_same_log_prob_gradient(tiny_wan_dir):
+    """Re-scoring under the plan's activation checkpointing (likelihood-ratio terms: one call, its backward at
+    once) runs with the transformer's blocks checkpointed, and its log-probabilities and their gradient are the
+    plain call's. At 480p this is what lets Wan's re-scoring fit an 80 GB card."""
+    bb = backbone(tiny_wan_dir)
+    sampler = bb.make_sampler(4, eta=0.7, guidance_scale=5.0)
+    x = torch.randn(2, 16, 3, *bb.latent_size, generator=torch.Generator().manual_seed(9))
+    x_next = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+    step_index = torch.tensor([0, 2])
+    embeds = bb.encode_prompts(PROMPTS)
+    params = list(sampler.trainable_parameters().values())
+    seen: list[bool] = []
+    hook = bb.transformer.blocks[0].register_forward_pre_hook(
+        lambda module, args: seen.append(bool(bb.transformer.gradient_checkpointing))
+    )
+    results = []
+    for checkpoint in (False, True):
+        seen.clear()
+        log_p = sampler.log_probs(step_index, x, x_next, embeds, checkpoint=checkpoint)
+        results.append((log_p.detach(), torch.autograd.grad(log_p.sum(), params)))
+        assert any(seen) == checkpoint
+    hook.remove()
+    (plain, plain_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    for ours_g, plain_g in zip(our_grads, plain_grads, strict=True):
+        torch.testing.assert_close(ours_g, plain_g, rtol=1e-5, atol=1e-7)
+    assert not bb.transformer.is_gradient_checkpointing
+
+
 def test_the_released_unipc_scheduler_gives_the_kernel_its_times(tiny_wan_dir):
     """Wan 2.1's checkpoints ship UniPC with flow sigmas at shift 3 (480p): the kernel samples at its sigmas and
     calls the transformer with its integer timesteps, and a directory shipping it loads."""

@@ -499,7 +499,9 @@ class GradientEstimator(ABC):
             def loss() -> Tensor:
                 k, s = steps_t[rows], samples_t[rows]
                 index, x, x_next = rollout.trajectory.rows(k, s)
-                log_p = sampler.log_probs(index, x, x_next, embeds.rows(k, s))
+                log_p = sampler.log_probs(
+                    index, x, x_next, embeds.rows(k, s), checkpoint=rollout.memory.activation_checkpointing
+                )
                 return -weight * (rollout.advantages_at(k, s) * log_p).sum() / B
 
             return loss

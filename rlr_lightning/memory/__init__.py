@@ -13,6 +13,7 @@ from rlr_lightning.memory.measure import (
     StepFn,
     measure,
     measure_costs,
+    per_sample_cost,
     plan_task,
     resolve_budget,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "measure",
     "measure_costs",
     "memory_phases",
+    "per_sample_cost",
     "plan_memory",
     "plan_task",
     "predicted_peak",

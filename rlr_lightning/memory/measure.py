@@ -8,9 +8,11 @@ bytes autograd saves for backward, which is the part a memory plan controls. :fu
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import psutil
@@ -148,9 +150,20 @@ StepFn = Callable[[int, bool, bool], Tensor]
 LatentRewardFn = Callable[[Tensor], Tensor]
 
 
-def _slope(values: Sequence[int], samples: tuple[int, int]) -> int:
-    """Bytes per sample between two measurements: fixed overheads cancel."""
-    return max(0, round((values[1] - values[0]) / (samples[1] - samples[0])))
+def per_sample_cost(values: Sequence[int | None], samples: tuple[int, int], out_of_memory: int) -> int:
+    """Bytes per sample from a cost measured at two sample counts ``n1 < n2`` (``None``: ran out of memory).
+
+    Both measured: the slope between them, so fixed overheads cancel. Only ``n1`` measured (``n2`` ran out of
+    memory): ``values[0] / n1``, an upper bound of the slope since fixed overheads are >= 0. Neither:
+    ``out_of_memory`` (the device's memory), so no plan that needs the piece fits: the planner turns to
+    checkpointing and chunks, or says what does not fit.
+    """
+    (n1, n2), (v1, v2) = samples, values
+    if v1 is None:
+        return out_of_memory
+    if v2 is None:
+        return math.ceil(v1 / n1)
+    return max(0, round((v2 - v1) / (n2 - n1)))
 
 
 class _Probe:
@@ -162,15 +175,27 @@ class _Probe:
         self.cuda = device.type == "cuda"
         self.exclude = exclude
 
-    def cuda_bytes(self, work: Callable[[], object], held: bool = False) -> int:
-        """Peak bytes above the start while ``work`` runs, or (``held``) bytes held by what it returns."""
+    def cuda_bytes(self, work: Callable[[], object], held: bool = False) -> int | None:
+        """Peak bytes above the start while ``work`` runs, or (``held``) bytes held by what it returns;
+        ``None`` when it runs out of device memory (a video model's unplanned step can: that is a result)."""
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        result = work()
-        torch.cuda.synchronize(self.device)
-        used = (torch.cuda.memory_allocated if held else torch.cuda.max_memory_allocated)(self.device) - base
+        try:
+            result = work()
+        except torch.OutOfMemoryError:
+            result = None
+            used = None
+        else:
+            torch.cuda.synchronize(self.device)
+            read = torch.cuda.memory_allocated if held else torch.cuda.max_memory_allocated
+            used = read(self.device) - base
         del result
+        if used is None:
+            # The failed work's tensors died with the exception: return their blocks before the next piece.
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None
         return int(used)
 
     def saved_bytes(self, forward: Callable[[], Tensor]) -> int:
@@ -180,14 +205,14 @@ class _Probe:
         del out
         return meter.peak
 
-    def no_grad(self, forward: Callable[[], Tensor]) -> int:
+    def no_grad(self, forward: Callable[[], Tensor]) -> int | None:
         """Transient peak of a forward without gradient (CUDA only; 0 elsewhere: nothing measures it)."""
         if not self.cuda:
             return 0
         with torch.no_grad():
             return self.cuda_bytes(forward)
 
-    def with_grad(self, forward: Callable[[], Tensor], wrt: Sequence[Tensor]) -> int:
+    def with_grad(self, forward: Callable[[], Tensor], wrt: Sequence[Tensor]) -> int | None:
         """What a forward with gradient holds: on CUDA its peak over forward and backward (with respect to
         ``wrt``, nothing written to ``.grad``); elsewhere the bytes it saves for backward."""
         with torch.enable_grad():
@@ -200,7 +225,7 @@ class _Probe:
 
             return self.cuda_bytes(forward_backward)
 
-    def kept(self, forward: Callable[[], Tensor]) -> int:
+    def kept(self, forward: Callable[[], Tensor]) -> int | None:
         """What a forward with gradient keeps until its backward (its transient excluded)."""
         with torch.enable_grad():
             if not self.cuda:
@@ -258,7 +283,7 @@ def measure_costs(
         else:
             resident = psutil.Process().memory_info().rss
 
-    measured: dict[str, list[int]] = {}
+    measured: dict[str, list[int | None]] = {}
     try:
         for n in samples:
             for name, value in _measure_at(n, probe, step_fn, reward_fn, set_reward_checkpointing, trainable):
@@ -266,7 +291,18 @@ def measure_costs(
     finally:
         set_reward_checkpointing(False)
     logger.debug("memory measured at %s samples: %s", samples, measured)
-    return MemoryCosts(resident=int(resident), **{name: _slope(v, samples) for name, v in measured.items()})
+    out_of_memory = torch.cuda.get_device_properties(device).total_memory if probe.cuda else 0
+    ran_out = [f"{name} at {samples[v.index(None)]}" for name, v in measured.items() if None in v]
+    if ran_out:
+        logger.info(
+            "Measuring the step's memory ran out of device memory for %s sample(s); priced per sample from the "
+            "smaller count where it ran, else as the whole device (such a plan cannot fit)",
+            ", ".join(ran_out),
+        )
+    return MemoryCosts(
+        resident=int(resident),
+        **{name: per_sample_cost(v, samples, out_of_memory) for name, v in measured.items()},
+    )
 
 
 def _measure_at(
@@ -276,11 +312,11 @@ def _measure_at(
     reward_fn: LatentRewardFn,
     set_reward_checkpointing: Callable[[bool], None],
     trainable: Sequence[Tensor],
-) -> list[tuple[str, int]]:
+) -> list[tuple[str, int | None]]:
     """Every cost of :class:`MemoryCosts` but ``resident``, for ``n`` samples (not yet per sample)."""
     with torch.no_grad():
         latents = step_fn(n, False, False).detach()
-    costs = [
+    costs: list[tuple[str, int | None]] = [
         ("sample_step", probe.no_grad(lambda: step_fn(n, False, False))),
         ("grad_step", probe.with_grad(lambda: step_fn(n, True, False), trainable)),
         ("grad_step_input", probe.kept(lambda: step_fn(n, True, True))),
@@ -332,7 +368,7 @@ def measure(task: Task, prompt: str, samples: tuple[int, int] = (1, 2)) -> Memor
     def reward_fn(latents: Tensor) -> Tensor:
         return task.latent_reward(latents, [prompt] * latents.shape[0])
 
-    return measure_costs(
+    costs = measure_costs(
         step_fn,
         reward_fn,
         task.set_activation_checkpointing,
@@ -340,6 +376,11 @@ def measure(task: Task, prompt: str, samples: tuple[int, int] = (1, 2)) -> Memor
         device,
         samples=samples,
     )
+    if sampler.denoiser.checkpoint_blocks:
+        # Its re-scoring calls run as checkpointed window steps do when the plan checkpoints (Sampler.log_probs).
+        ck = costs.grad_step if costs.grad_step_checkpointed is None else costs.grad_step_checkpointed
+        costs = replace(costs, rescore_step_checkpointed=ck)
+    return costs
 
 
 def plan_task(

@@ -142,6 +142,10 @@ class MemoryCosts:
             recomputation), per sample; ``None``: assume ``grad_step``.
         reward_inputs: What the checkpointed decode + reward keeps per image until its backward (the inputs of
             its checkpointed blocks); ``None``: assume ``reward_path_checkpointed`` (an upper bound).
+        rescore_step_checkpointed: Peak of one re-scored transition under activation checkpointing, for the
+            families whose re-scoring calls then checkpoint the network's blocks
+            (``Denoiser.checkpoint_blocks``: the same call as a checkpointed window step); ``None``: re-scoring
+            keeps every activation whatever the plan (``grad_step``).
     """
 
     resident: int
@@ -153,6 +157,7 @@ class MemoryCosts:
     reward_forward: int = 0
     grad_step_checkpointed: int | None = None
     reward_inputs: int | None = None
+    rescore_step_checkpointed: int | None = None
 
     def __post_init__(self) -> None:
         negative = {k: v for k, v in vars(self).items() if v is not None and v < 0}
@@ -169,6 +174,12 @@ class MemoryCosts:
             f"{format_bytes(self.reward_kept(True))} kept until its backward), without grad "
             f"{format_bytes(self.reward_forward)}"
         )
+
+    def rescore_step(self, checkpointing: bool) -> int:
+        """What one re-scored transition holds at its peak (its forward and backward) under the plan."""
+        if checkpointing and self.rescore_step_checkpointed is not None:
+            return self.rescore_step_checkpointed
+        return self.grad_step
 
     def reward_kept(self, checkpointing: bool) -> int:
         """What decode + reward keeps per image while other backward passes run (upper bound without
@@ -215,6 +226,9 @@ class PlannedMemory:
         predicted_peak: Predicted peak bytes of one step under the plan.
         usable_budget: The budget less the headroom, in bytes: what the predicted peak had to fit.
         budget: The budget, in bytes.
+        costs: The measured costs the plan was chosen from.
+        shape: The step's graph at the chosen block length (with ``costs`` and ``plan``,
+            :func:`~rlr_lightning.memory.memory_phases` gives the predicted peak of every phase).
     """
 
     plan: MemoryPlan
@@ -222,6 +236,8 @@ class PlannedMemory:
     predicted_peak: int
     usable_budget: int
     budget: int
+    costs: MemoryCosts | None = None
+    shape: GraphShape | None = None
 
     def describe(self) -> str:
         """One log line, e.g. ``memory plan: budget 24.0 GiB (21.6 GiB usable), chunks of 2 samples,

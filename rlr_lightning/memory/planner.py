@@ -91,7 +91,8 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
       time, forward then backward, one window at a time, the first-order window with its decode + reward
       path of ``c`` images (whose backward finishes before the window's recomputation starts).
     * Re-scoring runs after the windows' backward passes, one call at a time, each holding
-      ``min(rescore_steps_per_call, rescoring_steps) * samples`` transitions of ``grad_step`` bytes, or at
+      ``min(rescore_steps_per_call, rescoring_steps) * samples`` transitions of ``grad_step`` bytes
+      (:meth:`MemoryCosts.rescore_step`: less under checkpointing where the family checkpoints blocks), or at
       most ``c`` transitions when chunked (``chunk_samples`` caps a re-scoring call even when it is
       ``>= samples``).
 
@@ -170,7 +171,10 @@ def memory_phases(costs: MemoryCosts, shape: GraphShape, plan: MemoryPlan) -> li
                 "re-scoring",
                 (
                     resident,
-                    (f"re-scoring call, {count_noun(per_call, 'transition')}", costs.grad_step * per_call),
+                    (
+                        f"re-scoring call, {count_noun(per_call, 'transition')}",
+                        costs.rescore_step(ck) * per_call,
+                    ),
                 ),
             )
         )
@@ -327,7 +331,7 @@ def plan_memory(
         plan, chosen_h, peak = found
         plan = _widen_rescoring(costs, usable, shapes(chosen_h), plan)
         peak = predicted_peak(costs, shapes(chosen_h), plan)
-        return PlannedMemory(plan, chosen_h, peak, usable, int(budget_bytes))
+        return PlannedMemory(plan, chosen_h, peak, usable, int(budget_bytes), costs, shapes(chosen_h))
     raise MemoryBudgetError(
         _no_fit_message(
             costs, int(budget_bytes), usable, headroom, shapes, h, hs, chunk_samples, activation_checkpointing
@@ -339,11 +343,12 @@ def _widen_rescoring(costs: MemoryCosts, usable: int, shape: GraphShape, plan: M
     """Let re-scoring calls hold more transitions than a window chunk when the budget allows: each holds one
     denoiser call's graph, and fewer, larger calls run faster (small calls leave the GPU waiting on launches)."""
     c = plan.chunk_samples
-    if not shape.rescoring_steps or not plan.chunks(shape.samples) or costs.grad_step <= 0:
+    per_transition = costs.rescore_step(plan.activation_checkpointing)
+    if not shape.rescoring_steps or not plan.chunks(shape.samples) or per_transition <= 0:
         return plan
     assert c is not None  # plan.chunks(): a chunk size is set
     cap = min(shape.rescore_steps_per_call, shape.rescoring_steps) * shape.samples
-    fits = int((usable - costs.resident) // costs.grad_step)
+    fits = int((usable - costs.resident) // per_transition)
     rows = min(cap, fits)
     return replace(plan, rescore_samples=rows) if rows > c else plan
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rlr_lightning.models.flow import FlowMatchingBackbone
 from rlr_lightning.paths import VIDEO_DEFAULTS_FILE
@@ -51,6 +52,9 @@ class WanDenoiser(Denoiser):
         sample_size: Latent height and width.
         latent_frames: Latent frames ``f``.
     """
+
+    # One call at 480 x 832 and 33 frames with guidance holds about 65 GiB of activations (H200, 2026-12-04).
+    checkpoint_blocks = True
 
     def __init__(
         self,
@@ -287,11 +291,38 @@ class WanBackbone(FlowMatchingBackbone):
     _decoder_checkpointing = False
 
     def set_decoder_checkpointing(self, enabled: bool) -> None:
-        """Recompute the VAE decode in backward instead of keeping its activations. ``AutoencoderKLWan`` has no
-        block-level gradient checkpointing in diffusers, and its causal decoder carries a feature cache from one
-        latent frame to the next, so the whole decode is one checkpoint (exact: the VAE is frozen and the decode
-        clears its cache first, so the recomputation repeats the forward)."""
+        """Recompute the VAE decode in backward instead of keeping its activations, one latent frame at a time
+        (:meth:`_decode_checkpointed`): ``AutoencoderKLWan`` has no block-level gradient checkpointing in
+        diffusers. Exact: the VAE is frozen, and each recomputation repeats its frame's forward from the same
+        inputs."""
         self._decoder_checkpointing = bool(enabled)
+
+    def _decode_checkpointed(self, z: Tensor) -> Tensor:
+        """``AutoencoderKLWan.decode`` (untiled) with each latent frame's decoder call as its own checkpoint, so
+        its backward holds one latent frame's activations instead of the whole video's (at 480 x 832 and 33
+        frames the whole decode's activations outgrow an 80 GB card).
+
+        The causal decoder carries a feature cache (the last frames of every causal convolution's input) from
+        one latent frame to the next and rewrites it in place. Each frame's call therefore starts from a copy
+        of the cache it found and returns the new one: a recomputation in backward sees the cache the forward
+        saw. Only the caches, a few frames of features per convolution, stay alive between frames.
+        """
+        vae = self.vae
+        x = vae.post_quant_conv(z)
+        vae.clear_cache()  # also gives the number of cached convolutions
+        cache: list = [None] * len(vae._feat_map)
+
+        def frame(x_i: Tensor, cache_in: list, first: bool) -> tuple[Tensor, list]:
+            cache_out = list(cache_in)
+            out = vae.decoder(x_i, feat_cache=cache_out, feat_idx=[0], first_chunk=first)
+            return out, cache_out
+
+        frames = []
+        for i in range(x.shape[2]):
+            out, cache = checkpoint(frame, x[:, :, i : i + 1], cache, i == 0, use_reentrant=False)
+            frames.append(out)
+        vae.clear_cache()
+        return torch.cat(frames, 2).clamp(-1.0, 1.0)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Decode video latents ``(B, 16, f, h, w)`` to videos ``(B, frames, 3, H, W)`` in [0, 1], float32;
@@ -302,13 +333,15 @@ class WanBackbone(FlowMatchingBackbone):
         mean = torch.tensor(config.latents_mean, device=latents.device).view(shape)
         std = torch.tensor(config.latents_std, device=latents.device).view(shape)
         z = (latents.float() * std + mean).to(self.vae.dtype)
-        decode = lambda z: self.vae.decode(z, return_dict=False)[0]  # noqa: E731
+        # Tiling and patched VAEs (Wan 2.2) take diffusers' own decode, checkpointed whole.
+        per_frame = not self.vae.use_tiling and self.vae.config.patch_size is None
         if self._decoder_checkpointing and torch.is_grad_enabled() and z.requires_grad:
-            from torch.utils.checkpoint import checkpoint
-
-            video = checkpoint(decode, z, use_reentrant=False)
+            if per_frame:
+                video = self._decode_checkpointed(z)
+            else:
+                video = checkpoint(lambda z: self.vae.decode(z, return_dict=False)[0], z, use_reentrant=False)
         else:
-            video = decode(z)  # (B, 3, frames, H, W) in [-1, 1]
+            video = self.vae.decode(z, return_dict=False)[0]  # (B, 3, frames, H, W) in [-1, 1]
         return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
 
 

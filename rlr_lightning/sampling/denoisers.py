@@ -11,7 +11,8 @@ other arguments (a transformer with pooled projections, packed latents, a guidan
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,6 +31,12 @@ class Denoiser(ABC):
         sample_size: Latent height and width ``(h, w)`` to sample at; ``None``: the network's own (its config's
             ``sample_size``, where it has one).
     """
+
+    #: Inside a checkpointed call without a parameter perturbation, also checkpoint the network's blocks
+    #: (diffusers' gradient checkpointing), so the call's recomputation in backward holds one block's
+    #: activations instead of the whole network's. Worth a third forward where one call's activations are
+    #: most of a step's memory (Wan at 480p: about 65 GiB per video); families measured without it keep it off.
+    checkpoint_blocks: bool = False
 
     def __init__(
         self, module: nn.Module, dtype: torch.dtype | None = None, sample_size: tuple[int, int] | None = None
@@ -58,6 +65,27 @@ class Denoiser(ABC):
 
     def trainable_parameters(self) -> dict[str, Tensor]:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def blocks_checkpointed(self, enabled: bool = True) -> Iterator[None]:
+        """Run the network with its blocks checkpointed (diffusers' ``enable_gradient_checkpointing``) inside the
+        context, where it supports that and ``enabled``; as it was afterwards.
+
+        Only for calls at the module's own parameters: a block's recomputation runs in backward, after a
+        ``functional_call`` at perturbed parameters has returned, so it would see the unperturbed weights.
+        """
+        module: Any = self.module
+        if not enabled or not getattr(module, "_supports_gradient_checkpointing", False):
+            yield
+            return
+        was_on = module.is_gradient_checkpointing
+        if not was_on:
+            module.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if not was_on:
+                module.disable_gradient_checkpointing()
 
     def __call__(
         self,

@@ -86,6 +86,7 @@ class Sampler(Protocol):
         next_latents: Tensor,
         embeds: PromptEmbeds,
         perturbation: Perturbation | None = None,
+        checkpoint: bool = False,
     ) -> Tensor: ...
 
     def step(
@@ -154,17 +155,21 @@ class DiffusionSampler:
         params: Mapping[str, Tensor] | None,
         checkpoint: bool = False,
     ) -> Tensor:
-        def call(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-            return self.denoiser(x, t, context, added, params)
-
         if checkpoint and torch.is_grad_enabled():
             # The whole call is one checkpoint: only its inputs are kept (the added conditioning is saved through
             # the closure), and backward recomputes it with the same (possibly perturbed) parameter tensors,
             # which the closure holds. Checkpointing inside the network (diffusers' per-block option) would
             # recompute outside the functional call, at the unperturbed weights, and silently give wrong
-            # gradients in parameter mode.
-            return torch.utils.checkpoint.checkpoint(call, x, t, context, use_reentrant=False)
-        return call(x, t, context)
+            # gradients in parameter mode; at the module's own weights it is exact, and a family that asks for it
+            # (``Denoiser.checkpoint_blocks``) gets its blocks checkpointed inside the recomputation too.
+            blocks = self.denoiser.checkpoint_blocks and params is None
+
+            def checkpointed(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+                with self.denoiser.blocks_checkpointed(blocks):
+                    return self.denoiser(x, t, context, added, params)
+
+            return torch.utils.checkpoint.checkpoint(checkpointed, x, t, context, use_reentrant=False)
+        return self.denoiser(x, t, context, added, params)
 
     def model_output(
         self,
@@ -308,12 +313,17 @@ class DiffusionSampler:
         next_latents: Tensor,
         embeds: PromptEmbeds,
         perturbation: Perturbation | None = None,
+        checkpoint: bool = False,
     ) -> Tensor:
         """Re-score many stored transitions ``(k, s_k, s_{k+1})`` in one denoiser call (per-sample timesteps).
 
         Returns ``log p_theta(s_{k+1} | s_k)``, ``(N,)`` float32, differentiable in the trainable weights when
         called with gradient enabled. Use :meth:`Trajectory.transitions` and ``embeds.for_steps`` (or
         :meth:`Trajectory.rows` and ``embeds.rows``) to build the inputs.
+
+        ``checkpoint`` (the memory plan's activation checkpointing) checkpoints the call where the family
+        checkpoints its network's blocks (``Denoiser.checkpoint_blocks``): the call's backward follows at once,
+        so only checkpointed blocks lower its peak, and elsewhere it would only cost a forward.
         """
         if next_latents.shape != latents.shape:
             raise ValueError(
@@ -324,7 +334,14 @@ class DiffusionSampler:
                 "log-probabilities need sigma > 0 on every scored step: use eta > 0, and with a flow model's "
                 "stochastic_steps, score only the steps inside it"
             )
-        out = self.step(step_index, latents, embeds, perturbation=perturbation, prev_latents=next_latents)
+        out = self.step(
+            step_index,
+            latents,
+            embeds,
+            perturbation=perturbation,
+            prev_latents=next_latents,
+            checkpoint=checkpoint and self.denoiser.checkpoint_blocks,
+        )
         assert out.log_prob is not None  # every scored step has sigma > 0 (checked above)
         return out.log_prob
 
