@@ -378,8 +378,7 @@ def measure(task: Task, prompt: str, samples: tuple[int, int] = (1, 2)) -> Memor
     )
     if sampler.denoiser.checkpoint_blocks:
         # Its re-scoring calls run as checkpointed window steps do when the plan checkpoints (Sampler.log_probs).
-        ck = costs.grad_step if costs.grad_step_checkpointed is None else costs.grad_step_checkpointed
-        costs = replace(costs, rescore_step_checkpointed=ck)
+        costs = replace(costs, rescore_step_checkpointed=costs.checkpointed_step())
     return costs
 
 

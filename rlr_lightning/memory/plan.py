@@ -175,6 +175,11 @@ class MemoryCosts:
             f"{format_bytes(self.reward_forward)}"
         )
 
+    def checkpointed_step(self) -> int:
+        """Peak of one checkpointed denoiser call over its forward and its recomputing backward, per sample
+        (``grad_step`` where not measured)."""
+        return self.grad_step if self.grad_step_checkpointed is None else self.grad_step_checkpointed
+
     def rescore_step(self, checkpointing: bool) -> int:
         """What one re-scored transition holds at its peak (its forward and backward) under the plan."""
         if checkpointing and self.rescore_step_checkpointed is not None:

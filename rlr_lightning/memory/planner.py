@@ -55,8 +55,7 @@ def _window_recompute(costs: MemoryCosts, n: int, checkpointing: bool) -> int:
     """Bytes of the one denoiser call a checkpointed window recomputes at a time during its backward."""
     if not checkpointing:
         return 0
-    per_sample = costs.grad_step if costs.grad_step_checkpointed is None else costs.grad_step_checkpointed
-    return per_sample * n
+    return costs.checkpointed_step() * n
 
 
 def _reward_path(costs: MemoryCosts, n: int, checkpointing: bool) -> int:
