@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 
 from rlr_lightning.data import PROMPT_SETS, PromptBatch
 from rlr_lightning.grids import BeforeAfterLayout, to_uint8
+from rlr_lightning.ranks import renders
 from rlr_lightning.video import log_videos, video_strip, write_mp4
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class SampleImageLogger(L.Callback):
 
     def _maybe_render(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_step:
+        if not renders(trainer) or step == self._last_step:
             return
         if not force and step % self.every_n_steps:
             return
@@ -146,6 +147,8 @@ class SampleImageLogger(L.Callback):
             self._checked_prompts = True
             warn_if_cut(pl_module, prompts, type(self).__name__)
         pixels, rewards = render_samples(pl_module, prompts, self.seed)
+        if not trainer.is_global_zero:  # a sharded model's other ranks took part in the forwards only
+            return
         rows = [[step, p, r] for p, r in zip(prompts, rewards)]
         sinks: list[Logger | None] = [*trainer.loggers] or [None]
         if pixels.dim() == 5:
@@ -225,7 +228,8 @@ class SampleImageLogger(L.Callback):
 class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
     """Render fixed prompts with fixed seeds by the base model (LoRA off) when training starts and by the
     fine-tuned model when it ends, and write them side by side to ``<log dir>/before_after.png`` (next to the
-    metrics), with the rewards in ``before_after.csv``. On rank zero only; a resumed run's "before" is still
+    metrics), with the rewards in ``before_after.csv``. On rank zero only (every rank renders when the weights are
+    sharded; rank zero writes); a resumed run's "before" is still
     the base model.
 
     The grid has one column per prompt (its text above), the base model's image in the top row and the
@@ -274,8 +278,9 @@ class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
         return self.prompts
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            warn_if_cut(pl_module, self._prompts(trainer), type(self).__name__)
+        if renders(trainer):
+            if trainer.is_global_zero:
+                warn_if_cut(pl_module, self._prompts(trainer), type(self).__name__)
             backbone = cast("RLRModule", pl_module).backbone
             assert backbone is not None  # loaded before training starts
             with backbone.lora_disabled():
@@ -284,9 +289,11 @@ class BeforeAfterGrid(BeforeAfterLayout, L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.log_dir broadcasts from rank zero under DDP: every rank asks, before the rank check.
         log_dir = trainer.log_dir
-        if not trainer.is_global_zero or self._before is None:
+        if not renders(trainer) or self._before is None:
             return
         after = render_samples(pl_module, self._prompts(trainer), self.seed)
+        if not trainer.is_global_zero:  # a sharded model's other ranks took part in the forwards only
+            return
         root = Path(log_dir or trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         if after[0].dim() == 5:

@@ -242,11 +242,14 @@ COMMANDS = {
     "(rlr eval --lora shapes-world-aligned --config configs/world_align.yaml)",
     "diagnose": "map where the gradient noise lives, step by step, and recommend RLR's tail and baselines "
     "(rlr diagnose --config configs/quickstart.yaml)",
+    "serve-reward": "serve a reward model over HTTP for RemoteReward (rlr serve-reward --reward "
+    "rlr_lightning.rewards.TargetColor --port 8000)",
 }
 
 
 def _usage() -> str:
-    listing = "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items())
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:{width}s} {what}" for name, what in COMMANDS.items())
     return (
         f"usage: rlr COMMAND [options]\n\ncommands:\n{listing}\n\n"
         "rlr COMMAND --help lists a command's options; rlr --version prints the version."
@@ -330,7 +333,9 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         sys.exit(_usage())
     try:
-        _quiet_progress_bars()
+        # Not for a reward server: it loads its reward once, and importing diffusers would double its start-up.
+        if argv[0] != "serve-reward":
+            _quiet_progress_bars()
         if argv[0] == "sample":
             out = sample(argv[1:])
             print(f"wrote {len(out.read_bytes())} bytes of samples to {out}")
@@ -342,6 +347,10 @@ def main(args: list[str] | None = None) -> None:
             from rlr_lightning.diagnose_cli import diagnose
 
             diagnose(argv[1:])
+        elif argv[0] == "serve-reward":
+            from rlr_lightning.serve_cli import serve_reward
+
+            serve_reward(argv[1:])
         else:
             # LightningCLI reads sys.argv itself when run as the console script (its DDP launcher re-runs it).
             _lightning_cli(None if args is None else argv)

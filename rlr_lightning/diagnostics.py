@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from rlr_lightning.ranks import renders
 from rlr_lightning.task import Task, as_task
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class GradientDiagnosticsCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step % self.every_n_steps or any(s == step for s, _ in self.history):
+        if not renders(trainer) or step % self.every_n_steps or any(s == step for s, _ in self.history):
             return
         strategy = trainer.strategy
         # Local backward passes only: never arm DDP's gradient all-reduce from one rank.

@@ -202,6 +202,9 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
             task = Task.build(
                 name, settings, self.lora_settings, self.reward, self.weight_dtype, self.seed, self.device
             )
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is not None:  # FSDP2Strategy: the frozen base sharded over the ranks, LoRA whole
+            task.sharding = shard(task.backbone)
         task.memory_plan = self.memory.initial_plan()  # until the planner runs (first step)
         self.estimator.configure_schedule(task.sampler.kernel.sigma.tolist())
         self.backbone, self._task = task.backbone, task
@@ -314,8 +317,8 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
             self.estimator.observe(result, mean_over_ranks(self, done.norms()))
 
     def _backward(self, terms, last_micro: bool) -> TermBackward:
-        sync = lambda last: backward_sync(self.trainer, last_micro and last)  # noqa: E731
         params, divisor = self.lora_parameters(), self.gradient_accumulation_steps
+        sync = lambda last: backward_sync(self.trainer, last_micro and last, params)  # noqa: E731
         return backward_terms(terms, params, divisor, self.manual_backward, sync, self.log_term_grad_norms)
 
     def _optimizer_step(self, optimizer) -> bool:

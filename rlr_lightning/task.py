@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -22,6 +22,9 @@ from rlr_lightning.memory.plan import MemoryPlan
 from rlr_lightning.models import DiffusionBackbone, FlowMatchingBackbone, LoraSettings, load_backbone
 from rlr_lightning.rewards import RewardModel
 from rlr_lightning.sampling import Conditioning, DiffusionSampler, Plan, ScaledPromptEmbeds
+
+if TYPE_CHECKING:
+    from rlr_lightning.sharding import Sharding
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
@@ -120,6 +123,8 @@ class Task:
         self.settings = settings
         self.name = name
         self.memory_plan = MemoryPlan()
+        #: How the backbone is sharded over ranks (:mod:`rlr_lightning.sharding`); ``None``: whole on each.
+        self.sharding: Sharding | None = None
 
     @classmethod
     def build(

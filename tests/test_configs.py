@@ -44,6 +44,7 @@ REWARD_CLASS = {
     "aesthetic": "rlr_lightning.rewards.AestheticReward",
     "hpsv2": "rlr_lightning.rewards.HPSv2Reward",
     "pickscore": "rlr_lightning.rewards.PickScoreReward",
+    "remote": "rlr_lightning.rewards.RemoteReward",
 }
 
 

@@ -97,6 +97,7 @@ SKIPPED = {
     "quickstart",
     "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/slurm/ddp.yaml": "GPUs (DDP over NCCL): Stable Diffusion 1.5 from the hub",
     "rlr fit --config configs/sd15_aesthetic_rlr.yaml --config configs/slurm/ddp.yaml --trainer.devices 8": "8 GPUs (DDP over NCCL): Stable Diffusion 1.5 from the hub",
+    "rlr fit --config configs/flux1_dev_hpsv2_rlr.yaml --config configs/strategies/fsdp.yaml --trainer.devices 4": "4 GPUs (FSDP2 over NCCL): FLUX.1-dev from the hub; tests/test_distributed.py runs the overlay on two CPU processes",
     "sbatch configs/slurm/rlr_multinode.sbatch configs/sd15_aesthetic_rlr.yaml [overlays ...]": "a SLURM cluster with GPUs",
     "sbatch configs/slurm/rlr_multinode.sbatch configs/sd15_aesthetic_rlr.yaml "
     "[configs/estimators/ddpo.yaml ...]": "a SLURM cluster with GPUs",

@@ -650,3 +650,68 @@ def test_log_probs_need_positive_eta(tiny_unet, tiny_scheduler):
     index, x, x_next = traj.transitions([0, 2])
     with pytest.raises(ValueError, match=r"eta > 0"):
         sampler.log_probs(index, x, x_next, embeds.repeat(2))
+
+
+def test_under_autocast_lora_weights_are_cast_once_per_no_grad_run_with_the_same_samples(tiny_pipeline_dir):
+    """bf16 weights, float32 LoRA and bf16 autocast (Lightning's bf16-mixed), on the CPU: a run casts the LoRA
+    weights once per stretch of no-grad steps, not on every call, and samples what per-call casting samples."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlr_lightning.models import LoraSettings
+    from rlr_lightning.task import SamplingSettings, Task
+    from tests.conftest import perturb_lora_
+
+    class Casts(TorchDispatchMode):
+        """Counts conversions between float32 and bfloat16: all of them, and those of the LoRA weights."""
+
+        def __init__(self, pointers) -> None:
+            super().__init__()
+            self.pointers, self.count, self.weights = pointers, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            floats = {torch.float32, torch.bfloat16}
+            if (
+                func is torch.ops.aten._to_copy.default
+                and {args[0].dtype, (kwargs or {}).get("dtype")} == floats
+            ):
+                self.count += 1
+                self.weights += args[0].data_ptr() in self.pointers
+            return func(*args, **(kwargs or {}))
+
+    T = 6
+    settings = SamplingSettings(num_steps=T, eta=1.0, guidance_scale=3.0)
+    task = Task.build(str(tiny_pipeline_dir), settings, LoraSettings(), weight_dtype=torch.bfloat16, seed=0)
+    perturb_lora_(task.backbone, seed=1)
+    sampler, lora = task.sampler, task.backbone.lora_parameters()
+    pointers = {p.data_ptr() for p in lora.values()}
+    before = {name: (p.data_ptr(), p.dtype) for name, p in lora.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds = task.conditioning_for(["a red circle", "two blue squares"])
+        x0, noises = sampler.initial_noise(2, torch.Generator().manual_seed(0), "cpu")
+        per_call, x = Casts(pointers), x0
+        with per_call, torch.no_grad():  # the steps one by one: autocast casts at every LoRA call
+            for k in range(T):
+                x = sampler.step(k, x, embeds.at(k), noise=noises[k]).next_latents
+        once = Casts(pointers)
+        with once:
+            final = sampler.run(Plan(T), embeds, initial_latents=x0, noises=noises).final
+    assert torch.equal(final, x)
+    # Autocast caches its casts of the weights themselves; per call, each LoRA layer still casts its input to
+    # float32 (peft, to the weights' dtype) and back (autocast): two copies per layer (two weights) per step.
+    assert once.weights == len(lora)
+    assert per_call.count - once.count >= (T - 1) * len(lora)
+    # The float32 weights are back, the same tensors.
+    assert {name: (p.data_ptr(), p.dtype) for name, p in lora.items()} == before
+
+    # A window with gradient keeps the float32 leaves: its gradients are those of the step-by-step run.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run = sampler.run(Plan(T, windows=((3, 4),)), embeds, initial_latents=x0, noises=noises)
+        grads = torch.autograd.grad(run.window_means[3].float().sum(), list(lora.values()), allow_unused=True)
+        with torch.no_grad():
+            x = x0
+            for k in range(3):
+                x = sampler.step(k, x, embeds.at(k), noise=noises[k]).next_latents
+        mean = sampler.step(3, x, embeds.at(3), noise=noises[3]).mean
+        expected = torch.autograd.grad(mean.float().sum(), list(lora.values()), allow_unused=True)
+    assert any(g is not None for g in grads)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, expected))

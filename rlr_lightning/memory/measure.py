@@ -44,6 +44,11 @@ class _Held:
         self.meter._release(self.key)
 
 
+def _local(tensor: Tensor) -> Tensor:
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
 class AutogradMemoryMeter:
     """Bytes that autograd holds for backward (activation memory), live and peak, on any device.
 
@@ -56,7 +61,8 @@ class AutogradMemoryMeter:
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        # A sharded weight (a DTensor, rlr_lightning.sharding) is its local shard's storage.
+        self._excluded = {_local(t).untyped_storage().data_ptr() for t in exclude}
         self._counts: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self.live = 0
@@ -376,6 +382,11 @@ def measure(task: Task, prompt: str, samples: tuple[int, int] = (1, 2)) -> Memor
         device,
         samples=samples,
     )
+    if task.sharding is not None:
+        # The blocks' weights gathered around each call are the same for one sample and two: the slopes
+        # above cannot see them, so they count as held through the whole step.
+        gathered = task.sharding.gathered_bytes
+        costs = replace(costs, resident=costs.resident + gathered, gathered_weights=gathered)
     if sampler.denoiser.checkpoint_blocks:
         # Its re-scoring calls run as checkpointed window steps do when the plan checkpoints (Sampler.log_probs).
         costs = replace(costs, rescore_step_checkpointed=costs.checkpointed_step())

@@ -146,6 +146,9 @@ class MemoryCosts:
             families whose re-scoring calls then checkpoint the network's blocks
             (``Denoiser.checkpoint_blocks``: the same call as a checkpointed window step); ``None``: re-scoring
             keeps every activation whatever the plan (``grad_step``).
+        gathered_weights: Of ``resident``: the whole weights of sharded blocks a rank gathers at once
+            (:class:`~rlr_lightning.sharding.FSDP2Strategy`: the block running and the next one), which a
+            per-sample slope cannot see (the same for any number of samples); 0 when nothing is sharded.
     """
 
     resident: int
@@ -158,6 +161,7 @@ class MemoryCosts:
     grad_step_checkpointed: int | None = None
     reward_inputs: int | None = None
     rescore_step_checkpointed: int | None = None
+    gathered_weights: int = 0
 
     def __post_init__(self) -> None:
         negative = {k: v for k, v in vars(self).items() if v is not None and v < 0}
@@ -167,7 +171,13 @@ class MemoryCosts:
     def describe(self) -> str:
         """One log line: the measured costs, per sample."""
         return (
-            f"memory costs: resident {format_bytes(self.resident)}; per sample: no-grad step "
+            f"memory costs: resident {format_bytes(self.resident)}"
+            + (
+                f" ({format_bytes(self.gathered_weights)} of it sharded weights gathered for a block)"
+                if self.gathered_weights
+                else ""
+            )
+            + f"; per sample: no-grad step "
             f"{format_bytes(self.sample_step)}, grad step {format_bytes(self.grad_step)} "
             f"({format_bytes(self.grad_step_input)} kept when checkpointed), decode + reward with grad "
             f"{format_bytes(self.reward_path)} ({format_bytes(self.reward_path_checkpointed)} checkpointed, "

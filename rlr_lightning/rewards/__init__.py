@@ -8,6 +8,10 @@ Weighted rewards (``AestheticReward``, ``HPSv2Reward``, ``PickScoreReward``, ``C
 local path or their public source and raise :class:`MissingRewardWeightsError` (naming the file, its source
 and the init option for a local copy) when neither is available. Heavy libraries (open_clip, transformers)
 are imported only when such a reward is built.
+
+``RemoteReward`` scores with a reward served over HTTP (``rlr serve-reward``, :mod:`rlr_lightning.rewards.server`);
+it raises :class:`RewardServerError` when the server does not answer and :class:`RewardRequestError` when it
+refuses a request.
 """
 
 from rlr_lightning.rewards.aesthetic import AestheticHead, AestheticReward
@@ -17,6 +21,7 @@ from rlr_lightning.rewards.combine import WeightedSum
 from rlr_lightning.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from rlr_lightning.rewards.pickscore import PickScoreReward
 from rlr_lightning.rewards.preprocess import CLIPPreprocess
+from rlr_lightning.rewards.remote import RemoteReward, RewardRequestError, RewardServerError
 from rlr_lightning.rewards.toy import ColorBalance, QuantizedBrightness, TargetColor
 from rlr_lightning.rewards.video import PerFrameReward, TemporalConsistencyReward
 from rlr_lightning.rewards.weights import MissingRewardWeightsError
@@ -41,7 +46,10 @@ __all__ = [
     "PerFrameReward",
     "PickScoreReward",
     "QuantizedBrightness",
+    "RemoteReward",
     "RewardModel",
+    "RewardRequestError",
+    "RewardServerError",
     "TargetColor",
     "TemporalConsistencyReward",
     "WeightedSum",

@@ -12,6 +12,7 @@ re-scores stored transitions in one batched denoiser call, for likelihood-ratio 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Protocol, runtime_checkable
@@ -19,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from rlr_lightning.sampling.casting import lora_cast_once
 from rlr_lightning.sampling.conditioning import (
     Conditioning,
     PromptEmbeds,
@@ -490,33 +492,44 @@ class DiffusionSampler:
         step_means: dict[int, Tensor] = {}
         predictions: dict[int, Tensor] = {}
         recorded = set(plan.predictions)
-        for k in range(T):
-            grad = record_graph and plan.grad_at(k)
-            if plan.starts_window(k):
-                x = x.detach()
-            with torch.set_grad_enabled(grad):
-                out = self.step(
-                    k,
-                    x,
-                    embeds.at(k),
-                    noise=noises[k],
-                    perturbation=plan.perturbations.get(k),
-                    checkpoint=checkpoint,
-                    predict=k in recorded,
+        # Runs of no-grad steps at the weights themselves use LoRA weights cast once per run (casting.py).
+        with contextlib.ExitStack() as cast:
+            casting = False
+            for k in range(T):
+                grad = record_graph and plan.grad_at(k)
+                if plan.starts_window(k):
+                    x = x.detach()
+                at_weights_without_grad = not grad and k not in plan.perturbations
+                if at_weights_without_grad and not casting:
+                    with torch.no_grad():
+                        cast.enter_context(lora_cast_once(self.denoiser.module, device.type))
+                    casting = True
+                elif casting and not at_weights_without_grad:
+                    cast.close()
+                    casting = False
+                with torch.set_grad_enabled(grad):
+                    out = self.step(
+                        k,
+                        x,
+                        embeds.at(k),
+                        noise=noises[k],
+                        perturbation=plan.perturbations.get(k),
+                        checkpoint=checkpoint,
+                        predict=k in recorded,
+                    )
+                if grad:
+                    window_means[k] = out.mean
+                    window_log_probs[k] = out.log_prob
+                if k in recorded:
+                    assert out.prediction is not None  # asked for (predict)
+                    step_means[k], predictions[k] = out.mean.detach(), out.prediction
+                log_probs.append(
+                    out.log_prob.detach()
+                    if out.log_prob is not None
+                    else torch.full((B,), float("nan"), device=device)
                 )
-            if grad:
-                window_means[k] = out.mean
-                window_log_probs[k] = out.log_prob
-            if k in recorded:
-                assert out.prediction is not None  # asked for (predict)
-                step_means[k], predictions[k] = out.mean.detach(), out.prediction
-            log_probs.append(
-                out.log_prob.detach()
-                if out.log_prob is not None
-                else torch.full((B,), float("nan"), device=device)
-            )
-            x = out.next_latents
-            latents.append(x.detach())
+                x = out.next_latents
+                latents.append(x.detach())
         return Trajectory(
             plan=plan,
             latents=latents,

@@ -20,6 +20,7 @@ REWARD_CLASSES = [
     rewards.TargetColor,
     rewards.ColorBalance,
     rewards.QuantizedBrightness,
+    rewards.RemoteReward,
 ]
 
 
