@@ -47,6 +47,7 @@ from rlr_lightning.rewards import (
 from rlr_lightning.rewards.protocol import INFO_PATH, SCORE_PATH, decode_request, encode_request
 from rlr_lightning.rewards.server import BackgroundServer, make_app, serve
 from tests.rewards.remote_helpers import FailingReward, RecordingReward, SlowReward
+from tests.test_module import make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red fox", "a blue car", "a green hill", "a white cat", "a black dog"]
@@ -264,20 +265,6 @@ def make_module(tiny_pipeline_dir, reward, **kwargs) -> RLRModule:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         **kwargs,
     )
-
-
-def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**(defaults | kwargs))
 
 
 def test_a_malformed_answer_during_training_skips_that_update_and_logs_it(
