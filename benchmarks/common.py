@@ -495,27 +495,12 @@ def sd35_medium_components(
         seed: Seed of the initialisation.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     from rlr_lightning.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
 
     def clip(width: int, layers: int, heads: int, act: str) -> CLIPTextModelWithProjection:
-        # The tiny tokenizers' special tokens (start 0, end 1, which also pads) and CLIP's 49,408-token table.
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=width,
-                intermediate_size=4 * width,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                projection_dim=width,
-                hidden_act=act,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+        return CLIPTextModelWithProjection(clip_text_config(width, layers, heads, act, projection_dim=width))
 
     builders = {
         "transformer": lambda: SD3Transformer2DModel(
@@ -547,22 +532,7 @@ def sd35_medium_components(
         ),
         "text_encoder": lambda: clip(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14's text tower
         "text_encoder_2": lambda: clip(1280, 32, 20, "gelu"),  # OpenCLIP ViT-bigG/14's text tower
-        "text_encoder_3": lambda: T5EncoderModel(
-            T5Config(
-                vocab_size=32128,
-                d_model=4096,
-                d_kv=64,
-                d_ff=10240,
-                num_layers=24,
-                num_heads=64,
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ),
+        "text_encoder_3": lambda: T5EncoderModel(t5_xxl_config()),
     }
     components = build_networks(builders, device, dtype, seed)
     return dict(
@@ -572,6 +542,295 @@ def sd35_medium_components(
         tokenizer_3=tiny_t5_tokenizer(SD35_T5_TOKENS),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
+
+
+def clip_text_config(width: int, layers: int, heads: int, act: str, **extra):
+    """A CLIP text tower's configuration with CLIP's 49,408-token table and 77 positions, and the special tokens of
+    :mod:`rlr_lightning.tiny`'s character-level tokenizers (start 0, end 1, which also pads): the real tables count
+    in memory, the tokenizers index their first 514 rows."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        hidden_act=act,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+# -- Stable Diffusion XL base size, GPU runs --------------------------------------------------------------
+
+
+def sdxl_base_components(
+    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict:
+    """Stable Diffusion XL base 1.0's components with its architectures and random weights, built in memory.
+
+    The configurations are those of ``stabilityai/stable-diffusion-xl-base-1.0``: the UNet (320/640/1280 channels,
+    1, 2 and 10 transformer layers at the three levels, heads of 64, 2048-wide cross-attention over both text
+    encoders' sequences, ``text_time`` added conditioning of 6 time ids at 256 features each plus the 1280-wide
+    pooled text embedding: 2.57 B weights), CLIP ViT-L/14's text tower (12 x 768, no projection: SDXL uses its
+    penultimate hidden states only), OpenCLIP ViT-bigG/14's text tower with its projection (32 x 1280), the SDXL
+    VAE (the SD VAE's architecture with SDXL's latent scale 0.13025; ``force_upcast`` as released, which matters
+    only in float16) and the base model's Euler scheduler configuration, read as DDIM with ``leading`` spacing.
+    The tokenizers are :mod:`rlr_lightning.tiny`'s character-level ones at CLIP's 77 tokens (the weights are
+    random anyway). Done as :func:`sd35_medium_components` does for SD 3.5.
+
+    Nothing is written to disk: give the result to ``StableDiffusionXLBackbone(dtype=dtype, **components)``.
+
+    Args:
+        device: Where the random initialisation runs. On a GPU the 3.5 B weights take seconds; on a CPU use
+            ``meta`` (shapes and counts, no memory).
+        dtype: Dtype the weights are cast to, each network right after it is built.
+        seed: Seed of the initialisation.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from rlr_lightning.tiny import tiny_clip_tokenizer
+
+    builders = {
+        "unet": lambda: UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(
+                5,
+                10,
+                20,
+            ),  # diffusers' historical name: the number of heads (of 64) per level
+            cross_attention_dim=2048,  # CLIP-L's 768 and bigG's 1280 side by side
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 1280,
+            norm_num_groups=32,
+        ),
+        "vae": lambda: AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        "text_encoder": lambda: CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu")),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(
+            clip_text_config(1280, 32, 20, "gelu", projection_dim=1280)
+        ),
+    }
+    components = build_networks(builders, device, dtype, seed)
+    # The released scheduler_config.json: an Euler scheduler with the SD training schedule's DDIM keys.
+    scheduler = EulerDiscreteScheduler.from_config(
+        dict(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            steps_offset=1,
+            timestep_spacing="leading",
+            interpolation_type="linear",
+            use_karras_sigmas=False,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            sample_max_value=1.0,
+        )
+    )
+    return dict(
+        components,
+        tokenizer=tiny_clip_tokenizer(77),
+        tokenizer_2=tiny_clip_tokenizer(77),
+        scheduler=scheduler,
+    )
+
+
+# -- FLUX.1-dev size, GPU runs ------------------------------------------------------------------------------
+
+#: T5 tokens per prompt: ``FluxPipeline``'s default ``max_sequence_length`` (``configs/flux1_dev_hpsv2_rlr.yaml``
+#: leaves it at that): with 1,024 image tokens at 512 px, a 1,536-token sequence in every block.
+FLUX_T5_TOKENS = 512
+
+
+def t5_xxl_config():
+    """The T5 v1.1 XXL encoder's configuration (SD 3 and FLUX): 24 layers, d_model 4096, 64 heads, gated-GELU
+    d_ff 10240, the 32,128-token table (4.76 B weights)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def flux1_dev_components(
+    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> dict:
+    """FLUX.1-dev's components with its architectures and random weights, built in memory.
+
+    The configurations are those of ``black-forest-labs/FLUX.1-dev``: the ``FluxTransformer2DModel`` (19
+    double-stream and 38 single-stream blocks of 24 heads of 128 over 2x2-packed 16-channel latents, rotary axes
+    16/56/56, 4096-wide T5 context, 768-wide pooled CLIP embedding, the guidance embedding of a guidance-distilled
+    model: 11.9 B weights), CLIP ViT-L/14's text tower (its pooled output), the T5 v1.1 XXL encoder
+    (:func:`t5_xxl_config`, 4.76 B), the 16-channel FLUX VAE (latent scale 0.3611, shift 0.1159, no quant
+    convolutions) and the flow-matching Euler scheduler with FLUX's resolution-dependent shift (``mu`` from 0.5 at
+    256 image tokens to 1.15 at 4,096). The tokenizers are :mod:`rlr_lightning.tiny`'s character-level ones, at
+    CLIP's 77 tokens and :data:`FLUX_T5_TOKENS`. Done as :func:`sd35_medium_components` does for SD 3.5.
+
+    Nothing is written to disk: give the result to ``FluxBackbone(dtype=dtype, **components)``.
+
+    Args:
+        device: Where the random initialisation runs. On a GPU the 17 B weights take seconds (the transformer's
+            float32 initialisation holds 48 GB until it is cast); on a CPU use ``meta`` (shapes and counts, no
+            memory).
+        dtype: Dtype the weights are cast to, each network right after it is built.
+        seed: Seed of the initialisation.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from rlr_lightning.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    builders = {
+        "transformer": lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "vae": lambda: AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=16,
+            sample_size=1024,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        "text_encoder": lambda: CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu")),
+        "text_encoder_2": lambda: T5EncoderModel(t5_xxl_config()),
+    }
+    components = build_networks(builders, device, dtype, seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return dict(
+        components,
+        tokenizer=tiny_clip_tokenizer(77),
+        tokenizer_2=tiny_t5_tokenizer(FLUX_T5_TOKENS),
+        scheduler=scheduler,
+    )
+
+
+# -- PickScore, the reward of the SD 3.5 recipes ----------------------------------------------------------
+
+
+def pickscore_config(tiny: bool = False):
+    """PickScore v1's ``CLIPConfig`` (``yuvalkirstain/PickScore_v1``, OpenCLIP ViT-H/14 converted to transformers:
+    a 32 x 1280 vision tower on 224-px images in 14-px patches, a 24 x 1024 text tower, 1024-wide projections,
+    0.99 B weights), or with ``tiny`` a one-layer CLIP on 32-px images with a 514-token table (40 k weights). The
+    text towers take :mod:`rlr_lightning.tiny`'s character-level tokenizer's special tokens."""
+    from transformers import CLIPConfig
+
+    if tiny:  # the character-level tokenizer's table: 40 k weights in all
+        vocab, projection = 514, 16
+        text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1)
+        vision = dict(text, image_size=32, patch_size=8)
+    else:
+        vocab, projection = 49408, 1024
+        text = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24)
+        vision = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32)
+        vision.update(image_size=224, patch_size=14)
+    special = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPConfig(
+        text_config=dict(text, vocab_size=vocab, max_position_embeddings=77, hidden_act="gelu", **special),
+        vision_config=dict(vision, hidden_act="gelu", layer_norm_eps=1e-5),
+        projection_dim=projection,
+        logit_scale_init_value=4.6052,  # exp = 100: the trained PickScore's scale
+    )
+
+
+def pickscore_model(device: str | torch.device = "meta", tiny: bool = False, seed: int = 0):
+    """A ``CLIPModel`` of :func:`pickscore_config` with random weights from ``seed``, in float32 (as PickScore_v1
+    is stored), built on ``device`` (``meta``: shapes and counts, no memory)."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return CLIPModel(pickscore_config(tiny)).eval()
+
+
+def pickscore_dir(
+    path: str | Path, device: str | torch.device = "cpu", tiny: bool = False, seed: int = 0
+) -> str:
+    """A directory with a random-weight PickScore (:func:`pickscore_model`) and its ``CLIPProcessor``, saved with
+    ``save_pretrained``: ``PickScoreReward(model_name_or_path=path, processor_name_or_path=path)`` loads it as it
+    loads the released one, offline. The processor is the released one's image side (``CLIPImageProcessor``'s
+    defaults are OpenAI CLIP's 224-px resize, crop and normalisation, which the laion ViT-H/14 processor uses; 32 px
+    with ``tiny``) with :mod:`rlr_lightning.tiny`'s character-level tokenizer at 77 tokens (the weights are random
+    anyway).
+
+    Args:
+        path: The directory (created).
+        device: Where the random initialisation runs (on a GPU a fraction of a second instead of about 10 s of CPU
+            time for the 0.99 B weights); they are saved in float32, 3.9 GB.
+        tiny: The tiny configuration.
+        seed: Seed of the initialisation.
+    """
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from rlr_lightning.tiny import tiny_clip_tokenizer
+
+    side = 32 if tiny else 224
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_clip_tokenizer(77)).save_pretrained(path)
+    model = pickscore_model(device, tiny, seed)
+    model.save_pretrained(path)
+    del model
+    free_memory()
+    return str(path)
 
 
 def build_networks(builders: dict, device, dtype: torch.dtype, seed: int) -> dict:

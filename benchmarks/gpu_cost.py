@@ -21,7 +21,9 @@ What runs, most important first (a run cut short keeps what it measured):
 2. RLR h = 2 (``zo_mode=score``) at the largest batch with ``memory_budget_gb`` = 24, 16, ``auto`` and
    without a budget (the unchunked path), each with its memory plan and its time over the step's floor;
 3. RLR h = 2 at the other batches; truncated backprop K = 1, 2; the score function; RLR h = 1, 4 and
-   parameter-mode ZO; full backprop.
+   parameter-mode ZO; full backprop;
+4. our no-grad sampler with the denoiser compiled (``model.compile_denoiser``) at the batches from the second
+   on, after one compiling sample (``compile_s``), against the eager one (``compiled_over_eager``).
 A configuration whose predicted time (from the measured no-grad sample time at its batch) would end past
 ``--deadline-s`` is skipped and listed with the reason.
 
@@ -61,7 +63,45 @@ guidance 5, bf16 autocast, UMT5 prompts of 226 tokens, the ``ColorBalance`` rewa
 h = 2 (``zo_mode=score``, ``baseline=group``, ``group_size=2``) at one prompt with ``memory_budget_gb=auto`` (the
 recipe's setting), then without a budget. Writes ``gpu_cost_wan.*`` (``gpu_cost_wan_tiny.*``).
 
-Each family is declared once, in ``FAMILIES``; everything else is one code path for all of them.
+``--family sdxl``: RLR at Stable Diffusion XL base size, 1024 px, in the setting of ``configs/sdxl_aesthetic_rlr.yaml``:
+
+    python benchmarks/gpu_cost.py --family sdxl [--out DIR]   # GPU: SDXL base 1.0-size, random weights
+    python benchmarks/gpu_cost.py --family sdxl --tiny        # the same code path on CPU, tiny-sdxl
+
+The pipeline (the 2.57 B UNet with its ``text_time`` added conditioning, CLIP-L, OpenCLIP bigG with projection, the
+SDXL VAE: 3.5 B weights) is built with random weights on the GPU in bf16, in memory (``common.sdxl_base_components``),
+with LoRA rank 4 / alpha 4 on the UNet's attention projections, 2 prompts of 1024 px, T = 40 DDIM steps at eta 1
+(the model's leading spacing), guidance 5, bf16 autocast, the ``ColorBalance`` reward on the decoded images (the
+recipe's aesthetic reward needs downloaded weights). Measured, in this order: our no-grad sample of the step's
+images; the recipe's RLR step (``h=auto``, ``zo_mode=score``, leave-one-out baseline, normalised advantages) with
+``memory_budget_gb`` = 24, 40 and ``auto`` (the 24, 40 and 80 GB cards, or the device's free memory); then RLR h = 2,
+auto's ceiling, without a budget. Writes ``gpu_cost_sdxl.*`` (``gpu_cost_sdxl_tiny.*``).
+
+``--family flux``: RLR at FLUX.1-dev size, 512 px, in the setting of ``configs/flux1_dev_hpsv2_rlr.yaml``:
+
+    python benchmarks/gpu_cost.py --family flux [--out DIR]   # GPU: FLUX.1-dev-size, random weights
+    python benchmarks/gpu_cost.py --family flux --tiny        # the same code path on CPU, tiny-flux
+
+The pipeline (the 11.9 B guidance-distilled transformer, CLIP-L, the 4.76 B T5-XXL encoder, the 16-channel FLUX VAE,
+the resolution-shifted flow-matching scheduler: 16.9 B weights, 34 GB in bf16) is built with random weights on the
+GPU in bf16, in memory (``common.flux1_dev_components``), with LoRA rank 32 / alpha 64 on the attention projections
+of both streams, 2 prompts sampled twice at 512 px, T = 10 flow-SDE steps at noise level 0.7, guidance embedding
+3.5 (one transformer call a step), 512 T5 tokens a prompt, bf16 autocast, the ``ColorBalance`` reward. Measured:
+our no-grad sample of the step's 4 images; the recipe's RLR step (``h=auto``, ``baseline=group``, ``group_size=2``)
+with ``memory_budget_gb`` = 40 and ``auto`` (an 80 GB card is what the recipe names; a 24 GB card cannot hold the
+weights, and ``--budgets 24`` gets the planner's "no fit"); then RLR h = 2 without a budget. Writes
+``gpu_cost_flux.*`` (``gpu_cost_flux_tiny.*``).
+
+``--reward pickscore`` (any family): PickScore, the reward of ``configs/sd35_medium_*.yaml``, instead of
+``ColorBalance``: PickScore_v1's architecture (CLIP ViT-H/14, 0.99 B weights in float32) with random weights, saved
+to the scratch directory and loaded through ``PickScoreReward(model_name_or_path, processor_name_or_path)`` as the
+recipes load the released one (offline; a tiny CLIP with ``--tiny``). The files get ``_pickscore`` after the family
+(``gpu_cost_sd35_pickscore.*``), so the colour-reward results stay.
+
+    python benchmarks/gpu_cost.py --family sd35 --reward pickscore [--out DIR]
+
+Each family is declared once, in ``FAMILIES``, and each reward in ``REWARDS``; everything else is one code path
+for all of them.
 """
 
 from __future__ import annotations
@@ -98,13 +138,17 @@ from common import (  # noqa: E402
     estimator_step,
     estimator_step_peaks,
     floor_parts,
+    flux1_dev_components,
     free_memory,
     is_out_of_memory,
     machine,
     markdown_table,
     measure_once,
+    pickscore_dir,
+    pickscore_model,
     sd15_pipeline_dir,
     sd35_medium_components,
+    sdxl_base_components,
     share_backbone,
     synchronize,
     weight_counts,
@@ -121,7 +165,7 @@ from rlr_lightning.estimators import (  # noqa: E402
 from rlr_lightning.memory import MemoryBudgetError, PlannedMemory, memory_phases  # noqa: E402
 from rlr_lightning.models import LoraSettings  # noqa: E402
 from rlr_lightning.module import RLRModule  # noqa: E402
-from rlr_lightning.rewards import ColorBalance, PerFrameReward, RewardModel  # noqa: E402
+from rlr_lightning.rewards import ColorBalance, PerFrameReward, PickScoreReward, RewardModel  # noqa: E402
 from rlr_lightning.sampling import Plan  # noqa: E402
 from rlr_lightning.task import Task  # noqa: E402
 
@@ -144,6 +188,8 @@ COST = {
     "score_function": 1.8,
     "full": 1.0,
     "planned": 2.7,
+    # Not yet measured: torch.compile of an SD 1.5 UNet takes about a minute (and again at a new batch size).
+    "compiled": 8.0,
 }
 WARMUP_COST = 0.25  # the T = 3 warm-up at a new batch size
 FLOOR_COST = 0.3  # grad steps and decode + reward, each timed twice (the no-grad part is reused)
@@ -163,6 +209,18 @@ SD35_GRPO_GROUPS = (4, 8)
 WAN_COST = dict(sampler=1.0, rlr=4.0, planned=5.5)
 #: RLR's group at Wan size: ``configs/wan21_1p3b_rlr.yaml``'s ``group_size`` (videos per prompt).
 WAN_RLR_GROUP = 2
+#: The same at SDXL base size (1024 px, T = 40, guidance 5), in units of our no-grad sample of as many images. Not
+#: yet measured on a GPU: the unbudgeted step as SD 1.5's RLR h = 2 (1.8, and 2.3 measured at 2 prompts on an
+#: H100); the planned ones from SD 1.5's H100 run, where a 24 GB budget at 6 prompts cost 11 no-grad samples (chunks
+#: of one sample, recomputation) and auto 3.5; planning, whose cost measurements decode and backpropagate 1024-px
+#: images, is in the margin. Replace them by the ratios of the first GPU run.
+SDXL_COST = dict(sampler=1.0, rlr=2.3, planned=8.0)
+#: The same at FLUX.1-dev size (512 px, T = 10, no classifier-free guidance), as for SD 3.5: a no-grad sample is 10
+#: transformer passes, RLR h = 2 adds 3 steps of forward and backward and 7 re-scored steps; the planned steps at a
+#: budget of 40 GB, where the 34 GB of weights leave little room, chunk and recompute. Not yet measured on a GPU.
+FLUX_COST = dict(sampler=1.0, rlr=4.0, planned=8.0)
+#: RLR's group at FLUX size: ``configs/flux1_dev_hpsv2_rlr.yaml``'s ``group_size`` (images per prompt).
+FLUX_RLR_GROUP = 2
 
 
 # -- what is measured ---------------------------------------------------------------------------------------
@@ -260,6 +318,11 @@ def sd15_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[C
     configs += [rlr(1, "parameter", small), rlr(2, "parameter", small)]
     configs += [rlr(1, "parameter", mid), rlr(4, "parameter", mid)]
     configs += [truncated(1, large), rlr(1, "score", large)]
+    # Last, for their compilation's minutes: our sampler with the denoiser compiled (model.compile_denoiser).
+    compiled = "ours compiled: no-grad sample"
+    configs += [
+        Config(compiled, "sampler", b, kind="compiled", cost=COST["compiled"]) for b in batches if b >= mid
+    ]
     return configs
 
 
@@ -339,6 +402,66 @@ def wan_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Co
     return configs
 
 
+def rlr_recipe(
+    batch: int, group: str = "estimators", group_size: int = 1, costs: dict[str, float] = SDXL_COST, **memory
+) -> Config:
+    """RLR as the SDXL and FLUX recipes configure it (``configs/sdxl_aesthetic_rlr.yaml``,
+    ``configs/flux1_dev_hpsv2_rlr.yaml``): ``h: auto`` under a budget (the planner's block length, at most 2), and
+    h = 2, auto's ceiling, without one (``h: auto`` needs a budget to choose by); uniform block starts, score-mode
+    ZO, advantages normalised by the running reward std; each sample's baseline the other samples of its prompt when
+    ``group_size`` > 1 (FLUX), else the rest of the batch (``leave_one_out``, SDXL). ``costs`` are the family's
+    predicted ratios. The floor is reported for the block length the step ran with."""
+    budgeted = memory.get("memory_budget_gb") is not None
+    baseline = "group" if group_size > 1 else "leave_one_out"
+
+    def estimator() -> RLR:
+        return RLR(
+            h="auto" if budgeted else 2,
+            block_law="uniform",
+            zo_mode="score",
+            baseline=baseline,
+            group_size=group_size,
+            normalize_advantages=True,
+        )
+
+    name = f"RLR h={'auto' if budgeted else 2} zo=score" + (f" group={group_size}" if group_size > 1 else "")
+    cost = costs["planned" if memory else "rlr"]
+    return Config(
+        name, group, batch, estimator=estimator, cost=cost, memory=memory, h=2, group_size=group_size
+    )
+
+
+def recipe_configurations(
+    batches: tuple[int, ...], planned: list[dict], group_size: int, costs: dict[str, float]
+) -> list[Config]:
+    """The run of a recipe's RLR step (SDXL, FLUX), most important first: our no-grad sample of each step's images
+    (the unit of the predictions), the recipe's step at the largest batch with each memory option of ``planned``
+    (the budgets of the 24, 40 and 80 GB cards the README's table has rows for, then ``auto``, the recipes'
+    setting), then the step without a budget at every batch.
+
+    Args:
+        batches: Prompts per batch; the largest is the planned runs' batch.
+        planned: ``RLRModule`` memory options of the planned runs.
+        group_size: Images per prompt.
+        costs: The family's predicted ratios.
+    """
+    images = sorted({b * group_size for b in batches})
+    configs = [nograd_sample(n, costs["sampler"]) for n in images]
+    configs += [rlr_recipe(batches[-1], "planned", group_size, costs, **memory) for memory in planned]
+    configs += [rlr_recipe(b, "estimators", group_size, costs) for b in batches]
+    return configs
+
+
+def sdxl_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
+    """The SDXL base-size run: :func:`recipe_configurations` with the recipe's one image per prompt."""
+    return recipe_configurations(batches, planned, 1, SDXL_COST)
+
+
+def flux_configurations(batches: tuple[int, ...], planned: list[dict]) -> list[Config]:
+    """The FLUX.1-dev-size run: :func:`recipe_configurations` with the recipe's group of images per prompt."""
+    return recipe_configurations(batches, planned, FLUX_RLR_GROUP, FLUX_COST)
+
+
 # -- the models ---------------------------------------------------------------------------------------------
 
 
@@ -374,25 +497,98 @@ def build_sd15(bench: Benchmark) -> Model:
     return Model(name, load)
 
 
+def build_components(
+    bench: Benchmark,
+    backbone_class: type,
+    real: Callable[..., dict],
+    hub_id: str,
+    tiny: Callable[[], dict],
+    tiny_name: str,
+) -> tuple[str, object, dict[str, int]]:
+    """A family's backbone, built in memory without LoRA: its real architectures with random weights on the device,
+    or with ``--tiny`` the tiny model's weights; returns the model's name, the backbone and the real architectures'
+    weight counts (:func:`common.weight_counts`).
+
+    Args:
+        bench: The run.
+        backbone_class: The family's backbone, which takes the components as keywords.
+        real: Builds the real components on a device, in a dtype (``common.sdxl_base_components``, ...).
+        hub_id: The released model whose architectures ``real`` builds.
+        tiny: Builds the tiny model's components (:mod:`rlr_lightning.tiny`).
+        tiny_name: The tiny model's name.
+    """
+    if bench.args.tiny:
+        name, components = tiny_name, tiny()
+        # The real architectures on the meta device (shapes, no memory): their configuration is checked here, by
+        # the backbone's own checks too, and their size reported, as a GPU run builds them.
+        meta = real("meta", bench.dtype)
+        backbone_class(dtype=bench.dtype, **meta)
+        weights = weight_counts(meta)
+    else:
+        logger.info("Building %s's architectures, random weights in bf16, on %s", hub_id, bench.device)
+        name, components = f"{hub_id} (architecture, random weights)", real(bench.device, bench.dtype)
+        weights = weight_counts(components)
+    return name, backbone_class(dtype=bench.dtype, **components), weights
+
+
 def build_sd35(bench: Benchmark) -> Model:
     """SD 3.5 Medium's architectures with random weights built on the device, or the tiny SD 3, assembled into
     a backbone in memory (nothing is loaded from disk); the base module adopts it with LoRA added."""
     from rlr_lightning.models.sd3 import StableDiffusion3Backbone
+    from rlr_lightning.tiny import build_tiny_sd3_components
 
-    if bench.args.tiny:
-        from rlr_lightning.tiny import build_tiny_sd3_components
-
-        name, components = "tiny-sd3", build_tiny_sd3_components()  # the weights of tiny-sd3
-        # SD 3.5 Medium's architectures on the meta device (shapes, no memory): its configuration is checked
-        # here and its size reported, as a GPU run builds it.
-        weights = weight_counts(sd35_medium_components("meta"))
-    else:
-        logger.info("Building SD 3.5 Medium's architectures, random weights in bf16, on %s", bench.device)
-        name = "stabilityai/stable-diffusion-3.5-medium (architecture, random weights)"
-        components = sd35_medium_components(bench.device, bench.dtype)
-        weights = weight_counts(components)
-    backbone = StableDiffusion3Backbone(dtype=bench.dtype, **components)
+    name, backbone, weights = build_components(
+        bench,
+        StableDiffusion3Backbone,
+        sd35_medium_components,
+        "stabilityai/stable-diffusion-3.5-medium",
+        build_tiny_sd3_components,
+        "tiny-sd3",
+    )
     return in_memory_model(bench, name, backbone, weights, lambda b: dict(t5_tokens=b.max_sequence_length))
+
+
+def build_sdxl(bench: Benchmark) -> Model:
+    """SDXL base 1.0's architectures with random weights built on the device, or the tiny SDXL, assembled into a
+    backbone in memory (nothing is loaded from disk); the base module adopts it with LoRA added, at the scale's
+    resolution (the ``(h, w, 0, 0, h, w)`` time ids follow it)."""
+    from rlr_lightning.models.sdxl import StableDiffusionXLBackbone
+    from rlr_lightning.tiny import build_tiny_sdxl_components
+
+    name, backbone, weights = build_components(
+        bench,
+        StableDiffusionXLBackbone,
+        sdxl_base_components,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        build_tiny_sdxl_components,
+        "tiny-sdxl",
+    )
+    return in_memory_model(
+        bench, name, backbone, weights, lambda b: dict(clip_tokens=b.tokenizer.model_max_length)
+    )
+
+
+def build_flux(bench: Benchmark) -> Model:
+    """FLUX.1-dev's architectures with random weights built on the device, or the tiny FLUX (guidance-distilled,
+    as FLUX.1-dev), assembled into a backbone in memory (nothing is loaded from disk); the base module adopts it
+    with LoRA added, at the scale's resolution (the scheduler's shift follows the image's token count)."""
+    from rlr_lightning.models.flux import FluxBackbone
+    from rlr_lightning.tiny import build_tiny_flux_components
+
+    name, backbone, weights = build_components(
+        bench,
+        FluxBackbone,
+        flux1_dev_components,
+        "black-forest-labs/FLUX.1-dev",
+        build_tiny_flux_components,
+        "tiny-flux",
+    )
+
+    def facts(backbone: FluxBackbone) -> dict:
+        h, w = backbone.latent_size
+        return dict(t5_tokens=backbone.max_sequence_length, image_tokens=(h // 2) * (w // 2))
+
+    return in_memory_model(bench, name, backbone, weights, facts)
 
 
 #: UMT5 tokens per prompt at Wan size: ``configs/wan21_1p3b_rlr.yaml``'s ``max_sequence_length`` (the default of
@@ -545,10 +741,10 @@ def in_memory_model(bench: Benchmark, name: str, backbone, weights: dict[str, in
 def sd15_setting(bench: Benchmark) -> str:
     guidance = f"guidance {bench.args.guidance:g}, eta 1"
     if not bench.cuda:
-        return f"tiny model on CPU (float32), T = {bench.num_steps}, {guidance}, ColorBalance reward"
+        return f"tiny model on CPU (float32), T = {bench.num_steps}, {guidance}, {bench.reward_text()}"
     return (
         f"SD 1.5-size UNet/VAE (random weights, bf16, bf16 autocast), LoRA r4 fp32 on attention, 512 px, "
-        f"T = {bench.num_steps}, {guidance}, ColorBalance reward through the VAE decoder"
+        f"T = {bench.num_steps}, {guidance}, {bench.reward_text()} through the VAE decoder"
     )
 
 
@@ -560,7 +756,7 @@ def sd35_setting(bench: Benchmark) -> str:
     )
     return (
         f"{model}, LoRA r32 / alpha 64 fp32 on both streams' attention, flow SDE T = {bench.num_steps} at "
-        f"noise level {bench.family.eta:g}, guidance {bench.args.guidance:g}, ColorBalance reward through "
+        f"noise level {bench.family.eta:g}, guidance {bench.args.guidance:g}, {bench.reward_text()} through "
         f"the VAE decoder; RLR h=2 group {SD35_RLR_GROUP} against GRPO"
     )
 
@@ -573,12 +769,48 @@ def wan_setting(bench: Benchmark) -> str:
         if bench.cuda
         else f"tiny Wan 2.1 (tiny-wan) on CPU (float32), {frames} frames at its own resolution"
     )
-    reward = bench.family.reward()
+    reward = bench.family.reward(ColorBalance())  # the per-frame wrapping's settings
+    assert isinstance(reward, PerFrameReward)
     return (
         f"{model}, LoRA r{bench.family.lora.rank} / alpha {bench.family.lora.alpha:g} fp32 on self- and "
         f"cross-attention, flow SDE T = {bench.num_steps} at noise level {bench.family.eta:g}, guidance "
-        f"{bench.args.guidance:g}, {type(reward.reward).__name__} on every {reward.frame_stride}th decoded frame, "
-        f"{reward.frame_chunk} frames at a time (PerFrameReward); RLR h=2 group {WAN_RLR_GROUP}"
+        f"{bench.args.guidance:g}, {bench.reward_text('')} on every {reward.frame_stride}th "
+        f"decoded frame, {reward.frame_chunk} frames at a time (PerFrameReward); RLR h=2 group {WAN_RLR_GROUP}"
+    )
+
+
+def lora_text(lora: LoraSettings) -> str:
+    return f"LoRA r{lora.rank} / alpha {lora.alpha:g} fp32"
+
+
+def sdxl_setting(bench: Benchmark) -> str:
+    size = bench.scale.resolution
+    model = (
+        f"SDXL base-size UNet, CLIP-L, OpenCLIP bigG and VAE (random weights, bf16, bf16 autocast), {size} px"
+        if bench.cuda
+        else "tiny SDXL (tiny-sdxl) on CPU (float32) at its own resolution"
+    )
+    return (
+        f"{model}, {lora_text(bench.family.lora)} on the UNet's attention, DDIM T = {bench.num_steps} at eta "
+        f"{bench.family.eta:g} (the model's leading spacing), guidance {bench.args.guidance:g}, {bench.reward_text()} "
+        "through the VAE decoder; RLR as configs/sdxl_aesthetic_rlr.yaml (h=auto under a budget, score-mode ZO, "
+        "leave-one-out baseline, normalised advantages)"
+    )
+
+
+def flux_setting(bench: Benchmark) -> str:
+    size = bench.scale.resolution
+    model = (
+        f"FLUX.1-dev-size transformer, CLIP-L, T5-XXL and VAE (random weights, bf16, bf16 autocast), {size} px"
+        if bench.cuda
+        else "tiny FLUX.1 (tiny-flux) on CPU (float32) at its own resolution"
+    )
+    return (
+        f"{model}, {lora_text(bench.family.lora)} on both streams' attention, flow SDE T = {bench.num_steps} at "
+        f"noise level {bench.family.eta:g}, guidance embedding {bench.args.guidance:g} (guidance-distilled: one "
+        f"transformer call a step), {bench.reward_text()} through the VAE decoder; RLR as "
+        f"configs/flux1_dev_hpsv2_rlr.yaml (h=auto under a budget, score-mode ZO, group {FLUX_RLR_GROUP}, "
+        "normalised advantages)"
     )
 
 
@@ -602,7 +834,8 @@ class Benchmark:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.scale = self.family.tiny if args.tiny else self.family.full
         self.num_steps = args.num_steps
-        self.suffix = self.family.suffix + ("_tiny" if args.tiny else "")
+        self.reward_choice = REWARDS[args.reward]
+        self.suffix = self.family.suffix + self.reward_choice.suffix + ("_tiny" if args.tiny else "")
         self.sample_s: dict[int, float] = {}  # our no-grad sample time by images: the unit of predictions
         self.floors: dict[tuple[int, int], dict] = {}
         self.warm: set[int] = set()
@@ -611,8 +844,18 @@ class Benchmark:
 
     # -- set-up ---------------------------------------------------------------------------------------
 
+    def reward_text(self, word: str = " reward") -> str:
+        """The reward, as the settings say it: its name, ``word``, and what its weights are."""
+        choice = self.reward_choice
+        weights = f" ({choice.weights[1 if self.args.tiny else 0]})" if choice.weights else ""
+        return f"{choice.name}{word}{weights}"
+
     def setup(self) -> dict:
-        """Build the family's model and the base module on it, whose backbone every configuration shares."""
+        """Build the reward, the family's model and the base module on it, whose backbone every configuration
+        shares."""
+        started = time.perf_counter()
+        self.reward, reward_facts = self.reward_choice.build(self)
+        reward_s = time.perf_counter() - started
         started = time.perf_counter()
         model = self.family.build(self)
         self.model_name = model.name
@@ -623,6 +866,7 @@ class Benchmark:
         self.backbone = self.base.backbone
         loaded = time.perf_counter()
         logger.info("Model ready: built in %.1f s, loaded in %.1f s", built - started, loaded - built)
+        facts.update(reward_facts, reward=self.reward_choice.option, reward_build_s=reward_s)
         return dict(build_s=built - started, load_s=loaded - built, **facts)
 
     def autocast(self):
@@ -636,7 +880,7 @@ class Benchmark:
         return RLRModule(
             pretrained_model_name_or_path=self.model_name,
             estimator=estimator,
-            reward=self.family.reward(),
+            reward=self.family.reward(self.reward),
             num_steps=num_steps or self.num_steps,
             eta=self.family.eta,
             guidance_scale=self.args.guidance,
@@ -714,7 +958,13 @@ class Benchmark:
             return row
         started = time.perf_counter()
         try:
-            runner = dict(step=self.step, sampler=self.sample, diffusers=self.diffusers, profile=self.profile)
+            runner = dict(
+                step=self.step,
+                sampler=self.sample,
+                diffusers=self.diffusers,
+                profile=self.profile,
+                compiled=self.compiled_sample,
+            )
             row.update(runner[config.kind](config))
         except Exception as error:  # one broken configuration must not lose the others' GPU time
             logger.exception("%s failed", config.key)
@@ -760,8 +1010,9 @@ class Benchmark:
             if module.estimator.block_length is not None:
                 row["h"] = module.estimator.block_length
             if config.h is not None and row["status"] == "ok":
-                # The rollout's images: every prompt group_size times.
-                floor = self.floor(module, prompts * config.group_size, config.h)
+                # The rollout's images: every prompt group_size times; the block length the step ran with (the
+                # planner's, for h=auto).
+                floor = self.floor(module, prompts * config.group_size, row.get("h", config.h))
                 row.update(floor)
                 if "floor_s" in floor:
                     row["step_over_floor"] = row["time_s"] / floor["floor_s"]
@@ -792,6 +1043,26 @@ class Benchmark:
             row = measure_once(lambda: sample_without_grad(sampler, embeds, self.num_steps))
         if row["status"] == "ok":
             self.sample_s[config.images] = row["time_s"]
+        return row
+
+    def compiled_sample(self, config: Config) -> dict:
+        """Our no-grad sample with the denoiser compiled (``model.compile_denoiser``): compiled by a first sample
+        at this batch (its time, compilation included, is ``compile_s``), then timed as :meth:`sample` is."""
+        prompts = self.prompts(config.images)
+        self.warm_up(config.images)
+        sampler = self.base.task.sampler
+        sampler.denoiser.compile()
+        try:
+            with self.autocast():
+                embeds = self.base.task.conditioning_for(prompts)
+                first = measure_once(lambda: sample_without_grad(sampler, embeds, self.num_steps))
+                row = measure_once(lambda: sample_without_grad(sampler, embeds, self.num_steps))
+        finally:
+            sampler.denoiser.compile(enabled=False)
+        row["compile_s"] = first["time_s"]
+        eager = self.sample_s.get(config.images)
+        if row["status"] == "ok" and eager is not None:
+            row["compiled_over_eager"] = row["time_s"] / eager
         return row
 
     def load_pipeline(self):
@@ -953,9 +1224,9 @@ def render_sd15(payload: dict) -> str:
     rows, memory = payload["rows"], memory_column(payload)
     sampler: dict[int, dict] = {}
     for r in shown(rows, "sampler"):
-        if r["kind"] in ("sampler", "diffusers"):
+        if r["kind"] in ("sampler", "diffusers", "compiled"):
             entry = sampler.setdefault(r["batch"], {"batch": r["batch"]})
-            who = "ours" if r["kind"] == "sampler" else "diffusers"
+            who = {"sampler": "ours", "diffusers": "diffusers", "compiled": "compiled"}[r["kind"]]
             entry.update({f"{who}_s": r["time_s"], f"{who}_mem": r.get(memory[0])})
             if r.get("ours_over_diffusers") is not None:
                 entry["ratio"] = r["ours_over_diffusers"]
@@ -964,6 +1235,7 @@ def render_sd15(payload: dict) -> str:
         ("ours_s", "ours (s)", ".2f"),
         ("diffusers_s", "diffusers (s)", ".2f"),
         ("ratio", "ours / diffusers", ".2f"),
+        ("compiled_s", "ours compiled (s)", ".2f"),
         ("ours_mem", f"ours {memory[1]}", ".1f"),
         ("diffusers_mem", f"diffusers {memory[1]}", ".1f"),
     ]
@@ -1025,7 +1297,17 @@ def model_size(payload: dict, label: str) -> str:
         f"({', '.join(f'{k} {v:.2f} B' for k, v in weights.items())}){on_device}. "
         f"Built with random weights in memory in {payload.get('build_s', 0):.1f} s, LoRA added in "
         f"{payload.get('load_s', 0):.1f} s (loading a checkpoint from disk is not measured); "
-        f"{payload.get('lora_weights', 0):,} LoRA weights"
+        f"{payload.get('lora_weights', 0):,} LoRA weights{reward_size(payload)}"
+    )
+
+
+def reward_size(payload: dict) -> str:
+    """The reward model's size, where it has weights (PickScore), as a clause of :func:`model_size`."""
+    if "reward_weights_b" not in payload:
+        return ""
+    return (
+        f"; reward model {payload['reward_weights_b']:.2f} B weights, saved and loaded from disk in "
+        f"{payload.get('reward_build_s', 0):.1f} s"
     )
 
 
@@ -1051,6 +1333,84 @@ def render_wan(payload: dict) -> str:
     )
     title = "## RLR: one gradient estimate (rollout and every term's backward)"
     return render_grouped(payload, model, title, unit="videos")
+
+
+def render_sdxl(payload: dict) -> str:
+    """The SDXL run's report: the sampler, the recipe's RLR step planned at each budget and unbudgeted."""
+    resolution = payload.get("resolution", ())
+    model = (
+        f"{model_size(payload, 'SDXL base 1.0')}; images of {' x '.join(map(str, resolution))} px, "
+        f"{payload.get('clip_tokens')} CLIP tokens per prompt in each text encoder."
+    )
+    title = "## RLR: one gradient estimate (rollout and every term's backward)"
+    return render_grouped(payload, model, title)
+
+
+def render_flux(payload: dict) -> str:
+    """The FLUX run's report: the sampler, the recipe's RLR step planned at each budget and unbudgeted."""
+    resolution = payload.get("resolution", ())
+    model = (
+        f"{model_size(payload, 'FLUX.1-dev')}; images of {' x '.join(map(str, resolution))} px "
+        f"({payload.get('image_tokens', 0):,} image tokens), {payload.get('t5_tokens')} T5 tokens per prompt."
+    )
+    title = "## RLR: one gradient estimate (rollout and every term's backward)"
+    return render_grouped(payload, model, title)
+
+
+# -- the rewards --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reward:
+    """An image reward of ``--reward``: one instance, built once, scores every configuration's images (a frozen
+    reward has no state a step changes).
+
+    Attributes:
+        option: ``--reward``.
+        name: The reward, as the settings name it.
+        suffix: Of the output files' names, after the family's (the colour-reward runs' files keep theirs).
+        build: The reward model of the run, and what the report says of it (``reward_weights_b``).
+        weights: What the settings say of its weights after its name, on a GPU and with ``--tiny`` (none: no weights).
+    """
+
+    option: str
+    name: str
+    suffix: str
+    build: Callable[[Benchmark], tuple[RewardModel, dict]]
+    weights: tuple[str, str] | None = None
+
+
+def build_pickscore(bench: Benchmark) -> tuple[RewardModel, dict]:
+    """PickScore with PickScore_v1's architecture (CLIP ViT-H/14, float32) and random weights, saved to the scratch
+    directory and loaded the way ``configs/sd35_medium_pickscore_rlr.yaml`` loads the released one
+    (``PickScoreReward(model_name_or_path, processor_name_or_path)``, offline); with ``--tiny`` a tiny CLIP, and
+    ViT-H/14's size counted on the meta device. Loading from disk is part of ``reward_build_s``."""
+    path = bench.scratch / "pickscore"
+    if bench.args.tiny:
+        pickscore_dir(path, tiny=True)
+        real = pickscore_model(
+            "meta"
+        )  # its configuration checked and its size reported, as a GPU run builds it
+    else:
+        logger.info("Building PickScore_v1's architecture (CLIP ViT-H/14), random weights, in %s", path)
+        pickscore_dir(path, device=bench.device)
+        real = None
+    reward = PickScoreReward(model_name_or_path=str(path), processor_name_or_path=str(path))
+    weights = weight_counts(dict(reward=real if real is not None else reward.clip))["reward"]
+    logger.info("PickScore size: %.2f B weights", weights / 1e9)
+    return reward, dict(reward_weights_b=weights / 1e9)
+
+
+REWARDS = {
+    "color": Reward("color", "ColorBalance", "", lambda bench: (ColorBalance(), {})),
+    "pickscore": Reward(
+        "pickscore",
+        "PickScore",
+        "_pickscore",
+        build_pickscore,
+        weights=("PickScore_v1's CLIP ViT-H/14, random weights, float32", "tiny CLIP"),
+    ),
+}
 
 
 # -- the families -------------------------------------------------------------------------------------------
@@ -1099,7 +1459,8 @@ class Family:
             memory options.
         setting: The run's setting, as the report's title says it.
         render: The markdown report of the results' JSON payload.
-        reward: A new reward model of the run (on the decoded images or videos; no weights to download).
+        reward: The run's reward model, from ``--reward``'s image reward (the video families score some of each
+            video's decoded frames with it).
     """
 
     name: str
@@ -1116,7 +1477,7 @@ class Family:
     configurations: Callable[[tuple[int, ...], list[dict]], list[Config]]
     setting: Callable[[Benchmark], str]
     render: Callable[[dict], str]
-    reward: Callable[[], RewardModel] = ColorBalance
+    reward: Callable[[RewardModel], RewardModel] = lambda image_reward: image_reward
 
 
 #: Explicit chunking on a CPU: there a budget counts the process's whole resident memory, so a number of GiB
@@ -1192,7 +1553,49 @@ FAMILIES = {
         setting=wan_setting,
         render=render_wan,
         # The recipe's per-frame wrapping of an image reward (HPSv2 there; ColorBalance here, as for the images).
-        reward=lambda: PerFrameReward(ColorBalance(), frame_stride=4, frame_chunk=3),
+        reward=lambda image_reward: PerFrameReward(image_reward, frame_stride=4, frame_chunk=3),
+    ),
+    "sdxl": Family(
+        name="sdxl",
+        label="SDXL base 1.0",
+        suffix="_sdxl",
+        # The recipe's size: 2 prompts at 1024 px (leave-one-out baselines within the batch), T = 40 with
+        # classifier-free guidance; the planned runs at the budgets of the 24, 40 and 80 GB cards (auto: the
+        # device's free memory). Prior: 80 UNet passes an image at about 25 ms each (5.9 TFLOP a pass at 1024 px, a
+        # third of an H100's peak).
+        full=Scale(num_steps=40, batches="2", budgets="24,40,auto", resolution=1024, sample_s_per_image=2.0),
+        # The same T and budgets with --tiny (a CPU budget counts the whole process, so the three plans agree).
+        tiny=Scale(num_steps=40, batches="1", budgets="24,40,auto"),
+        guidance=5.0,
+        eta=1.0,
+        lora=LoraSettings(rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0")),
+        unbudgeted_planned=False,  # its unbudgeted steps run at every batch
+        counts_images=True,
+        build=build_sdxl,
+        configurations=sdxl_configurations,
+        setting=sdxl_setting,
+        render=render_sdxl,
+    ),
+    "flux": Family(
+        name="flux",
+        label="FLUX.1-dev",
+        suffix="_flux",
+        # The recipe's size: 2 prompts sampled twice at 512 px, T = 10, 512 T5 tokens. Budgets: 40 GB and auto (the
+        # 80 GB card the recipe names, or the device's free memory); not 24 GB: the 12 B transformer and the T5-XXL
+        # encoder alone are 33 GB in bf16, so a 24 GB card cannot hold the weights (with --budgets 24 the planner
+        # answers "no fit", which is a result too). Prior: 10 passes of the 11.9 B transformer over 1,536 tokens
+        # (37 TFLOP a pass) at a third of an H100's peak.
+        full=Scale(num_steps=10, batches="2", budgets="40,auto", resolution=512, sample_s_per_image=1.2),
+        tiny=Scale(num_steps=10, batches="1", budgets="40,auto"),
+        guidance=3.5,
+        eta=0.7,
+        lora=LoraSettings(rank=32, alpha=64.0, target_modules=SD35_TARGETS),
+        unbudgeted_planned=False,  # its unbudgeted steps run at every batch
+        counts_images=True,
+        build=build_flux,
+        configurations=flux_configurations,
+        setting=flux_setting,
+        render=render_flux,
     ),
 }
 
@@ -1230,20 +1633,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sd15: every estimator at Stable Diffusion 1.5 size, and our sampler against diffusers'; "
         "sd35: RLR against GRPO at Stable Diffusion 3.5 Medium size (flow matching, the setting of "
         "configs/sd35_medium_*.yaml); wan: RLR at Wan 2.1 text-to-video 1.3B size (33 frames at 480 x 832, "
-        "the setting of configs/wan21_1p3b_rlr.yaml) (default sd15)",
+        "the setting of configs/wan21_1p3b_rlr.yaml); sdxl: RLR at SDXL base size (1024 px, the setting of "
+        "configs/sdxl_aesthetic_rlr.yaml); flux: RLR at FLUX.1-dev size (512 px, the setting of "
+        "configs/flux1_dev_hpsv2_rlr.yaml) (default sd15)",
+    )
+    parser.add_argument(
+        "--reward",
+        choices=sorted(REWARDS),
+        default="color",
+        help="color: the ColorBalance reward (no weights); pickscore: PickScore with PickScore_v1's architecture "
+        "(CLIP ViT-H/14, 0.99 B weights, random), saved to a scratch directory and loaded as the SD 3.5 recipes "
+        "load it; a tiny CLIP with --tiny. Its files get a _pickscore suffix (default color)",
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU (tests this script)")
     parser.add_argument(
         "--num-steps",
         type=int,
         default=None,
-        help="sampling steps T (default 50, 5 with --tiny; sd35: 10; wan: 16)",
+        help="sampling steps T (default 50, 5 with --tiny; sd35: 10; wan: 16; sdxl: 40; flux: 10)",
     )
     parser.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale (default 5; sd35: 4.5; wan: 5)",
+        help="classifier-free guidance scale (default 5; sd35: 4.5; wan: 5; sdxl: 5; flux: 3.5, the value of "
+        "its guidance embedding)",
     )
     parser.add_argument(
         "--batches",
@@ -1251,7 +1665,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated prompts per batch, the last one for the planned runs "
         "(default 1,2,6, 1,2 with --tiny; sd35: 1,2, each prompt sampled group_size times; wan: 1, "
-        "sampled twice)",
+        "sampled twice; sdxl: 2, 1 with --tiny; flux: 2, 1 with --tiny, each prompt sampled twice)",
     )
     parser.add_argument(
         "--budgets",
@@ -1262,7 +1676,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tiny: auto, after two runs with chunk_samples=1 given: on a CPU a budget counts "
         "the process's whole resident memory, so a number of GiB says little there; sd35: auto, for RLR and "
         "the largest GRPO group, whose unbudgeted steps run at every batch; wan: auto, for RLR, whose "
-        "unbudgeted step runs at every batch)",
+        "unbudgeted step runs at every batch; sdxl: 24,40,auto; flux: 40,auto; for the recipe's RLR step with "
+        "h=auto, whose unbudgeted step, h=2, runs at every batch)",
     )
     args = parser.parse_args(argv)
     family = FAMILIES[args.family]

@@ -6,6 +6,14 @@
 #     bash benchmarks/gpu_run.sh --tiny     # extra arguments go to gpu_cost.py (--tiny: CPU, tiny model)
 #     bash benchmarks/gpu_run.sh --family sd35   # SD 3.5 Medium size: RLR and GRPO (log: gpu_cost_sd35.log)
 #     DEADLINE_S=540 bash benchmarks/gpu_run.sh --family wan   # Wan 2.1 T2V 1.3B, 33 x 480 x 832 (gpu_cost_wan.log)
+#     DEADLINE_S=420 bash benchmarks/gpu_run.sh --family sdxl  # SDXL base at 1024 px, budgets 24/40/auto (gpu_cost_sdxl.log)
+#     DEADLINE_S=420 bash benchmarks/gpu_run.sh --family flux  # FLUX.1-dev at 512 px, budgets 40/auto (gpu_cost_flux.log)
+#     DEADLINE_S=360 bash benchmarks/gpu_run.sh --family sd35 --reward pickscore   # PickScore's CLIP-H as the reward
+#                                                              # (gpu_cost_sd35_pickscore.log)
+#
+# Each fits in 10 minutes of device time: the deadline counts from the script's start (imports and the 60-90 s of
+# building the weights included); a configuration predicted to end past it is skipped and listed, and the last one
+# started may overrun it by its own length (a minute at most at these sizes), after about 30 s of installing wheels.
 #
 # The machine is expected to have Python 3.12 with torch, lightning, transformers, torchmetrics, torchvision,
 # accelerate, safetensors and huggingface_hub, and the rest as wheels in .whl/ (diffusers, peft, open_clip_torch,
@@ -37,12 +45,23 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
       f"lightning {lightning.__version__}")')"
 echo "GPU: $gpu | $versions"
 
-# One log per family, next to that family's results (the SD 1.5 run keeps its name).
-log="gpu_cost.log"
+# One log per family and reward, named as that run's results (the SD 1.5 run with the colour reward keeps its name).
+family="sd15"
+reward="color"
 for ((i = 1; i <= $#; i++)); do
+    j=$((i + 1))
     if [[ "${!i}" == "--family" ]]; then
-        j=$((i + 1))
-        [[ "${!j:-sd15}" != "sd15" ]] && log="gpu_cost_${!j}.log"
+        family="${!j:-sd15}"
+    elif [[ "${!i}" == "--reward" ]]; then
+        reward="${!j:-color}"
     fi
 done
+log="gpu_cost"
+if [[ "$family" != "sd15" ]]; then
+    log="${log}_${family}"
+fi
+if [[ "$reward" != "color" ]]; then
+    log="${log}_${reward}"
+fi
+log="${log}.log"
 python3 benchmarks/gpu_cost.py --out "$OUT" --deadline-s "${DEADLINE_S:-270}" "$@" 2>&1 | tee "$OUT/$log"

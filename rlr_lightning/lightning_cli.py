@@ -48,7 +48,9 @@ from rlr_lightning.lifecycle import (
 DEBUG_ENV = "RLR_DEBUG"
 
 #: Model options a resumed run may change: they do not alter what is trained or how.
-RESUME_OVERRIDABLE = frozenset({"export_dir", "log_term_grad_norms", "max_consecutive_skips"})
+RESUME_OVERRIDABLE = frozenset(
+    {"export_dir", "log_term_grad_norms", "max_consecutive_skips", "compile_denoiser"}
+)
 
 #: Trainer options that manual optimisation rejects, and the module option that does the job.
 TRAINER_TO_MODEL_OPTIONS = {

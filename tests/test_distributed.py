@@ -44,6 +44,10 @@ def fit_on_two_ranks(tiny_dir: Path, out: Path, *extra: str, steps: int = 4) -> 
         "--trainer.callbacks+=tests.ddp_probe.RankProbe",
         "--trainer.callbacks.directory",
         str(out / "probe"),
+        # The memory planner measures on every rank (under sharding each forward is a collective), and every
+        # rank runs rank zero's plan.
+        "--model.memory_budget_gb",
+        "auto",
         # Per-step baselines whose statistics are gathered over ranks (the prompts' running means).
         "--model.estimator.init_args.step_baseline",
         "[prompt_mean, prompt_mean, muprop, muprop, none, none]",
@@ -51,6 +55,7 @@ def fit_on_two_ranks(tiny_dir: Path, out: Path, *extra: str, steps: int = 4) -> 
     # From the repository root, so the launcher's re-run of this command imports the tests package too.
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out / "console.txt").write_text(proc.stderr)
     return [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -103,6 +108,8 @@ def test_two_process_ddp_and_a_sharded_base_train_the_same_lora_and_a_sharded_ru
         torch.testing.assert_close(fsdp_lora[name], weight, rtol=1e-5, atol=1e-5, msg=name)
     # ... while training moved LoRA B (zero at the start) far beyond that tolerance.
     assert min(w.abs().max().item() for n, w in ddp_lora.items() if "lora_B" in n) > 1e-3
+    # The planner counted the gathered blocks as resident memory.
+    assert "of it sharded weights gathered for a block" in (tmp_path / "fsdp" / "console.txt").read_text()
     # Every rank renders (each forward is a collective over the shards); rank zero writes.
     assert len(list((tmp_path / "fsdp").rglob("before_after.png"))) == 1
 

@@ -37,6 +37,7 @@ EXPECTED = {
     ("RLR h=4 zo=score", 2),
     ("RLR h=4 zo=parameter", 2),
     ("profile: 3 sampling steps, ours and diffusers", 2),
+    ("ours compiled: no-grad sample", 2),  # model.compile_denoiser, at the batches from the second on
 }
 PLANNED = [
     "chunk_samples=1 activation_checkpointing=True",
@@ -80,6 +81,10 @@ def test_tiny_run_measures_every_configuration(tmp_path):
     groups = [r["group"] for r in rows]
     assert groups[:5] == ["sampler"] * 5  # ours and diffusers at 2 batches, the profile
     assert groups[5:9] == ["planned"] * 4
+    # The compiled sampler comes last (its compilation takes minutes on a GPU), timed after it compiled, and
+    # it samples what the eager sampler samples: its time is reported beside ours.
+    (compiled,) = [r for r in rows if r["kind"] == "compiled"]
+    assert rows[-1] is compiled and compiled["compile_s"] > 0 and compiled["compiled_over_eager"] > 0
 
     by_key = {r["key"]: r for r in rows}
     # Steps report their activation memory; chunking one sample at a time holds less than the whole batch.
@@ -272,6 +277,128 @@ def test_wan_tiny_run_measures_the_recipes_rlr_step(tmp_path):
     assert "Not measured" not in report
 
 
+def run_family(tmp_path: Path, stem: str, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """Run the script with ``args`` and ``--tiny``; check that it succeeded, wrote ``stem``'s files and only those,
+    and measured every configuration; return the run, its JSON payload and its markdown report."""
+    out = tmp_path / "results"
+    proc = run_script(tmp_path, *args, "--tiny", "--out", str(out), "--deadline-s", "600")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    assert "Traceback" not in console
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.{ext}" for ext in ("json", "jsonl", "md")]
+    payload = json.loads((out / f"{stem}.json").read_text())
+    rows = payload["rows"]
+    assert [json.loads(line) for line in (out / f"{stem}.jsonl").read_text().splitlines()] == rows
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_s"] > 0, r
+    report = (out / f"{stem}.md").read_text()
+    assert "Not measured" not in report
+    return proc, payload, report
+
+
+def check_recipe_steps(payload: dict, report: str, expected: list[tuple], steps: int) -> None:
+    """The rows of a recipe's run (SDXL, FLUX) in order, each step with its floor and the planner's choice, and a
+    line of the report per row."""
+    rows = payload["rows"]
+    assert [(r["group"], r["name"], r.get("memory"), r["batch"], r["images"]) for r in rows] == expected
+    assert all(r["T"] == steps for r in rows)
+    for r in rows[1:]:
+        # h=auto planned as h = 2 (the tiny model fits anything); the floor at the block length run.
+        assert r["activation_mb"] > 0 and r["h"] == 2, r
+        assert r["floor_s"] > 0 and r["step_over_floor"] == pytest.approx(r["time_s"] / r["floor_s"]), r
+        if r["group"] == "planned":
+            assert {"chunk_samples", "activation_checkpointing", "plan_s", "predicted_peak_gib"} <= r.keys()
+            line = f"| {r['name']} | {r['memory']} | {r['batch']} | {r['images']} | ok | {r['time_s']:.2f} |"
+        else:
+            line = f"| {r['name']} | {r['batch']} | {r['images']} | ok | {r['time_s']:.2f} |"
+        assert line in report, r
+    sample = rows[0]
+    assert f"| {sample['images']} | ok | {sample['time_s']:.2f} |" in report
+    for section in ("## Our no-grad sampler", "## RLR: one gradient estimate", "## Memory-planned steps"):
+        assert section in report
+
+
+def sizes(weights_b: dict) -> dict[str, str]:
+    """Billions of weights per network, to 3 significant digits."""
+    return {k: f"{v:.3g}" for k, v in weights_b.items()}
+
+
+@pytest.mark.slow
+def test_sdxl_tiny_run_measures_the_recipes_planned_steps(tmp_path):
+    proc, payload, report = run_family(tmp_path, "gpu_cost_sdxl_tiny", "--family", "sdxl")
+    # The sample, the recipe's RLR (h=auto) at the 24, 40 and 80 GB cards' budgets, then h = 2 without a budget.
+    planned = [("planned", "RLR h=auto zo=score", f"memory_budget_gb={b}", 1, 1) for b in (24, 40, "auto")]
+    expected = [
+        ("sampler", "ours: no-grad sample", None, 1, 1),
+        *planned,
+        ("estimators", "RLR h=2 zo=score", None, 1, 1),
+    ]
+    check_recipe_steps(payload, report, expected, steps=40)
+    for part in (
+        "LoRA r4 / alpha 4",
+        "DDIM T = 40 at eta 1",
+        "guidance 5",
+        "ColorBalance reward",
+        "leave-one-out",
+    ):
+        assert part in payload["setting"]
+    assert payload["resolution"] == [16, 16] and payload["clip_tokens"] == 16
+    # SDXL base 1.0's architectures, built on the meta device here: its published UNet (2,567,463,684 weights),
+    # CLIP-L and OpenCLIP bigG text towers and VAE.
+    weights = payload["weights_b"]
+    assert sizes(weights) == dict(unet="2.57", vae="0.0837", text_encoder="0.123", text_encoder_2="0.695")
+    assert round(weights["unet"] * 1e9) == 2_567_463_684
+    assert f"SDXL base 1.0 size: {sum(weights.values()):.2f} B weights" in proc.stdout
+
+
+@pytest.mark.slow
+def test_flux_tiny_run_measures_the_recipes_planned_steps(tmp_path):
+    proc, payload, report = run_family(tmp_path, "gpu_cost_flux_tiny", "--family", "flux")
+    # One prompt sampled twice: the sample of 2 images, RLR (h=auto) at 40 GB and auto, then h = 2 unbudgeted.
+    rlr = "RLR h=auto zo=score group=2"
+    planned = [("planned", rlr, f"memory_budget_gb={b}", 1, 2) for b in (40, "auto")]
+    expected = [("sampler", "ours: no-grad sample", None, 2, 2), *planned]
+    expected.append(("estimators", "RLR h=2 zo=score group=2", None, 1, 2))
+    check_recipe_steps(payload, report, expected, steps=10)
+    for part in (
+        "LoRA r32 / alpha 64",
+        "noise level 0.7",
+        "guidance embedding 3.5",
+        "group 2",
+        "ColorBalance",
+    ):
+        assert part in payload["setting"]
+    assert payload["t5_tokens"] == 32 and payload["image_tokens"] == 16
+    assert "images of 16 x 16 px (16 image tokens), 32 T5 tokens per prompt" in report
+    # FLUX.1-dev's architectures on the meta device: the 11.9 B transformer, CLIP-L, T5-XXL's encoder, the VAE.
+    weights = payload["weights_b"]
+    assert sizes(weights) == dict(
+        transformer="11.9", vae="0.0838", text_encoder="0.123", text_encoder_2="4.76"
+    )
+    assert f"FLUX.1-dev size: {sum(weights.values()):.2f} B weights" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sd35_tiny_run_with_pickscore_keeps_its_own_files(tmp_path):
+    args = ("--family", "sd35", "--reward", "pickscore", "--batches", "1")
+    proc, payload, report = run_family(tmp_path, "gpu_cost_sd35_pickscore_tiny", *args)
+    rows = payload["rows"]
+    expected = {("ours: no-grad sample", n, None) for n in (2, 4, 8)}
+    expected |= {(name, 1, None) for name in ("RLR h=2 zo=score group=2", "GRPO G=4", "GRPO G=8")}
+    expected |= {(name, 1, "memory_budget_gb=auto") for name in ("RLR h=2 zo=score group=2", "GRPO G=8")}
+    assert {(r["name"], r["batch"], r.get("memory")) for r in rows} == expected
+    # PickScore loaded from the directory saved as the released one is (a tiny CLIP here), and recorded.
+    assert "Loading PickScore model" in proc.stdout
+    assert payload["reward"] == "pickscore" and "PickScore reward (tiny CLIP)" in payload["setting"]
+    # PickScore_v1's CLIP ViT-H/14, built on the meta device: 986,109,775 weights with its position ids.
+    assert f"{payload['reward_weights_b']:.3g}" == "0.986"
+    assert "reward model 0.99 B weights" in report
+    for r in rows:
+        if r["kind"] == "step":
+            assert r["activation_mb"] > 0, r
+
+
 @pytest.mark.slow
 def test_deadline_skips_configurations_and_says_so(tmp_path):
     out = tmp_path / "results"
@@ -301,6 +428,12 @@ def test_deadline_skips_configurations_and_says_so(tmp_path):
         pytest.param(
             ["--family", "sd35"],
             "no CUDA device: the SD 3.5 Medium-size model",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA"),
+        ),
+        # Nor FLUX.1-dev's 17 B weights.
+        pytest.param(
+            ["--family", "flux"],
+            "no CUDA device: the FLUX.1-dev-size model",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA"),
         ),
     ],

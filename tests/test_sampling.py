@@ -715,3 +715,56 @@ def test_under_autocast_lora_weights_are_cast_once_per_no_grad_run_with_the_same
         expected = torch.autograd.grad(mean.float().sum(), list(lora.values()), allow_unused=True)
     assert any(g is not None for g in grads)
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, expected))
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_samples_what_the_eager_one_samples_and_keeps_gradients_eager(tiny_pipeline_dir):
+    from rlr_lightning.models import LoraSettings
+    from rlr_lightning.task import SamplingSettings, Task
+    from tests.conftest import perturb_lora_
+
+    T = 4
+    settings = SamplingSettings(num_steps=T, eta=1.0, guidance_scale=3.0)
+    task = Task.build(str(tiny_pipeline_dir), settings, LoraSettings(), seed=0)
+    perturb_lora_(task.backbone, seed=1)
+    sampler, lora = task.sampler, task.backbone.lora_parameters()
+    embeds = task.conditioning_for(["a red circle", "two blue squares"])
+    x0, noises = sampler.initial_noise(2, torch.Generator().manual_seed(0), "cpu")
+
+    def sample_and_window_grads():
+        run = sampler.run(Plan(T, windows=((2, 3),)), embeds, initial_latents=x0, noises=noises)
+        grads = torch.autograd.grad(run.window_means[2].sum(), list(lora.values()), allow_unused=True)
+        return run.final, grads
+
+    eager_final, eager_grads = sample_and_window_grads()
+    sampler.denoiser.compile()
+    compiled_final, compiled_grads = sample_and_window_grads()
+    # The no-grad steps ran compiled (fused kernels round differently); the window with gradient ran eagerly,
+    # from latents that differ by that rounding only.
+    torch.testing.assert_close(compiled_final, eager_final, rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+    # A LoRA update is seen by the compiled module (it shares the weights): one step at the new weights, compiled
+    # and eager.
+    def one_step(compiled: bool) -> torch.Tensor:
+        keep, sampler.denoiser._compiled = (
+            sampler.denoiser._compiled,
+            sampler.denoiser._compiled if compiled else None,
+        )
+        try:
+            with torch.no_grad():
+                return sampler.step(1, x0, embeds.at(1), noise=noises[1]).next_latents
+        finally:
+            sampler.denoiser._compiled = keep
+
+    before = one_step(True)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora.values():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    after = one_step(True)
+    assert (after - before).abs().max() > 0.1
+    torch.testing.assert_close(after, one_step(False), rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ other arguments (a transformer with pooled projections, packed latents, a guidan
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,7 @@ class Denoiser(ABC):
     ) -> None:
         self.module = module
         self.dtype = dtype or next(module.parameters()).dtype
+        self._compiled: Callable[..., Any] | None = None
         self.sample_size = None if sample_size is None else (int(sample_size[0]), int(sample_size[1]))
 
     @abstractmethod
@@ -87,6 +88,16 @@ class Denoiser(ABC):
             if not was_on:
                 module.disable_gradient_checkpointing()
 
+    def compile(self, enabled: bool = True, **options: Any) -> None:
+        """Run the no-grad calls at the module's own weights (the sampling pass: most of a step's calls)
+        through ``torch.compile(module, **options)``; calls with gradient or at given parameters stay eager.
+        ``enabled=False`` runs every call eagerly again.
+
+        The compiled module shares the module's weights (LoRA updates are seen), and compiles on first use and
+        again for new shapes (batch sizes). It pays where small kernels leave a GPU waiting on launches.
+        """
+        self._compiled = torch.compile(self.module, **options) if enabled else None
+
     def __call__(
         self,
         latents: Tensor,
@@ -106,7 +117,10 @@ class Denoiser(ABC):
         """
         args, kwargs = self.inputs(latents, timesteps, context, added)
         if params is None:
-            return self.output(self.module(*args, **kwargs))
+            compiled = self._compiled is not None and not torch.is_grad_enabled()
+            network = self._compiled if compiled else self.module
+            assert network is not None  # compiled only when there is a compiled module
+            return self.output(network(*args, **kwargs))
         # A functional call evaluates the network at theta + u without touching the parameters: the leaves stay
         # the unperturbed weights, so a gradient taken here is d f(theta + u) / d theta, and no saved tensor is
         # ever invalidated by an in-place edit.
