@@ -711,10 +711,10 @@ def flux1_dev_components(
         dtype: Dtype the weights are cast to, each network right after it is built.
         seed: Seed of the initialisation.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from rlr_lightning.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from rlr_lightning.tiny import flux1_dev_scheduler, tiny_clip_tokenizer, tiny_t5_tokenizer
 
     builders = {
         "transformer": lambda: FluxTransformer2DModel(
@@ -745,15 +745,7 @@ def flux1_dev_components(
         "text_encoder_2": lambda: T5EncoderModel(t5_xxl_config()),
     }
     components = build_networks(builders, device, dtype, seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux1_dev_scheduler()
     return dict(
         components,
         tokenizer=tiny_clip_tokenizer(77),

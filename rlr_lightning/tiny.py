@@ -339,6 +339,22 @@ def build_tiny_sd3_components(seed: int = 0, sample_size: int = 8) -> dict:
     )
 
 
+def flux1_dev_scheduler():
+    """FLUX.1-dev's scheduler: flow-matching timesteps shifted by the image's token count
+    (``use_dynamic_shifting``), as its ``scheduler_config.json`` sets them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_embeds: bool = True) -> dict:
     """Build a tiny FLUX.1 (about 0.8 M parameters in all, most of them the VAE): a ``FluxTransformer2DModel`` with
     one double-stream and one single-stream block over 2x2-packed 16-channel latents, a 16-channel VAE with
@@ -352,7 +368,7 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
         guidance_embeds: A guidance-distilled transformer with a guidance embedding (FLUX.1-dev); ``False`` is
             FLUX.1-schnell's kind.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -404,16 +420,7 @@ def build_tiny_flux_components(seed: int = 0, image_size: int = 16, guidance_emb
             decoder_start_token_id=0,  # type: ignore[call-arg]  # a config key T5Config's signature omits
         )
     )
-    # FLUX.1-dev's scheduler: timesteps shifted by the image's token count (use_dynamic_shifting).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux1_dev_scheduler()
     return dict(
         transformer=transformer.eval(),  # type: ignore[attr-defined]  # mypy sees diffusers' dummy objects
         vae=vae.eval(),
