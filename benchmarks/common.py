@@ -667,13 +667,19 @@ def sdxl_base_components(
 FLUX_T5_TOKENS = 512
 
 
-def t5_xxl_config():
+def t5_xxl_config(config_class=None, vocab_size: int = 32128):
     """The T5 v1.1 XXL encoder's configuration (SD 3 and FLUX): 24 layers, d_model 4096, 64 heads, gated-GELU
-    d_ff 10240, the 32,128-token table (4.76 B weights)."""
+    d_ff 10240, the 32,128-token table (4.76 B weights). UMT5-XXL (Wan 2.1) is the same network with its own
+    class (``UMT5Config``) and a 256,384-token table.
+
+    Args:
+        config_class: The transformers configuration class (``T5Config`` by default).
+        vocab_size: Rows of the token table.
+    """
     from transformers import T5Config
 
-    return T5Config(
-        vocab_size=32128,
+    return (config_class or T5Config)(
+        vocab_size=vocab_size,
         d_model=4096,
         d_kv=64,
         d_ff=10240,

@@ -151,6 +151,7 @@ from common import (  # noqa: E402
     sdxl_base_components,
     share_backbone,
     synchronize,
+    t5_xxl_config,
     weight_counts,
 )
 
@@ -649,22 +650,7 @@ def wan21_t2v_1p3b_components(
             rope_max_seq_len=1024,
         ),
         "vae": lambda: AutoencoderKLWan(),  # its defaults are Wan 2.1's VAE
-        "text_encoder": lambda: UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=256384,
-                d_model=4096,
-                d_kv=64,
-                d_ff=10240,
-                num_layers=24,
-                num_heads=64,
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ),
+        "text_encoder": lambda: UMT5EncoderModel(t5_xxl_config(UMT5Config, vocab_size=256384)),
     }
     components = build_networks(builders, device, dtype, seed)
     keep_fp32_modules(components["transformer"])

@@ -178,6 +178,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         )
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.log_term_grad_norms, self.export_dir = log_term_grad_norms, export_dir
+        self.compile_denoiser = compile_denoiser
         self.planned_memory: PlannedMemory | None = None
         self._memory_planned = False
         self.validation = ValidationRewards(metrics)
@@ -210,7 +211,7 @@ class RLRModule(LoraCheckpoints, L.LightningModule):
         shard = getattr(self._trainer.strategy, "shard", None) if self._trainer is not None else None
         if shard is not None:  # FSDP2Strategy: the frozen base sharded over the ranks, LoRA whole
             task.sharding = shard(task.backbone)
-        if self.hparams.get("compile_denoiser", False):
+        if self.compile_denoiser:
             task.sampler.denoiser.compile()
         task.memory_plan = self.memory.initial_plan()  # until the planner runs (first step)
         self.estimator.configure_schedule(task.sampler.kernel.sigma.tolist())

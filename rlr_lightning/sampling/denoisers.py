@@ -117,10 +117,9 @@ class Denoiser(ABC):
         """
         args, kwargs = self.inputs(latents, timesteps, context, added)
         if params is None:
-            compiled = self._compiled is not None and not torch.is_grad_enabled()
-            network = self._compiled if compiled else self.module
-            assert network is not None  # compiled only when there is a compiled module
-            return self.output(network(*args, **kwargs))
+            if self._compiled is not None and not torch.is_grad_enabled():
+                return self.output(self._compiled(*args, **kwargs))
+            return self.output(self.module(*args, **kwargs))
         # A functional call evaluates the network at theta + u without touching the parameters: the leaves stay
         # the unperturbed weights, so a gradient taken here is d f(theta + u) / d theta, and no saved tensor is
         # ever invalidated by an in-place edit.
